@@ -1,0 +1,1 @@
+//! Quantum layer (simulated).
