@@ -60,6 +60,9 @@ pub struct Simulator {
     dead_until: [u64; 2],
     afterpulse_at: [Option<u64>; 2],
     next_gate: u64,
+    /// A candidate gate drawn beyond the end of the previous `run`, kept so
+    /// that running in pieces gives the same stream as one long run.
+    pending: Option<u64>,
     tallies: Vec<ClassTally>,
 }
 
@@ -97,6 +100,7 @@ impl Simulator {
             dead_until: [0; 2],
             afterpulse_at: [None; 2],
             next_gate: 0,
+            pending: None,
             tallies: vec![ClassTally::default(); classes.len()],
             phys,
         };
@@ -134,6 +138,7 @@ impl Simulator {
     /// Changes the channel transmittance (a satellite pass moving on).
     pub fn set_channel_transmittance(&mut self, eta_ch: f64) {
         self.phys.eta_ch = eta_ch.clamp(0.0, 1.0);
+        self.pending = None;
         self.rebuild_tables();
     }
 
@@ -244,43 +249,53 @@ impl Simulator {
         let mut g = self.next_gate;
         while g < end {
             // The detector state is constant until the next revival or afterpulse.
-            let mut limit = end;
+            let mut state_limit = u64::MAX;
             for d in 0..2 {
                 if self.dead_until[d] > g {
-                    limit = limit.min(self.dead_until[d]);
+                    state_limit = state_limit.min(self.dead_until[d]);
                 }
                 if let Some(a) = self.afterpulse_at[d] {
-                    limit = limit.min(a.max(g));
+                    state_limit = state_limit.min(a.max(g));
                 }
             }
             let Some(alive) = self.alive_state(g) else {
-                g = limit;
+                self.pending = None;
+                g = state_limit.min(end);
                 continue;
             };
             if self.afterpulse_at.contains(&Some(g)) {
+                self.pending = None;
                 self.single_gate(g, alive, sink)?;
                 g += 1;
                 continue;
             }
             let p = self.p_max[alive];
             if p <= 0.0 {
-                g = limit;
+                g = state_limit.min(end);
                 continue;
             }
-            let gap = if p >= 1.0 {
-                0
-            } else {
-                let u = 1.0 - self.uniform(); // (0, 1]
-                let x = u.ln() / self.ln_1m_pmax[alive];
-                if x >= (limit - g) as f64 {
-                    u64::MAX
-                } else {
-                    x as u64
+            let cand = match self.pending.take() {
+                Some(c) if c >= g => c,
+                _ if p >= 1.0 => g,
+                _ => {
+                    let u = 1.0 - self.uniform(); // (0, 1]
+                    let x = u.ln() / self.ln_1m_pmax[alive];
+                    if x >= (u64::MAX - g) as f64 {
+                        u64::MAX
+                    } else {
+                        g + x as u64
+                    }
                 }
             };
-            let cand = g.saturating_add(gap);
-            if cand >= limit {
-                g = limit;
+            if cand >= end && state_limit >= end {
+                // keep the draw for the next run; it is checked against the
+                // state limit there exactly as it would be here
+                self.pending = Some(cand);
+                break;
+            }
+            if cand >= state_limit {
+                // the detector state changes first: redraw from there (memoryless)
+                g = state_limit;
                 continue;
             }
             let (class, a_basis, a_bit, b_basis, probs) = self.gate_setup(cand, alive);
