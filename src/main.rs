@@ -2,6 +2,7 @@
 //! calls the library crates and prints; business logic lives in the crates.
 
 mod cmd;
+mod plot;
 
 use clap::Parser;
 

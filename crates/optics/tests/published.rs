@@ -144,3 +144,43 @@ fn models_stay_below_plob() {
         }
     }
 }
+
+/// Liao et al., Nature 549, 43 (2017): the 19 December 2016 pass gave
+/// 3,551,136 detections and 1,671,072 sifted bits in 273 s. The preset's
+/// geometry and link budget (from the paper's stated losses) should land
+/// within 20 % of both, and the pass should last about as long.
+#[test]
+fn micius_pass_matches_liao_2017_counts() {
+    let p = published();
+    let link = preset::get("micius2017").unwrap();
+    let s = qkdnet_optics::keyrate::pass_summary(&link, 1.0).unwrap();
+    let want_det = num(
+        &p,
+        &["micius_liao2017", "pass_2016_12_19", "detection_events"],
+    );
+    let want_sift = num(
+        &p,
+        &["micius_liao2017", "pass_2016_12_19", "sifted_key_bits"],
+    );
+    let want_final = num(
+        &p,
+        &["micius_liao2017", "pass_2016_12_19", "final_key_bits"],
+    );
+    println!(
+        "Micius pass: {:.0} s, loss {:.1}–{:.1} dB, detections {:.0} (paper {want_det}), sifted {:.0} (paper {want_sift}), QBER {:.2} %, final {:.0} (paper {want_final}, both bases)",
+        s.duration_s,
+        s.loss_db_range.0,
+        s.loss_db_range.1,
+        s.detections,
+        s.sifted_bits,
+        s.qber * 100.0,
+        s.final_key_bits
+    );
+    assert!((s.detections / want_det - 1.0).abs() < 0.2);
+    assert!(
+        (s.duration_s / num(&p, &["micius_liao2017", "pass_2016_12_19", "duration_s"]) - 1.0).abs()
+            < 0.1
+    );
+    assert!((s.sifted_bits / want_sift - 1.0).abs() < 0.2);
+    assert!(s.final_key_bits > 0.0);
+}

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::OpticsError;
 use crate::detection::LinkPhysics;
-use crate::device::{LinkConfig, Source};
+use crate::device::{Channel, LinkConfig, Source};
 use crate::units::transmittance_to_db;
 
 /// Binary Shannon entropy h(p) in bits.
@@ -513,4 +513,104 @@ impl<'a> Evaluator<'a> {
         }
         Ok(Some(0.5 * (lo + hi)))
     }
+}
+
+/// What one satellite pass is expected to yield, with the preset's settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PassSummary {
+    /// Usable pass duration, seconds.
+    pub duration_s: f64,
+    /// Lowest and highest channel loss over the pass, dB.
+    pub loss_db_range: (f64, f64),
+    /// Expected detections (all bases, all classes).
+    pub detections: f64,
+    /// Expected sifted bits (matching bases, both bases).
+    pub sifted_bits: f64,
+    /// Expected QBER of the signal class.
+    pub qber: f64,
+    /// Final key of the whole pass processed as one finite block (Lim et al.
+    /// bounds, key from Z only, X for testing), bits.
+    pub final_key_bits: f64,
+    /// The pass sampled once per step: (t, range, elevation, loss, detections per second).
+    pub profile: Vec<(f64, f64, f64, f64, f64)>,
+}
+
+/// Expected yield of one pass of a satellite preset, integrated in `step_s` steps.
+pub fn pass_summary(link: &LinkConfig, step_s: f64) -> Result<PassSummary, OpticsError> {
+    let Channel::Satellite(pass) = &link.channel else {
+        return Err(OpticsError::invalid(
+            "preset",
+            format!("'{}' has no satellite channel", link.name),
+        ));
+    };
+    let classes = link.source.classes();
+    if classes.len() != 3 {
+        return Err(OpticsError::invalid(
+            "preset",
+            "a pass summary needs three intensity classes",
+        ));
+    }
+    let mu = [classes[0].1, classes[1].1, classes[2].1];
+    let p = [classes[0].2, classes[1].2, classes[2].2];
+    let base = LinkPhysics::from_config(link);
+    let step = step_s.clamp(0.1, 60.0);
+    let points = pass.profile(step);
+    let mut total = finite::DecoyCounts {
+        mu,
+        p,
+        n_key: [0.0; 3],
+        n_test: [0.0; 3],
+        m_test: [0.0; 3],
+    };
+    let (mut m_key, mut detections, mut sifted, mut sig_err, mut sig_sift) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut profile = Vec::with_capacity(points.len());
+    let (qa, qb) = base.qz;
+    for pt in &points {
+        let ph = LinkPhysics {
+            eta_ch: crate::units::db_to_transmittance(pt.loss_db),
+            ..base.clone()
+        };
+        let pulses = ph.rep_rate_hz * step;
+        let mut det_rate = 0.0;
+        for k in 0..3 {
+            let (q, e) = ph.gain_error(mu[k]);
+            let n = pulses * p[k] * q;
+            det_rate += ph.rep_rate_hz * p[k] * q;
+            detections += n;
+            let sz = n * qa * qb;
+            let sx = n * (1.0 - qa) * (1.0 - qb);
+            sifted += sz + sx;
+            total.n_key[k] += sz;
+            total.n_test[k] += sx;
+            total.m_test[k] += sx * e;
+            m_key += sz * e;
+            if k == 0 {
+                sig_err += (sz + sx) * e;
+                sig_sift += sz + sx;
+            }
+        }
+        profile.push((pt.t_s, pt.range_km, pt.elevation_deg, pt.loss_db, det_rate));
+    }
+    let n_key: f64 = total.n_key.iter().sum();
+    let lambda = link.postproc.ec_efficiency * n_key * h2(m_key / n_key.max(1.0));
+    let est = finite::key_length(
+        &total,
+        link.postproc.eps_sec.get(),
+        link.postproc.eps_cor.get(),
+        lambda,
+    )?;
+    let losses = points.iter().map(|x| x.loss_db);
+    Ok(PassSummary {
+        duration_s: pass.duration_s(),
+        loss_db_range: (
+            losses.clone().fold(f64::INFINITY, f64::min),
+            losses.fold(0.0, f64::max),
+        ),
+        detections,
+        sifted_bits: sifted,
+        qber: sig_err / sig_sift.max(1.0),
+        final_key_bits: est.length.max(0.0),
+        profile,
+    })
 }
