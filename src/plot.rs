@@ -67,20 +67,18 @@ pub fn log_y(
         x: (x0, x1),
         y: (y0, y1),
     };
+    register_font(); // both backends measure text with it
     match ext.as_str() {
         "svg" => draw(
             SVGBackend::new(path, (900, 600)).into_drawing_area(),
             &frame,
             series,
         ),
-        "png" => {
-            register_font();
-            draw(
-                BitMapBackend::new(path, (900, 600)).into_drawing_area(),
-                &frame,
-                series,
-            )
-        }
+        "png" => draw(
+            BitMapBackend::new(path, (900, 600)).into_drawing_area(),
+            &frame,
+            series,
+        ),
         _ => bail!("plot file must end in .svg or .png: {}", path.display()),
     }
     .with_context(|| format!("writing plot {}", path.display()))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md gives it and CI runs it (.ci/run).
+# Installs what the tests need that a fresh machine may lack, then runs every
+# test of every crate. Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]} (Debian packages) for the OpenSSL cross-checks"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
+fi
+
+cargo fmt --all -- --check
+cargo test --workspace --locked "$@"
