@@ -4,7 +4,10 @@
 use clap::{Parser, Subcommand};
 
 pub mod crypto;
+pub mod kme;
 pub mod link;
+pub mod pki;
+pub mod postproc;
 
 /// qkdnet: a quantum-secure network stack. Optics are simulated from physical
 /// parameters; everything classical is real.
@@ -20,15 +23,28 @@ enum Command {
     /// QKD links: key-rate models and the event simulator.
     #[command(subcommand)]
     Link(link::LinkCommand),
+    /// Post-process two sifted-key files into identical secret keys (Alice and Bob over loopback TCP).
+    ///
+    /// Example: qkdnet postproc --alice a.txt --bob b.txt --reconciler cascade-opt --json
+    Postproc(postproc::PostprocArgs),
     /// National commercial cryptography tools (SM3, SM4), for interoperability checks.
     #[command(subcommand)]
     Crypto(crypto::CryptoCommand),
+    /// Key management entity: ETSI GS QKD 014 over mutual TLS.
+    #[command(subcommand)]
+    Kme(kme::KmeCommand),
+    /// Certificates for KMEs and SAEs (mutual TLS).
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Link(c) => link::run(c),
+        Command::Postproc(a) => postproc::run(a),
         Command::Crypto(c) => crypto::run(c),
+        Command::Kme(c) => kme::run(c),
+        Command::Pki(c) => pki::run(c),
     }
 }

@@ -1,5 +1,32 @@
-//! QKD post-processing kernels: sifting, parameter estimation, reconciliation,
-//! verification, privacy amplification and Wegman–Carter authentication.
+//! QKD post-processing kernels: reconciliation, verification, privacy
+//! amplification and Wegman–Carter authentication, on packed bits.
 //!
-//! Pure numerics: no I/O, no clock, no async. The protocol state machines that
-//! drive these kernels between two parties live in the `link` layer.
+//! Pure numerics: no I/O, no clock, no async, no unseeded randomness. The
+//! protocol state machines that drive these kernels between Alice and Bob
+//! live in the `link` layer; the one interactive kernel here (Cascade) is
+//! therefore itself a sans-IO state machine that emits batched requests and
+//! consumes replies, and randomness always comes in as an argument or a seed.
+//!
+//! Map of the crate, in the order a key block meets it:
+//!
+//! * [`bits`] — [`bits::BitVec`], the packed LSB-first bit vector every other
+//!   module works on.
+//! * [`cascade`] — Cascade reconciliation (Bob's state machine, Alice's pure
+//!   answering function, schedules, exact leakage) and the binary entropy
+//!   [`cascade::h2`].
+//! * [`ldpc`] — one-message, rate-adaptive LDPC syndrome reconciliation.
+//! * [`verify`] — universal-hash comparison bounding ε_cor.
+//! * [`pa`] — Toeplitz privacy amplification as a carry-less product.
+//! * [`auth`] — Wegman–Carter tags (GF(2^128) polynomial hash + one-time pad)
+//!   for every classical message.
+//!
+//! `unsafe` is confined to the private `clmul` module (carry-less multiply
+//! intrinsics behind runtime-detected proof tokens); everything else is safe.
+
+pub mod auth;
+pub mod bits;
+pub mod cascade;
+mod clmul;
+pub mod ldpc;
+pub mod pa;
+pub mod verify;

@@ -1,0 +1,307 @@
+//! Benchmark of the KME: enc_keys (and optionally dec_keys) over mutual TLS on
+//! loopback, two KMEs in one process with SQLite stores, at several numbers of
+//! concurrent SAEs. Prints one JSON object per concurrency level.
+//!
+//! Each SAE has its own certificate and TLS connection and loops on
+//! `POST enc_keys {"number": N}` at KME A for its slave at KME B until the time or
+//! request budget of the level is spent. Each request is the full path: reserve in
+//! A's store (fsync), reservation acknowledged by B (fsync at B), confirm at A
+//! (fsync), answer. Bounded in time and requests; loopback only.
+//!
+//! ```sh
+//! cargo run --release -p qkdnet-kms --example kme_bench -- --levels 1,16,64 --seconds 5 --number 64
+//! ```
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use qkdnet_kms::config::{KmeConfig, PeerConfig, SaeConfig, SyncMode, TlsPaths, launch_with_tls};
+use qkdnet_kms::etsi::Limits;
+use qkdnet_kms::identity::Identity;
+use qkdnet_kms::ids::{KmeId, SaeId};
+use qkdnet_kms::pki::Ca;
+use qkdnet_kms::testkeys::seeded_block;
+use qkdnet_kms::tls::client_config;
+
+struct Args {
+    levels: Vec<usize>,
+    seconds: f64,
+    number: u32,
+    max_requests: usize,
+    sync: SyncMode,
+    with_dec: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        levels: vec![1, 16, 64],
+        seconds: 5.0,
+        number: 64,
+        max_requests: 200_000,
+        sync: SyncMode::Full,
+        with_dec: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--levels" => {
+                a.levels = val()?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|_| "bad --levels".to_string()))
+                    .collect::<Result<_, _>>()?
+            }
+            "--seconds" => a.seconds = val()?.parse().map_err(|_| "bad --seconds")?,
+            "--number" => a.number = val()?.parse().map_err(|_| "bad --number")?,
+            "--max-requests" => {
+                a.max_requests = val()?.parse().map_err(|_| "bad --max-requests")?
+            }
+            "--sync" => {
+                a.sync = match val()?.as_str() {
+                    "full" => SyncMode::Full,
+                    "normal" => SyncMode::Normal,
+                    _ => return Err("--sync full|normal".into()),
+                }
+            }
+            "--with-dec" => a.with_dec = true,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    if a.levels.is_empty()
+        || a.levels.iter().any(|&l| l == 0 || l > 256)
+        || a.seconds <= 0.0
+        || a.seconds > 120.0
+    {
+        return Err("levels in 1..=256, seconds in (0, 120]".into());
+    }
+    Ok(a)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let max_level = *args
+        .levels
+        .iter()
+        .max()
+        .expect("invariant: levels not empty");
+    let dir = std::env::temp_dir().join(format!("qkdnet-kme-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ca = Ca::generate("bench CA")?;
+    let (ka, kb) = (KmeId::new("kme-a")?, KmeId::new("kme-b")?);
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (aa, ab) = (la.local_addr()?, lb.local_addr()?);
+    let mut saes = Vec::new();
+    for i in 0..max_level {
+        saes.push(SaeConfig {
+            id: SaeId::new(&format!("m{i}"))?,
+            kme: ka.clone(),
+        });
+        saes.push(SaeConfig {
+            id: SaeId::new(&format!("s{i}"))?,
+            kme: kb.clone(),
+        });
+    }
+    let limits = Limits {
+        max_key_count: 100_000_000,
+        ..Limits::default()
+    };
+    let mk = |id: &KmeId, listen, store: &str, peer: &KmeId, peer_addr: std::net::SocketAddr| {
+        KmeConfig {
+            kme_id: id.clone(),
+            listen,
+            store: dir.join(store),
+            store_synchronous: args.sync,
+            tls: TlsPaths {
+                ca: "-".into(),
+                cert: "-".into(),
+                key: "-".into(),
+            },
+            limits,
+            peer_timeout_ms: 10_000,
+            peer_attempts: 2,
+            peers: vec![PeerConfig {
+                kme_id: peer.clone(),
+                url: format!("https://127.0.0.1:{}", peer_addr.port()),
+            }],
+            saes: saes.clone(),
+            test_keys: None,
+        }
+    };
+    let a = launch_with_tls(
+        &mk(&ka, aa, "a.sqlite", &kb, ab),
+        ca.material(&Identity::Kme(ka.clone()), &[])?,
+        Some(la),
+    )
+    .await?;
+    let b = launch_with_tls(
+        &mk(&kb, ab, "b.sqlite", &ka, aa),
+        ca.material(&Identity::Kme(kb.clone()), &[])?,
+        Some(lb),
+    )
+    .await?;
+
+    // Enough units for the whole run (bounded by max_requests), TEST material.
+    let keys_needed = (args.max_requests as u64 * u64::from(args.number)).min(3_000_000);
+    let block_bytes = 1 << 20; // 32768 units, half owned by A
+    let blocks = (keys_needed * 2).div_ceil(32768).max(1);
+    let t0 = Instant::now();
+    for n in 0..blocks {
+        a.kme
+            .ingest(seeded_block(1, "bench", kb.clone(), n, block_bytes))
+            .await?;
+        b.kme
+            .ingest(seeded_block(1, "bench", ka.clone(), n, block_bytes))
+            .await?;
+    }
+    eprintln!(
+        "ingested {blocks} blocks of 1 MiB into each store in {:.1} s (TEST material)",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut budget = args.max_requests;
+    for &level in &args.levels {
+        let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+        let per_worker = (budget / level).max(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        let start = Instant::now();
+        for i in 0..level {
+            let m = ca.material(&Identity::Sae(SaeId::new(&format!("m{i}"))?), &[])?;
+            let s = ca.material(&Identity::Sae(SaeId::new(&format!("s{i}"))?), &[])?;
+            let conn = |cfg| {
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(cfg)
+                    .https_only()
+                    .enable_http1()
+                    .build()
+            };
+            let cm: Client<_, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build(conn(client_config(&m, None)?));
+            let cs: Client<_, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build(conn(client_config(&s, None)?));
+            let enc = Arc::new(format!(
+                "https://127.0.0.1:{}/api/v1/keys/s{i}/enc_keys",
+                aa.port()
+            ));
+            let dec = Arc::new(format!(
+                "https://127.0.0.1:{}/api/v1/keys/m{i}/dec_keys",
+                ab.port()
+            ));
+            let body = Bytes::from(format!("{{\"number\":{}}}", args.number));
+            let with_dec = args.with_dec;
+            tasks.spawn(async move {
+                let (mut lat, mut dec_lat, mut errors, mut keys) =
+                    (Vec::new(), Vec::new(), 0usize, 0u64);
+                for _ in 0..per_worker {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let req = Request::builder()
+                        .method(Method::POST)
+                        .uri(enc.as_str())
+                        .header("content-type", "application/json")
+                        .body(Full::new(body.clone()))
+                        .expect("invariant: static request is valid");
+                    let Ok(resp) = cm.request(req).await else {
+                        errors += 1;
+                        continue;
+                    };
+                    let ok = resp.status().is_success();
+                    let Ok(b) = resp.into_body().collect().await else {
+                        errors += 1;
+                        continue;
+                    };
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    if !ok {
+                        errors += 1;
+                        continue;
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&b.to_bytes()).unwrap_or_default();
+                    let ids: Vec<serde_json::Value> = v["keys"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|k| serde_json::json!({"key_ID": k["key_ID"]}))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    keys += ids.len() as u64;
+                    if with_dec {
+                        let t = Instant::now();
+                        let body = serde_json::to_vec(&serde_json::json!({"key_IDs": ids}))
+                            .unwrap_or_default();
+                        let req = Request::builder()
+                            .method(Method::POST)
+                            .uri(dec.as_str())
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("invariant: request is valid");
+                        match cs.request(req).await {
+                            Ok(r) if r.status().is_success() => {
+                                let _ = r.into_body().collect().await;
+                                dec_lat.push(t.elapsed().as_secs_f64() * 1e3);
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                }
+                (lat, dec_lat, errors, keys)
+            });
+        }
+        let (mut lat, mut dec_lat, mut errors, mut keys) = (Vec::new(), Vec::new(), 0, 0u64);
+        while let Some(r) = tasks.join_next().await {
+            let (l, d, e, k) = r?;
+            lat.extend(l);
+            dec_lat.extend(d);
+            errors += e;
+            keys += k;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        budget = budget.saturating_sub(lat.len()).max(level);
+        lat.sort_by(f64::total_cmp);
+        dec_lat.sort_by(f64::total_cmp);
+        let mut out = serde_json::json!({
+            "bench": "kme_enc_keys_mtls_sqlite",
+            "concurrent_saes": level,
+            "keys_per_request": args.number,
+            "key_bits": 256,
+            "sqlite_synchronous": format!("{:?}", args.sync).to_lowercase(),
+            "requests": lat.len(),
+            "errors": errors,
+            "keys": keys,
+            "seconds": secs,
+            "keys_per_s": keys as f64 / secs,
+            "requests_per_s": lat.len() as f64 / secs,
+            "enc_p50_ms": percentile(&lat, 0.50),
+            "enc_p99_ms": percentile(&lat, 0.99),
+        });
+        if args.with_dec {
+            out["dec_p50_ms"] = percentile(&dec_lat, 0.50).into();
+            out["dec_p99_ms"] = percentile(&dec_lat, 0.99).into();
+        }
+        println!("{out}");
+    }
+    a.server.shutdown().await;
+    b.server.shutdown().await;
+    drop((a.kme, b.kme));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

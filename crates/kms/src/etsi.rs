@@ -1,0 +1,589 @@
+//! ETSI GS QKD 014 V1.1.1 JSON objects and their decoders.
+//!
+//! Field names are the specification's, letter for letter (`key_ID`,
+//! `slave_SAE_ID`, …), so the Rust fields carry `serde` renames rather than the
+//! wire names leaking into the code. Decoding is split in two steps, both pure and
+//! fuzzed: `decode_*` turns untrusted bytes into the wire structs (any JSON
+//! structure error is a 400), and `validate` turns a wire struct into a request
+//! that is known to be within this KME's advertised limits ("parse, don't
+//! validate"): the service layer only ever sees [`ValidKeyRequest`] and
+//! [`ValidKeyIds`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::KmsError;
+
+/// Limits a KME advertises in its Status object and enforces on requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Default key size in bits (`key_size`).
+    pub key_size: u32,
+    /// Smallest key size in bits (`min_key_size`).
+    pub min_key_size: u32,
+    /// Largest key size in bits (`max_key_size`).
+    pub max_key_size: u32,
+    /// Most keys per request (`max_key_per_request`).
+    pub max_key_per_request: u32,
+    /// Most keys of default size the pool for one peer may hold for this KME's
+    /// master SAEs (`max_key_count`).
+    pub max_key_count: u64,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            key_size: 256,
+            min_key_size: 8,
+            max_key_size: 8192,
+            max_key_per_request: 1024,
+            max_key_count: 1_000_000,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits are consistent with each other.
+    pub fn check(&self) -> Result<(), KmsError> {
+        let ok = self.min_key_size >= 8
+            && self.min_key_size.is_multiple_of(8)
+            && self.max_key_size.is_multiple_of(8)
+            && self.key_size.is_multiple_of(8)
+            && self.min_key_size <= self.key_size
+            && self.key_size <= self.max_key_size
+            && self.max_key_size <= 1 << 20
+            && (1..=100_000).contains(&self.max_key_per_request)
+            && self.max_key_count >= 1
+            && self.max_body_bytes >= 1024;
+        if ok {
+            Ok(())
+        } else {
+            Err(KmsError::Config(
+                "limits: need 8 <= min_key_size <= key_size <= max_key_size <= 2^20 (multiples of 8), \
+                 1 <= max_key_per_request <= 100000, max_key_count >= 1, max_body_bytes >= 1024"
+                    .into(),
+            ))
+        }
+    }
+}
+
+/// Status object (ETSI GS QKD 014 §6.1, Table 6).
+#[allow(non_snake_case)] // wire names are the specification's
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Status {
+    /// KME ID of the KME answering.
+    pub source_KME_ID: String,
+    /// KME ID of the slave SAE's KME.
+    pub target_KME_ID: String,
+    /// SAE ID of the calling master SAE.
+    pub master_SAE_ID: String,
+    /// SAE ID of the slave SAE.
+    pub slave_SAE_ID: String,
+    /// Default key size in bits.
+    pub key_size: u32,
+    /// Keys of default size available for this master/slave pair.
+    pub stored_key_count: u64,
+    /// Most keys of default size the KME can store for the pair.
+    pub max_key_count: u64,
+    /// Most keys per request.
+    pub max_key_per_request: u32,
+    /// Largest key size in bits.
+    pub max_key_size: u32,
+    /// Smallest key size in bits.
+    pub min_key_size: u32,
+    /// Most additional slave SAEs per request (0: no multicast).
+    pub max_SAE_ID_count: u32,
+    /// Status extension (not used by qkdnet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_extension: Option<Map<String, Value>>,
+}
+
+/// Key request (body of POST enc_keys, ETSI GS QKD 014 §6.2, Table 8). Every
+/// field is optional.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct KeyRequest {
+    /// Number of keys (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u64>,
+    /// Key size in bits (default `key_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Additional slave SAEs (multicast); qkdnet advertises `max_SAE_ID_count: 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additional_slave_SAE_IDs: Option<Vec<String>>,
+    /// Extensions the KME must support.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub extension_mandatory: Option<Vec<Map<String, Value>>>,
+    /// Extensions the KME may ignore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub extension_optional: Option<Vec<Map<String, Value>>>,
+}
+
+/// One key in a key container (ETSI GS QKD 014 Table 11).
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct KeyEntry {
+    /// Key ID (UUID).
+    pub key_ID: String,
+    /// Key ID extension (not used by qkdnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ID_extension: Option<Map<String, Value>>,
+    /// The key, base64 (RFC 4648, with padding).
+    pub key: String,
+    /// Key extension (not used by qkdnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_extension: Option<Map<String, Value>>,
+}
+
+/// Key container (response of enc_keys and dec_keys, ETSI GS QKD 014 Table 11).
+/// The specification's table spells `Keys`, its example `keys`; qkdnet uses `keys`.
+///
+/// No `Debug`: it holds key material.
+#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct KeyContainer {
+    /// The keys.
+    pub keys: Vec<KeyEntry>,
+    /// Container extension (not used by qkdnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_container_extension: Option<Map<String, Value>>,
+}
+
+impl Drop for KeyContainer {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        for k in &mut self.keys {
+            k.key.zeroize();
+        }
+    }
+}
+
+/// One key ID in a dec_keys request (ETSI GS QKD 014 Table 12).
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct KeyIdEntry {
+    /// Key ID (UUID).
+    pub key_ID: String,
+    /// Key ID extension (ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ID_extension: Option<Map<String, Value>>,
+}
+
+/// Key IDs (body of POST dec_keys, ETSI GS QKD 014 §6.3, Table 12).
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct KeyIds {
+    /// The key IDs.
+    pub key_IDs: Vec<KeyIdEntry>,
+    /// Extension (ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_IDs_extension: Option<Map<String, Value>>,
+}
+
+/// Error object (ETSI GS QKD 014 Table 13), sent with every non-200 answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub message: String,
+    /// Further details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub details: Option<Vec<Map<String, Value>>>,
+}
+
+/// A key request known to be within the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidKeyRequest {
+    /// Number of keys, `1..=max_key_per_request`.
+    pub number: u32,
+    /// Key size in bits, a multiple of 8 in `min_key_size..=max_key_size`.
+    pub size_bits: u32,
+}
+
+/// Key IDs of a dec_keys request, known to be distinct UUIDs within the limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidKeyIds(pub Vec<Uuid>);
+
+fn malformed(what: &str, e: serde_json::Error) -> KmsError {
+    // serde_json's messages name the field and position, never echo values at length.
+    KmsError::BadRequest(format!("malformed {what}: {e}"))
+}
+
+/// The specification's bodies are JSON objects; serde would also accept a JSON
+/// array for a struct, so anything not starting with `{` is refused first.
+fn require_object(body: &[u8], what: &str) -> Result<(), KmsError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        _ => Err(KmsError::BadRequest(format!(
+            "malformed {what}: expected a JSON object"
+        ))),
+    }
+}
+
+/// Decodes the body of POST enc_keys. An empty body means all defaults.
+pub fn decode_key_request(body: &[u8]) -> Result<KeyRequest, KmsError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(KeyRequest::default());
+    }
+    require_object(body, "key request")?;
+    serde_json::from_slice(body).map_err(|e| malformed("key request", e))
+}
+
+/// Decodes the body of POST dec_keys.
+pub fn decode_key_ids(body: &[u8]) -> Result<KeyIds, KmsError> {
+    require_object(body, "key IDs")?;
+    serde_json::from_slice(body).map_err(|e| malformed("key IDs", e))
+}
+
+/// Parses a key ID: the canonical 36-character hyphenated UUID form only.
+pub fn parse_key_id(s: &str) -> Result<Uuid, KmsError> {
+    if s.len() != 36 {
+        return Err(KmsError::BadRequest("key_ID is not a UUID".into()));
+    }
+    Uuid::try_parse(s).map_err(|_| KmsError::BadRequest("key_ID is not a UUID".into()))
+}
+
+/// Formats a key ID (lower-case hyphenated).
+pub fn format_key_id(id: &Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+fn has_parameters(ext: &Option<Vec<Map<String, Value>>>) -> bool {
+    ext.as_ref()
+        .is_some_and(|v| v.iter().any(|m| !m.is_empty()))
+}
+
+impl KeyRequest {
+    /// Applies defaults and checks every field against `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyRequest, KmsError> {
+        if has_parameters(&self.extension_mandatory) {
+            return Err(KmsError::UnsupportedMandatoryExtension);
+        }
+        if self
+            .additional_slave_SAE_IDs
+            .as_ref()
+            .is_some_and(|v| !v.is_empty())
+        {
+            return Err(KmsError::BadRequest(
+                "additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)".into(),
+            ));
+        }
+        let number = self.number.unwrap_or(1);
+        if number == 0 {
+            return Err(KmsError::BadRequest("number shall be at least 1".into()));
+        }
+        if number > u64::from(limits.max_key_per_request) {
+            return Err(KmsError::BadRequest(format!(
+                "number exceeds max_key_per_request ({})",
+                limits.max_key_per_request
+            )));
+        }
+        let size = self.size.unwrap_or(u64::from(limits.key_size));
+        if !size.is_multiple_of(8) {
+            return Err(KmsError::SizeNotMultipleOf8);
+        }
+        if size < u64::from(limits.min_key_size) || size > u64::from(limits.max_key_size) {
+            return Err(KmsError::BadRequest(format!(
+                "size shall be between min_key_size ({}) and max_key_size ({})",
+                limits.min_key_size, limits.max_key_size
+            )));
+        }
+        // Both bounded by u32 limits above.
+        Ok(ValidKeyRequest {
+            number: number as u32,
+            size_bits: size as u32,
+        })
+    }
+}
+
+impl KeyIds {
+    /// Checks the key IDs: at least one, at most `max_key_per_request`, UUIDs, distinct.
+    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyIds, KmsError> {
+        validate_ids(
+            self.key_IDs.iter().map(|k| k.key_ID.as_str()),
+            self.key_IDs.len(),
+            limits,
+        )
+    }
+}
+
+/// Checks a list of key ID strings (shared by the POST body and the GET query).
+pub fn validate_ids<'a>(
+    ids: impl Iterator<Item = &'a str>,
+    count: usize,
+    limits: &Limits,
+) -> Result<ValidKeyIds, KmsError> {
+    if count == 0 {
+        return Err(KmsError::BadRequest("key_IDs shall not be empty".into()));
+    }
+    if count > limits.max_key_per_request as usize {
+        return Err(KmsError::BadRequest(format!(
+            "more key_IDs than max_key_per_request ({})",
+            limits.max_key_per_request
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    for s in ids {
+        let id = parse_key_id(s)?;
+        if !seen.insert(id) {
+            return Err(KmsError::BadRequest("key_IDs contains a duplicate".into()));
+        }
+        out.push(id);
+    }
+    Ok(ValidKeyIds(out))
+}
+
+/// The query of GET enc_keys: only `number` and `size`, each at most once, decimal.
+pub fn parse_enc_query(query: Option<&str>) -> Result<KeyRequest, KmsError> {
+    let mut req = KeyRequest::default();
+    for (name, value) in query_pairs(query)? {
+        let slot = match name {
+            "number" => &mut req.number,
+            "size" => &mut req.size,
+            _ => {
+                return Err(KmsError::BadRequest(format!(
+                    "unknown query parameter for enc_keys: {}",
+                    clip(name)
+                )));
+            }
+        };
+        if slot.is_some() {
+            return Err(KmsError::BadRequest(format!(
+                "query parameter {name} given twice"
+            )));
+        }
+        let v: u64 = value.parse().map_err(|_| {
+            KmsError::BadRequest(format!(
+                "query parameter {name} is not a non-negative integer"
+            ))
+        })?;
+        *slot = Some(v);
+    }
+    Ok(req)
+}
+
+/// The query of GET dec_keys: exactly one `key_ID`.
+pub fn parse_dec_query(query: Option<&str>) -> Result<String, KmsError> {
+    let mut id = None;
+    for (name, value) in query_pairs(query)? {
+        if name != "key_ID" {
+            return Err(KmsError::BadRequest(format!(
+                "unknown query parameter for dec_keys: {}",
+                clip(name)
+            )));
+        }
+        if id.replace(value.to_owned()).is_some() {
+            return Err(KmsError::BadRequest(
+                "GET dec_keys takes a single key_ID".into(),
+            ));
+        }
+    }
+    id.ok_or_else(|| KmsError::BadRequest("GET dec_keys needs ?key_ID=".into()))
+}
+
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(32);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Splits a query string into pairs. Values this API accepts (integers, UUIDs)
+/// never need percent-encoding, so a `%` is refused rather than decoded.
+fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, &str)>, KmsError> {
+    let Some(q) = query else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for part in q.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| KmsError::BadRequest("query parameter without a value".into()))?;
+        if value.contains('%') || name.contains('%') {
+            return Err(KmsError::BadRequest(
+                "percent-encoded query values are not accepted".into(),
+            ));
+        }
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_limits() {
+        let l = Limits::default();
+        let r = decode_key_request(b"")
+            .expect("empty body is all defaults")
+            .validate(&l)
+            .expect("valid");
+        assert_eq!(
+            r,
+            ValidKeyRequest {
+                number: 1,
+                size_bits: 256
+            }
+        );
+        let r = decode_key_request(br#"{"number":3,"size":512}"#)
+            .expect("json")
+            .validate(&l)
+            .expect("valid");
+        assert_eq!(
+            r,
+            ValidKeyRequest {
+                number: 3,
+                size_bits: 512
+            }
+        );
+        let e = decode_key_request(br#"{"size":16384}"#)
+            .expect("json")
+            .validate(&l)
+            .unwrap_err();
+        assert!(matches!(e, KmsError::BadRequest(_)), "{e}");
+    }
+
+    #[test]
+    fn size_not_multiple_of_8() {
+        let l = Limits::default();
+        let e = decode_key_request(br#"{"size":260}"#)
+            .expect("json")
+            .validate(&l)
+            .unwrap_err();
+        assert!(matches!(e, KmsError::SizeNotMultipleOf8));
+        assert_eq!(e.to_string(), "size shall be a multiple of 8");
+    }
+
+    #[test]
+    fn number_bounds() {
+        let l = Limits::default();
+        for n in [0u64, u64::from(l.max_key_per_request) + 1, u64::MAX] {
+            let e = KeyRequest {
+                number: Some(n),
+                ..Default::default()
+            }
+            .validate(&l)
+            .unwrap_err();
+            assert!(matches!(e, KmsError::BadRequest(_)));
+        }
+    }
+
+    #[test]
+    fn mandatory_extensions_are_refused_optional_ignored() {
+        let l = Limits::default();
+        let r = decode_key_request(br#"{"extension_mandatory":[{"abc_route_type":"direct"}]}"#)
+            .expect("json");
+        assert!(matches!(
+            r.validate(&l),
+            Err(KmsError::UnsupportedMandatoryExtension)
+        ));
+        let r = decode_key_request(br#"{"extension_optional":[{"abc_x":1}]}"#).expect("json");
+        assert!(r.validate(&l).is_ok());
+    }
+
+    #[test]
+    fn malformed_json_is_bad_request() {
+        for b in [
+            &b"{"[..],
+            b"[]",
+            br#"{"number":-1}"#,
+            br#"{"number":1.5}"#,
+            br#"{"number":"1"}"#,
+        ] {
+            assert!(
+                matches!(decode_key_request(b), Err(KmsError::BadRequest(_))),
+                "{:?}",
+                b
+            );
+        }
+        assert!(decode_key_ids(b"{}").is_err());
+    }
+
+    #[test]
+    fn key_ids() {
+        let l = Limits::default();
+        let id = "5a4b9c1e-6b1f-4f43-9d6a-3c2b1a0f9e8d";
+        let ok = decode_key_ids(format!(r#"{{"key_IDs":[{{"key_ID":"{id}"}}]}}"#).as_bytes())
+            .expect("json");
+        assert_eq!(ok.validate(&l).expect("valid").0.len(), 1);
+        let dup = decode_key_ids(
+            format!(r#"{{"key_IDs":[{{"key_ID":"{id}"}},{{"key_ID":"{id}"}}]}}"#).as_bytes(),
+        )
+        .expect("json");
+        assert!(dup.validate(&l).is_err());
+        let empty = decode_key_ids(br#"{"key_IDs":[]}"#).expect("json");
+        assert!(empty.validate(&l).is_err());
+        assert!(parse_key_id("5a4b9c1e6b1f4f439d6a3c2b1a0f9e8d").is_err());
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(
+            parse_enc_query(Some("number=2&size=128")).expect("valid"),
+            KeyRequest {
+                number: Some(2),
+                size: Some(128),
+                ..Default::default()
+            }
+        );
+        assert!(parse_enc_query(Some("number=2&number=3")).is_err());
+        assert!(parse_enc_query(Some("foo=1")).is_err());
+        assert!(parse_enc_query(Some("number=-1")).is_err());
+        assert_eq!(parse_enc_query(None).expect("valid"), KeyRequest::default());
+        assert_eq!(parse_dec_query(Some("key_ID=abc")).expect("valid"), "abc");
+        assert!(parse_dec_query(Some("key_ID=a&key_ID=b")).is_err());
+        assert!(parse_dec_query(None).is_err());
+    }
+
+    #[test]
+    fn status_field_names_are_the_specs() {
+        let s = Status {
+            source_KME_ID: "A".into(),
+            target_KME_ID: "B".into(),
+            master_SAE_ID: "a".into(),
+            slave_SAE_ID: "b".into(),
+            key_size: 256,
+            stored_key_count: 1,
+            max_key_count: 2,
+            max_key_per_request: 3,
+            max_key_size: 4,
+            min_key_size: 5,
+            max_SAE_ID_count: 0,
+            status_extension: None,
+        };
+        let v = serde_json::to_value(&s).expect("serialises");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for k in [
+            "source_KME_ID",
+            "target_KME_ID",
+            "master_SAE_ID",
+            "slave_SAE_ID",
+            "key_size",
+            "stored_key_count",
+            "max_key_count",
+            "max_key_per_request",
+            "max_key_size",
+            "min_key_size",
+            "max_SAE_ID_count",
+        ] {
+            assert!(keys.contains(&k), "{k}");
+        }
+    }
+}

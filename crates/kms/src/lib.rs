@@ -1,0 +1,62 @@
+//! Key management entity (KME) of qkdnet: key pools per peer, a durable key store,
+//! the ETSI GS QKD 014 V1.1.1 key delivery API over mutual TLS, and KME-to-KME
+//! synchronisation.
+//!
+//! The crate is shaped around one rule: a key leaves a KME at most once, and the two
+//! KMEs of a link always agree on which keys exist and who may have them. Everything
+//! that must survive a crash goes through one durable [`store::KeyStore`], whose
+//! state transitions (available → reserved for a master/slave SAE pair → delivered)
+//! are transactions; everything else (HTTP, TLS, retries) is a thin adapter that can
+//! fail at any moment without breaking that rule.
+//!
+//! One key's path through the crate:
+//!
+//! 1. The QKD link layer hands a [`block::KeyBlock`] to [`service::Kme::ingest`]. The
+//!    block is cut into 256-bit units whose UUIDs are derived identically at both
+//!    ends from (link ID, block number, index) ([`block::unit_id`]), and each unit is
+//!    owned (may be handed to a master SAE) by exactly one of the two KMEs.
+//! 2. A master SAE calls `enc_keys` ([`server`], [`etsi`]). The KME reserves units
+//!    in its store, tells the peer KME which unit IDs form which key for which SAE
+//!    pair ([`peer`]), and releases the keys to the SAE only once the peer has
+//!    acknowledged.
+//! 3. The slave SAE calls `dec_keys` at its own KME with the key IDs and gets the same
+//!    bytes; anyone else gets 401. Delivered keys are deleted from the store.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`block`] | key blocks from the link layer, unit IDs, unit ownership |
+//! | [`ids`] | SAE and KME identifiers (validated newtypes) |
+//! | [`store`] | the [`store::KeyStore`] trait and the SQLite implementation |
+//! | [`etsi`] | ETSI GS QKD 014 JSON objects and their decoders |
+//! | [`error`] | domain errors |
+//! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |
+//! | [`service`] | the KME logic: status, enc_keys, dec_keys, peer reservation and void |
+//! | [`peer`] | the KME-to-KME protocol (modelled on ETSI GS QKD 020 `ext_keys`) |
+//! | [`identity`] | SAE/KME identity from client certificates |
+//! | [`tls`] | rustls server and client configurations (mutual TLS) |
+//! | [`server`] | the HTTPS server: routes, connection handling, OpenAPI document |
+//! | [`config`] | the TOML configuration of a standalone KME |
+//! | [`pki`] | a small CA for test networks (rcgen) |
+//! | [`testkeys`] | seeded *test* key blocks, only when explicitly configured |
+
+#![warn(missing_docs)]
+
+pub mod api_error;
+pub mod block;
+pub mod config;
+pub mod error;
+pub mod etsi;
+pub mod identity;
+pub mod ids;
+pub mod peer;
+pub mod pki;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod testkeys;
+pub mod tls;
+
+pub use block::KeyBlock;
+pub use error::KmsError;
+pub use service::Kme;
+pub use store::{KeyStore, StoreError};

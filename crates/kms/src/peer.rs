@@ -1,0 +1,278 @@
+//! KME-to-KME protocol, modelled on ETSI GS QKD 020 `ext_keys` with ack and void.
+//!
+//! When a master SAE takes keys at KME A, A must be sure that KME B will hand the
+//! very same keys to the named slave SAE, and to nobody else, before A releases
+//! them. So A reserves the units in its store, sends B the reservation (request ID,
+//! SAE pair, and for each key its ID, size and unit list), and releases the keys
+//! only when B answers `ack` — which B does only after committing the reservation
+//! to its own store. Every message is idempotent by request ID: a retried
+//! reservation is acked again, a void is answered with the same outcome, and a
+//! reservation arriving after its void is refused (B keeps a tombstone). If A
+//! cannot get an answer it voids the request, in the background and after restarts,
+//! until B answers; only then do the units return to A's pool.
+//!
+//! Endpoints (mutual TLS; the caller must present a `kme:ID` certificate of a
+//! configured peer):
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | POST | `/api/v1/kme/ext_keys` | [`ExtKeysReserve`] | 200 [`ExtKeysAck`]; 409 with the unavailable unit IDs; 400; 401 |
+//! | POST | `/api/v1/kme/ext_keys/void` | [`ExtKeysVoid`] | 200 [`ExtKeysVoidReply`] |
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api_error::PeerErrorBody;
+use crate::error::KmsError;
+use crate::ids::{KmeId, SaeId};
+use crate::store::KeyLayout;
+use crate::tls::{TlsMaterial, client_config};
+
+/// Path of the reservation endpoint.
+pub const EXT_KEYS_PATH: &str = "/api/v1/kme/ext_keys";
+/// Path of the void endpoint.
+pub const EXT_KEYS_VOID_PATH: &str = "/api/v1/kme/ext_keys/void";
+
+/// Largest peer answer read, in bytes.
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+/// One key of a reservation.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtKey {
+    /// Key ID (= first unit ID).
+    pub key_ID: Uuid,
+    /// Size in bits.
+    pub size: u32,
+    /// Units forming the key, in order.
+    pub unit_IDs: Vec<Uuid>,
+}
+
+/// A reservation: these keys go to `slave_SAE_ID`, reserved by `master_SAE_ID`.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtKeysReserve {
+    /// Request ID chosen by the reserving KME.
+    pub request_ID: Uuid,
+    /// Master SAE (attached to the reserving KME).
+    pub master_SAE_ID: SaeId,
+    /// Slave SAE (attached to the receiving KME).
+    pub slave_SAE_ID: SaeId,
+    /// The keys.
+    pub keys: Vec<ExtKey>,
+}
+
+/// Acknowledgement of a reservation.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtKeysAck {
+    /// The request acknowledged.
+    pub request_ID: Uuid,
+    /// Always `"ack"`.
+    pub status: String,
+}
+
+/// Void of a reservation.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtKeysVoid {
+    /// The request to void.
+    pub request_ID: Uuid,
+}
+
+/// Outcome of a void.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtKeysVoidReply {
+    /// The request voided.
+    pub request_ID: Uuid,
+    /// Whether the receiver had accepted the reservation.
+    pub was_accepted: bool,
+    /// Keys returned to the pool; keys of an accepted reservation not listed here
+    /// were already delivered to the slave SAE.
+    pub voided_key_IDs: Vec<Uuid>,
+}
+
+impl From<&KeyLayout> for ExtKey {
+    fn from(k: &KeyLayout) -> Self {
+        ExtKey {
+            key_ID: k.key_id,
+            size: k.size_bits,
+            unit_IDs: k.unit_ids.clone(),
+        }
+    }
+}
+
+impl From<ExtKey> for KeyLayout {
+    fn from(k: ExtKey) -> Self {
+        KeyLayout {
+            key_id: k.key_ID,
+            size_bits: k.size,
+            unit_ids: k.unit_IDs,
+        }
+    }
+}
+
+/// How a call to a peer failed.
+#[derive(Debug)]
+pub enum PeerCallError {
+    /// No answer (connection, TLS, timeout, 5xx): the outcome is unknown.
+    Unavailable(String),
+    /// A definitive refusal (4xx), with the units the peer lacks if it said so.
+    Rejected {
+        /// HTTP status.
+        status: StatusCode,
+        /// The peer's message.
+        message: String,
+        /// Units the peer does not hold as available.
+        unavailable_units: Vec<Uuid>,
+    },
+}
+
+impl From<PeerCallError> for KmsError {
+    fn from(e: PeerCallError) -> Self {
+        match e {
+            PeerCallError::Unavailable(m) => KmsError::PeerUnavailable(m),
+            PeerCallError::Rejected {
+                status, message, ..
+            } => KmsError::PeerRejected(format!("{status}: {message}")),
+        }
+    }
+}
+
+/// An HTTPS client to one peer KME (connection pooling, mutual TLS, the peer must
+/// prove its `kme:ID`).
+#[derive(Clone)]
+pub struct PeerClient {
+    peer: KmeId,
+    base: String,
+    timeout: Duration,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl PeerClient {
+    /// A client for `peer` at `base_url` (`https://host:port`).
+    pub fn new(
+        peer: KmeId,
+        base_url: &str,
+        tls: &TlsMaterial,
+        timeout: Duration,
+    ) -> Result<Self, KmsError> {
+        if !base_url.starts_with("https://") {
+            return Err(KmsError::Config(format!(
+                "peer {peer}: URL must start with https://"
+            )));
+        }
+        let cfg = client_config(tls, Some(peer.clone()))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            peer,
+            base: base_url.trim_end_matches('/').to_owned(),
+            timeout,
+            client,
+        })
+    }
+
+    /// The peer's ID.
+    pub fn peer(&self) -> &KmeId {
+        &self.peer
+    }
+
+    async fn post<T: Serialize, R: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<R, PeerCallError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| PeerCallError::Unavailable(format!("encode: {e}")))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| PeerCallError::Unavailable(format!("request: {e}")))?;
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| PeerCallError::Unavailable(format!("{e:?}")))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| PeerCallError::Unavailable(format!("answer: {e}")))?
+                .to_bytes();
+            Ok::<_, PeerCallError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| PeerCallError::Unavailable("timeout".into()))??;
+        if status.is_success() {
+            serde_json::from_slice(&body)
+                .map_err(|e| PeerCallError::Unavailable(format!("malformed answer: {e}")))
+        } else if status.is_client_error() {
+            let (message, unavailable_units) = match serde_json::from_slice::<PeerErrorBody>(&body)
+            {
+                Ok(b) => (b.message, b.unavailable_unit_IDs),
+                Err(_) => ("(no JSON error body)".to_owned(), Vec::new()),
+            };
+            Err(PeerCallError::Rejected {
+                status,
+                message,
+                unavailable_units,
+            })
+        } else {
+            Err(PeerCallError::Unavailable(format!(
+                "peer answered {status}"
+            )))
+        }
+    }
+
+    /// Sends a reservation; `Ok` once the peer acknowledged it.
+    pub async fn reserve(&self, msg: &ExtKeysReserve) -> Result<(), PeerCallError> {
+        let ack: ExtKeysAck = self.post(EXT_KEYS_PATH, msg).await?;
+        if ack.request_ID == msg.request_ID && ack.status == "ack" {
+            Ok(())
+        } else {
+            Err(PeerCallError::Unavailable(
+                "acknowledgement for another request".into(),
+            ))
+        }
+    }
+
+    /// Voids a reservation.
+    pub async fn void(&self, request_id: Uuid) -> Result<ExtKeysVoidReply, PeerCallError> {
+        let r: ExtKeysVoidReply = self
+            .post(
+                EXT_KEYS_VOID_PATH,
+                &ExtKeysVoid {
+                    request_ID: request_id,
+                },
+            )
+            .await?;
+        if r.request_ID == request_id {
+            Ok(r)
+        } else {
+            Err(PeerCallError::Unavailable(
+                "void reply for another request".into(),
+            ))
+        }
+    }
+}

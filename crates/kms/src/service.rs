@@ -1,0 +1,441 @@
+//! The KME logic: status, enc_keys, dec_keys, and the peer side of reservations.
+//!
+//! This layer decides *who may do what* and *in which order things happen*; it
+//! knows nothing of HTTP (the server calls it with an authenticated [`Identity`]
+//! and validated requests) and keeps no key state of its own (the store does). The
+//! order that makes enc_keys safe is: reserve in the store (durable) → the peer
+//! acknowledges (durable there) → confirm in the store (durable: delivered) →
+//! answer the SAE. A failure before the peer's ack leaves a pending request that a
+//! background task voids at the peer until it gets an answer, then returns the
+//! units to the pool; the same task runs at start-up for requests left pending by a
+//! crash.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::block::{KeyBlock, units_for_bits};
+use crate::error::KmsError;
+use crate::etsi::{
+    KeyContainer, KeyEntry, Limits, Status, ValidKeyIds, ValidKeyRequest, format_key_id,
+};
+use crate::identity::Identity;
+use crate::ids::{KmeId, SaeId};
+use crate::peer::{ExtKeysReserve, ExtKeysVoidReply, PeerCallError, PeerClient};
+use crate::store::{
+    AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
+    Reservation, ReservedKey, StoreError,
+};
+
+/// Static settings of a KME.
+#[derive(Debug, Clone)]
+pub struct KmeSettings {
+    /// This KME's ID.
+    pub id: KmeId,
+    /// Limits advertised and enforced.
+    pub limits: Limits,
+    /// Every SAE of the network this KME serves or reserves for, and its KME.
+    pub saes: HashMap<SaeId, KmeId>,
+    /// Attempts to get a peer's acknowledgement before giving up on a request.
+    pub peer_attempts: u32,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A key management entity.
+pub struct Kme {
+    settings: KmeSettings,
+    store: Arc<dyn KeyStore>,
+    peers: HashMap<KmeId, PeerClient>,
+    background: Mutex<JoinSet<()>>,
+}
+
+impl Kme {
+    /// A KME over `store`, reaching its peers through `peers`.
+    pub fn new(
+        settings: KmeSettings,
+        store: Arc<dyn KeyStore>,
+        peers: Vec<PeerClient>,
+    ) -> Result<Self, KmsError> {
+        settings.limits.check()?;
+        let peers: HashMap<_, _> = peers.into_iter().map(|p| (p.peer().clone(), p)).collect();
+        if peers.contains_key(&settings.id) {
+            return Err(KmsError::Config("a KME cannot be its own peer".into()));
+        }
+        Ok(Self {
+            settings,
+            store,
+            peers,
+            background: Mutex::new(JoinSet::new()),
+        })
+    }
+
+    /// This KME's ID.
+    pub fn id(&self) -> &KmeId {
+        &self.settings.id
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    fn capacity_units(&self) -> u64 {
+        // Each peer's pool holds units of both owners; max_key_count counts keys of
+        // default size that this KME's masters can draw.
+        self.settings
+            .limits
+            .max_key_count
+            .saturating_mul(u64::from(units_for_bits(self.settings.limits.key_size)))
+            .saturating_mul(2)
+    }
+
+    /// Takes a key block from the QKD link layer into the pool for its peer.
+    /// Returns the number of 256-bit units stored. A block number seen before on
+    /// the same link is refused.
+    pub async fn ingest(&self, block: KeyBlock) -> Result<u64, KmsError> {
+        if !self.peers.contains_key(&block.peer_kme) {
+            return Err(KmsError::InvalidBlock("peer_kme is not a configured peer"));
+        }
+        let units = block.cut(&self.settings.id)?;
+        let batch = IngestBatch {
+            peer: block.peer_kme.clone(),
+            link_id: block.link_id.clone(),
+            block_number: block.block_number,
+            eps_sec: block.eps_sec,
+            eps_cor: block.eps_cor,
+            created_unix_ms: block.created_unix_ms,
+            units,
+            capacity_units: self.capacity_units(),
+        };
+        Ok(self.store.ingest(batch).await?)
+    }
+
+    fn local_sae<'a>(&self, caller: &'a Identity) -> Result<&'a SaeId, KmsError> {
+        match caller {
+            Identity::Sae(s) if self.settings.saes.get(s) == Some(&self.settings.id) => Ok(s),
+            Identity::Sae(_) => Err(KmsError::Unauthorized("SAE is not attached to this KME")),
+            Identity::Kme(_) => Err(KmsError::Unauthorized(
+                "a KME certificate cannot use the SAE API",
+            )),
+        }
+    }
+
+    /// The peer KME serving `slave` (which must be a remote SAE).
+    fn slave_kme(&self, slave: &str) -> Result<(SaeId, &PeerClient), KmsError> {
+        let slave = SaeId::new(slave)?;
+        let kme = self
+            .settings
+            .saes
+            .get(&slave)
+            .ok_or_else(|| KmsError::BadRequest("unknown slave_SAE_ID".into()))?;
+        if kme == &self.settings.id {
+            return Err(KmsError::BadRequest(
+                "slave SAE is attached to this KME; keys are only shared across a QKD link".into(),
+            ));
+        }
+        let peer = self.peers.get(kme).ok_or_else(|| {
+            KmsError::BadRequest("slave SAE's KME is not a neighbour of this KME".into())
+        })?;
+        Ok((slave, peer))
+    }
+
+    /// ETSI 014 Get status.
+    pub async fn status(&self, caller: &Identity, slave: &str) -> Result<Status, KmsError> {
+        let master = self.local_sae(caller)?;
+        let (slave, peer) = self.slave_kme(slave)?;
+        let counts = self.store.pool_counts(peer.peer().clone()).await?;
+        let l = &self.settings.limits;
+        Ok(Status {
+            source_KME_ID: self.settings.id.to_string(),
+            target_KME_ID: peer.peer().to_string(),
+            master_SAE_ID: master.to_string(),
+            slave_SAE_ID: slave.to_string(),
+            key_size: l.key_size,
+            stored_key_count: counts.mine_available / u64::from(units_for_bits(l.key_size)),
+            max_key_count: l.max_key_count,
+            max_key_per_request: l.max_key_per_request,
+            max_key_size: l.max_key_size,
+            min_key_size: l.min_key_size,
+            max_SAE_ID_count: 0,
+            status_extension: None,
+        })
+    }
+
+    /// ETSI 014 Get key (master side).
+    pub async fn enc_keys(
+        &self,
+        caller: &Identity,
+        slave: &str,
+        req: ValidKeyRequest,
+    ) -> Result<KeyContainer, KmsError> {
+        let master = self.local_sae(caller)?.clone();
+        let (slave, peer) = self.slave_kme(slave)?;
+        let request_id = Uuid::new_v4();
+        let reserved = self
+            .store
+            .reserve(Reservation {
+                request_id,
+                peer: peer.peer().clone(),
+                master: master.clone(),
+                slave: slave.clone(),
+                number: req.number,
+                size_bits: req.size_bits,
+                now_unix_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Exhausted {
+                    available,
+                    requested,
+                } => KmsError::Exhausted {
+                    available,
+                    requested,
+                },
+                e => KmsError::Store(e),
+            })?;
+        let msg = ExtKeysReserve {
+            request_ID: request_id,
+            master_SAE_ID: master,
+            slave_SAE_ID: slave,
+            keys: reserved.iter().map(|k| (&k.layout).into()).collect(),
+        };
+        let mut last = None;
+        for _ in 0..self.settings.peer_attempts.max(1) {
+            match peer.reserve(&msg).await {
+                Ok(()) => {
+                    self.store.confirm(request_id).await?;
+                    return Ok(container(reserved));
+                }
+                Err(e @ PeerCallError::Unavailable(_)) => last = Some(e),
+                Err(e @ PeerCallError::Rejected { .. }) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = last.unwrap_or_else(|| PeerCallError::Unavailable("no attempt".into()));
+        let discard = match &err {
+            PeerCallError::Rejected {
+                unavailable_units, ..
+            } => unavailable_units.clone(),
+            PeerCallError::Unavailable(_) => Vec::new(),
+        };
+        tracing::warn!(peer = %peer.peer(), %request_id, error = ?err, "peer did not acknowledge; voiding");
+        let layouts: Vec<KeyLayout> = reserved.iter().map(|k| k.layout.clone()).collect();
+        drop(reserved);
+        self.spawn_void(
+            peer.clone(),
+            PendingRequest {
+                request_id,
+                peer: peer.peer().clone(),
+                keys: layouts,
+            },
+            discard,
+        );
+        Err(err.into())
+    }
+
+    /// ETSI 014 Get key with key IDs (slave side).
+    pub async fn dec_keys(
+        &self,
+        caller: &Identity,
+        master: &str,
+        ids: ValidKeyIds,
+    ) -> Result<KeyContainer, KmsError> {
+        let slave = self.local_sae(caller)?.clone();
+        let master = SaeId::new(master)?;
+        let keys = self.store.take(slave, master, ids.0).await?;
+        Ok(delivered_container(keys))
+    }
+
+    fn peer_caller(&self, caller: &Identity) -> Result<KmeId, KmsError> {
+        match caller {
+            Identity::Kme(k) if self.peers.contains_key(k) => Ok(k.clone()),
+            _ => Err(KmsError::Unauthorized(
+                "only a peer KME may call the KME-to-KME API",
+            )),
+        }
+    }
+
+    /// Peer side of a reservation: accept the keys for the named slave SAE.
+    pub async fn peer_reserve(
+        &self,
+        caller: &Identity,
+        msg: ExtKeysReserve,
+    ) -> Result<AcceptOutcome, KmsError> {
+        let peer = self.peer_caller(caller)?;
+        if self.settings.saes.get(&msg.slave_SAE_ID) != Some(&self.settings.id) {
+            return Err(KmsError::BadRequest(
+                "slave_SAE_ID is not attached to this KME".into(),
+            ));
+        }
+        if self.settings.saes.get(&msg.master_SAE_ID) != Some(&peer) {
+            return Err(KmsError::BadRequest(
+                "master_SAE_ID is not attached to the calling KME".into(),
+            ));
+        }
+        if msg.keys.len() > self.settings.limits.max_key_per_request as usize {
+            return Err(KmsError::BadRequest(
+                "more keys than max_key_per_request".into(),
+            ));
+        }
+        Ok(self
+            .store
+            .accept(Acceptance {
+                request_id: msg.request_ID,
+                peer,
+                master: msg.master_SAE_ID,
+                slave: msg.slave_SAE_ID,
+                keys: msg.keys.into_iter().map(Into::into).collect(),
+                now_unix_ms: now_ms(),
+            })
+            .await?)
+    }
+
+    /// Peer side of a void.
+    pub async fn peer_void(
+        &self,
+        caller: &Identity,
+        request_id: Uuid,
+    ) -> Result<ExtKeysVoidReply, KmsError> {
+        let peer = self.peer_caller(caller)?;
+        let out = self.store.void(peer, request_id).await?;
+        Ok(ExtKeysVoidReply {
+            request_ID: request_id,
+            was_accepted: out.was_accepted,
+            voided_key_IDs: out.voided_keys,
+        })
+    }
+
+    /// Voids, at their peers, the requests a previous run left pending. Call once at
+    /// start-up; runs in the background until every peer has answered.
+    pub async fn recover(&self) -> Result<usize, KmsError> {
+        let pending = self.store.pending().await?;
+        let n = pending.len();
+        for p in pending {
+            match self.peers.get(&p.peer) {
+                Some(client) => self.spawn_void(client.clone(), p, Vec::new()),
+                None => {
+                    tracing::warn!(peer = %p.peer, request_id = %p.request_id, "pending request for an unconfigured peer")
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn spawn_void(&self, peer: PeerClient, p: PendingRequest, extra_discard: Vec<Uuid>) {
+        let store = self.store.clone();
+        let task = void_until_settled(store, peer, p, extra_discard);
+        match self.background.lock() {
+            Ok(mut set) => {
+                // Reap finished tasks so the set does not grow without bound.
+                while set.try_join_next().is_some() {}
+                set.spawn(task);
+            }
+            Err(poisoned) => {
+                poisoned.into_inner().spawn(task);
+            }
+        }
+    }
+
+    /// Waits (bounded by `timeout`) until no background void is outstanding.
+    /// For tests and orderly shutdown.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let busy = match self.background.lock() {
+                Ok(mut set) => {
+                    while set.try_join_next().is_some() {}
+                    !set.is_empty()
+                }
+                Err(_) => false,
+            };
+            if !busy {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Voids `p` at the peer until it answers, then releases the units: keys the peer
+/// delivered (or never held) are discarded, the rest return to the pool.
+async fn void_until_settled(
+    store: Arc<dyn KeyStore>,
+    peer: PeerClient,
+    p: PendingRequest,
+    extra_discard: Vec<Uuid>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let reply = loop {
+        match peer.void(p.request_id).await {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::debug!(request_id = %p.request_id, error = ?e, "void not answered yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let mut discard = extra_discard;
+    if reply.was_accepted {
+        for k in &p.keys {
+            if !reply.voided_key_IDs.contains(&k.key_id) {
+                discard.extend(k.unit_ids.iter().copied());
+            }
+        }
+    }
+    if let Err(e) = store.release(p.request_id, discard).await {
+        tracing::warn!(request_id = %p.request_id, error = %e, "could not release voided request");
+    }
+}
+
+fn container(keys: Vec<ReservedKey>) -> KeyContainer {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    KeyContainer {
+        keys: keys
+            .iter()
+            .map(|k| KeyEntry {
+                key_ID: format_key_id(&k.layout.key_id),
+                key_ID_extension: None,
+                key: b64.encode(&k.material[..]),
+                key_extension: None,
+            })
+            .collect(),
+        key_container_extension: None,
+    }
+}
+
+fn delivered_container(keys: Vec<DeliveredKey>) -> KeyContainer {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    KeyContainer {
+        keys: keys
+            .iter()
+            .map(|k| KeyEntry {
+                key_ID: format_key_id(&k.key_id),
+                key_ID_extension: None,
+                key: b64.encode(&k.material[..]),
+                key_extension: None,
+            })
+            .collect(),
+        key_container_extension: None,
+    }
+}

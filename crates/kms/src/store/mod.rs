@@ -1,0 +1,243 @@
+//! The durable key store behind a trait.
+//!
+//! The store is the only place where the exactly-once rule is enforced, so every
+//! operation here is one state transition, done as one transaction, and the
+//! callers above never hold key state that the store does not also hold. A unit of
+//! key material moves through:
+//!
+//! ```text
+//!  ingest ──► available ──reserve──► reserved (master side, pending peer ack) ──confirm──► deleted
+//!                │   ▲                     │ release (after the peer voided)
+//!                │   └─────────────────────┘
+//!                └──accept (peer's reservation)──► reserved for slave SAE ──take──► deleted
+//!                                                      │ void (peer asks) ──► available
+//! ```
+//!
+//! Requests are remembered by ID (with a tombstone when voided), which makes
+//! `accept` and `void` idempotent under retries and makes a late `accept` after a
+//! `void` fail instead of resurrecting keys. The trait returns boxed futures so that
+//! the server can hold an `Arc<dyn KeyStore>` and a second implementation
+//! (PostgreSQL) can slot in without generics spreading through the crate.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::block::KeyUnit;
+use crate::ids::{KmeId, SaeId};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// A boxed future returned by [`KeyStore`] methods.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why the store refused or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// This (link ID, block number) was ingested before.
+    #[error("block already ingested")]
+    DuplicateBlock,
+    /// Ingesting the block would exceed the pool's capacity.
+    #[error("pool full: capacity {capacity_units} units")]
+    PoolFull {
+        /// Capacity in units.
+        capacity_units: u64,
+    },
+    /// Too few available units.
+    #[error("not enough key material: {available} units available, {requested} needed")]
+    Exhausted {
+        /// Units available.
+        available: u64,
+        /// Units needed.
+        requested: u64,
+    },
+    /// One or more key IDs are unknown (or not deliverable) here.
+    #[error("one or more keys not found")]
+    KeysNotFound,
+    /// The keys exist but belong to another SAE pair.
+    #[error("keys belong to another SAE pair")]
+    NotAuthorized,
+    /// A peer's reservation names units this store does not hold as available.
+    #[error("{} unit(s) unknown or unavailable", .0.len())]
+    UnitsUnavailable(Vec<Uuid>),
+    /// The request was voided before; it cannot be accepted any more.
+    #[error("request was voided")]
+    RequestVoided,
+    /// A request ID is reused with different content, or is unknown to an operation
+    /// that needs it.
+    #[error("request ID conflict or unknown request")]
+    RequestConflict,
+    /// A peer's key layout is inconsistent (key ID, size and units do not match).
+    #[error("invalid key layout: {0}")]
+    InvalidLayout(&'static str),
+    /// The storage backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// The store has shut down.
+    #[error("store closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// A block's units, ready to be stored.
+pub struct IngestBatch {
+    /// The peer KME of the link.
+    pub peer: KmeId,
+    /// The link ID.
+    pub link_id: String,
+    /// The block number.
+    pub block_number: u64,
+    /// ε_sec of the block (kept for audit).
+    pub eps_sec: f64,
+    /// ε_cor of the block (kept for audit).
+    pub eps_cor: f64,
+    /// When the block was produced (Unix ms).
+    pub created_unix_ms: u64,
+    /// The units.
+    pub units: Vec<KeyUnit>,
+    /// Capacity of this peer's pool in units; the block is refused beyond it.
+    pub capacity_units: u64,
+}
+
+/// A master-side reservation request.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// Request ID (shared with the peer KME).
+    pub request_id: Uuid,
+    /// The peer KME whose pool is used.
+    pub peer: KmeId,
+    /// Master SAE (the caller of enc_keys).
+    pub master: SaeId,
+    /// Slave SAE named in enc_keys.
+    pub slave: SaeId,
+    /// Number of keys.
+    pub number: u32,
+    /// Size of each key in bits (a multiple of 8).
+    pub size_bits: u32,
+    /// Now, Unix ms.
+    pub now_unix_ms: u64,
+}
+
+/// Which units make up a key: what the reserving KME tells its peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLayout {
+    /// The key ID (equal to the first unit's ID).
+    pub key_id: Uuid,
+    /// Key size in bits.
+    pub size_bits: u32,
+    /// Unit IDs in order.
+    pub unit_ids: Vec<Uuid>,
+}
+
+/// A key reserved at the master side, with its bytes (held until the peer acks).
+pub struct ReservedKey {
+    /// Layout to send to the peer.
+    pub layout: KeyLayout,
+    /// The key bytes (`size_bits / 8` of them).
+    pub material: Zeroizing<Vec<u8>>,
+}
+
+/// A peer's reservation as accepted at the slave side.
+#[derive(Debug, Clone)]
+pub struct Acceptance {
+    /// Request ID chosen by the peer.
+    pub request_id: Uuid,
+    /// The peer KME (the authenticated caller).
+    pub peer: KmeId,
+    /// Master SAE.
+    pub master: SaeId,
+    /// Slave SAE (attached to this KME).
+    pub slave: SaeId,
+    /// The keys.
+    pub keys: Vec<KeyLayout>,
+    /// Now, Unix ms.
+    pub now_unix_ms: u64,
+}
+
+/// Result of [`KeyStore::accept`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AcceptOutcome {
+    /// Newly accepted.
+    Accepted,
+    /// The same request was accepted before (a retry).
+    AlreadyAccepted,
+}
+
+/// Result of [`KeyStore::void`] at the slave side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidOutcome {
+    /// Whether the request had been accepted here before it was voided.
+    pub was_accepted: bool,
+    /// Keys of the request that were still undelivered and are now back in the
+    /// pool. Keys of an accepted request missing from this list were delivered.
+    pub voided_keys: Vec<Uuid>,
+}
+
+/// A master-side request still waiting for the peer (e.g. after a crash).
+#[derive(Debug, Clone)]
+pub struct PendingRequest {
+    /// Request ID.
+    pub request_id: Uuid,
+    /// Peer KME.
+    pub peer: KmeId,
+    /// The keys.
+    pub keys: Vec<KeyLayout>,
+}
+
+/// A key delivered to an SAE.
+pub struct DeliveredKey {
+    /// Key ID.
+    pub key_id: Uuid,
+    /// Key bytes.
+    pub material: Zeroizing<Vec<u8>>,
+}
+
+/// Counts of one peer's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolCounts {
+    /// Available units this KME owns (may reserve for its master SAEs).
+    pub mine_available: u64,
+    /// All units held for this peer (available or reserved, either owner).
+    pub total_units: u64,
+}
+
+/// A durable, transactional key store. Every method is one atomic transition.
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a block's units (all or nothing). Refuses a block seen before.
+    fn ingest(&self, batch: IngestBatch) -> StoreFuture<'_, u64>;
+    /// Counts of the pool shared with `peer`.
+    fn pool_counts(&self, peer: KmeId) -> StoreFuture<'_, PoolCounts>;
+    /// Master side: reserves `number` keys of `size_bits` from units this KME owns,
+    /// pending the peer's acknowledgement.
+    fn reserve(&self, r: Reservation) -> StoreFuture<'_, Vec<ReservedKey>>;
+    /// Master side: the peer acknowledged; the keys are delivered and deleted.
+    fn confirm(&self, request_id: Uuid) -> StoreFuture<'_, ()>;
+    /// Master side: the peer voided; units in `discard` are deleted, the others of
+    /// the request return to the pool.
+    fn release(&self, request_id: Uuid, discard: Vec<Uuid>) -> StoreFuture<'_, ()>;
+    /// Master side: requests still pending (to void after a restart).
+    fn pending(&self) -> StoreFuture<'_, Vec<PendingRequest>>;
+    /// Slave side: accepts a peer's reservation (idempotent for the same request).
+    fn accept(&self, a: Acceptance) -> StoreFuture<'_, AcceptOutcome>;
+    /// Slave side: voids a peer's request (idempotent; leaves a tombstone).
+    fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome>;
+    /// Slave side: delivers keys to `caller`, who must be the slave of each key,
+    /// whose master must be `master`. All or nothing.
+    fn take(
+        &self,
+        caller: SaeId,
+        master: SaeId,
+        key_ids: Vec<Uuid>,
+    ) -> StoreFuture<'_, Vec<DeliveredKey>>;
+}

@@ -1,0 +1,1232 @@
+//! One block's life on each side: sifting, estimation, reconciliation,
+//! verification, privacy amplification. Pure state machines: a message in,
+//! messages out, randomness from the caller's generator.
+//!
+//! Each side is an enum of explicit states; a message that does not fit the
+//! current state aborts the block (the peer misbehaved), it is never ignored.
+//! The key leaves through [`DistilledKey`], whose constructor needs a
+//! [`proof::Verified`] (made only where the verification tags matched) and a
+//! [`proof::Amplified`] (made only by privacy amplification); messages reach
+//! this module only as [`Authenticated`] values. So a key cannot be emitted
+//! without authentication, verification and amplification having happened.
+//!
+//! Two sources of sifted bits share everything after sifting:
+//! - **record mode**: Bob announces detections and bases, Alice answers bases
+//!   and intensity classes, Z-basis matches form the key, X-basis matches are
+//!   disclosed to count errors, and the secret length follows the decoy-state
+//!   finite-key bounds of Lim et al. 2014 ([`qkdnet_optics::keyrate::finite`]);
+//! - **offline mode** (equal-length sifted strings, no decoy data): Bob
+//!   discloses a random sample to estimate the QBER; after reconciliation the
+//!   phase-error rate is bounded by the observed bit-error rate plus the
+//!   random-sampling correction γ of Lim et al. Eq. (5), i.e. assuming (as in
+//!   symmetric BB84 with single photons) that phase errors mirror bit errors,
+//!   and ℓ = n(1 − h(φᵁ)) − λ_EC − log₂(2/ε_cor) − 2·log₂(1/ε_sec).
+
+use qkdnet_optics::keyrate::finite::{self, DecoyCounts};
+use qkdnet_optics::keyrate::h2;
+use qkdnet_optics::record::{AliceRecord, Basis, Clicks, Detection};
+use qkdnet_postproc::bits::BitVec;
+use qkdnet_postproc::cascade::{CascadeAlice, CascadeBob, CascadeParams, Schedule};
+use qkdnet_postproc::ldpc::RateAdaptation;
+use qkdnet_postproc::{pa, verify};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::Rng;
+use zeroize::Zeroizing;
+
+use crate::LinkError;
+use crate::auth::Authenticated;
+use crate::msg::{Msg, Reconciler};
+
+/// Proof values: zero-sized, constructible only inside this module's steps.
+pub mod proof {
+    /// The reconciled keys of both sides hashed to the same verification tag.
+    #[derive(Debug)]
+    pub struct Verified(pub(super) ());
+    /// The key went through privacy amplification to the estimated length.
+    #[derive(Debug)]
+    pub struct Amplified(pub(super) ());
+}
+
+/// Protocol settings both ends must share.
+#[derive(Debug, Clone)]
+pub struct ProtocolConfig {
+    /// Reconciliation algorithm (Alice's choice is announced per block).
+    pub reconciler: Reconciler,
+    /// Secrecy parameter ε_sec.
+    pub eps_sec: f64,
+    /// Correctness parameter ε_cor.
+    pub eps_cor: f64,
+    /// Offline mode: a QBER estimate to use instead of disclosing a sample.
+    pub qber_hint: Option<f64>,
+    /// Offline mode: fraction of bits disclosed to estimate the QBER.
+    pub sample_fraction: f64,
+    /// Abort when the estimated QBER exceeds this.
+    pub max_qber: f64,
+    /// LDPC codeword length (bits).
+    pub ldpc_frame: usize,
+    /// Record mode: the intensity classes (μ, probability), signal first.
+    pub classes: Vec<(f64, f64)>,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            reconciler: Reconciler::CascadeOpt,
+            eps_sec: 1e-10,
+            eps_cor: 1e-15,
+            qber_hint: None,
+            sample_fraction: 0.05,
+            max_qber: 0.11,
+            ldpc_frame: 1 << 14,
+            classes: Vec::new(),
+        }
+    }
+}
+
+/// What happened to one block, as either side saw it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BlockReport {
+    /// Block number.
+    pub block: u64,
+    /// Sifted key bits entering reconciliation.
+    pub input_bits: u64,
+    /// Bits disclosed for estimation (test basis or sample).
+    pub disclosed_bits: u64,
+    /// Errors among the disclosed bits.
+    pub disclosed_errors: u64,
+    /// QBER of the key bits (errors corrected / input bits), known after reconciliation.
+    pub qber: f64,
+    /// Bits disclosed by reconciliation.
+    pub leaked_bits: u64,
+    /// Verification tag bits (public).
+    pub verify_bits: u64,
+    /// Phase-error bound used for privacy amplification.
+    pub phase_error: f64,
+    /// Whether verification passed.
+    pub verified: bool,
+    /// Secret bits out of privacy amplification.
+    pub final_key_bits: u64,
+    /// Reconciliation rounds (Cascade) or frames (LDPC).
+    pub rounds: u64,
+}
+
+impl BlockReport {
+    /// Reconciliation efficiency f = leaked / (n·h(QBER)) (∞ at QBER 0 with leakage).
+    pub fn efficiency_f(&self) -> f64 {
+        let ideal = self.input_bits as f64 * h2(self.qber);
+        if ideal > 0.0 {
+            self.leaked_bits as f64 / ideal
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// A block's final key: both sides hold the same bits.
+pub struct DistilledKey {
+    /// Block number.
+    pub block: u64,
+    bytes: Zeroizing<Vec<u8>>,
+    bits: u64,
+}
+
+impl std::fmt::Debug for DistilledKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DistilledKey {{ block: {}, bits: {} }}",
+            self.block, self.bits
+        )
+    }
+}
+
+impl DistilledKey {
+    fn new(block: u64, key: &BitVec, _v: proof::Verified, _a: proof::Amplified) -> DistilledKey {
+        DistilledKey {
+            block,
+            bytes: Zeroizing::new(key.to_bytes()),
+            bits: key.len() as u64,
+        }
+    }
+    /// Key length in bits.
+    pub fn bits(&self) -> u64 {
+        self.bits
+    }
+    /// The key bytes (LSB-first bit packing, last byte zero-padded).
+    pub fn expose(&self) -> &[u8] {
+        &self.bytes
+    }
+    /// Splits off the first `n` bytes (to refill authentication).
+    pub fn take_front(&mut self, n: usize) -> Zeroizing<Vec<u8>> {
+        let n = n.min(self.bytes.len());
+        let front = Zeroizing::new(self.bytes[..n].to_vec());
+        self.bytes.drain(..n);
+        self.bits = self.bits.saturating_sub(8 * n as u64);
+        front
+    }
+}
+
+/// How a block ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Key distilled.
+    Key(DistilledKey, BlockReport),
+    /// No key leaves this block.
+    Aborted {
+        /// Block number.
+        block: u64,
+        /// Why.
+        reason: String,
+        /// What was measured before the abort.
+        report: BlockReport,
+    },
+}
+
+/// Estimation data: decoy counts (record mode) or the offline sample.
+#[derive(Debug, Clone)]
+enum Stats {
+    Decoy(DecoyCounts),
+    Offline { sample: u64, sample_errors: u64 },
+}
+
+/// After sifting, either side holds this.
+#[derive(Debug)]
+struct Sifted {
+    key: BitVec,
+    classes_key: Vec<u8>,
+    test: BitVec,
+    classes_test: Vec<u8>,
+}
+
+fn bits_from(iter: impl Iterator<Item = bool>) -> BitVec {
+    let mut v = BitVec::zeros(0);
+    for b in iter {
+        v.push(b);
+    }
+    v
+}
+
+fn schedule(r: Reconciler) -> Schedule {
+    match r {
+        Reconciler::Cascade => Schedule::Original,
+        _ => Schedule::Demystified7,
+    }
+}
+
+fn qber_for_codes(e: f64) -> f64 {
+    e.clamp(1e-3, 0.2)
+}
+
+fn ldpc_adaptation(
+    cfg: &ProtocolConfig,
+    qber: f64,
+    seed: u64,
+) -> Result<RateAdaptation, LinkError> {
+    // Target efficiency from the decoder's measured convergence at 2^14-bit frames
+    // (qkdnet-postproc's ldpc tests: f = 1.7, 1.6, 1.4, 1.3 at QBER 1, 2, 5, 8 %),
+    // plus 0.1 of margin, because one frame that fails to decode aborts the block.
+    let table = [
+        (0.01, 1.7),
+        (0.02, 1.6),
+        (0.05, 1.4),
+        (0.08, 1.3),
+        (0.11, 1.25),
+    ];
+    let q = qber_for_codes(qber);
+    let f = match table.iter().position(|&(tq, _)| q <= tq) {
+        Some(0) => table[0].1,
+        Some(i) => {
+            let ((q0, f0), (q1, f1)) = (table[i - 1], table[i]);
+            f0 + (f1 - f0) * (q - q0) / (q1 - q0)
+        }
+        None => table[table.len() - 1].1,
+    } + 0.1;
+    RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed)
+        .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
+}
+
+/// Secret length and phase-error bound once leakage is known.
+fn secret_length(
+    cfg: &ProtocolConfig,
+    stats: &Stats,
+    n_key: u64,
+    corrected: u64,
+    leaked: u64,
+) -> Result<(i64, f64), LinkError> {
+    match stats {
+        Stats::Decoy(c) => {
+            let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)
+                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+            Ok((est.length.floor() as i64, est.phase_error))
+        }
+        Stats::Offline {
+            sample,
+            sample_errors,
+        } => {
+            let total = (n_key + sample) as f64;
+            let e = (corrected + sample_errors) as f64 / total.max(1.0);
+            let phi = if e >= 0.5 {
+                0.5
+            } else {
+                (e + gamma(cfg.eps_sec, e.max(1.0 / total), total, n_key as f64)).min(0.5)
+            };
+            let l = n_key as f64 * (1.0 - h2(phi))
+                - leaked as f64
+                - (2.0 / cfg.eps_cor).log2()
+                - 2.0 * (1.0 / cfg.eps_sec).log2();
+            Ok((l.floor() as i64, phi))
+        }
+    }
+}
+
+/// γ(a, b, c, d) of Lim et al. Eq. (5): random-sampling correction.
+fn gamma(a: f64, b: f64, c: f64, d: f64) -> f64 {
+    if b <= 0.0 || b >= 1.0 || c <= 0.0 || d <= 0.0 {
+        return 0.0;
+    }
+    let inner = (c + d) / (c * d * (1.0 - b) * b) * (21.0 * 21.0) / (a * a);
+    ((c + d) * (1.0 - b) * b / (c * d * std::f64::consts::LN_2) * inner.log2())
+        .max(0.0)
+        .sqrt()
+}
+
+fn decoy_counts(
+    cfg: &ProtocolConfig,
+    s: &Sifted,
+    test_errors: &[u64],
+) -> Result<DecoyCounts, LinkError> {
+    if cfg.classes.len() != 3 {
+        return Err(LinkError::Protocol(format!(
+            "decoy-state estimation needs three intensity classes, the link has {}",
+            cfg.classes.len()
+        )));
+    }
+    let mut c = DecoyCounts {
+        mu: [0.0; 3],
+        p: [0.0; 3],
+        n_key: [0.0; 3],
+        n_test: [0.0; 3],
+        m_test: [0.0; 3],
+    };
+    for k in 0..3 {
+        c.mu[k] = cfg.classes[k].0;
+        c.p[k] = cfg.classes[k].1;
+        c.m_test[k] = test_errors.get(k).copied().unwrap_or(0) as f64;
+    }
+    for &k in &s.classes_key {
+        c.n_key[(k as usize).min(2)] += 1.0;
+    }
+    for &k in &s.classes_test {
+        c.n_test[(k as usize).min(2)] += 1.0;
+    }
+    Ok(c)
+}
+
+fn sample_positions(n: u64, sample: u64, seed: u64) -> Vec<bool> {
+    // partial Fisher–Yates from a seed both sides know
+    let mut rng = <Xoshiro256PlusPlus as rand_xoshiro::rand_core::SeedableRng>::seed_from_u64(seed);
+    let mut idx: Vec<u64> = (0..n).collect();
+    let mut mark = vec![false; n as usize];
+    for i in 0..sample.min(n) {
+        let j = i + rng.next_u64() % (n - i);
+        idx.swap(i as usize, j as usize);
+        mark[idx[i as usize] as usize] = true;
+    }
+    mark
+}
+
+fn split_sample(bits: &BitVec, mark: &[bool]) -> (BitVec, BitVec) {
+    let key = bits_from((0..bits.len()).filter(|&i| !mark[i]).map(|i| bits.get(i)));
+    let sample = bits_from((0..bits.len()).filter(|&i| mark[i]).map(|i| bits.get(i)));
+    (key, sample)
+}
+
+// ───────────────────────────── Alice ─────────────────────────────
+
+enum AliceState {
+    AwaitStart,
+    AwaitTest {
+        sifted: Sifted,
+    },
+    Reconciling {
+        key: BitVec,
+        stats: Stats,
+        cascade: Option<CascadeAlice>,
+        report: BlockReport,
+    },
+    AwaitVerified {
+        key: BitVec,
+        report: BlockReport,
+    },
+    Done,
+}
+
+/// Alice's side of one block.
+pub struct AliceBlock {
+    block: u64,
+    state: AliceState,
+}
+
+/// Where Alice's bits come from.
+pub enum AliceSource<'a> {
+    /// Her transmitter log.
+    Record(&'a AliceRecord),
+    /// An offline sifted string for this block.
+    Offline(&'a BitVec),
+}
+
+impl AliceBlock {
+    /// A block Alice waits to hear about.
+    pub fn new(block: u64) -> AliceBlock {
+        AliceBlock {
+            block,
+            state: AliceState::AwaitStart,
+        }
+    }
+
+    /// Handles one authenticated message; returns what to send and maybe the outcome.
+    pub fn handle(
+        &mut self,
+        m: Authenticated,
+        src: &AliceSource<'_>,
+        cfg: &ProtocolConfig,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> (Vec<Msg>, Option<Outcome>) {
+        match self.step(m.into_msg(), src, cfg, rng) {
+            Ok(r) => r,
+            Err(e) => self.abort(e.to_string(), true),
+        }
+    }
+
+    fn abort(&mut self, reason: String, tell_peer: bool) -> (Vec<Msg>, Option<Outcome>) {
+        let report = match &self.state {
+            AliceState::Reconciling { report, .. } | AliceState::AwaitVerified { report, .. } => {
+                report.clone()
+            }
+            _ => BlockReport {
+                block: self.block,
+                ..Default::default()
+            },
+        };
+        self.state = AliceState::Done;
+        let out = if tell_peer {
+            vec![Msg::Abort {
+                block: self.block,
+                reason: reason.clone(),
+            }]
+        } else {
+            vec![]
+        };
+        (
+            out,
+            Some(Outcome::Aborted {
+                block: self.block,
+                reason,
+                report,
+            }),
+        )
+    }
+
+    fn step(
+        &mut self,
+        m: Msg,
+        src: &AliceSource<'_>,
+        cfg: &ProtocolConfig,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> Result<(Vec<Msg>, Option<Outcome>), LinkError> {
+        let block = self.block;
+        if let Msg::Abort { reason, .. } = &m {
+            return Ok(self.abort(format!("Bob aborted: {reason}"), false));
+        }
+        let state = std::mem::replace(&mut self.state, AliceState::Done);
+        match (state, m, src) {
+            (
+                AliceState::AwaitStart,
+                Msg::Detections { gates, bases, .. },
+                AliceSource::Record(rec),
+            ) => {
+                let mut a_bases = BitVec::zeros(0);
+                let mut classes = Vec::with_capacity(gates.len());
+                let mut s = Sifted {
+                    key: BitVec::zeros(0),
+                    classes_key: vec![],
+                    test: BitVec::zeros(0),
+                    classes_test: vec![],
+                };
+                for (i, &g) in gates.iter().enumerate() {
+                    let c = rec.choice(g).ok_or_else(|| {
+                        LinkError::Protocol(format!(
+                            "Bob announced gate {g}, outside Alice's record"
+                        ))
+                    })?;
+                    let ax = c.basis == Basis::X;
+                    a_bases.push(ax);
+                    classes.push(c.class);
+                    if ax == bases.get(i) {
+                        if ax {
+                            s.test.push(c.bit == 1);
+                            s.classes_test.push(c.class);
+                        } else {
+                            s.key.push(c.bit == 1);
+                            s.classes_key.push(c.class);
+                        }
+                    }
+                }
+                self.state = AliceState::AwaitTest { sifted: s };
+                Ok((
+                    vec![Msg::SiftReply {
+                        block,
+                        bases: a_bases,
+                        classes,
+                    }],
+                    None,
+                ))
+            }
+            (
+                AliceState::AwaitStart,
+                Msg::Start {
+                    n, sample, seed, ..
+                },
+                AliceSource::Offline(bits),
+            ) => {
+                if n != bits.len() as u64 {
+                    return Err(LinkError::Protocol(format!(
+                        "unequal lengths: Alice has {} sifted bits, Bob {n}",
+                        bits.len()
+                    )));
+                }
+                if sample >= n {
+                    return Err(LinkError::Protocol("sample as large as the block".into()));
+                }
+                let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
+                let s = Sifted {
+                    classes_key: vec![0; key.len()],
+                    classes_test: vec![0; test.len()],
+                    key,
+                    test,
+                };
+                self.state = AliceState::AwaitTest { sifted: s };
+                Ok((vec![], None))
+            }
+            (AliceState::AwaitTest { sifted }, Msg::TestBits { bits, .. }, _) => {
+                if bits.len() != sifted.test.len() {
+                    return Err(LinkError::Protocol(format!(
+                        "Bob disclosed {} bits, {} expected",
+                        bits.len(),
+                        sifted.test.len()
+                    )));
+                }
+                let mut errors = vec![0u64; 3];
+                for i in 0..bits.len() {
+                    if bits.get(i) != sifted.test.get(i) {
+                        errors[(sifted.classes_test[i] as usize).min(2)] += 1;
+                    }
+                }
+                let total_err: u64 = errors.iter().sum();
+                let est = match (src, cfg.qber_hint) {
+                    (AliceSource::Offline(_), Some(h)) if bits.is_empty() => h,
+                    _ => total_err as f64 / (bits.len().max(1)) as f64,
+                };
+                let stats = match src {
+                    AliceSource::Record(_) => Stats::Decoy(decoy_counts(cfg, &sifted, &errors)?),
+                    AliceSource::Offline(_) => Stats::Offline {
+                        sample: bits.len() as u64,
+                        sample_errors: total_err,
+                    },
+                };
+                let mut report = BlockReport {
+                    block,
+                    input_bits: sifted.key.len() as u64,
+                    disclosed_bits: bits.len() as u64,
+                    disclosed_errors: total_err,
+                    ..Default::default()
+                };
+                if est > cfg.max_qber {
+                    self.state = AliceState::Reconciling {
+                        key: sifted.key,
+                        stats,
+                        cascade: None,
+                        report,
+                    };
+                    return Ok(self.abort(
+                        format!(
+                            "estimated QBER {:.2} % is above the abort threshold {:.2} %",
+                            est * 100.0,
+                            cfg.max_qber * 100.0
+                        ),
+                        true,
+                    ));
+                }
+                if sifted.key.is_empty() {
+                    return Err(LinkError::Protocol("no key bits in this block".into()));
+                }
+                // go / no-go before spending reconciliation: predicted leakage f = 1.2
+                let predicted = (1.2 * sifted.key.len() as f64 * h2(qber_for_codes(est))) as u64;
+                let (l, _) = secret_length(
+                    cfg,
+                    &stats,
+                    sifted.key.len() as u64,
+                    (est * sifted.key.len() as f64) as u64,
+                    predicted,
+                )?;
+                if l <= 0 {
+                    self.state = AliceState::Reconciling {
+                        key: sifted.key,
+                        stats,
+                        cascade: None,
+                        report,
+                    };
+                    return Ok(
+                        self.abort("parameter estimation leaves no positive key".into(), true)
+                    );
+                }
+                let seed = rng.next_u64();
+                let qber_ppm = (qber_for_codes(est) * 1e6).round() as u32;
+                let q = f64::from(qber_ppm) / 1e6;
+                let mut out = vec![Msg::Estimate {
+                    block,
+                    errors,
+                    reconciler: cfg.reconciler,
+                    qber_ppm,
+                    seed,
+                }];
+                let cascade = match cfg.reconciler {
+                    Reconciler::Ldpc => {
+                        let ad = ldpc_adaptation(cfg, q, seed)?;
+                        let frames = sifted.key.len() / ad.key_len();
+                        let mut syndromes = Vec::with_capacity(frames);
+                        for f in 0..frames {
+                            let part = sifted
+                                .key
+                                .slice(f * ad.key_len(), (f + 1) * ad.key_len())
+                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            syndromes.push(
+                                ad.encode(&part, rng)
+                                    .map_err(|e| LinkError::Protocol(e.to_string()))?,
+                            );
+                        }
+                        report.rounds = frames as u64;
+                        out.push(Msg::Syndromes { block, syndromes });
+                        None
+                    }
+                    r => {
+                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        Some(
+                            CascadeAlice::new(&sifted.key, &params)
+                                .map_err(|e| LinkError::Protocol(e.to_string()))?,
+                        )
+                    }
+                };
+                let key = if cfg.reconciler == Reconciler::Ldpc {
+                    // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
+                    let ad = ldpc_adaptation(cfg, q, seed)?;
+                    let keep = sifted.key.len() / ad.key_len() * ad.key_len();
+                    report.input_bits = keep as u64;
+                    sifted
+                        .key
+                        .slice(0, keep)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?
+                } else {
+                    sifted.key
+                };
+                self.state = AliceState::Reconciling {
+                    key,
+                    stats,
+                    cascade,
+                    report,
+                };
+                Ok((out, None))
+            }
+            (
+                AliceState::Reconciling {
+                    key,
+                    stats,
+                    cascade: Some(c),
+                    report,
+                },
+                Msg::Parities { request, .. },
+                _,
+            ) => {
+                let reply = c
+                    .answer(&request)
+                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
+                self.state = AliceState::Reconciling {
+                    key,
+                    stats,
+                    cascade: Some(c),
+                    report,
+                };
+                Ok((vec![Msg::ParityAnswers { block, reply }], None))
+            }
+            (
+                AliceState::Reconciling {
+                    key,
+                    stats,
+                    mut report,
+                    ..
+                },
+                Msg::Reconciled {
+                    leaked_bits,
+                    corrected,
+                    ..
+                },
+                _,
+            ) => {
+                if corrected > key.len() as u64 {
+                    return Err(LinkError::Protocol(
+                        "Bob reports more corrections than key bits".into(),
+                    ));
+                }
+                report.leaked_bits = leaked_bits;
+                report.qber = corrected as f64 / key.len().max(1) as f64;
+                let tag_bits = verify::tag_bits_for(cfg.eps_cor, key.len())
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let mut vk = [0u8; 16];
+                rng.fill_bytes(&mut vk);
+                let tag = verify::verify_tag(verify::VerifyKey::from_bytes(vk), &key, tag_bits)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                report.verify_bits = u64::from(tag_bits);
+                let (l, phi) = secret_length(
+                    cfg,
+                    &stats,
+                    key.len() as u64,
+                    corrected,
+                    leaked_bits + u64::from(tag_bits),
+                )?;
+                report.phase_error = phi;
+                if l <= 0 {
+                    self.state = AliceState::Reconciling {
+                        key,
+                        stats,
+                        cascade: None,
+                        report,
+                    };
+                    return Ok(self.abort(format!("after reconciliation (leaked {leaked_bits} bits) no positive key remains"), true));
+                }
+                let l = (l as usize).min(key.len());
+                let seed = BitVec::random(pa::seed_len(key.len(), l), rng);
+                let out = vec![Msg::Confirm {
+                    block,
+                    verify_key: vk,
+                    tag_bits,
+                    tag: tag.value(),
+                    key_bits: l as u64,
+                    pa_seed: seed.clone(),
+                }];
+                // amplify now; the key is released only when Bob confirms verification
+                let amplified = pa::toeplitz_hash(&seed, &key, l)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                report.final_key_bits = l as u64;
+                self.state = AliceState::AwaitVerified {
+                    key: amplified,
+                    report,
+                };
+                Ok((out, None))
+            }
+            (
+                AliceState::AwaitVerified {
+                    key, mut report, ..
+                },
+                Msg::Verified { ok, .. },
+                _,
+            ) => {
+                if !ok {
+                    report.verified = false;
+                    self.state = AliceState::Done;
+                    return Ok((
+                        vec![],
+                        Some(Outcome::Aborted {
+                            block,
+                            reason: "verification failed: the reconciled keys differ".into(),
+                            report,
+                        }),
+                    ));
+                }
+                report.verified = true;
+                self.state = AliceState::Done;
+                let dk = DistilledKey::new(block, &key, proof::Verified(()), proof::Amplified(()));
+                Ok((vec![], Some(Outcome::Key(dk, report))))
+            }
+            (_, m, _) => Err(LinkError::Protocol(format!(
+                "unexpected {} for block {block} at Alice",
+                m.name()
+            ))),
+        }
+    }
+}
+
+// ────────────────────────────── Bob ──────────────────────────────
+
+enum BobState {
+    AwaitSift {
+        dets: Vec<Detection>,
+        bits: BitVec,
+    },
+    AwaitEstimate {
+        sifted: Sifted,
+        offline: bool,
+    },
+    Reconciling {
+        stats: Stats,
+        rec: BobRec,
+        report: BlockReport,
+        q: f64,
+    },
+    AwaitConfirm {
+        key: BitVec,
+        stats: Stats,
+        report: BlockReport,
+        corrected: u64,
+    },
+    Done,
+}
+
+enum BobRec {
+    Cascade(Box<CascadeBob>, BitVec),
+    Ldpc {
+        key: BitVec,
+        ad: Box<RateAdaptation>,
+    },
+}
+
+/// Bob's side of one block.
+pub struct BobBlock {
+    block: u64,
+    state: BobState,
+}
+
+impl BobBlock {
+    /// Starts a record-mode block from Bob's detections; returns the first message.
+    pub fn start_record(
+        block: u64,
+        dets: Vec<Detection>,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> (BobBlock, Msg) {
+        let gates = dets.iter().map(|d| d.gate).collect();
+        let bases = bits_from(dets.iter().map(|d| d.basis == Basis::X));
+        // Bob's raw bits: D0 → 0, D1 → 1, double click → random (squashing)
+        let bits = bits_from(dets.iter().map(|d| match d.clicks {
+            Clicks::D0 => false,
+            Clicks::D1 => true,
+            Clicks::Both => rng.next_u64() & 1 == 1,
+        }));
+        (
+            BobBlock {
+                block,
+                state: BobState::AwaitSift { dets, bits },
+            },
+            Msg::Detections {
+                block,
+                gates,
+                bases,
+            },
+        )
+    }
+
+    /// Starts an offline block from Bob's sifted bits; returns the messages to send.
+    pub fn start_offline(
+        block: u64,
+        bits: &BitVec,
+        cfg: &ProtocolConfig,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> (BobBlock, Vec<Msg>) {
+        let n = bits.len() as u64;
+        let sample = if cfg.qber_hint.is_some() {
+            0
+        } else {
+            ((n as f64 * cfg.sample_fraction).ceil() as u64).clamp(1.min(n), n / 2)
+        };
+        let seed = rng.next_u64();
+        let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
+        let msgs = vec![
+            Msg::Start {
+                block,
+                n,
+                sample,
+                seed,
+            },
+            Msg::TestBits {
+                block,
+                bits: test.clone(),
+            },
+        ];
+        let s = Sifted {
+            classes_key: vec![0; key.len()],
+            classes_test: vec![0; test.len()],
+            key,
+            test,
+        };
+        (
+            BobBlock {
+                block,
+                state: BobState::AwaitEstimate {
+                    sifted: s,
+                    offline: true,
+                },
+            },
+            msgs,
+        )
+    }
+
+    /// Handles one authenticated message.
+    pub fn handle(
+        &mut self,
+        m: Authenticated,
+        cfg: &ProtocolConfig,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> (Vec<Msg>, Option<Outcome>) {
+        let _ = rng;
+        match self.step(m.into_msg(), cfg) {
+            Ok(r) => r,
+            Err(e) => self.abort(e.to_string(), true),
+        }
+    }
+
+    fn abort(&mut self, reason: String, tell_peer: bool) -> (Vec<Msg>, Option<Outcome>) {
+        let report = match &self.state {
+            BobState::Reconciling { report, .. } | BobState::AwaitConfirm { report, .. } => {
+                report.clone()
+            }
+            _ => BlockReport {
+                block: self.block,
+                ..Default::default()
+            },
+        };
+        self.state = BobState::Done;
+        let out = if tell_peer {
+            vec![Msg::Abort {
+                block: self.block,
+                reason: reason.clone(),
+            }]
+        } else {
+            vec![]
+        };
+        (
+            out,
+            Some(Outcome::Aborted {
+                block: self.block,
+                reason,
+                report,
+            }),
+        )
+    }
+
+    fn finish_reconciliation(
+        &mut self,
+        key: BitVec,
+        stats: Stats,
+        mut report: BlockReport,
+        leaked: u64,
+        corrected: u64,
+        rounds: u64,
+    ) -> (Vec<Msg>, Option<Outcome>) {
+        report.leaked_bits = leaked;
+        report.rounds = rounds;
+        report.qber = corrected as f64 / key.len().max(1) as f64;
+        let block = self.block;
+        self.state = BobState::AwaitConfirm {
+            key,
+            stats,
+            report,
+            corrected,
+        };
+        (
+            vec![Msg::Reconciled {
+                block,
+                leaked_bits: leaked,
+                corrected,
+            }],
+            None,
+        )
+    }
+
+    fn step(
+        &mut self,
+        m: Msg,
+        cfg: &ProtocolConfig,
+    ) -> Result<(Vec<Msg>, Option<Outcome>), LinkError> {
+        let block = self.block;
+        if let Msg::Abort { reason, .. } = &m {
+            return Ok(self.abort(format!("Alice aborted: {reason}"), false));
+        }
+        let state = std::mem::replace(&mut self.state, BobState::Done);
+        match (state, m) {
+            (BobState::AwaitSift { dets, bits }, Msg::SiftReply { bases, classes, .. }) => {
+                if bases.len() != dets.len() {
+                    return Err(LinkError::Protocol(format!(
+                        "Alice answered {} bases for {} detections",
+                        bases.len(),
+                        dets.len()
+                    )));
+                }
+                let mut s = Sifted {
+                    key: BitVec::zeros(0),
+                    classes_key: vec![],
+                    test: BitVec::zeros(0),
+                    classes_test: vec![],
+                };
+                for (i, d) in dets.iter().enumerate() {
+                    let bx = d.basis == Basis::X;
+                    if bases.get(i) == bx {
+                        if bx {
+                            s.test.push(bits.get(i));
+                            s.classes_test.push(classes[i]);
+                        } else {
+                            s.key.push(bits.get(i));
+                            s.classes_key.push(classes[i]);
+                        }
+                    }
+                }
+                let out = vec![Msg::TestBits {
+                    block,
+                    bits: s.test.clone(),
+                }];
+                self.state = BobState::AwaitEstimate {
+                    sifted: s,
+                    offline: false,
+                };
+                Ok((out, None))
+            }
+            (
+                BobState::AwaitEstimate { sifted, offline },
+                Msg::Estimate {
+                    errors,
+                    reconciler,
+                    qber_ppm,
+                    seed,
+                    ..
+                },
+            ) => {
+                let total: u64 = errors.iter().sum();
+                if total > sifted.test.len() as u64 || errors.len() > 3 {
+                    return Err(LinkError::Protocol(
+                        "Alice reported more errors than disclosed bits".into(),
+                    ));
+                }
+                let stats = if offline {
+                    Stats::Offline {
+                        sample: sifted.test.len() as u64,
+                        sample_errors: total,
+                    }
+                } else {
+                    Stats::Decoy(decoy_counts(cfg, &sifted, &errors)?)
+                };
+                let report = BlockReport {
+                    block,
+                    input_bits: sifted.key.len() as u64,
+                    disclosed_bits: sifted.test.len() as u64,
+                    disclosed_errors: total,
+                    ..Default::default()
+                };
+                let q = f64::from(qber_ppm) / 1e6;
+                if !(q > 0.0 && q < 0.5) {
+                    return Err(LinkError::Protocol(format!(
+                        "QBER estimate {q} out of range"
+                    )));
+                }
+                match reconciler {
+                    Reconciler::Ldpc => {
+                        let ad = ldpc_adaptation(cfg, q, seed)?;
+                        let keep = sifted.key.len() / ad.key_len() * ad.key_len();
+                        let key = sifted
+                            .key
+                            .slice(0, keep)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let report = BlockReport {
+                            input_bits: keep as u64,
+                            ..report
+                        };
+                        self.state = BobState::Reconciling {
+                            stats,
+                            rec: BobRec::Ldpc {
+                                key,
+                                ad: Box::new(ad),
+                            },
+                            report,
+                            q,
+                        };
+                        Ok((vec![], None))
+                    }
+                    r => {
+                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let original = sifted.key.clone();
+                        let mut c = CascadeBob::new(sifted.key, &params)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        match c.poll_request() {
+                            Some(request) => {
+                                self.state = BobState::Reconciling {
+                                    stats,
+                                    rec: BobRec::Cascade(Box::new(c), original),
+                                    report,
+                                    q,
+                                };
+                                Ok((vec![Msg::Parities { block, request }], None))
+                            }
+                            None => {
+                                let (leaked, rounds) = (c.leaked_bits(), c.rounds());
+                                let key = c
+                                    .into_key()
+                                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                                let corrected = key
+                                    .hamming_distance(&original)
+                                    .map_err(|e| LinkError::Protocol(e.to_string()))?
+                                    as u64;
+                                Ok(self.finish_reconciliation(
+                                    key, stats, report, leaked, corrected, rounds,
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+            (
+                BobState::Reconciling {
+                    stats,
+                    rec: BobRec::Cascade(mut c, original),
+                    report,
+                    q,
+                },
+                Msg::ParityAnswers { reply, .. },
+            ) => {
+                c.handle_reply(&reply)
+                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
+                match c.poll_request() {
+                    Some(request) => {
+                        self.state = BobState::Reconciling {
+                            stats,
+                            rec: BobRec::Cascade(c, original),
+                            report,
+                            q,
+                        };
+                        Ok((vec![Msg::Parities { block, request }], None))
+                    }
+                    None => {
+                        let (leaked, rounds) = (c.leaked_bits(), c.rounds());
+                        let key = c
+                            .into_key()
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let corrected = key
+                            .hamming_distance(&original)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?
+                            as u64;
+                        Ok(self
+                            .finish_reconciliation(key, stats, report, leaked, corrected, rounds))
+                    }
+                }
+            }
+            (
+                BobState::Reconciling {
+                    stats,
+                    rec: BobRec::Ldpc { key, ad },
+                    report,
+                    q,
+                },
+                Msg::Syndromes { syndromes, .. },
+            ) => {
+                let frames = key.len() / ad.key_len().max(1);
+                if syndromes.len() != frames {
+                    return Err(LinkError::Protocol(format!(
+                        "{} syndromes for {frames} frames",
+                        syndromes.len()
+                    )));
+                }
+                let mut out = BitVec::zeros(0);
+                for (f, s) in syndromes.iter().enumerate() {
+                    let part = key
+                        .slice(f * ad.key_len(), (f + 1) * ad.key_len())
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                    let dec = ad.decode(&part, q, s, 200).map_err(|e| {
+                        LinkError::Protocol(format!("LDPC frame {f} did not decode: {e}"))
+                    })?;
+                    for i in 0..dec.len() {
+                        out.push(dec.get(i));
+                    }
+                }
+                let corrected = out
+                    .hamming_distance(&key)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?
+                    as u64;
+                let leaked = ad.leaked_bits() * frames as u64;
+                Ok(
+                    self.finish_reconciliation(
+                        out,
+                        stats,
+                        report,
+                        leaked,
+                        corrected,
+                        frames as u64,
+                    ),
+                )
+            }
+            (
+                BobState::AwaitConfirm {
+                    key,
+                    stats,
+                    mut report,
+                    corrected,
+                },
+                Msg::Confirm {
+                    verify_key,
+                    tag_bits,
+                    tag,
+                    key_bits,
+                    pa_seed,
+                    ..
+                },
+            ) => {
+                let mine =
+                    verify::verify_tag(verify::VerifyKey::from_bytes(verify_key), &key, tag_bits)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let theirs = verify::VerifyTag::new(tag_bits, tag)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                report.verify_bits = u64::from(tag_bits);
+                if !mine.matches(&theirs) {
+                    report.verified = false;
+                    self.state = BobState::Done;
+                    return Ok((
+                        vec![Msg::Verified { block, ok: false }],
+                        Some(Outcome::Aborted {
+                            block,
+                            reason: "verification failed: the reconciled keys differ".into(),
+                            report,
+                        }),
+                    ));
+                }
+                let verified = proof::Verified(());
+                // Bob recomputes the length with his exact error count; Alice's may not exceed it
+                let (l, phi) = secret_length(
+                    cfg,
+                    &stats,
+                    key.len() as u64,
+                    corrected,
+                    report.leaked_bits + u64::from(tag_bits),
+                )?;
+                report.phase_error = phi;
+                if key_bits as i64 > l
+                    || key_bits as usize > key.len()
+                    || pa_seed.len() != pa::seed_len(key.len(), key_bits as usize)
+                {
+                    return Err(LinkError::Protocol(format!(
+                        "Alice asked for {key_bits} secret bits; Bob's estimate allows {l}"
+                    )));
+                }
+                let amplified = pa::toeplitz_hash(&pa_seed, &key, key_bits as usize)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                report.verified = true;
+                report.final_key_bits = key_bits;
+                self.state = BobState::Done;
+                let dk = DistilledKey::new(block, &amplified, verified, proof::Amplified(()));
+                Ok((
+                    vec![Msg::Verified { block, ok: true }],
+                    Some(Outcome::Key(dk, report)),
+                ))
+            }
+            (_, m) => Err(LinkError::Protocol(format!(
+                "unexpected {} for block {block} at Bob",
+                m.name()
+            ))),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Runs an [`Endpoint`] over a TCP stream: the thin adapter around the sans-IO core.
+//!
+//! Blocking std sockets and one reader thread keep it small: the writer side
+//! drains `poll_transmit`, the reader feeds whole frames to `handle_frame`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+
+use crate::LinkError;
+use crate::auth::{HEADER, frame_len};
+use qkdnet_postproc::auth::TAG_BYTES;
+
+/// Reads one frame from a stream; `Ok(None)` on a clean end of stream.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, LinkError> {
+    let mut header = [0u8; HEADER];
+    match r.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let total = frame_len(&header)?;
+    let mut frame = vec![0u8; total];
+    frame[..HEADER].copy_from_slice(&header);
+    r.read_exact(&mut frame[HEADER..]).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            LinkError::Malformed("connection closed inside a frame".into())
+        } else {
+            e.into()
+        }
+    })?;
+    debug_assert!(frame.len() >= HEADER + TAG_BYTES);
+    Ok(Some(frame))
+}
+
+/// A connected link: frames from the peer arrive on a channel fed by a reader thread.
+pub struct Connection {
+    writer: TcpStream,
+    incoming: mpsc::Receiver<Result<Vec<u8>, LinkError>>,
+}
+
+impl Connection {
+    /// Wraps a connected stream.
+    pub fn new(stream: TcpStream) -> Result<Connection, LinkError> {
+        stream.set_nodelay(true)?;
+        let mut reader = stream.try_clone()?;
+        let (tx, rx) = mpsc::sync_channel(64);
+        std::thread::spawn(move || {
+            loop {
+                match read_frame(&mut reader) {
+                    Ok(Some(f)) => {
+                        if tx.send(Ok(f)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Connection {
+            writer: stream,
+            incoming: rx,
+        })
+    }
+
+    /// Sends every frame the endpoint has queued.
+    pub fn flush(&mut self, ep: &mut crate::endpoint::Endpoint) -> Result<(), LinkError> {
+        while let Some(f) = ep.poll_transmit() {
+            self.writer.write_all(&f)?;
+        }
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Waits for the next frame; `Ok(None)` when the peer closed the connection.
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, LinkError> {
+        match self.incoming.recv() {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Waits up to `timeout` for the next frame (`Ok(None)` on timeout or close).
+    pub fn recv_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
+        match self.incoming.recv_timeout(timeout) {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Closes the sending half (the peer's reader sees end of stream).
+    pub fn shutdown(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Drop for Connection {
+    /// Closes the socket in both directions, so a party that stops (even on
+    /// an error) never leaves its peer waiting, and the reader thread ends.
+    fn drop(&mut self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// One block of Bob's input.
+pub enum BlockInput {
+    /// Offline mode: Bob's sifted bits.
+    Offline(qkdnet_postproc::bits::BitVec),
+    /// Record mode: Bob's detections.
+    Record(Vec<qkdnet_optics::record::Detection>),
+}
+
+/// Runs Alice until Bob closes the connection, handing every finished block to `on_event`.
+pub fn drive_alice(
+    conn: &mut Connection,
+    ep: &mut crate::endpoint::Endpoint,
+    on_event: &mut dyn FnMut(crate::endpoint::Event),
+) -> Result<(), LinkError> {
+    loop {
+        conn.flush(ep)?;
+        let Some(frame) = conn.recv()? else { break };
+        ep.handle_frame(&frame)?;
+        while let Some(e) = ep.poll_output() {
+            on_event(e);
+        }
+        if let Some(f) = ep.failure() {
+            return Err(LinkError::Authentication(f.to_string()));
+        }
+    }
+    conn.flush(ep)?;
+    Ok(())
+}
+
+/// Runs Bob over `blocks`, keeping up to `window` blocks in flight so that
+/// round trips overlap; closes the connection when every block has ended.
+pub fn drive_bob(
+    conn: &mut Connection,
+    ep: &mut crate::endpoint::Endpoint,
+    blocks: &mut dyn Iterator<Item = (u64, BlockInput)>,
+    window: usize,
+    on_event: &mut dyn FnMut(crate::endpoint::Event),
+) -> Result<(), LinkError> {
+    let mut exhausted = false;
+    loop {
+        while !exhausted && ep.in_flight() < window.max(1) {
+            match blocks.next() {
+                Some((id, BlockInput::Offline(bits))) => ep.start_offline_block(id, &bits)?,
+                Some((id, BlockInput::Record(dets))) => ep.start_record_block(id, dets)?,
+                None => exhausted = true,
+            }
+        }
+        conn.flush(ep)?;
+        if exhausted && ep.in_flight() == 0 {
+            break;
+        }
+        let Some(frame) = conn.recv()? else {
+            return Err(LinkError::Protocol(
+                "Alice closed the connection with blocks in flight".into(),
+            ));
+        };
+        ep.handle_frame(&frame)?;
+        while let Some(e) = ep.poll_output() {
+            on_event(e);
+        }
+        if let Some(f) = ep.failure() {
+            return Err(LinkError::Authentication(f.to_string()));
+        }
+    }
+    conn.flush(ep)?;
+    conn.shutdown();
+    Ok(())
+}
