@@ -268,7 +268,7 @@ fn secret_length(
             let phi = if e >= 0.5 {
                 0.5
             } else {
-                (e + gamma(cfg.eps_sec, e.max(1.0 / total), total, n_key as f64)).min(0.5)
+                (e + finite::gamma(cfg.eps_sec, e.max(1.0 / total), total, n_key as f64)).min(0.5)
             };
             let l = n_key as f64 * (1.0 - h2(phi))
                 - leaked as f64
@@ -277,17 +277,6 @@ fn secret_length(
             Ok((l.floor() as i64, phi))
         }
     }
-}
-
-/// γ(a, b, c, d) of Lim et al. Eq. (5): random-sampling correction.
-fn gamma(a: f64, b: f64, c: f64, d: f64) -> f64 {
-    if b <= 0.0 || b >= 1.0 || c <= 0.0 || d <= 0.0 {
-        return 0.0;
-    }
-    let inner = (c + d) / (c * d * (1.0 - b) * b) * (21.0 * 21.0) / (a * a);
-    ((c + d) * (1.0 - b) * b / (c * d * std::f64::consts::LN_2) * inner.log2())
-        .max(0.0)
-        .sqrt()
 }
 
 fn decoy_counts(
@@ -912,6 +901,35 @@ impl BobBlock {
         )
     }
 
+    /// Sends Cascade's next request, or finishes reconciliation when it has none.
+    fn cascade_step(
+        &mut self,
+        mut c: Box<CascadeBob>,
+        original: BitVec,
+        stats: Stats,
+        report: BlockReport,
+        q: f64,
+    ) -> Result<(Vec<Msg>, Option<Outcome>), LinkError> {
+        let block = self.block;
+        if let Some(request) = c.poll_request() {
+            self.state = BobState::Reconciling {
+                stats,
+                rec: BobRec::Cascade(c, original),
+                report,
+                q,
+            };
+            return Ok((vec![Msg::Parities { block, request }], None));
+        }
+        let (leaked, rounds) = (c.leaked_bits(), c.rounds());
+        let key = c
+            .into_key()
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let corrected = key
+            .hamming_distance(&original)
+            .map_err(|e| LinkError::Protocol(e.to_string()))? as u64;
+        Ok(self.finish_reconciliation(key, stats, report, leaked, corrected, rounds))
+    }
+
     fn finish_reconciliation(
         &mut self,
         key: BitVec,
@@ -1052,32 +1070,9 @@ impl BobBlock {
                         let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
                             .map_err(|e| LinkError::Protocol(e.to_string()))?;
                         let original = sifted.key.clone();
-                        let mut c = CascadeBob::new(sifted.key, &params)
+                        let c = CascadeBob::new(sifted.key, &params)
                             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        match c.poll_request() {
-                            Some(request) => {
-                                self.state = BobState::Reconciling {
-                                    stats,
-                                    rec: BobRec::Cascade(Box::new(c), original),
-                                    report,
-                                    q,
-                                };
-                                Ok((vec![Msg::Parities { block, request }], None))
-                            }
-                            None => {
-                                let (leaked, rounds) = (c.leaked_bits(), c.rounds());
-                                let key = c
-                                    .into_key()
-                                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                                let corrected = key
-                                    .hamming_distance(&original)
-                                    .map_err(|e| LinkError::Protocol(e.to_string()))?
-                                    as u64;
-                                Ok(self.finish_reconciliation(
-                                    key, stats, report, leaked, corrected, rounds,
-                                ))
-                            }
-                        }
+                        self.cascade_step(Box::new(c), original, stats, report, q)
                     }
                 }
             }
@@ -1092,29 +1087,7 @@ impl BobBlock {
             ) => {
                 c.handle_reply(&reply)
                     .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
-                match c.poll_request() {
-                    Some(request) => {
-                        self.state = BobState::Reconciling {
-                            stats,
-                            rec: BobRec::Cascade(c, original),
-                            report,
-                            q,
-                        };
-                        Ok((vec![Msg::Parities { block, request }], None))
-                    }
-                    None => {
-                        let (leaked, rounds) = (c.leaked_bits(), c.rounds());
-                        let key = c
-                            .into_key()
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        let corrected = key
-                            .hamming_distance(&original)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?
-                            as u64;
-                        Ok(self
-                            .finish_reconciliation(key, stats, report, leaked, corrected, rounds))
-                    }
-                }
+                self.cascade_step(c, original, stats, report, q)
             }
             (
                 BobState::Reconciling {

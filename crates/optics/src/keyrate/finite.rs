@@ -50,9 +50,10 @@ fn entropy(p: f64) -> f64 {
     crate::keyrate::h2(p)
 }
 
-/// γ(a, b, c, d) of Lim et al. Eq. (5).
-fn gamma(a: f64, b: f64, c: f64, d: f64) -> f64 {
-    if b <= 0.0 || b >= 1.0 {
+/// γ(a, b, c, d) of Lim et al. Eq. (5): the random-sampling correction to an
+/// error rate b observed on c samples, for a population of d (0 when undefined).
+pub fn gamma(a: f64, b: f64, c: f64, d: f64) -> f64 {
+    if b <= 0.0 || b >= 1.0 || c <= 0.0 || d <= 0.0 {
         return 0.0;
     }
     let inner = (c + d) / (c * d * (1.0 - b) * b) * (21.0 * 21.0) / (a * a);
