@@ -65,7 +65,7 @@ use crate::store::sqlite::{Durability, SqliteStore};
 use crate::tls::{TlsMaterial, server_config};
 
 /// Synchronous mode of the SQLite store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// `synchronous=FULL` (default).
@@ -76,7 +76,7 @@ pub enum SyncMode {
 }
 
 /// TLS file paths.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// CA certificate (PEM).
@@ -88,7 +88,7 @@ pub struct TlsPaths {
 }
 
 /// A peer KME.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// Its ID.
@@ -98,7 +98,7 @@ pub struct PeerConfig {
 }
 
 /// An SAE of the network and the KME it is attached to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaeConfig {
     /// SAE ID.
@@ -108,7 +108,7 @@ pub struct SaeConfig {
 }
 
 /// Seeded test key blocks (TEST MATERIAL, NOT SECRET).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestKeysConfig {
     /// The seed (both ends must use the same).
@@ -143,7 +143,7 @@ fn default_peer_attempts() -> u32 {
 }
 
 /// Configuration of a standalone KME.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmeConfig {
     /// This KME's ID.
@@ -173,7 +173,7 @@ pub struct KmeConfig {
     #[serde(default, rename = "sae")]
     pub saes: Vec<SaeConfig>,
     /// Seeded test key blocks — TEST MATERIAL, only when configured.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_keys: Option<TestKeysConfig>,
 }
 

@@ -36,6 +36,9 @@
 //! | [`tls`] | rustls server and client configurations (mutual TLS) |
 //! | [`server`] | the HTTPS server: routes, connection handling, OpenAPI document |
 //! | [`config`] | the TOML configuration of a standalone KME |
+//! | `https` | the HTTPS client transport shared by [`peer`] and [`client`] (bounded in time and size) |
+//! | [`client`] | the SAE side of ETSI GS QKD 014: [`client::EtsiClient`] |
+//! | [`connect`] | `connect.json`: each SAE's KME URL and TLS files, for applications |
 //! | [`pki`] | a small CA for test networks (rcgen) |
 //! | [`testkeys`] | seeded *test* key blocks, only when explicitly configured |
 
@@ -43,9 +46,12 @@
 
 pub mod api_error;
 pub mod block;
+pub mod client;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod etsi;
+mod https;
 pub mod identity;
 pub mod ids;
 pub mod peer;

@@ -21,18 +21,13 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api_error::PeerErrorBody;
 use crate::error::KmsError;
+use crate::https::HttpsClient;
 use crate::ids::{KmeId, SaeId};
 use crate::store::KeyLayout;
 use crate::tls::{TlsMaterial, client_config};
@@ -154,9 +149,7 @@ impl From<PeerCallError> for KmsError {
 #[derive(Clone)]
 pub struct PeerClient {
     peer: KmeId,
-    base: String,
-    timeout: Duration,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: HttpsClient,
 }
 
 impl PeerClient {
@@ -167,26 +160,15 @@ impl PeerClient {
         tls: &TlsMaterial,
         timeout: Duration,
     ) -> Result<Self, KmsError> {
-        if !base_url.starts_with("https://") {
-            return Err(KmsError::Config(format!(
-                "peer {peer}: URL must start with https://"
-            )));
-        }
         let cfg = client_config(tls, Some(peer.clone()))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(cfg)
-            .https_only()
-            .enable_http1()
-            .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Ok(Self {
-            peer,
-            base: base_url.trim_end_matches('/').to_owned(),
+        let http = HttpsClient::new(
+            &format!("peer {peer}"),
+            base_url,
+            cfg,
             timeout,
-            client,
-        })
+            MAX_ANSWER_BYTES,
+        )?;
+        Ok(Self { peer, http })
     }
 
     /// The peer's ID.
@@ -201,29 +183,11 @@ impl PeerClient {
     ) -> Result<R, PeerCallError> {
         let bytes = serde_json::to_vec(body)
             .map_err(|e| PeerCallError::Unavailable(format!("encode: {e}")))?;
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("{}{path}", self.base))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| PeerCallError::Unavailable(format!("request: {e}")))?;
-        let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| PeerCallError::Unavailable(format!("{e:?}")))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| PeerCallError::Unavailable(format!("answer: {e}")))?
-                .to_bytes();
-            Ok::<_, PeerCallError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.timeout, call)
+        let (status, body) = self
+            .http
+            .call(Method::POST, path, Some(bytes))
             .await
-            .map_err(|_| PeerCallError::Unavailable("timeout".into()))??;
+            .map_err(|e| PeerCallError::Unavailable(e.0))?;
         if status.is_success() {
             serde_json::from_slice(&body)
                 .map_err(|e| PeerCallError::Unavailable(format!("malformed answer: {e}")))

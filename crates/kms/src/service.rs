@@ -11,6 +11,7 @@
 //! crash.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,12 +52,28 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Request counters of a KME (for the node's metrics endpoint).
+#[derive(Debug, Default)]
+pub struct KmeCounters {
+    /// enc_keys calls.
+    pub enc_requests: AtomicU64,
+    /// dec_keys calls.
+    pub dec_requests: AtomicU64,
+    /// Keys handed to master SAEs.
+    pub keys_delivered_master: AtomicU64,
+    /// Keys handed to slave SAEs.
+    pub keys_delivered_slave: AtomicU64,
+    /// enc_keys and dec_keys calls that failed.
+    pub errors: AtomicU64,
+}
+
 /// A key management entity.
 pub struct Kme {
     settings: KmeSettings,
     store: Arc<dyn KeyStore>,
     peers: HashMap<KmeId, PeerClient>,
     background: Mutex<JoinSet<()>>,
+    counters: KmeCounters,
 }
 
 impl Kme {
@@ -76,7 +93,24 @@ impl Kme {
             store,
             peers,
             background: Mutex::new(JoinSet::new()),
+            counters: KmeCounters::default(),
         })
+    }
+
+    /// Request counters.
+    pub fn counters(&self) -> &KmeCounters {
+        &self.counters
+    }
+
+    fn count(&self, r: &Result<KeyContainer, KmsError>, delivered: &AtomicU64) {
+        match r {
+            Ok(c) => {
+                delivered.fetch_add(c.keys.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// This KME's ID.
@@ -183,6 +217,18 @@ impl Kme {
         slave: &str,
         req: ValidKeyRequest,
     ) -> Result<KeyContainer, KmsError> {
+        self.counters.enc_requests.fetch_add(1, Ordering::Relaxed);
+        let r = self.enc_keys_inner(caller, slave, req).await;
+        self.count(&r, &self.counters.keys_delivered_master);
+        r
+    }
+
+    async fn enc_keys_inner(
+        &self,
+        caller: &Identity,
+        slave: &str,
+        req: ValidKeyRequest,
+    ) -> Result<KeyContainer, KmsError> {
         let master = self.local_sae(caller)?.clone();
         let (slave, peer) = self.slave_kme(slave)?;
         let request_id = Uuid::new_v4();
@@ -257,10 +303,16 @@ impl Kme {
         master: &str,
         ids: ValidKeyIds,
     ) -> Result<KeyContainer, KmsError> {
-        let slave = self.local_sae(caller)?.clone();
-        let master = SaeId::new(master)?;
-        let keys = self.store.take(slave, master, ids.0).await?;
-        Ok(delivered_container(keys))
+        self.counters.dec_requests.fetch_add(1, Ordering::Relaxed);
+        let r = async {
+            let slave = self.local_sae(caller)?.clone();
+            let master = SaeId::new(master)?;
+            let keys = self.store.take(slave, master, ids.0).await?;
+            Ok(delivered_container(keys))
+        }
+        .await;
+        self.count(&r, &self.counters.keys_delivered_slave);
+        r
     }
 
     fn peer_caller(&self, caller: &Identity) -> Result<KmeId, KmsError> {

@@ -84,14 +84,12 @@ impl Connection {
         }
     }
 
-    /// Waits up to `timeout` for the next frame (`Ok(None)` on timeout or close).
-    pub fn recv_timeout(
-        &mut self,
-        timeout: std::time::Duration,
-    ) -> Result<Option<Vec<u8>>, LinkError> {
+    /// Waits up to `timeout` for the next frame.
+    pub fn recv_timeout(&mut self, timeout: std::time::Duration) -> Result<Recv, LinkError> {
         match self.incoming.recv_timeout(timeout) {
-            Ok(r) => r.map(Some),
-            Err(_) => Ok(None),
+            Ok(r) => r.map(Recv::Frame),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(Recv::Timeout),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Recv::Closed),
         }
     }
 
@@ -107,6 +105,16 @@ impl Drop for Connection {
     fn drop(&mut self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// What [`Connection::recv_timeout`] got.
+pub enum Recv {
+    /// A frame.
+    Frame(Vec<u8>),
+    /// Nothing within the timeout.
+    Timeout,
+    /// The peer closed the connection.
+    Closed,
 }
 
 /// One block of Bob's input.
@@ -138,6 +146,16 @@ pub fn drive_alice(
     Ok(())
 }
 
+/// What Bob's block source has for him.
+pub enum Feed {
+    /// The next block.
+    Block(u64, BlockInput),
+    /// Nothing yet (a live source: the next block's detections are still in the fibre).
+    NotYet,
+    /// No more blocks.
+    End,
+}
+
 /// Runs Bob over `blocks`, keeping up to `window` blocks in flight so that
 /// round trips overlap; closes the connection when every block has ended.
 pub fn drive_bob(
@@ -147,23 +165,50 @@ pub fn drive_bob(
     window: usize,
     on_event: &mut dyn FnMut(crate::endpoint::Event),
 ) -> Result<(), LinkError> {
+    let mut next = || match blocks.next() {
+        Some((id, input)) => Feed::Block(id, input),
+        None => Feed::End,
+    };
+    drive_bob_live(conn, ep, &mut next, window, on_event)
+}
+
+/// [`drive_bob`] over a live source that may have no block ready: while it has
+/// none, Bob keeps serving the blocks in flight and polls it again every few
+/// milliseconds.
+pub fn drive_bob_live(
+    conn: &mut Connection,
+    ep: &mut crate::endpoint::Endpoint,
+    next_block: &mut dyn FnMut() -> Feed,
+    window: usize,
+    on_event: &mut dyn FnMut(crate::endpoint::Event),
+) -> Result<(), LinkError> {
+    const POLL: std::time::Duration = std::time::Duration::from_millis(5);
     let mut exhausted = false;
     loop {
+        let mut waiting = false;
         while !exhausted && ep.in_flight() < window.max(1) {
-            match blocks.next() {
-                Some((id, BlockInput::Offline(bits))) => ep.start_offline_block(id, &bits)?,
-                Some((id, BlockInput::Record(dets))) => ep.start_record_block(id, dets)?,
-                None => exhausted = true,
+            match next_block() {
+                Feed::Block(id, BlockInput::Offline(bits)) => ep.start_offline_block(id, &bits)?,
+                Feed::Block(id, BlockInput::Record(dets)) => ep.start_record_block(id, dets)?,
+                Feed::NotYet => {
+                    waiting = true;
+                    break;
+                }
+                Feed::End => exhausted = true,
             }
         }
         conn.flush(ep)?;
         if exhausted && ep.in_flight() == 0 {
             break;
         }
-        let Some(frame) = conn.recv()? else {
-            return Err(LinkError::Protocol(
-                "Alice closed the connection with blocks in flight".into(),
-            ));
+        let frame = if waiting {
+            match conn.recv_timeout(POLL)? {
+                Recv::Frame(f) => f,
+                Recv::Timeout => continue,
+                Recv::Closed => return Err(closed()),
+            }
+        } else {
+            conn.recv()?.ok_or_else(closed)?
         };
         ep.handle_frame(&frame)?;
         while let Some(e) = ep.poll_output() {
@@ -176,4 +221,8 @@ pub fn drive_bob(
     conn.flush(ep)?;
     conn.shutdown();
     Ok(())
+}
+
+fn closed() -> LinkError {
+    LinkError::Protocol("Alice closed the connection with blocks in flight".into())
 }

@@ -1,0 +1,2 @@
+//! qkdnet applications (work in progress).
+#![warn(missing_docs)]

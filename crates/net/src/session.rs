@@ -1,0 +1,639 @@
+//! QKD link sessions between two processes: the TCP adapter that joins the
+//! simulated optics ([`crate::quantum`]) and the sans-IO post-processing engine
+//! (`qkdnet_link::endpoint`) into a running link.
+//!
+//! A session is two TCP connections from Alice's node to Bob's link port:
+//!
+//! * **classical**: the authenticated post-processing protocol
+//!   (`qkdnet_link::tcp`), preceded by a cleartext hello each way;
+//! * **quantum**: the emulated fibre carrying Bob's detections
+//!   ([`crate::quantum`]), preceded by Alice's hello naming the session.
+//!
+//! Hello (both kinds): `"QKDNET-LINK\x01"`, `u8` kind (1 classical, 2 quantum),
+//! `u64` session number (Alice's clock in ms when she opened it), 32-byte nonce,
+//! `u16` length and the link ID. Bob answers a classical hello with his own.
+//!
+//! **Authentication keys.** Within a session the classical channel is
+//! authenticated by Wegman–Carter tags whose one-time pads are refilled from
+//! distilled key. A new session (after a restart or a broken connection) cannot
+//! safely continue the previous session's pad stream, because either side may
+//! have died in the middle of using it, so each session's initial pads are
+//! derived with the GB/T 32918 SM3 KDF (X9.63 form) from the bootstrap secret,
+//! the link ID, the session number and both nonces.
+//! That derivation is computationally secure, not information-theoretically:
+//! the docs say so. The bootstrap secret never leaves the two nodes' state
+//! directories.
+//!
+//! **Block numbers** are `session × 1 000 000 + k`, so a block number is never
+//! reused on a link across sessions, and the KME-level key IDs derived from it
+//! (`qkdnet_kms::block::unit_id`) stay unique. A session that breaks drops its
+//! half-finished blocks on both sides; a block one side finished and the other
+//! did not is caught by the KMEs when a key from it is first reserved.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qkdnet_link::block::{BlockReport, ProtocolConfig};
+use qkdnet_link::endpoint::{Endpoint, Event};
+use qkdnet_link::tcp::{BlockInput, Connection, Feed, drive_alice, drive_bob_live};
+use qkdnet_optics::device::{Eve, LinkConfig};
+use qkdnet_optics::record::Span;
+use qkdnet_optics::sim::Simulator;
+use zeroize::Zeroizing;
+
+use crate::NetError;
+use crate::quantum;
+
+const MAGIC: &[u8; 12] = b"QKDNET-LINK\x01";
+const KIND_CLASSICAL: u8 = 1;
+const KIND_QUANTUM: u8 = 2;
+/// Bytes of per-session authentication pads derived from the bootstrap secret
+/// (32 768 tags per direction: enough for the first blocks of Cascade rounds,
+/// after which distilled key refills the pads).
+const SESSION_AUTH_BYTES: usize = 1 << 20;
+/// Blocks per session number (block = session × this + k).
+pub const BLOCKS_PER_SESSION: u64 = 1_000_000;
+/// Longest link ID.
+pub const MAX_LINK_ID: usize = 128;
+/// Shortest bootstrap secret accepted.
+pub const MIN_BOOTSTRAP_BYTES: usize = 32;
+/// How long a peer may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything both ends of a link agree on, plus Alice's optics.
+#[derive(Clone)]
+pub struct LinkParams {
+    /// Link ID (same at both ends; also the KMEs' link ID).
+    pub link_id: String,
+    /// The physical link (Alice's side uses it to simulate; Bob only for its rate).
+    pub link: LinkConfig,
+    /// Eavesdropper on the simulated channel.
+    pub eve: Eve,
+    /// Post-processing settings.
+    pub proto: ProtocolConfig,
+    /// Gates (pulses) per block.
+    pub block_gates: u64,
+    /// Blocks in flight at Bob.
+    pub window: usize,
+    /// Bootstrap authentication secret shared by the two nodes.
+    pub bootstrap: Arc<Zeroizing<Vec<u8>>>,
+    /// Fixed simulator seed (reproducible runs); random when `None`.
+    pub seed: Option<u64>,
+}
+
+/// How fast Alice's simulator produces pulses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// As fast as the CPU allows (benchmarks, `link run`).
+    Unpaced,
+    /// Link time follows wall time × `scale` (a node: 1.0 is real time).
+    RealTime {
+        /// Link seconds per wall second.
+        scale: f64,
+    },
+}
+
+/// Live counters of one link, shared between its sessions and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// 1 while a session is up.
+    pub up: AtomicU64,
+    /// Sessions started.
+    pub sessions: AtomicU64,
+    /// Gates simulated (Alice) or covered by received detection frames (Bob).
+    pub gates: AtomicU64,
+    /// Blocks distilled.
+    pub blocks_ok: AtomicU64,
+    /// Blocks aborted.
+    pub blocks_aborted: AtomicU64,
+    /// Sifted key bits that entered reconciliation.
+    pub sifted_bits: AtomicU64,
+    /// Secret key bits handed on (after the authentication refill).
+    pub secret_bits: AtomicU64,
+    /// Bits disclosed by reconciliation.
+    pub leaked_bits: AtomicU64,
+    /// Errors corrected in the sifted key (QBER × sifted bits, summed over blocks).
+    pub error_bits: AtomicU64,
+    /// Authentication key bits spent (sum over sessions).
+    pub auth_bits: AtomicU64,
+    /// QBER of the last block with a measured QBER, as f64 bits.
+    pub last_qber: AtomicU64,
+    /// Last session error.
+    pub last_error: Mutex<String>,
+}
+
+impl LinkStats {
+    /// QBER over all blocks so far (0 before the first).
+    pub fn mean_qber(&self) -> f64 {
+        let n = self.sifted_bits.load(Ordering::Relaxed);
+        if n == 0 {
+            0.0
+        } else {
+            self.error_bits.load(Ordering::Relaxed) as f64 / n as f64
+        }
+    }
+
+    /// QBER of the last block.
+    pub fn qber(&self) -> f64 {
+        f64::from_bits(self.last_qber.load(Ordering::Relaxed))
+    }
+
+    fn record(&self, e: &Event) {
+        let r: &BlockReport = match e {
+            Event::Key {
+                key,
+                report,
+                auth_refill_bits,
+            } => {
+                self.blocks_ok.fetch_add(1, Ordering::Relaxed);
+                self.secret_bits.fetch_add(key.bits(), Ordering::Relaxed);
+                let _ = auth_refill_bits;
+                report
+            }
+            Event::Aborted { report, .. } => {
+                self.blocks_aborted.fetch_add(1, Ordering::Relaxed);
+                report
+            }
+        };
+        self.sifted_bits.fetch_add(r.input_bits, Ordering::Relaxed);
+        self.leaked_bits.fetch_add(r.leaked_bits, Ordering::Relaxed);
+        if r.qber.is_finite() {
+            let errors = (r.qber * r.input_bits as f64).round() as u64;
+            self.error_bits.fetch_add(errors, Ordering::Relaxed);
+        }
+        if r.input_bits > 0 && r.qber.is_finite() {
+            self.last_qber.store(r.qber.to_bits(), Ordering::Relaxed);
+        } else if r.disclosed_bits > 0 {
+            let q = r.disclosed_errors as f64 / r.disclosed_bits as f64;
+            self.last_qber.store(q.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    fn set_error(&self, e: &str) {
+        if let Ok(mut g) = self.last_error.lock() {
+            e.clone_into(&mut g);
+        }
+    }
+}
+
+/// A stop signal that also unblocks sockets: streams registered with it are
+/// shut down when it fires, and so are its children (one per session, so a
+/// long-running link does not pile up sockets in its parent).
+#[derive(Default)]
+pub struct Stop {
+    flag: AtomicBool,
+    streams: Mutex<Vec<TcpStream>>,
+    children: Mutex<Vec<std::sync::Weak<Stop>>>,
+}
+
+impl Stop {
+    /// A new, unfired signal.
+    pub fn new() -> Arc<Stop> {
+        Arc::new(Stop::default())
+    }
+    /// A signal that fires when this one does (or on its own).
+    pub fn child(&self) -> Arc<Stop> {
+        let c = Stop::new();
+        if let Ok(mut v) = self.children.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(&c));
+        }
+        if self.fired() {
+            c.fire();
+        }
+        c
+    }
+
+    /// Fires: sets the flag and shuts down every registered stream.
+    pub fn fire(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let children = self
+            .children
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        for c in children.iter().filter_map(std::sync::Weak::upgrade) {
+            c.fire();
+        }
+        if let Ok(mut v) = self.streams.lock() {
+            for s in v.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+    /// Whether it fired.
+    pub fn fired(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// Registers a stream to shut down on [`Stop::fire`] (at once if already fired).
+    pub fn register(&self, s: &TcpStream) {
+        if let Ok(c) = s.try_clone() {
+            if let Ok(mut v) = self.streams.lock() {
+                v.push(c);
+            }
+        }
+        if self.fired() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    /// Sleeps up to `d`, returning early (true) if fired.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if self.fired() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+        }
+        self.fired()
+    }
+}
+
+/// A hello as read off the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// 1 classical, 2 quantum.
+    pub kind: u8,
+    /// Session number.
+    pub session: u64,
+    /// Sender's nonce.
+    pub nonce: [u8; 32],
+    /// Link ID.
+    pub link_id: String,
+}
+
+impl Hello {
+    /// Whether this opens a classical connection.
+    pub fn is_classical(&self) -> bool {
+        self.kind == KIND_CLASSICAL
+    }
+
+    /// Encodes the hello.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + self.link_id.len());
+        v.extend_from_slice(MAGIC);
+        v.push(self.kind);
+        v.extend_from_slice(&self.session.to_le_bytes());
+        v.extend_from_slice(&self.nonce);
+        let len = u16::try_from(self.link_id.len()).unwrap_or(u16::MAX);
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&self.link_id.as_bytes()[..usize::from(len)]);
+        v
+    }
+
+    /// Decodes a hello from a reader, refusing anything malformed.
+    pub fn read(r: &mut impl Read) -> Result<Hello, NetError> {
+        let mut head = [0u8; 12 + 1 + 8 + 32 + 2];
+        r.read_exact(&mut head)
+            .map_err(|e| NetError::Peer(format!("link hello: {e}")))?;
+        if &head[..12] != MAGIC {
+            return Err(NetError::Peer(
+                "not a qkdnet link connection (bad hello magic)".into(),
+            ));
+        }
+        let kind = head[12];
+        if kind != KIND_CLASSICAL && kind != KIND_QUANTUM {
+            return Err(NetError::Peer(format!("link hello: unknown kind {kind}")));
+        }
+        let session = u64::from_le_bytes(head[13..21].try_into().expect("8 bytes"));
+        let mut nonce = [0u8; 32];
+        nonce.copy_from_slice(&head[21..53]);
+        let len = usize::from(u16::from_le_bytes([head[53], head[54]]));
+        if len == 0 || len > MAX_LINK_ID {
+            return Err(NetError::Peer(format!(
+                "link hello: link ID of {len} bytes"
+            )));
+        }
+        let mut id = vec![0u8; len];
+        r.read_exact(&mut id)
+            .map_err(|e| NetError::Peer(format!("link hello: {e}")))?;
+        let link_id = String::from_utf8(id)
+            .map_err(|_| NetError::Peer("link hello: link ID is not UTF-8".into()))?;
+        Ok(Hello {
+            kind,
+            session,
+            nonce,
+            link_id,
+        })
+    }
+}
+
+fn random_nonce() -> Result<[u8; 32], NetError> {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).map_err(|e| NetError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(n)
+}
+
+fn random_u64() -> Result<u64, NetError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| NetError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The session's initial authentication pads (see the module doc).
+fn session_key(
+    bootstrap: &[u8],
+    link_id: &str,
+    session: u64,
+    nonce_alice: &[u8; 32],
+    nonce_bob: &[u8; 32],
+) -> Result<Zeroizing<Vec<u8>>, NetError> {
+    let mut info = Vec::with_capacity(160);
+    info.extend_from_slice(b"qkdnet/link/session-auth/v1");
+    info.extend_from_slice(&(link_id.len() as u32).to_be_bytes());
+    info.extend_from_slice(link_id.as_bytes());
+    info.extend_from_slice(&session.to_be_bytes());
+    info.extend_from_slice(nonce_alice);
+    info.extend_from_slice(nonce_bob);
+    let mut out = Zeroizing::new(vec![0u8; SESSION_AUTH_BYTES]);
+    qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, &info, &mut out)
+        .map_err(|e| NetError::Link(format!("session key derivation: {e}")))?;
+    Ok(out)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn link_err(e: qkdnet_link::LinkError) -> NetError {
+    NetError::Link(e.to_string())
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Alice ran out of blocks to send (`max_blocks`) and every block finished.
+    Finished,
+    /// The stop signal fired.
+    Stopped,
+}
+
+/// Alice's side of one session: connects to Bob's link port, simulates the
+/// optics, streams Bob's detections over the emulated fibre and runs the
+/// post-processing protocol, handing each finished block to `on_event`.
+///
+/// With `max_blocks` the session ends after that many blocks (a benchmark or
+/// `link run`); otherwise it runs until `stop` fires or the connection fails.
+pub fn alice_session(
+    p: &LinkParams,
+    peer: SocketAddr,
+    pace: Pace,
+    max_blocks: Option<u64>,
+    stop: &Arc<Stop>,
+    stats: &Arc<LinkStats>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<SessionEnd, NetError> {
+    if p.bootstrap.len() < MIN_BOOTSTRAP_BYTES {
+        return Err(NetError::Config(format!(
+            "link {}: bootstrap secret shorter than {MIN_BOOTSTRAP_BYTES} bytes",
+            p.link_id
+        )));
+    }
+    let session = now_ms();
+    let nonce = random_nonce()?;
+    let hello = Hello {
+        kind: KIND_CLASSICAL,
+        session,
+        nonce,
+        link_id: p.link_id.clone(),
+    };
+    let mut classical = TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
+    stop.register(&classical);
+    classical.set_nodelay(true)?;
+    classical.write_all(&hello.encode())?;
+    classical.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let reply = Hello::read(&mut classical)?;
+    classical.set_read_timeout(None)?;
+    if !reply.is_classical() || reply.link_id != p.link_id || reply.session != session {
+        return Err(NetError::Peer(format!(
+            "link {}: Bob answered for link '{}' session {}",
+            p.link_id, reply.link_id, reply.session
+        )));
+    }
+    let key = session_key(&p.bootstrap, &p.link_id, session, &nonce, &reply.nonce)?;
+
+    let mut quantum = TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
+    stop.register(&quantum);
+    quantum.write_all(
+        &Hello {
+            kind: KIND_QUANTUM,
+            ..hello
+        }
+        .encode(),
+    )?;
+
+    let seed = match p.seed {
+        Some(s) => s,
+        None => random_u64()?,
+    };
+    let mut sim = Simulator::new(&p.link, p.eve, seed)?;
+    let rep = p.link.source.rep_rate_hz();
+    let record = sim.alice_record(1 << 60)?;
+    let mut ep =
+        Endpoint::alice(p.proto.clone(), &key, seed ^ 0xA11CE, Some(record)).map_err(link_err)?;
+    drop(key);
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.up.store(1, Ordering::Relaxed);
+
+    // The optics run on their own thread; the emulated fibre's TCP buffer keeps
+    // them at most a few blocks ahead of Bob.
+    let block_gates = p.block_gates.max(1);
+    let sim_stop = stop.clone();
+    let sim_stats = stats.clone();
+    let optics = std::thread::Builder::new()
+        .name(format!("optics {}", p.link_id))
+        .spawn(move || -> Result<(), NetError> {
+            let start = Instant::now();
+            let mut done = 0u64;
+            let mut k = 0u64;
+            let mut dets = Vec::new();
+            while max_blocks.is_none_or(|m| k < m) && k < BLOCKS_PER_SESSION {
+                if let Pace::RealTime { scale } = pace {
+                    let due = (done + block_gates) as f64 / (rep * scale.max(1e-9));
+                    let wait = due - start.elapsed().as_secs_f64();
+                    if wait > 0.0 && sim_stop.sleep(Duration::from_secs_f64(wait)) {
+                        break;
+                    }
+                }
+                if sim_stop.fired() {
+                    break;
+                }
+                let first_gate = sim.next_gate();
+                dets.clear();
+                if let Err(never) = sim.run(block_gates, &mut |d| {
+                    dets.push(d);
+                    Ok::<(), std::convert::Infallible>(())
+                }) {
+                    match never {}
+                }
+                let span = Span {
+                    first_gate,
+                    gates: block_gates,
+                    rep_rate_hz: rep,
+                };
+                quantum::write_frame(&mut quantum, session * BLOCKS_PER_SESSION + k, span, &dets)?;
+                done += block_gates;
+                k += 1;
+                sim_stats.gates.fetch_add(block_gates, Ordering::Relaxed);
+            }
+            let _ = quantum.shutdown(std::net::Shutdown::Write);
+            Ok(())
+        })?;
+
+    let mut conn = Connection::new(classical).map_err(link_err)?;
+    let result = drive_alice(&mut conn, &mut ep, &mut |e| {
+        stats.record(&e);
+        on_event(e)
+    });
+    stats
+        .auth_bits
+        .fetch_add(ep.auth_key_bits_used(), Ordering::Relaxed);
+    stats.up.store(0, Ordering::Relaxed);
+    let stopped = stop.fired();
+    drop(conn); // closes the classical channel, which also tells Bob
+    let optics_result = optics
+        .join()
+        .map_err(|_| NetError::Link("optics thread panicked".into()))?;
+    match (result, stopped) {
+        (_, true) => Ok(SessionEnd::Stopped),
+        (Err(e), false) => {
+            let e = link_err(e);
+            stats.set_error(&e.to_string());
+            Err(e)
+        }
+        (Ok(()), false) => {
+            if let Err(e) = optics_result {
+                stats.set_error(&e.to_string());
+                return Err(e);
+            }
+            Ok(SessionEnd::Finished)
+        }
+    }
+}
+
+/// Bob's answer to Alice's classical hello; returns Bob's nonce for [`bob_session`].
+pub fn bob_reply(
+    p: &LinkParams,
+    classical: &mut TcpStream,
+    hello: &Hello,
+) -> Result<[u8; 32], NetError> {
+    let nonce = random_nonce()?;
+    classical.set_nodelay(true)?;
+    classical.write_all(
+        &Hello {
+            kind: KIND_CLASSICAL,
+            session: hello.session,
+            nonce,
+            link_id: p.link_id.clone(),
+        }
+        .encode(),
+    )?;
+    Ok(nonce)
+}
+
+/// Bob's side of one session, on a classical connection whose hello was read
+/// and answered ([`bob_reply`]). `quantum` is the session's quantum connection
+/// (matched by the caller on session number and Alice's nonce). Runs until
+/// Alice closes the emulated fibre and every block has ended, or the stop
+/// signal fires.
+#[allow(clippy::too_many_arguments)]
+pub fn bob_session(
+    p: &LinkParams,
+    classical: TcpStream,
+    hello: &Hello,
+    nonce: [u8; 32],
+    quantum: TcpStream,
+    stop: &Arc<Stop>,
+    stats: &Arc<LinkStats>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<SessionEnd, NetError> {
+    stop.register(&classical);
+    stop.register(&quantum);
+    let key = session_key(
+        &p.bootstrap,
+        &p.link_id,
+        hello.session,
+        &hello.nonce,
+        &nonce,
+    )?;
+    let seed = match p.seed {
+        Some(s) => s.rotate_left(17) ^ 0xB0B,
+        None => random_u64()?,
+    };
+    let mut ep = Endpoint::bob(p.proto.clone(), &key, seed).map_err(link_err)?;
+    drop(key);
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.up.store(1, Ordering::Relaxed);
+    let session = hello.session;
+    // The emulated fibre is read on its own thread, so Bob keeps serving the
+    // blocks in flight while the next block's detections are on their way.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<quantum::QuantumFrame, NetError>>(2);
+    let fibre_stats = stats.clone();
+    let quantum_ctl = quantum.try_clone()?;
+    let reader = std::thread::Builder::new()
+        .name(format!("fibre {}", p.link_id))
+        .spawn(move || {
+            let mut fibre = std::io::BufReader::with_capacity(1 << 20, quantum);
+            loop {
+                let item = match quantum::read_frame(&mut fibre) {
+                    Ok(Some(f)) if f.block / BLOCKS_PER_SESSION != session => {
+                        Err(NetError::Peer(format!(
+                            "quantum channel: block {} is not of session {session}",
+                            f.block
+                        )))
+                    }
+                    Ok(Some(f)) => {
+                        fibre_stats.gates.fetch_add(f.span.gates, Ordering::Relaxed);
+                        Ok(f)
+                    }
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let last = item.is_err();
+                if tx.send(item).is_err() || last {
+                    return;
+                }
+            }
+        })?;
+    let mut fibre_error = None;
+    let mut blocks = || match rx.try_recv() {
+        Ok(Ok(f)) => Feed::Block(f.block, BlockInput::Record(f.detections)),
+        Ok(Err(e)) => {
+            fibre_error = Some(e);
+            Feed::End
+        }
+        Err(std::sync::mpsc::TryRecvError::Empty) => Feed::NotYet,
+        Err(std::sync::mpsc::TryRecvError::Disconnected) => Feed::End,
+    };
+    let mut conn = Connection::new(classical).map_err(link_err)?;
+    let result = drive_bob_live(&mut conn, &mut ep, &mut blocks, p.window, &mut |e| {
+        stats.record(&e);
+        on_event(e)
+    });
+    drop(conn);
+    drop(rx);
+    let _ = quantum_ctl.shutdown(std::net::Shutdown::Both);
+    let _ = reader.join();
+    stats
+        .auth_bits
+        .fetch_add(ep.auth_key_bits_used(), Ordering::Relaxed);
+    stats.up.store(0, Ordering::Relaxed);
+    if stop.fired() {
+        return Ok(SessionEnd::Stopped);
+    }
+    let outcome = match (result, fibre_error) {
+        (Err(e), _) => Err(link_err(e)),
+        (Ok(()), Some(e)) => Err(e),
+        (Ok(()), None) => Ok(SessionEnd::Finished),
+    };
+    if let Err(e) = &outcome {
+        stats.set_error(&e.to_string());
+    }
+    outcome
+}
