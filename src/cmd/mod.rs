@@ -4,8 +4,11 @@
 use clap::{Parser, Subcommand};
 
 pub mod crypto;
+pub mod demo;
 pub mod kme;
 pub mod link;
+pub mod net;
+pub mod node;
 pub mod pki;
 pub mod postproc;
 
@@ -20,6 +23,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: bring up a small QKD network on this machine, watch keys
+    /// grow, move an SM4-GCM message with quantum keys, report, stop.
+    ///
+    /// Example: qkdnet demo
+    Demo(demo::DemoArgs),
+    /// A whole network on this machine: up, down, status.
+    #[command(subcommand)]
+    Net(net::NetCommand),
+    /// One trusted node: its QKD links, its KME, metrics.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// QKD links: key-rate models and the event simulator.
     #[command(subcommand)]
     Link(link::LinkCommand),
@@ -41,6 +55,9 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Net(c) => net::run(c),
+        Command::Node(c) => node::run(c),
         Command::Link(c) => link::run(c),
         Command::Postproc(a) => postproc::run(a),
         Command::Crypto(c) => crypto::run(c),

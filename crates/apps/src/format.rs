@@ -182,7 +182,7 @@ impl Header {
         chunk_size: u32,
         rekey_bytes: u64,
     ) -> Result<Layout, AppError> {
-        if !KEY_BITS_RANGE.contains(&key_bits) || key_bits % 8 != 0 {
+        if !KEY_BITS_RANGE.contains(&key_bits) || !key_bits.is_multiple_of(8) {
             return Err(bad(format!(
                 "key size {key_bits} bits is not a multiple of 8 in 128..=8192"
             )));

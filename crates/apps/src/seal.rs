@@ -199,8 +199,8 @@ pub async fn seal(
     })?;
     let mut out = TempOutput::create(output)?;
 
-    let batch = check_identity_and_pool(client, &sender, &recipient, layout.keys, opts.key_bits)
-        .await?;
+    let batch =
+        check_identity_and_pool(client, &sender, &recipient, layout.keys, opts.key_bits).await?;
     let mut keys = Vec::with_capacity(layout.keys as usize); // <= MAX_KEYS, checked by plan
     while (keys.len() as u64) < layout.keys {
         let n = (layout.keys - keys.len() as u64).min(batch);
@@ -537,7 +537,7 @@ fn seal_chunks(
     let digest = sm3(raw);
     let full = h.chunk_size as usize;
     let mut buf = Zeroizing::new(vec![0u8; full]);
-    let shrank = "the input shrank while it was being sealed; nothing written";
+    let shrank = || "the input shrank while it was being sealed; nothing written".to_owned();
     for (s, key) in keys.iter().enumerate() {
         let s = s as u64;
         let aad = chunk_aad(&digest, s);
@@ -582,8 +582,8 @@ fn open_chunks(
             ))
         };
         for c in 0..chunks - 1 {
-            read_exactly(input, &mut buf[..], &cut(c))?;
-            read_exactly(input, &mut tag, &cut(c))?;
+            read_exactly(input, &mut buf[..], || cut(c))?;
+            read_exactly(input, &mut tag, || cut(c))?;
             opener
                 .open_chunk(&aad, &mut buf[..], &tag)
                 .map_err(|_| forged(c))?;
@@ -591,8 +591,8 @@ fn open_chunks(
         }
         let c = chunks - 1;
         let b = &mut buf[..last_len as usize];
-        read_exactly(input, b, &cut(c))?;
-        read_exactly(input, &mut tag, &cut(c))?;
+        read_exactly(input, b, || cut(c))?;
+        read_exactly(input, &mut tag, || cut(c))?;
         opener.open_last(&aad, b, &tag).map_err(|_| forged(c))?;
         out.write(b)?;
     }
@@ -615,11 +615,9 @@ fn seal_otp(
 ) -> Result<(), AppError> {
     let (mac_key, pad) = otp_split(km, len)?;
     let mut data = Zeroizing::new(vec![0u8; len as usize]);
-    read_exactly(
-        input,
-        &mut data,
-        "the input shrank while it was being sealed",
-    )?;
+    read_exactly(input, &mut data, || {
+        "the input shrank while it was being sealed".to_owned()
+    })?;
     one_time_pad(pad, &mut data)?;
     let mut mac = HmacSm3::new(mac_key.expose_secret());
     mac.update(raw);
@@ -638,7 +636,7 @@ fn open_otp(
     let (mac_key, pad) = otp_split(km, h.plaintext_len)?;
     let mut data = Zeroizing::new(vec![0u8; h.plaintext_len as usize]);
     let mut tag = [0u8; SM3_LEN];
-    let cut = "the file ends before its tag (truncated)";
+    let cut = || "the file ends before its tag (truncated)".to_owned();
     read_exactly(input, &mut data, cut)?;
     read_exactly(input, &mut tag, cut)?;
     let mut mac = HmacSm3::new(mac_key.expose_secret());
@@ -666,10 +664,14 @@ fn open_input(path: &Path) -> Result<(BufReader<File>, u64), AppError> {
     Ok((BufReader::with_capacity(64 << 10, f), meta.len()))
 }
 
-fn read_exactly(r: &mut impl Read, buf: &mut [u8], on_eof: &str) -> Result<(), AppError> {
+fn read_exactly(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    on_eof: impl FnOnce() -> String,
+) -> Result<(), AppError> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            AppError::Integrity(on_eof.to_owned())
+            AppError::Integrity(on_eof())
         } else {
             AppError::io("read", e)
         }
@@ -728,7 +730,10 @@ impl TempOutput {
             o.mode(0o600);
         }
         let f = o.open(&tmp).map_err(|e| {
-            AppError::io(format!("cannot create a file next to {}", target.display()), e)
+            AppError::io(
+                format!("cannot create a file next to {}", target.display()),
+                e,
+            )
         })?;
         Ok(Self {
             tmp,

@@ -52,6 +52,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long the slave side waits for units its link has not delivered yet.
+const UNIT_ARRIVAL_GRACE: Duration = Duration::from_millis(2500);
+
 /// Request counters of a KME (for the node's metrics endpoint).
 #[derive(Debug, Default)]
 pub struct KmeCounters {
@@ -346,17 +349,30 @@ impl Kme {
                 "more keys than max_key_per_request".into(),
             ));
         }
-        Ok(self
-            .store
-            .accept(Acceptance {
-                request_id: msg.request_ID,
-                peer,
-                master: msg.master_SAE_ID,
-                slave: msg.slave_SAE_ID,
-                keys: msg.keys.into_iter().map(Into::into).collect(),
-                now_unix_ms: now_ms(),
-            })
-            .await?)
+        let acceptance = Acceptance {
+            request_id: msg.request_ID,
+            peer,
+            master: msg.master_SAE_ID,
+            slave: msg.slave_SAE_ID,
+            keys: msg.keys.into_iter().map(Into::into).collect(),
+            now_unix_ms: now_ms(),
+        };
+        // The two ends of a QKD link hand a block to their KMEs a moment apart
+        // (the last protocol message is in flight), so units the peer already
+        // has may not have arrived here yet. Wait for them a little before
+        // refusing, which would make the peer discard them.
+        let mut delay = Duration::from_millis(50);
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.store.accept(acceptance.clone()).await {
+                Err(StoreError::UnitsUnavailable(_)) if waited < UNIT_ARRIVAL_GRACE => {
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Peer side of a void.

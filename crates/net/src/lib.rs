@@ -9,12 +9,14 @@
 //! | [`server`] | Bob's link port: accepts sessions for all of a node's links |
 //! | [`topology`] | topology files and their validation |
 //! | [`node`] | the node daemon: links + KME + management endpoint (health, status, metrics) |
+//! | [`launcher`] | `net up/down/status`: state directory, PKI, ports, one process per node |
 //! | [`local`] | both ends of one link in one process over loopback (`qkdnet link run`, tests) |
 //!
 //! What is simulated: photons, channel and detectors (in Alice's node, see
 //! [`quantum`]). What is real: everything else — TCP between processes, the
 //! authenticated post-processing, the KMEs, TLS.
 
+pub mod launcher;
 pub mod local;
 pub mod node;
 pub mod quantum;

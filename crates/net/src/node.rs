@@ -420,7 +420,7 @@ pub struct LinkStatus {
     pub blocks_aborted: u64,
     /// Link seconds simulated or received.
     pub link_seconds: f64,
-    /// Secret bits per link second.
+    /// Secret bits per link second of the blocks that ended.
     pub key_rate_bps: f64,
     /// Secret bits per wall second since the node started.
     pub key_rate_wall_bps: f64,
@@ -474,6 +474,7 @@ async fn collect(s: &NodeState) -> NodeStatus {
             .await
             .unwrap_or_default();
         let link_seconds = st.gates.load(Relaxed) as f64 / v.rep_rate_hz;
+        let done_seconds = st.gates_done.load(Relaxed) as f64 / v.rep_rate_hz;
         let secret = st.secret_bits.load(Relaxed);
         links.push(LinkStatus {
             id: v.cfg.id.clone(),
@@ -488,8 +489,8 @@ async fn collect(s: &NodeState) -> NodeStatus {
             blocks_ok: st.blocks_ok.load(Relaxed),
             blocks_aborted: st.blocks_aborted.load(Relaxed),
             link_seconds,
-            key_rate_bps: if link_seconds > 0.0 {
-                secret as f64 / link_seconds
+            key_rate_bps: if done_seconds > 0.0 {
+                secret as f64 / done_seconds
             } else {
                 0.0
             },

@@ -105,6 +105,9 @@ pub struct LinkStats {
     pub sessions: AtomicU64,
     /// Gates simulated (Alice) or covered by received detection frames (Bob).
     pub gates: AtomicU64,
+    /// Gates of the blocks that ended (distilled or aborted): the link time
+    /// behind the secret bits, for rates that blocks in flight do not skew.
+    pub gates_done: AtomicU64,
     /// Blocks distilled.
     pub blocks_ok: AtomicU64,
     /// Blocks aborted.
@@ -141,7 +144,8 @@ impl LinkStats {
         f64::from_bits(self.last_qber.load(Ordering::Relaxed))
     }
 
-    fn record(&self, e: &Event) {
+    fn record(&self, e: &Event, block_gates: u64) {
+        self.gates_done.fetch_add(block_gates, Ordering::Relaxed);
         let r: &BlockReport = match e {
             Event::Key {
                 key,
@@ -488,7 +492,7 @@ pub fn alice_session(
 
     let mut conn = Connection::new(classical).map_err(link_err)?;
     let result = drive_alice(&mut conn, &mut ep, &mut |e| {
-        stats.record(&e);
+        stats.record(&e, block_gates);
         on_event(e)
     });
     stats
@@ -553,6 +557,7 @@ pub fn bob_session(
     stats: &Arc<LinkStats>,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<SessionEnd, NetError> {
+    let block_gates = p.block_gates.max(1);
     stop.register(&classical);
     stop.register(&quantum);
     let key = session_key(
@@ -613,7 +618,7 @@ pub fn bob_session(
     };
     let mut conn = Connection::new(classical).map_err(link_err)?;
     let result = drive_bob_live(&mut conn, &mut ep, &mut blocks, p.window, &mut |e| {
-        stats.record(&e);
+        stats.record(&e, block_gates);
         on_event(e)
     });
     drop(conn);

@@ -1,0 +1,300 @@
+//! `qkdnet net up | down | status`: a whole network on this machine, one
+//! `qkdnet node` process per node on loopback.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Subcommand;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use qkdnet_net::launcher::{self, NetRecord, Prepared};
+use qkdnet_net::node::{NodeStatus, Role};
+use qkdnet_net::topology::{Topology, ValidTopology};
+
+/// Network subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NetCommand {
+    /// Validate a topology, create its PKI, start one node process per node
+    /// and show keys growing until Ctrl-C (which stops every node).
+    ///
+    /// Example: qkdnet net up topologies/demo.toml --dir state
+    Up {
+        /// Topology file (see topologies/).
+        topology: PathBuf,
+        /// State directory (PKI, key stores, logs, connect.json).
+        #[arg(long, default_value = "qkdnet-state")]
+        dir: PathBuf,
+        /// First port of a contiguous range (3 per node); default: free ports chosen by the OS.
+        #[arg(long)]
+        base_port: Option<u16>,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        r#for: Option<f64>,
+        /// Start the nodes, print where they are and return, leaving them running
+        /// (stop them with `qkdnet net down`).
+        #[arg(long, conflicts_with = "for")]
+        detach: bool,
+    },
+    /// Stop the network started in DIR.
+    Down {
+        /// State directory.
+        #[arg(long, default_value = "qkdnet-state")]
+        dir: PathBuf,
+    },
+    /// Per link QBER, key rate and pool level of the network in DIR.
+    Status {
+        /// State directory.
+        #[arg(long, default_value = "qkdnet-state")]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a net subcommand.
+pub fn run(c: NetCommand) -> anyhow::Result<()> {
+    match c {
+        NetCommand::Up {
+            topology,
+            dir,
+            base_port,
+            r#for,
+            detach,
+        } => {
+            let topo = Topology::from_file(&topology)?.validate()?;
+            up(&topo, &dir, base_port, r#for, detach)
+        }
+        NetCommand::Down { dir } => {
+            let (n, killed) = launcher::down(&dir)?;
+            println!("stopped {n} node process(es) in {}", dir.display());
+            if !killed.is_empty() {
+                println!("(had to kill: {})", killed.join(", "));
+            }
+            Ok(())
+        }
+        NetCommand::Status { dir, json } => status(&dir, json),
+    }
+}
+
+/// Prints what is about to start.
+pub fn describe(topo: &ValidTopology) {
+    println!(
+        "network '{}': {} nodes, {} SAEs, {} QKD links (simulated optics; real TCP, authentication, KMEs and TLS)",
+        topo.meta.name,
+        topo.nodes.len(),
+        topo.saes.len(),
+        topo.links.len()
+    );
+    for l in &topo.links {
+        println!(
+            "  {:<16} {:>8} -> {:<8} {:>6.1} km  {:<12} model {:>10.3e} bit/s",
+            l.id, l.a, l.b, l.distance_km, l.preset, l.model_key_bps
+        );
+    }
+}
+
+/// Prepares the state directory and starts the nodes.
+pub fn launch(
+    topo: &ValidTopology,
+    dir: &Path,
+    base_port: Option<u16>,
+) -> anyhow::Result<(Prepared, Vec<std::process::Child>)> {
+    let mut prepared = launcher::prepare(topo, dir, base_port)?;
+    let exe = std::env::current_exe().context("locating the qkdnet executable")?;
+    let children = launcher::start(&mut prepared, &exe, Duration::from_secs(30))?;
+    Ok((prepared, children))
+}
+
+/// Live per-link progress, one bar per link (read from Alice's node).
+pub struct Progress {
+    multi: MultiProgress,
+    bars: Vec<(String, ProgressBar)>,
+}
+
+impl Progress {
+    /// Bars for the links of `topo`.
+    pub fn new(topo: &ValidTopology) -> Progress {
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{spinner} {prefix:<16} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bars = topo
+            .links
+            .iter()
+            .map(|l| {
+                let b = multi.add(ProgressBar::new_spinner());
+                b.set_style(style.clone());
+                b.set_prefix(l.id.clone());
+                b.set_message("connecting");
+                (l.id.clone(), b)
+            })
+            .collect();
+        Progress { multi, bars }
+    }
+
+    /// Updates the bars from the nodes' status.
+    pub fn update(&self, statuses: &[(String, Result<NodeStatus, String>)]) {
+        for (id, bar) in &self.bars {
+            let found = statuses.iter().find_map(|(_, s)| {
+                s.as_ref()
+                    .ok()?
+                    .links
+                    .iter()
+                    .find(|l| &l.id == id && l.role == Role::Alice)
+                    .cloned()
+            });
+            match found {
+                Some(l) => bar.set_message(format!(
+                    "{}  QBER {:>5.2} %  secret {:>9} bits  {:>9.3e} bit/s (model {:.3e})  pool {} units",
+                    if l.up { "up  " } else { "down" },
+                    l.qber * 100.0,
+                    l.secret_bits,
+                    l.key_rate_bps,
+                    l.model_key_bps,
+                    l.pool_units
+                )),
+                None => bar.set_message("no status"),
+            }
+            bar.tick();
+        }
+    }
+
+    /// Removes the bars.
+    pub fn finish(&self) {
+        for (_, b) in &self.bars {
+            b.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+fn up(
+    topo: &ValidTopology,
+    dir: &Path,
+    base_port: Option<u16>,
+    for_s: Option<f64>,
+    detach: bool,
+) -> anyhow::Result<()> {
+    describe(topo);
+    let (prepared, mut children) = launch(topo, dir, base_port)?;
+    let d = prepared.dir.display();
+    println!("state: {d}  (applications: {d}/connect.json)");
+    for n in &prepared.record.nodes {
+        println!(
+            "  node {:<10} pid {:<7} KME {}  metrics http://{}/metrics",
+            n.id, n.pid, n.kme_url, n.mgmt
+        );
+    }
+    if detach {
+        println!("nodes left running; stop them with: qkdnet net down --dir {d}");
+        return Ok(());
+    }
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    rt.spawn(async move {
+        super::node::shutdown_signal().await;
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let progress = Progress::new(topo);
+    let t0 = Instant::now();
+    while !interrupted.load(std::sync::atomic::Ordering::SeqCst)
+        && for_s.is_none_or(|s| t0.elapsed().as_secs_f64() < s)
+    {
+        progress.update(&launcher::status(&prepared.record));
+        if prepared.record.running().len() < prepared.record.nodes.len() {
+            progress.finish();
+            let dead: Vec<_> = prepared
+                .record
+                .nodes
+                .iter()
+                .filter(|n| !launcher::alive(n.pid))
+                .map(|n| n.id.clone())
+                .collect();
+            launcher::stop_all(&prepared.record, &mut children, Duration::from_secs(5));
+            anyhow::bail!(
+                "node(s) {} stopped unexpectedly; see their node.log",
+                dead.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    progress.finish();
+    print_status(&launcher::status(&prepared.record));
+    let killed = launcher::stop_all(&prepared.record, &mut children, Duration::from_secs(5));
+    println!(
+        "network stopped{}",
+        if killed.is_empty() {
+            String::new()
+        } else {
+            format!(" (killed: {})", killed.join(", "))
+        }
+    );
+    Ok(())
+}
+
+/// Prints a status table.
+pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
+    println!(
+        "{:<10} {:<16} {:>5} {:>4} {:>8} {:>7} {:>11} {:>10} {:>11} {:>11} {:>7}",
+        "node",
+        "link",
+        "role",
+        "up",
+        "QBER %",
+        "blocks",
+        "secret bits",
+        "link s",
+        "bit/s",
+        "model",
+        "pool"
+    );
+    for (node, s) in statuses {
+        match s {
+            Ok(st) => {
+                for l in &st.links {
+                    println!(
+                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>11.3e} {:>11.3e} {:>7}",
+                        node,
+                        l.id,
+                        match l.role {
+                            Role::Alice => "alice",
+                            Role::Bob => "bob",
+                        },
+                        if l.up { "yes" } else { "no" },
+                        l.qber_mean * 100.0,
+                        l.blocks_ok,
+                        l.secret_bits,
+                        l.link_seconds,
+                        l.key_rate_bps,
+                        l.model_key_bps,
+                        l.pool_units
+                    );
+                }
+            }
+            Err(e) => println!("{node:<10} not answering: {e}"),
+        }
+    }
+}
+
+fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let record = NetRecord::load(dir)?;
+    let st = launcher::status(&record);
+    if json {
+        let v: Vec<_> = st
+            .iter()
+            .map(|(n, s)| match s {
+                Ok(s) => serde_json::to_value(s).unwrap_or_default(),
+                Err(e) => serde_json::json!({"node": n, "error": e}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_status(&st);
+    }
+    Ok(())
+}
