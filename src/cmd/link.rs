@@ -574,6 +574,7 @@ fn run_link(a: RunArgs) -> anyhow::Result<()> {
         window: 4,
         bootstrap: std::sync::Arc::new(zeroize::Zeroizing::new(bootstrap)),
         seed: a.seed,
+        pass: None,
     };
     if !a.json {
         eprintln!(

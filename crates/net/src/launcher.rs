@@ -277,7 +277,9 @@ pub fn prepare(
                 peer_link_addr: (role == Role::Alice)
                     .then(|| SocketAddr::from(([127, 0, 0, 1], ports[j].link))),
                 preset: l.preset.clone(),
-                distance_km: l.distance_km,
+                distance_km: l.pass.is_none().then_some(l.distance_km),
+                pass_period_s: l.pass.as_ref().map(|p| p.period_s),
+                pass_offset_s: l.pass.as_ref().map(|p| p.offset_s),
                 eve: l.eve.clone(),
                 reconciler: l.reconciler.clone(),
                 block_gates: l.block_gates,

@@ -25,6 +25,8 @@
 //! preset = "metro-1ghz"
 //! distance_km = 12.0
 //! block_gates = 134000000
+//! # satellite links (a satellite preset, no distance_km): passes every
+//! # pass_period_s seconds of link time, the first at pass_offset_s
 //! bootstrap_file = "/state/links/hub-north.key"   # shared with the peer; 0600
 //! ```
 //!
@@ -106,8 +108,15 @@ pub struct NodeLink {
     pub peer_link_addr: Option<SocketAddr>,
     /// Device preset name or path.
     pub preset: String,
-    /// Fibre length, km.
-    pub distance_km: f64,
+    /// Fibre length, km (fibre links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_km: Option<f64>,
+    /// Satellite links: seconds between pass starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_period_s: Option<f64>,
+    /// Satellite links: start of the first pass (link time from session start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_offset_s: Option<f64>,
     /// Eavesdropper.
     #[serde(default = "no_eve")]
     pub eve: String,
@@ -183,9 +192,24 @@ struct NodeState {
 
 fn link_params(l: &NodeLink) -> Result<LinkParams, NetError> {
     let what = |e: String| NetError::Config(format!("link {}: {e}", l.id));
-    let link = load_preset(&l.preset)
-        .and_then(|p| Ok(p.at_distance(l.distance_km)?))
-        .map_err(|e| what(e.to_string()))?;
+    let base = load_preset(&l.preset).map_err(|e| what(e.to_string()))?;
+    let (link, pass) = match &base.channel {
+        qkdnet_optics::device::Channel::Satellite(_) => {
+            let plan = crate::session::PassPlan::from_link(
+                &base,
+                l.pass_period_s.unwrap_or(86_400.0),
+                l.pass_offset_s.unwrap_or(0.0),
+            )
+            .map_err(|e| what(e.to_string()))?;
+            (base, Some(plan))
+        }
+        _ => {
+            let km = l
+                .distance_km
+                .ok_or_else(|| what("a fibre link needs distance_km".into()))?;
+            (base.at_distance(km).map_err(|e| what(e.to_string()))?, None)
+        }
+    };
     let eve = Eve::parse(&l.eve).map_err(|e| what(e.to_string()))?;
     let reconciler = Reconciler::parse(&l.reconciler).map_err(|e| what(e.to_string()))?;
     let bootstrap = std::fs::read(&l.bootstrap_file).map_err(|e| {
@@ -201,6 +225,7 @@ fn link_params(l: &NodeLink) -> Result<LinkParams, NetError> {
             crate::session::MIN_BOOTSTRAP_BYTES
         )));
     }
+    let rep = link.source.rep_rate_hz();
     let proto = ProtocolConfig {
         reconciler,
         eps_sec: link.postproc.eps_sec.get(),
@@ -213,10 +238,15 @@ fn link_params(l: &NodeLink) -> Result<LinkParams, NetError> {
         link,
         eve,
         proto,
-        block_gates: l.block_gates.max(1000),
+        block_gates: match &pass {
+            // One block per pass; rates count the whole period.
+            Some(plan) => (plan.period_s * rep).round() as u64,
+            None => l.block_gates.max(1000),
+        },
         window: 4,
         bootstrap: Arc::new(Zeroizing::new(bootstrap)),
         seed: None,
+        pass,
     })
 }
 

@@ -82,6 +82,74 @@ pub struct LinkParams {
     pub bootstrap: Arc<Zeroizing<Vec<u8>>>,
     /// Fixed simulator seed (reproducible runs); random when `None`.
     pub seed: Option<u64>,
+    /// Satellite links: the pass schedule (one block per pass); `None` for fibre.
+    pub pass: Option<PassPlan>,
+}
+
+/// When a satellite link can make key: passes of a fixed loss profile that
+/// repeat every `period_s` seconds of link time, the first starting at
+/// `offset_s` (link time counts from the start of the session). Outside passes
+/// Bob's telescope is not tracking and nothing is recorded.
+#[derive(Debug, Clone)]
+pub struct PassPlan {
+    /// Seconds from one pass start to the next.
+    pub period_s: f64,
+    /// Start of the first pass.
+    pub offset_s: f64,
+    /// The pass as (seconds, channel transmittance) steps, rising to setting.
+    pub steps: Vec<(f64, f64)>,
+}
+
+impl PassPlan {
+    /// The pass of a satellite preset, sampled in 1 s steps.
+    pub fn from_link(
+        link: &LinkConfig,
+        period_s: f64,
+        offset_s: f64,
+    ) -> Result<PassPlan, NetError> {
+        let qkdnet_optics::device::Channel::Satellite(pass) = &link.channel else {
+            return Err(NetError::Config(format!(
+                "preset '{}' has no satellite channel",
+                link.name
+            )));
+        };
+        let steps: Vec<(f64, f64)> = pass
+            .profile(1.0)
+            .iter()
+            .map(|pt| (1.0, 10f64.powf(-pt.loss_db / 10.0)))
+            .collect();
+        let plan = PassPlan {
+            period_s,
+            offset_s,
+            steps,
+        };
+        if !(offset_s.is_finite() && offset_s >= 0.0) {
+            return Err(NetError::Config(format!(
+                "pass offset must be >= 0 s, got {offset_s}"
+            )));
+        }
+        if !(period_s.is_finite() && period_s >= plan.duration_s()) {
+            return Err(NetError::Config(format!(
+                "pass period {period_s} s is shorter than the pass ({:.0} s)",
+                plan.duration_s()
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Length of one pass, seconds.
+    pub fn duration_s(&self) -> f64 {
+        self.steps.iter().map(|s| s.0).sum()
+    }
+
+    /// Start of the first pass at or after link time `t`.
+    pub fn next_start(&self, t: f64) -> f64 {
+        if t <= self.offset_s {
+            self.offset_s
+        } else {
+            self.offset_s + ((t - self.offset_s) / self.period_s).ceil() * self.period_s
+        }
+    }
 }
 
 /// How fast Alice's simulator produces pulses.
@@ -450,16 +518,40 @@ pub fn alice_session(
     let block_gates = p.block_gates.max(1);
     let sim_stop = stop.clone();
     let sim_stats = stats.clone();
+    let pass = p.pass.clone();
     let optics = std::thread::Builder::new()
         .name(format!("optics {}", p.link_id))
         .spawn(move || -> Result<(), NetError> {
             let start = Instant::now();
-            let mut done = 0u64;
             let mut k = 0u64;
             let mut dets = Vec::new();
+            let discard = &mut |_| Ok::<(), std::convert::Infallible>(());
             while max_blocks.is_none_or(|m| k < m) && k < BLOCKS_PER_SESSION {
+                // The block: (gates, transmittance) steps from the next gate on.
+                let steps: Vec<(u64, Option<f64>)> = match &pass {
+                    None => vec![(block_gates, None)],
+                    Some(plan) => {
+                        let t = sim.next_gate() as f64 / rep;
+                        let gap = ((plan.next_start(t) - t) * rep).round() as u64;
+                        if gap > 0 {
+                            // Between passes: nothing reaches Bob and nothing is recorded.
+                            sim.set_channel_transmittance(0.0);
+                            let r = sim.run(gap, discard);
+                            if let Err(never) = r {
+                                match never {}
+                            }
+                            sim_stats.gates.fetch_add(gap, Ordering::Relaxed);
+                        }
+                        plan.steps
+                            .iter()
+                            .map(|&(secs, eta)| (((secs * rep).round() as u64).max(1), Some(eta)))
+                            .collect()
+                    }
+                };
+                let first_gate = sim.next_gate();
+                let gates: u64 = steps.iter().map(|s| s.0).sum();
                 if let Pace::RealTime { scale } = pace {
-                    let due = (done + block_gates) as f64 / (rep * scale.max(1e-9));
+                    let due = (first_gate + gates) as f64 / (rep * scale.max(1e-9));
                     let wait = due - start.elapsed().as_secs_f64();
                     if wait > 0.0 && sim_stop.sleep(Duration::from_secs_f64(wait)) {
                         break;
@@ -468,23 +560,26 @@ pub fn alice_session(
                 if sim_stop.fired() {
                     break;
                 }
-                let first_gate = sim.next_gate();
                 dets.clear();
-                if let Err(never) = sim.run(block_gates, &mut |d| {
-                    dets.push(d);
-                    Ok::<(), std::convert::Infallible>(())
-                }) {
-                    match never {}
+                for (n, eta) in steps {
+                    if let Some(eta) = eta {
+                        sim.set_channel_transmittance(eta);
+                    }
+                    if let Err(never) = sim.run(n, &mut |d| {
+                        dets.push(d);
+                        Ok::<(), std::convert::Infallible>(())
+                    }) {
+                        match never {}
+                    }
                 }
                 let span = Span {
                     first_gate,
-                    gates: block_gates,
+                    gates,
                     rep_rate_hz: rep,
                 };
                 quantum::write_frame(&mut quantum, session * BLOCKS_PER_SESSION + k, span, &dets)?;
-                done += block_gates;
                 k += 1;
-                sim_stats.gates.fetch_add(block_gates, Ordering::Relaxed);
+                sim_stats.gates.fetch_add(gates, Ordering::Relaxed);
             }
             let _ = quantum.shutdown(std::net::Shutdown::Write);
             Ok(())

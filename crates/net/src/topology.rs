@@ -24,6 +24,13 @@
 //! # eve = "none"              # none | intercept-resend:FRACTION | pns
 //! # reconciler = "cascade"    # cascade | cascade-opt | ldpc
 //! # block_gates = 1e8         # default: about 2e6 sifted key bits per block
+//!
+//! [[link]]                    # a satellite downlink: a satellite preset, no distance_km
+//! a = "satellite-gs-1"
+//! b = "ground-2"
+//! preset = "micius2017"
+//! pass_period_s = 600         # seconds of link time between pass starts (default 86400)
+//! pass_offset_s = 0           # first pass start (default 0)
 //! ```
 //!
 //! [`Topology::validate`] checks everything that can be checked before a
@@ -94,8 +101,15 @@ pub struct LinkSpec {
     pub b: String,
     /// Device preset name or TOML path.
     pub preset: String,
-    /// Fibre length, km.
-    pub distance_km: f64,
+    /// Fibre length, km (fibre presets only).
+    #[serde(default)]
+    pub distance_km: Option<f64>,
+    /// Satellite presets: seconds between pass starts (default 86400: one pass a day).
+    #[serde(default)]
+    pub pass_period_s: Option<f64>,
+    /// Satellite presets: link time of the first pass start (default 0).
+    #[serde(default)]
+    pub pass_offset_s: Option<f64>,
     /// Eavesdropper on the simulated channel.
     #[serde(default)]
     pub eve: Option<String>,
@@ -135,8 +149,10 @@ pub struct ValidLink {
     pub b: KmeId,
     /// Preset as written (name or path).
     pub preset: String,
-    /// Fibre length, km.
+    /// Fibre length, km (0 for a satellite link).
     pub distance_km: f64,
+    /// Satellite links: when passes happen and what one yields.
+    pub pass: Option<PassSchedule>,
     /// The physical link at its length.
     pub config: LinkConfig,
     /// Eavesdropper as written.
@@ -147,6 +163,19 @@ pub struct ValidLink {
     pub block_gates: u64,
     /// The finite-key model's secret key rate at this block size, bit/s of link time.
     pub model_key_bps: f64,
+}
+
+/// The passes of a satellite link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassSchedule {
+    /// Seconds between pass starts.
+    pub period_s: f64,
+    /// Start of the first pass (link time).
+    pub offset_s: f64,
+    /// Length of a pass, seconds.
+    pub duration_s: f64,
+    /// Secret key of one pass processed as one finite block (available at the pass end), bits.
+    pub key_bits_per_pass: f64,
 }
 
 /// A topology that passed [`Topology::validate`].
@@ -296,12 +325,6 @@ impl Topology {
                     l.a, l.b
                 ));
             }
-            if !(l.distance_km.is_finite() && l.distance_km >= 0.0) {
-                return bad(format!(
-                    "{what}: distance_km must be a length >= 0, got {}",
-                    l.distance_km
-                ));
-            }
             let base =
                 load_preset(&l.preset).map_err(|e| NetError::Config(format!("{what}: {e}")))?;
             if base.source.classes().len() != 3 {
@@ -310,9 +333,47 @@ impl Topology {
                     l.preset
                 ));
             }
-            let config = base
-                .at_distance(l.distance_km)
-                .map_err(|e| NetError::Config(format!("{what}: {e}")))?;
+            let satellite = matches!(base.channel, qkdnet_optics::device::Channel::Satellite(_));
+            let (config, distance_km, pass) = if satellite {
+                if l.distance_km.is_some() {
+                    return bad(format!(
+                        "{what}: preset '{}' is a satellite downlink; its range comes from the pass geometry, drop distance_km",
+                        l.preset
+                    ));
+                }
+                let period = l.pass_period_s.unwrap_or(86_400.0);
+                let offset = l.pass_offset_s.unwrap_or(0.0);
+                let plan = crate::session::PassPlan::from_link(&base, period, offset)
+                    .map_err(|e| NetError::Config(format!("{what}: {e}")))?;
+                let summary = qkdnet_optics::keyrate::pass_summary(&base, 1.0)
+                    .map_err(|e| NetError::Config(format!("{what}: {e}")))?;
+                let sched = PassSchedule {
+                    period_s: period,
+                    offset_s: offset,
+                    duration_s: plan.duration_s(),
+                    key_bits_per_pass: summary.final_key_bits,
+                };
+                (base, 0.0, Some(sched))
+            } else {
+                if l.pass_period_s.is_some() || l.pass_offset_s.is_some() {
+                    return bad(format!(
+                        "{what}: pass_period_s and pass_offset_s are for satellite presets; '{}' is not one",
+                        l.preset
+                    ));
+                }
+                let Some(km) = l.distance_km else {
+                    return bad(format!("{what}: distance_km is missing"));
+                };
+                if !(km.is_finite() && km >= 0.0) {
+                    return bad(format!(
+                        "{what}: distance_km must be a length >= 0, got {km}"
+                    ));
+                }
+                let config = base
+                    .at_distance(km)
+                    .map_err(|e| NetError::Config(format!("{what}: {e}")))?;
+                (config, km, None)
+            };
             let eve = l.eve.clone().unwrap_or_else(|| "none".into());
             Eve::parse(&eve).map_err(|e| NetError::Config(format!("{what}: {e}")))?;
             let reconciler = l.reconciler.clone().unwrap_or_else(|| "cascade".into());
@@ -326,21 +387,30 @@ impl Topology {
                 }
                 None => default_block_gates(&config, 2e6),
             };
-            let model = model_key_bps(&config, block_gates);
+            let model = match &pass {
+                Some(p) => p.key_bits_per_pass / p.period_s,
+                None => model_key_bps(&config, block_gates),
+            };
             if model <= 0.0 {
-                return bad(format!(
-                    "{what}: preset '{}' cannot close {} km: the finite-key model gives no secret key at {:.1} dB with blocks of {block_gates} gates",
-                    l.preset,
-                    l.distance_km,
-                    config.channel.loss_db()
-                ));
+                return bad(match &pass {
+                    Some(_) => format!(
+                        "{what}: preset '{}' yields no secret key in one pass (finite-key model)",
+                        l.preset
+                    ),
+                    None => format!(
+                        "{what}: preset '{}' cannot close {distance_km} km: the finite-key model gives no secret key at {:.1} dB with blocks of {block_gates} gates",
+                        l.preset,
+                        config.channel.loss_db()
+                    ),
+                });
             }
             links.push(ValidLink {
                 id,
                 a,
                 b,
                 preset: l.preset.clone(),
-                distance_km: l.distance_km,
+                distance_km,
+                pass,
                 config,
                 eve,
                 reconciler,

@@ -27,6 +27,7 @@ fn params(eve: &str, km: f64, block_gates: u64) -> LinkParams {
         window: 4,
         bootstrap: Arc::new(zeroize::Zeroizing::new(vec![7u8; 1024])),
         seed: Some(11),
+        pass: None,
     }
 }
 
