@@ -12,5 +12,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
 fi
 
+# A throwaway PostgreSQL server for the networked key-store tests (installs
+# Debian's postgresql package if needed; reuses a server it started before).
+pg_line=$(bash scripts/postgres.sh)
+export "$pg_line"
+
 cargo fmt --all -- --check
 cargo test --workspace --locked "$@"

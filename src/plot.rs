@@ -28,6 +28,26 @@ fn register_font() {
     });
 }
 
+/// The y axis of a plot.
+#[derive(Clone, Copy)]
+enum YAxis {
+    /// Logarithmic, decades around the data; non-positive values dropped.
+    Log,
+    /// Linear from 0, so that an empty pool shows.
+    Linear,
+}
+
+impl YAxis {
+    fn keeps(self, p: &(f64, f64)) -> bool {
+        p.0.is_finite()
+            && p.1.is_finite()
+            && match self {
+                YAxis::Log => p.1 > 0.0,
+                YAxis::Linear => true,
+            }
+    }
+}
+
 /// Draws `series` with a log-scale y axis to `path` (.svg or .png).
 pub fn log_y(
     path: &std::path::Path,
@@ -36,13 +56,39 @@ pub fn log_y(
     y_label: &str,
     series: &[Series<'_>],
 ) -> anyhow::Result<()> {
+    plot(path, title, x_label, y_label, series, YAxis::Log)
+}
+
+/// Draws `series` with linear axes (y from 0) to `path` (.svg or .png): pool
+/// levels over time, where an empty pool (0) must show.
+pub fn linear_y(
+    path: &std::path::Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+) -> anyhow::Result<()> {
+    plot(path, title, x_label, y_label, series, YAxis::Linear)
+}
+
+fn plot(
+    path: &std::path::Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+    axis: YAxis,
+) -> anyhow::Result<()> {
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
-        .filter(|p| p.1 > 0.0 && p.1.is_finite())
+        .filter(|p| axis.keeps(p))
         .collect();
     if pts.is_empty() {
-        bail!("nothing to plot: every value is zero (no key at any point)");
+        bail!(match axis {
+            YAxis::Log => "nothing to plot: every value is zero (no key at any point)",
+            YAxis::Linear => "nothing to plot: no points",
+        });
     }
     let (x0, x1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
         (a.0.min(p.0), a.1.max(p.0))
@@ -50,10 +96,13 @@ pub fn log_y(
     let (y0, y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
         (a.0.min(p.1), a.1.max(p.1))
     });
-    let (y0, y1) = (
-        10f64.powf(y0.log10().floor()),
-        10f64.powf(y1.log10().ceil()),
-    );
+    let y = match axis {
+        YAxis::Log => (
+            10f64.powf(y0.log10().floor()),
+            10f64.powf(y1.log10().ceil()),
+        ),
+        YAxis::Linear => (0.0, if y1 > 0.0 { y1 * 1.05 } else { 1.0 }),
+    };
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
     let ext = path
         .extension()
@@ -65,7 +114,8 @@ pub fn log_y(
         x_label,
         y_label,
         x: (x0, x1),
-        y: (y0, y1),
+        y,
+        axis,
     };
     register_font(); // both backends measure text with it
     match ext.as_str() {
@@ -90,6 +140,7 @@ struct Frame<'a> {
     y_label: &'a str,
     x: (f64, f64),
     y: (f64, f64),
+    axis: YAxis,
 }
 
 fn draw<DB: DrawingBackend>(
@@ -100,60 +151,85 @@ fn draw<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let (title, x_label, y_label) = (f.title, f.x_label, f.y_label);
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ((x0, x1), (y0, y1)) = (f.x, f.y);
-    {
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .y_label_formatter(&|v| format!("{v:.0e}"))
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-        for (i, s) in series.iter().enumerate() {
-            let c = colours[i % colours.len()];
-            let pts: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .copied()
-                .filter(|p| p.1 > 0.0 && p.1.is_finite())
-                .collect();
-            let style = if s.dashed {
-                c.mix(0.6).stroke_width(2)
-            } else {
-                c.stroke_width(3)
-            };
-            if s.dashed {
-                chart
-                    .draw_series(DashedLineSeries::new(pts, 8, 6, style))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .label(s.label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-            } else {
-                chart
-                    .draw_series(LineSeries::new(pts, style))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .label(s.label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-            }
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(f.title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80);
+    match f.axis {
+        YAxis::Log => {
+            let chart = builder
+                .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            draw_series(chart, f, series, |v| format!("{v:.0e}"))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(())
+        YAxis::Linear => {
+            let chart = builder
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            draw_series(chart, f, series, |v| format!("{v:.2e}"))?;
+        }
     }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn draw_series<'a, DB: 'a, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    f: &Frame<'_>,
+    series: &[Series<'_>],
+    y_format: fn(&f64) -> String,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc(f.x_label)
+        .y_desc(f.y_label)
+        .y_label_formatter(&y_format)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let colours = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, s) in series.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| f.axis.keeps(p))
+            .collect();
+        let style = if s.dashed {
+            c.mix(0.6).stroke_width(2)
+        } else {
+            c.stroke_width(2)
+        };
+        let legend = move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c);
+        if s.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(pts, 8, 6, style))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(s.label)
+                .legend(legend);
+        } else {
+            chart
+                .draw_series(LineSeries::new(pts, style))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(s.label)
+                .legend(legend);
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }

@@ -7,9 +7,11 @@ pub mod crypto;
 pub mod demo;
 pub mod kme;
 pub mod link;
+pub mod msg;
 pub mod net;
 pub mod node;
 pub mod pki;
+pub mod plan;
 pub mod postproc;
 
 /// qkdnet: a quantum-secure network stack. Optics are simulated from physical
@@ -31,6 +33,14 @@ enum Command {
     /// A whole network on this machine: up, down, status.
     #[command(subcommand)]
     Net(net::NetCommand),
+    /// Sealed files for another SAE with keys from the QKD network (ETSI 014).
+    #[command(subcommand)]
+    Msg(msg::MsgCommand),
+    /// Plan a network before building it: a simulated day of key generation,
+    /// relaying and demand over the key-rate models (no key is made).
+    ///
+    /// Example: qkdnet plan topologies/china-national.toml --duration 24h --plot plots/
+    Plan(plan::PlanArgs),
     /// One trusted node: its QKD links, its KME, metrics.
     #[command(subcommand)]
     Node(node::NodeCommand),
@@ -58,6 +68,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Net(c) => net::run(c),
         Command::Node(c) => node::run(c),
+        Command::Msg(c) => msg::run(c),
+        Command::Plan(a) => plan::run(a),
         Command::Link(c) => link::run(c),
         Command::Postproc(a) => postproc::run(a),
         Command::Crypto(c) => crypto::run(c),

@@ -132,7 +132,9 @@ async fn tampered(net: &Net, name: &str, tamper: impl FnOnce(&mut Vec<u8>, usize
     let mut bytes = std::fs::read(&path).expect("sealed");
     tamper(&mut bytes, header_len(net, name));
     std::fs::write(&path, &bytes).expect("write");
-    let e = bob_opens(net, name).await.unwrap_err();
+    let e = bob_opens(net, name)
+        .await
+        .expect_err("tampered file must not open");
     assert_no_output(&net.dir, &format!("{name}.out"));
     e
 }
@@ -443,4 +445,27 @@ async fn usage_errors_are_caught_before_keys_are_taken() {
     // The pool was not touched: alice still has all her keys.
     let st = alice.status("bob").await.expect("status");
     assert_eq!(st.stored_key_count, BLOCKS * 32);
+}
+
+#[tokio::test]
+async fn a_multi_mib_file_streams_with_default_chunks() {
+    let net = Net::start().await;
+    let plain = data(3 << 20 | 12_345, 9);
+    let opts = SealOptions {
+        rekey_bytes: 1 << 20,
+        ..SealOptions::default()
+    };
+    let r = seal_for_bob(&net, "big", &plain, &opts).await;
+    assert_eq!(r.key_ids.len(), 4);
+    assert_eq!(r.chunks, 3 * 16 + 1);
+    bob_opens(&net, "big").await.expect("open");
+    assert!(opened(&net, "big") == plain);
+}
+
+/// The futures can run on a multi-threaded runtime (`tokio::spawn`).
+#[allow(dead_code)]
+fn futures_are_send(c: &qkdnet_kms::client::EtsiClient, p: &std::path::Path, o: &SealOptions) {
+    fn send<T: Send>(_: T) {}
+    send(seal(c, "a", "b", p, p, o));
+    send(open(c, "b", p, p));
 }

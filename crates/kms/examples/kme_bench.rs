@@ -128,6 +128,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             listen,
             store: dir.join(store),
             store_synchronous: args.sync,
+            store_url: None,
+            store_schema: None,
             tls: TlsPaths {
                 ca: "-".into(),
                 cert: "-".into(),

@@ -7,11 +7,22 @@
 //! file. `[test_keys]` injects seeded test material and exists only when written
 //! explicitly. Example:
 //!
+//! The store is either an SQLite file (`store`, the embedded default) or a
+//! PostgreSQL database (`store_url`), never both. With `store_url`, the KME's tables
+//! live in the schema `store_schema` (default `kms_<kme_id>`), so several KMEs can
+//! share one server and database. The connection to PostgreSQL has no TLS: put the
+//! database on loopback or a trusted network. The URL may carry a password; the
+//! configuration's `Debug` output never shows it, but the file itself should be
+//! readable only by the KME.
+//!
 //! ```toml
 //! kme_id = "kme-a"
 //! listen = "127.0.0.1:8443"
 //! store = "kme-a.sqlite"          # SQLite, WAL, synchronous=FULL
 //! # store_synchronous = "normal"  # only to compare; survives crashes, not power loss
+//! # or, instead of `store`:
+//! # store_url = "postgres://qkdnet@127.0.0.1:5432/qkdnet"
+//! # store_schema = "kms_kme-a"    # optional; this is the default
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -60,8 +71,9 @@ use crate::ids::{KmeId, SaeId};
 use crate::peer::PeerClient;
 use crate::server::{ServerHandle, serve};
 use crate::service::{Kme, KmeSettings};
-use crate::store::StoreError;
+use crate::store::postgres::{PostgresOptions, PostgresStore, PostgresUrl, SchemaName};
 use crate::store::sqlite::{Durability, SqliteStore};
+use crate::store::{KeyStore, StoreError};
 use crate::tls::{TlsMaterial, server_config};
 
 /// Synchronous mode of the SQLite store.
@@ -141,6 +153,67 @@ fn default_peer_timeout_ms() -> u64 {
 fn default_peer_attempts() -> u32 {
     2
 }
+/// A TOML error as "line L, column C: message", without the quote of the offending
+/// line that the error's `Display` adds: that line could be the store URL with its
+/// password.
+fn toml_error(text: &str, e: &toml::de::Error) -> KmsError {
+    KmsError::Config(toml_error_message(text, e))
+}
+
+/// The message of [`toml_error`], for other configuration files that embed a
+/// [`KmeConfig`] (the node's): "line L, column C: message", no quoted line.
+pub fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().and_then(|span| {
+        let before = text.get(..span.start)?;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        Some((
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+        ))
+    });
+    match at {
+        Some((line, column)) => format!("line {line}, column {column}: {}", e.message()),
+        None => e.message().to_owned(),
+    }
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// The store a [`KmeConfig`] selects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreChoice<'a> {
+    /// An SQLite file.
+    Sqlite {
+        /// Its path.
+        path: &'a Path,
+        /// Its durability.
+        durability: Durability,
+    },
+    /// A PostgreSQL database.
+    Postgres {
+        /// The connection URL.
+        url: &'a PostgresUrl,
+        /// The schema of this KME's tables.
+        schema: SchemaName,
+    },
+}
+
+impl StoreChoice<'_> {
+    /// Opens the store.
+    pub async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(match self {
+            StoreChoice::Sqlite { path, durability } => {
+                Arc::new(SqliteStore::open_with(path, *durability)?)
+            }
+            StoreChoice::Postgres { url, schema } => {
+                Arc::new(PostgresStore::open(url, schema, PostgresOptions::default()).await?)
+            }
+        })
+    }
+}
 
 /// Configuration of a standalone KME.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -150,11 +223,18 @@ pub struct KmeConfig {
     pub kme_id: KmeId,
     /// Listen address.
     pub listen: SocketAddr,
-    /// SQLite store path.
+    /// SQLite store path (empty when `store_url` is used instead).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub store: PathBuf,
     /// SQLite synchronous mode.
     #[serde(default)]
     pub store_synchronous: SyncMode,
+    /// PostgreSQL store, instead of `store`: a connection URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_url: Option<PostgresUrl>,
+    /// PostgreSQL schema of this KME's tables (default `kms_<kme_id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_schema: Option<SchemaName>,
     /// TLS files.
     pub tls: TlsPaths,
     /// Limits.
@@ -180,9 +260,51 @@ pub struct KmeConfig {
 impl KmeConfig {
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, KmsError> {
-        let c: Self = toml::from_str(text).map_err(|e| KmsError::Config(e.to_string()))?;
+        let c: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         c.limits.check()?;
+        c.store_choice()?;
         Ok(c)
+    }
+
+    /// The store this configuration selects: `store` (SQLite) or `store_url`
+    /// (PostgreSQL), exactly one of them.
+    pub fn store_choice(&self) -> Result<StoreChoice<'_>, KmsError> {
+        match (&self.store_url, path_is_empty(&self.store)) {
+            (None, false) => {
+                if self.store_schema.is_some() {
+                    return Err(KmsError::Config(
+                        "store_schema applies to a PostgreSQL store (store_url) only".into(),
+                    ));
+                }
+                Ok(StoreChoice::Sqlite {
+                    path: &self.store,
+                    durability: match self.store_synchronous {
+                        SyncMode::Full => Durability::Full,
+                        SyncMode::Normal => Durability::Normal,
+                    },
+                })
+            }
+            (Some(url), true) => {
+                if self.store_synchronous != SyncMode::Full {
+                    return Err(KmsError::Config(
+                        "store_synchronous applies to an SQLite store (store) only".into(),
+                    ));
+                }
+                let schema = match &self.store_schema {
+                    Some(s) => s.clone(),
+                    None => SchemaName::for_kme(&self.kme_id).map_err(|e| {
+                        KmsError::Config(format!("{e}; set store_schema explicitly"))
+                    })?,
+                };
+                Ok(StoreChoice::Postgres { url, schema })
+            }
+            (Some(_), false) => Err(KmsError::Config(
+                "set either store (SQLite file) or store_url (PostgreSQL), not both".into(),
+            )),
+            (None, true) => Err(KmsError::Config(
+                "no key store: set store (SQLite file) or store_url (PostgreSQL)".into(),
+            )),
+        }
     }
 
     /// Reads a file; relative paths in it are made relative to its directory.
@@ -192,7 +314,8 @@ impl KmeConfig {
         let mut c = Self::from_toml(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut c.store, &mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
-            if p.is_relative() {
+            // An empty `store` means "PostgreSQL instead" and stays empty.
+            if p.is_relative() && !path_is_empty(p) {
                 *p = base.join(&*p);
             }
         }
@@ -247,11 +370,7 @@ pub async fn launch_with_tls(
             )));
         }
     }
-    let durability = match cfg.store_synchronous {
-        SyncMode::Full => Durability::Full,
-        SyncMode::Normal => Durability::Normal,
-    };
-    let store = Arc::new(SqliteStore::open_with(&cfg.store, durability)?);
+    let store = cfg.store_choice()?.open().await?;
     let timeout = Duration::from_millis(cfg.peer_timeout_ms.max(1));
     let peers = cfg
         .peers
@@ -289,4 +408,92 @@ pub async fn launch_with_tls(
         server,
         test_blocks_ingested,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+kme_id = "kme-a"
+listen = "127.0.0.1:8443"
+[tls]
+ca = "ca.pem"
+cert = "kme.pem"
+key = "kme.key"
+"#;
+
+    fn parse(store: &str) -> Result<KmeConfig, KmsError> {
+        let (head, tail) = BASE.split_at(BASE.find("[tls]").expect("table"));
+        KmeConfig::from_toml(&format!("{head}{store}\n{tail}"))
+    }
+
+    #[test]
+    fn the_store_is_sqlite_or_postgres_never_both() {
+        let c = parse(r#"store = "a.sqlite""#).expect("SQLite");
+        assert!(matches!(c.store_choice(), Ok(StoreChoice::Sqlite { .. })));
+        let c = parse(r#"store_url = "postgres://kms:pw@127.0.0.1:5432/qkd""#).expect("PostgreSQL");
+        match c.store_choice() {
+            Ok(StoreChoice::Postgres { schema, .. }) => assert_eq!(schema.as_str(), "kms_kme-a"),
+            other => panic!("{other:?}"),
+        }
+        let c = parse("store_url = \"postgres://127.0.0.1/qkd\"\nstore_schema = \"shared_a\"")
+            .expect("explicit schema");
+        match c.store_choice() {
+            Ok(StoreChoice::Postgres { schema, .. }) => assert_eq!(schema.as_str(), "shared_a"),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "",
+            "store = \"a.sqlite\"\nstore_url = \"postgres://127.0.0.1/qkd\"",
+            "store = \"a.sqlite\"\nstore_schema = \"x\"",
+            "store_url = \"postgres://127.0.0.1/qkd\"\nstore_synchronous = \"normal\"",
+            "store_url = \"postgres://127.0.0.1/qkd\"\nstore_schema = \"pg_catalog\"",
+            "store_url = \"postgres://127.0.0.1:port/qkd\"",
+        ] {
+            assert!(parse(bad).is_err(), "accepted: {bad}");
+        }
+    }
+
+    #[test]
+    fn the_store_password_stays_out_of_debug_and_errors_but_round_trips() {
+        let c = parse(r#"store_url = "postgres://kms:hunter2pw@127.0.0.1:5432/qkd""#)
+            .expect("PostgreSQL");
+        assert!(!format!("{c:?}").contains("hunter2pw"));
+        let e = parse(r#"store_url = "postgres://kms:hunter2pw@127.0.0.1:x/qkd""#)
+            .expect_err("bad port");
+        assert!(!e.to_string().contains("hunter2pw"), "{e}");
+        // Serialized (as the launcher writes node files) and read back unchanged.
+        let text = toml::to_string(&c).expect("serialize");
+        assert!(!text.contains("store ="), "no empty SQLite path: {text}");
+        let back = KmeConfig::from_toml(&text).expect("reparse");
+        assert_eq!(
+            back.store_url.as_ref().map(PostgresUrl::as_str),
+            Some("postgres://kms:hunter2pw@127.0.0.1:5432/qkd")
+        );
+        let c = parse(r#"store = "a.sqlite""#).expect("SQLite");
+        let text = toml::to_string(&c).expect("serialize");
+        assert!(!text.contains("store_url"), "{text}");
+        assert!(KmeConfig::from_toml(&text).is_ok());
+    }
+
+    #[test]
+    fn relative_store_paths_follow_the_file_and_an_absent_one_stays_absent() {
+        let dir = std::env::temp_dir().join(format!("qkdnet-kms-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("kme.toml");
+        let (head, tail) = BASE.split_at(BASE.find("[tls]").expect("table"));
+        std::fs::write(
+            &f,
+            format!("{head}store_url = \"postgres://127.0.0.1/q\"\n{tail}"),
+        )
+        .expect("write");
+        let c = KmeConfig::from_file(&f).expect("read");
+        assert!(c.store.as_os_str().is_empty());
+        assert!(matches!(c.store_choice(), Ok(StoreChoice::Postgres { .. })));
+        std::fs::write(&f, format!("{head}store = \"a.sqlite\"\n{tail}")).expect("write");
+        let c = KmeConfig::from_file(&f).expect("read");
+        assert_eq!(c.store, dir.join("a.sqlite"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -26,7 +26,7 @@
 //! |---|---|
 //! | [`block`] | key blocks from the link layer, unit IDs, unit ownership |
 //! | [`ids`] | SAE and KME identifiers (validated newtypes) |
-//! | [`store`] | the [`store::KeyStore`] trait and the SQLite implementation |
+//! | [`store`] | the [`store::KeyStore`] trait and its SQLite and PostgreSQL implementations |
 //! | [`etsi`] | ETSI GS QKD 014 JSON objects and their decoders |
 //! | [`error`] | domain errors |
 //! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |

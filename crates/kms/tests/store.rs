@@ -1,20 +1,222 @@
-//! The SQLite store's state machine: idempotent accept/void, tombstones,
-//! exactly-once delivery, durability across an abrupt drop and a SIGKILL.
+//! The key store's state machine on both backends: idempotent accept/void,
+//! tombstones, exactly-once delivery under concurrency, durability across an abrupt
+//! drop, and two KMEs' stores killed with SIGKILL under load, recovered, and checked
+//! to agree on which keys remain.
+//!
+//! Each behaviour is one `async fn` taking a [`Backend`]; `on_both_backends!` turns
+//! it into `<name>::sqlite` (always run) and `<name>::postgres` (run against the
+//! server in `QKDNET_TEST_PG`, which scripts/postgres.sh starts; skipped with a
+//! message when unset, and a failure when unset in CI).
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-use common::{BLOCK_BYTES, SEED, TempDir, kme, sae};
+use common::{BLOCK_BYTES, Net, SEED, TempDir, key_ids_body, keys_of, kme, sae};
+use hyper::StatusCode;
 use qkdnet_kms::block::KeyBlock;
+use qkdnet_kms::etsi::Limits;
+use qkdnet_kms::store::postgres::{PostgresOptions, PostgresUrl, SchemaName};
 use qkdnet_kms::store::{
-    AcceptOutcome, Acceptance, IngestBatch, KeyStore, Reservation, SqliteStore, StoreError,
+    AcceptOutcome, Acceptance, IngestBatch, KeyStore, PostgresStore, Reservation, ReservedKey,
+    SqliteStore, StoreError,
 };
 use qkdnet_kms::testkeys::seeded_block;
 use uuid::Uuid;
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::sqlite(stringify!($name))).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(b) = super::Backend::postgres(stringify!($name)).await {
+                    super::$name(b).await
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    reserve_accept_take_void_are_idempotent_and_exactly_once,
+    state_survives_an_abrupt_drop,
+    concurrent_transitions_never_hand_a_unit_twice,
+    sigkill_during_load_neither_repeats_nor_loses_keys,
+);
+
+/// Where a test's stores live: files in a temporary directory, or schemas on the
+/// test PostgreSQL server. A store is named (`"a"`, `"b"`) within the backend.
+#[derive(Clone)]
+enum Backend {
+    Sqlite {
+        dir: PathBuf,
+        /// Removes the directory when the last clone goes (absent in a crash child,
+        /// which must leave the parent's files alone).
+        _owner: Option<Arc<TempDir>>,
+    },
+    Postgres {
+        url: String,
+        /// Schema prefix, unique per test.
+        prefix: String,
+    },
+}
+
+impl Backend {
+    fn sqlite(test: &str) -> Self {
+        let dir = TempDir::new(&format!("store-{:08x}", fnv32(test)));
+        Backend::Sqlite {
+            dir: dir.0.clone(),
+            _owner: Some(Arc::new(dir)),
+        }
+    }
+
+    /// The PostgreSQL backend, with this test's schemas from earlier runs dropped.
+    async fn postgres(test: &str) -> Option<Self> {
+        let url = common::test_pg_url(&format!("{test}::postgres"))?;
+        let prefix = format!("t{:08x}", fnv32(test));
+        let client = raw_pg(&url).await;
+        let stale = client
+            .query(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1",
+                &[&format!("{prefix}\\_%")],
+            )
+            .await
+            .expect("list schemas");
+        for row in stale {
+            let name: String = row.get(0);
+            client
+                .batch_execute(&format!("DROP SCHEMA \"{name}\" CASCADE"))
+                .await
+                .expect("drop stale schema");
+        }
+        Some(Backend::Postgres { url, prefix })
+    }
+
+    async fn open(&self, name: &str) -> Arc<dyn KeyStore> {
+        match self {
+            Backend::Sqlite { dir, .. } => Arc::new(
+                SqliteStore::open(&dir.join(format!("{name}.sqlite"))).expect("open SQLite"),
+            ),
+            Backend::Postgres { url, prefix } => {
+                let url: PostgresUrl = url.parse().expect("QKDNET_TEST_PG is a PostgreSQL URL");
+                let schema = SchemaName::new(&format!("{prefix}_{name}")).expect("schema");
+                let mut opts = PostgresOptions::default();
+                opts.pool_size = 4;
+                Arc::new(
+                    PostgresStore::open(&url, &schema, opts)
+                        .await
+                        .expect("open PostgreSQL"),
+                )
+            }
+        }
+    }
+
+    /// A string for a crash child to rebuild this backend from.
+    fn spec(&self) -> String {
+        match self {
+            Backend::Sqlite { dir, .. } => format!("sqlite:{}", dir.display()),
+            Backend::Postgres { prefix, .. } => format!("postgres:{prefix}"),
+        }
+    }
+
+    fn from_spec(spec: &str) -> Self {
+        if let Some(dir) = spec.strip_prefix("sqlite:") {
+            Backend::Sqlite {
+                dir: PathBuf::from(dir),
+                _owner: None,
+            }
+        } else if let Some(prefix) = spec.strip_prefix("postgres:") {
+            Backend::Postgres {
+                url: std::env::var("QKDNET_TEST_PG").expect("QKDNET_TEST_PG in the child"),
+                prefix: prefix.to_owned(),
+            }
+        } else {
+            panic!("bad backend spec {spec:?}")
+        }
+    }
+
+    /// Checks, with plain SQL on the closed store `name`, that its pool counters
+    /// match its units and that no unit is reserved for a key that does not exist.
+    /// (Opening a store recomputes the counters, so this must run before.)
+    async fn check_tables(&self, name: &str) {
+        const COUNTERS: &str = "SELECT p.peer, p.total, p.mine_available,
+                (SELECT count(*) FROM units u WHERE u.peer = p.peer),
+                (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.mine AND u.key_id IS NULL)
+            FROM pools p";
+        const STRAY: &str = "SELECT
+                (SELECT count(*) FROM units u WHERE u.peer NOT IN (SELECT peer FROM pools)),
+                (SELECT count(*) FROM units u WHERE u.key_id IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM keys k WHERE k.key_id = u.key_id))";
+        let (counters, stray): (Vec<(String, [i64; 4])>, [i64; 2]) = match self {
+            Backend::Sqlite { dir, .. } => {
+                let c = rusqlite::Connection::open(dir.join(format!("{name}.sqlite")))
+                    .expect("open SQLite file");
+                let mut st = c.prepare(COUNTERS).expect("prepare");
+                let counters = st
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?]))
+                    })
+                    .expect("query")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("rows");
+                let stray = c
+                    .query_row(STRAY, [], |r| Ok([r.get(0)?, r.get(1)?]))
+                    .expect("query");
+                (counters, stray)
+            }
+            Backend::Postgres { url, prefix } => {
+                let c = raw_pg(url).await;
+                c.batch_execute(&format!("SET search_path TO \"{prefix}_{name}\""))
+                    .await
+                    .expect("search_path");
+                let counters = c
+                    .query(COUNTERS, &[])
+                    .await
+                    .expect("query")
+                    .iter()
+                    .map(|r| (r.get(0), [r.get(1), r.get(2), r.get(3), r.get(4)]))
+                    .collect();
+                let r = c.query_one(STRAY, &[]).await.expect("query");
+                (counters, [r.get(0), r.get(1)])
+            }
+        };
+        for (peer, [total, mine, real_total, real_mine]) in counters {
+            assert_eq!(
+                (total, mine),
+                (real_total, real_mine),
+                "store {name}: pool counters of {peer} disagree with its units"
+            );
+        }
+        assert_eq!(
+            stray,
+            [0, 0],
+            "store {name}: units outside pools / orphaned"
+        );
+    }
+}
+
+fn fnv32(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+async fn raw_pg(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to QKDNET_TEST_PG");
+    tokio::spawn(conn);
+    client
+}
 
 fn batch(me: &str, peer: &str, block: KeyBlock) -> IngestBatch {
     let units = block.cut(&kme(me)).expect("valid block");
@@ -30,7 +232,8 @@ fn batch(me: &str, peer: &str, block: KeyBlock) -> IngestBatch {
     }
 }
 
-async fn fill(store: &SqliteStore, me: &str, peer: &str, blocks: u64) {
+/// Ingests blocks `0..blocks` of link "ab" into `me`'s store for `peer`.
+async fn fill(store: &dyn KeyStore, me: &str, peer: &str, blocks: u64) {
     for n in 0..blocks {
         store
             .ingest(batch(
@@ -43,25 +246,59 @@ async fn fill(store: &SqliteStore, me: &str, peer: &str, blocks: u64) {
     }
 }
 
-fn reservation(number: u32) -> Reservation {
+/// Fills A (kme-a) and B (kme-b) with the same `blocks` blocks.
+async fn fill_both(a: &dyn KeyStore, b: &dyn KeyStore, blocks: u64) {
+    fill(a, "kme-a", "kme-b", blocks).await;
+    fill(b, "kme-b", "kme-a", blocks).await;
+}
+
+/// IDs of the units of blocks `0..blocks` that `me` owns.
+fn owned_units(me: &str, peer: &str, blocks: u64) -> Vec<Uuid> {
+    (0..blocks)
+        .flat_map(|n| {
+            seeded_block(SEED, "ab", kme(peer), n, BLOCK_BYTES)
+                .cut(&kme(me))
+                .expect("valid block")
+        })
+        .filter(|u| u.mine)
+        .map(|u| u.id)
+        .collect()
+}
+
+/// A reservation by `master` at its KME for `slave` at the other one.
+fn reservation_by(peer: &str, master: &str, slave: &str, number: u32) -> Reservation {
     Reservation {
         request_id: Uuid::new_v4(),
-        peer: kme("kme-b"),
-        master: sae("alice"),
-        slave: sae("bob"),
+        peer: kme(peer),
+        master: sae(master),
+        slave: sae(slave),
         number,
         size_bits: 256,
         now_unix_ms: 0,
     }
 }
 
-#[tokio::test]
-async fn reserve_accept_take_void_are_idempotent_and_exactly_once() {
-    let dir = TempDir::new("store");
-    let a = SqliteStore::open(&dir.0.join("a.sqlite")).expect("open");
-    let b = SqliteStore::open(&dir.0.join("b.sqlite")).expect("open");
-    fill(&a, "kme-a", "kme-b", 1).await;
-    fill(&b, "kme-b", "kme-a", 1).await;
+/// alice at A reserves for bob at B.
+fn reservation(number: u32) -> Reservation {
+    reservation_by("kme-b", "alice", "bob", number)
+}
+
+/// The acceptance at the other KME of reservation `r`, made by `from`.
+fn acceptance(from: &str, r: &Reservation, keys: &[ReservedKey]) -> Acceptance {
+    Acceptance {
+        request_id: r.request_id,
+        peer: kme(from),
+        master: r.master.clone(),
+        slave: r.slave.clone(),
+        keys: keys.iter().map(|k| k.layout.clone()).collect(),
+        now_unix_ms: 0,
+    }
+}
+
+async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backend) {
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, 1).await;
     // Duplicate blocks are refused.
     let dup = a
         .ingest(batch(
@@ -74,15 +311,13 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once() {
 
     let r = reservation(3);
     let rid = r.request_id;
-    let keys = a.reserve(r).await.expect("reserve");
-    let acc = Acceptance {
-        request_id: rid,
-        peer: kme("kme-a"),
-        master: sae("alice"),
-        slave: sae("bob"),
-        keys: keys.iter().map(|k| k.layout.clone()).collect(),
-        now_unix_ms: 0,
-    };
+    let keys = a.reserve(r.clone()).await.expect("reserve");
+    // A request ID is used once.
+    assert!(matches!(
+        a.reserve(r.clone()).await,
+        Err(StoreError::RequestConflict)
+    ));
+    let acc = acceptance("kme-a", &r, &keys);
     assert_eq!(
         b.accept(acc.clone()).await.expect("accept"),
         AcceptOutcome::Accepted
@@ -103,6 +338,17 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once() {
     assert!(matches!(
         b.take(sae("bob"), sae("eve"), vec![ids[0]]).await,
         Err(StoreError::NotAuthorized)
+    ));
+    // The master's KME never hands out a key it reserved.
+    assert!(matches!(
+        a.take(sae("bob"), sae("alice"), vec![ids[0]]).await,
+        Err(StoreError::NotAuthorized)
+    ));
+    // All or nothing: one unknown ID fails the whole request.
+    assert!(matches!(
+        b.take(sae("bob"), sae("alice"), vec![ids[0], Uuid::new_v4()])
+            .await,
+        Err(StoreError::KeysNotFound)
     ));
     let got = b
         .take(sae("bob"), sae("alice"), vec![ids[0]])
@@ -132,19 +378,11 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once() {
     // A void that arrives before the reservation leaves a tombstone.
     let r2 = reservation(1);
     let rid2 = r2.request_id;
-    let k2 = a.reserve(r2).await.expect("reserve");
+    let k2 = a.reserve(r2.clone()).await.expect("reserve");
     let v = b.void(kme("kme-a"), rid2).await.expect("void first");
     assert!(!v.was_accepted);
-    let late = Acceptance {
-        request_id: rid2,
-        peer: kme("kme-a"),
-        master: sae("alice"),
-        slave: sae("bob"),
-        keys: k2.iter().map(|k| k.layout.clone()).collect(),
-        now_unix_ms: 0,
-    };
     assert!(matches!(
-        b.accept(late).await,
+        b.accept(acceptance("kme-a", &r2, &k2)).await,
         Err(StoreError::RequestVoided)
     ));
     let before = a
@@ -173,15 +411,39 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once() {
         a.accept(forged).await,
         Err(StoreError::UnitsUnavailable(_))
     ));
+    // Layouts are checked before any unit is looked at.
+    let mut bad = acceptance("kme-a", &reservation(1), &k2);
+    let first = bad.keys[0].key_id;
+    bad.keys[0].unit_ids.push(first);
+    assert!(matches!(
+        b.accept(bad).await,
+        Err(StoreError::InvalidLayout(_))
+    ));
+    // A request ID a peer used for a void cannot be reused by another peer.
+    assert!(matches!(
+        b.void(kme("kme-c"), rid2).await,
+        Err(StoreError::RequestConflict)
+    ));
+    // Capacity is enforced per pool.
+    let mut full = batch(
+        "kme-a",
+        "kme-b",
+        seeded_block(SEED, "ab", kme("kme-b"), 1, BLOCK_BYTES),
+    );
+    full.capacity_units = 64;
+    assert!(matches!(
+        a.ingest(full).await,
+        Err(StoreError::PoolFull { capacity_units: 64 })
+    ));
+    drop((a, b));
+    backend.check_tables("a").await;
+    backend.check_tables("b").await;
 }
 
-#[tokio::test]
-async fn state_survives_an_abrupt_drop() {
-    let dir = TempDir::new("store-drop");
-    let path = dir.0.join("a.sqlite");
+async fn state_survives_an_abrupt_drop(backend: Backend) {
     let (rid, delivered, counts_before) = {
-        let a = SqliteStore::open(&path).expect("open");
-        fill(&a, "kme-a", "kme-b", 1).await;
+        let a = backend.open("a").await;
+        fill(&*a, "kme-a", "kme-b", 1).await;
         let r1 = reservation(2);
         let rid1 = r1.request_id;
         let delivered: Vec<Uuid> = a
@@ -199,7 +461,8 @@ async fn state_survives_an_abrupt_drop() {
         (rid2, delivered, counts)
         // dropped without any shutdown
     };
-    let a = SqliteStore::open(&path).expect("reopen");
+    backend.check_tables("a").await;
+    let a = backend.open("a").await;
     // The maintained counters equal the ones recomputed from the units at open.
     assert_eq!(
         a.pool_counts(kme("kme-b")).await.expect("counts"),
@@ -208,6 +471,8 @@ async fn state_survives_an_abrupt_drop() {
     let pending = a.pending().await.expect("pending");
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].request_id, rid);
+    assert_eq!(pending[0].keys.len(), 1);
+    assert_eq!(pending[0].keys[0].unit_ids, vec![pending[0].keys[0].key_id]);
     // 32 units owned by A: 2 delivered, 1 pending.
     assert_eq!(
         a.pool_counts(kme("kme-b"))
@@ -220,27 +485,255 @@ async fn state_survives_an_abrupt_drop() {
     for k in &rest {
         assert!(!delivered.contains(&k.layout.key_id));
     }
+    assert!(matches!(
+        a.reserve(reservation(1)).await,
+        Err(StoreError::Exhausted {
+            available: 0,
+            requested: 1
+        })
+    ));
 }
 
-/// Child side of the SIGKILL test: reserve and confirm keys in a loop, printing each
-/// delivered key ID after its confirmation is durable, until killed.
-#[tokio::test]
+/// What one side handed out: key ID → bytes.
+type Handed = Vec<(Uuid, Vec<u8>)>;
+
+/// One full exchange, master at `m` and slave at `s`: reserve, accept, confirm,
+/// take. Returns what the master got and what the slave got.
+async fn exchange(
+    m: &dyn KeyStore,
+    s: &dyn KeyStore,
+    r: Reservation,
+    from: &str,
+) -> (Handed, Vec<Uuid>, Handed) {
+    let keys = m.reserve(r.clone()).await.expect("reserve");
+    let units = keys
+        .iter()
+        .flat_map(|k| k.layout.unit_ids.iter().copied())
+        .collect();
+    assert_eq!(
+        s.accept(acceptance(from, &r, &keys)).await.expect("accept"),
+        AcceptOutcome::Accepted
+    );
+    m.confirm(r.request_id).await.expect("confirm");
+    let ids = keys.iter().map(|k| k.layout.key_id).collect();
+    let got = s
+        .take(r.slave.clone(), r.master.clone(), ids)
+        .await
+        .expect("take");
+    (
+        keys.iter()
+            .map(|k| (k.layout.key_id, k.material.to_vec()))
+            .collect(),
+        units,
+        got.iter()
+            .map(|k| (k.key_id, k.material.to_vec()))
+            .collect(),
+    )
+}
+
+async fn concurrent_transitions_never_hand_a_unit_twice(backend: Backend) {
+    const BLOCKS: u64 = 8; // 256 units owned by each side
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, BLOCKS).await;
+
+    // Many exchanges in both directions at once: masters at A (alice → bob) and at
+    // B (bob → alice) share each store's single pool.
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16u32 {
+        let (a, b) = (a.clone(), b.clone());
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..6u32 {
+                let n = 1 + (w + i) % 2;
+                out.push(if w % 2 == 0 {
+                    exchange(&*a, &*b, reservation(n), "kme-a").await
+                } else {
+                    exchange(
+                        &*b,
+                        &*a,
+                        reservation_by("kme-a", "bob", "alice", n),
+                        "kme-b",
+                    )
+                    .await
+                });
+            }
+            out
+        });
+    }
+    let mut units = HashSet::new();
+    let mut master_keys = HashMap::new();
+    let mut slave_keys = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        for (m, u, s) in r.expect("worker") {
+            for id in u {
+                assert!(units.insert(id), "unit {id} reserved twice");
+            }
+            for (id, bytes) in m {
+                assert!(
+                    master_keys.insert(id, bytes).is_none(),
+                    "master got {id} twice"
+                );
+            }
+            for (id, bytes) in s {
+                assert!(
+                    slave_keys.insert(id, bytes).is_none(),
+                    "slave got {id} twice"
+                );
+            }
+        }
+    }
+    assert_eq!(master_keys, slave_keys, "both SAEs got the same keys");
+    let used = 16 * 6 * 3 / 2 / 2; // units per side: half the workers, 1 or 2 each
+    for (store, peer) in [(&a, "kme-b"), (&b, "kme-a")] {
+        let c = store.pool_counts(kme(peer)).await.expect("counts");
+        assert_eq!(c.mine_available, 256 - used);
+        assert_eq!(c.total_units, 512 - 2 * used);
+    }
+
+    // Races on one key: concurrent takes, accepts, and voids against takes.
+    for round in 0..6u32 {
+        let r = reservation(2);
+        let keys = a.reserve(r.clone()).await.expect("reserve");
+        let acc = acceptance("kme-a", &r, &keys);
+        let accepts: Vec<_> = (0..4)
+            .map(|_| {
+                let (b, acc) = (b.clone(), acc.clone());
+                tokio::spawn(async move { b.accept(acc).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in accepts {
+            outcomes.push(t.await.expect("task").expect("accept"));
+        }
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == AcceptOutcome::Accepted)
+                .count(),
+            1,
+            "exactly one accept wins"
+        );
+        a.confirm(r.request_id).await.expect("confirm");
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.layout.key_id).collect();
+        let mut racers = tokio::task::JoinSet::new();
+        for t in 0..4u32 {
+            let (b, ids) = (b.clone(), ids.clone());
+            racers.spawn(async move {
+                (
+                    t,
+                    b.take(sae("bob"), sae("alice"), vec![ids[0]])
+                        .await
+                        .map(|k| k.len()),
+                )
+            });
+        }
+        if round % 2 == 0 {
+            // A void racing the takes of the other key.
+            for _ in 0..2 {
+                let (b, rid) = (b.clone(), r.request_id);
+                racers.spawn(async move {
+                    (
+                        99,
+                        b.void(kme("kme-a"), rid).await.map(|v| v.voided_keys.len()),
+                    )
+                });
+            }
+        }
+        for _ in 0..2 {
+            let (b, ids) = (b.clone(), ids.clone());
+            racers.spawn(async move {
+                (
+                    100,
+                    b.take(sae("bob"), sae("alice"), vec![ids[1]])
+                        .await
+                        .map(|k| k.len()),
+                )
+            });
+        }
+        let mut first_taken = 0;
+        let mut second_taken = 0;
+        let mut voided = Vec::new();
+        while let Some(res) = racers.join_next().await {
+            match res.expect("task") {
+                (99, Ok(n)) => voided.push(n),
+                (100, Ok(_)) => second_taken += 1,
+                (_, Ok(_)) => first_taken += 1,
+                (_, Err(StoreError::KeysNotFound)) => {}
+                (t, Err(e)) => panic!("racer {t}: unexpected {e}"),
+            }
+        }
+        assert!(second_taken <= 1, "second key delivered twice");
+        if round % 2 == 0 {
+            // Both voids answer the same; a key is either delivered or voided.
+            assert_eq!(voided.len(), 2);
+            assert_eq!(voided[0], voided[1]);
+            assert_eq!(first_taken + second_taken + voided[0], 2, "round {round}");
+            assert!(first_taken <= 1);
+        } else {
+            assert_eq!((first_taken, second_taken), (1, 1), "round {round}");
+        }
+    }
+    drop((a, b));
+    backend.check_tables("a").await;
+    backend.check_tables("b").await;
+}
+
+/// Child side of the SIGKILL test: A and B exchange keys in a loop (alice at A
+/// for bob at B), printing `M <id>` once the master's confirmation is durable,
+/// `T <id>` before the slave's take and `S <id>` once it is durable, until killed. Some requests are voided at B
+/// and released at A instead, as a master does when its peer does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_child() {
-    let Ok(path) = std::env::var("QKDNET_KMS_CRASH_CHILD") else {
+    let Ok(spec) = std::env::var("QKDNET_KMS_CRASH_CHILD") else {
         return;
     };
-    let a = SqliteStore::open(Path::new(&path)).expect("open");
-    let a = std::sync::Arc::new(a);
+    // libtest has printed "test crash_child ... " without a newline: end that line
+    // so that the first key's line is read whole.
+    println!();
+    let backend = Backend::from_spec(&spec);
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let a = a.clone();
+    for w in 0..6u32 {
+        let (a, b) = (a.clone(), b.clone());
         tasks.spawn(async move {
-            loop {
-                let r = reservation(1);
+            for i in 0u32.. {
+                let r = reservation(1 + (w + i) % 3);
                 let rid = r.request_id;
-                let Ok(k) = a.reserve(r).await else { return };
-                if a.confirm(rid).await.is_ok() {
-                    println!("KEY {}", k[0].layout.key_id);
+                let Ok(keys) = a.reserve(r.clone()).await else {
+                    return;
+                };
+                let give_up = (w + i) % 7 == 3;
+                let early_void = (w + i) % 11 == 5;
+                if !early_void && b.accept(acceptance("kme-a", &r, &keys)).await.is_err() {
+                    return;
+                }
+                if give_up || early_void {
+                    let Ok(v) = b.void(kme("kme-a"), rid).await else {
+                        return;
+                    };
+                    if a.release(rid, Vec::new()).await.is_err() || v.voided_keys.len() > keys.len()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                if a.confirm(rid).await.is_err() {
+                    return;
+                }
+                for k in &keys {
+                    println!("M {}", k.layout.key_id);
+                }
+                for k in &keys {
+                    println!("T {}", k.layout.key_id);
+                }
+                let ids = keys.iter().map(|k| k.layout.key_id).collect();
+                let Ok(got) = b.take(sae("bob"), sae("alice"), ids).await else {
+                    return;
+                };
+                for k in &got {
+                    println!("S {}", k.key_id);
                 }
             }
         });
@@ -248,80 +741,207 @@ async fn crash_child() {
     while tasks.join_next().await.is_some() {}
 }
 
-#[tokio::test]
-async fn sigkill_during_load_neither_repeats_nor_loses_keys() {
-    let dir = TempDir::new("store-kill");
-    let path = dir.0.join("a.sqlite");
-    let total = {
-        let a = SqliteStore::open(&path).expect("open");
-        fill(&a, "kme-a", "kme-b", 32).await; // 1024 units owned by A
-        a.pool_counts(kme("kme-b"))
-            .await
-            .expect("counts")
-            .mine_available
-    };
+/// What the parent read from one child before killing it.
+struct Seen {
+    master: Vec<Uuid>,
+    taking: Vec<Uuid>,
+    slave: Vec<Uuid>,
+}
+
+/// Runs a crash child on `backend` and kills it (SIGKILL) after it has printed
+/// `kill_after` master deliveries.
+async fn run_and_kill(backend: &Backend, kill_after: usize) -> Seen {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env("QKDNET_KMS_CRASH_CHILD", &path)
+        .env("QKDNET_KMS_CRASH_CHILD", backend.spec())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn child");
     let stdout = child.stdout.take().expect("stdout");
-    let mut delivered = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        if let Some(id) = line.strip_prefix("KEY ") {
-            delivered.push(Uuid::parse_str(id.trim()).expect("uuid"));
-            if delivered.len() == 300 {
-                child.kill().expect("SIGKILL"); // SIGKILL on Unix
-                break;
+    tokio::task::spawn_blocking(move || {
+        let mut seen = Seen {
+            master: Vec::new(),
+            taking: Vec::new(),
+            slave: Vec::new(),
+        };
+        // After the kill, read on to the end of the pipe: what the child printed
+        // before it died tells which takes it had started.
+        let mut killed = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // A line cut short by the kill does not parse and is ignored: its
+            // action had not started.
+            let parsed = |p: &str| {
+                line.strip_prefix(p)
+                    .and_then(|id| Uuid::parse_str(id.trim()).ok())
+            };
+            if let Some(id) = parsed("M ") {
+                seen.master.push(id);
+                if !killed && seen.master.len() >= kill_after {
+                    child.kill().expect("SIGKILL"); // SIGKILL on Unix
+                    killed = true;
+                }
+            } else if let Some(id) = parsed("T ") {
+                seen.taking.push(id);
+            } else if let Some(id) = parsed("S ") {
+                seen.slave.push(id);
             }
         }
-    }
-    let _ = child.wait();
-    assert_eq!(
-        delivered.len(),
-        300,
-        "child delivered keys before being killed"
-    );
-    let a = SqliteStore::open(&path).expect("reopen after SIGKILL");
+        assert!(killed, "the child stopped before it was killed");
+        let _ = child.wait();
+        seen
+    })
+    .await
+    .expect("reader")
+}
+
+/// What a restarted KME A does (`Kme::recover`): void each request it left
+/// pending at B, then release it, discarding the units of keys B had delivered.
+async fn recover(a: &dyn KeyStore, b: &dyn KeyStore) -> usize {
     let pending = a.pending().await.expect("pending");
-    let pending_units: u64 = pending.iter().map(|p| p.keys.len() as u64).sum();
-    let available = a
+    for p in &pending {
+        let reply = b.void(kme("kme-a"), p.request_id).await.expect("void");
+        let mut discard = Vec::new();
+        if reply.was_accepted {
+            for k in &p.keys {
+                if !reply.voided_keys.contains(&k.key_id) {
+                    discard.extend(k.unit_ids.iter().copied());
+                }
+            }
+        }
+        a.release(p.request_id, discard).await.expect("release");
+    }
+    pending.len()
+}
+
+async fn sigkill_during_load_neither_repeats_nor_loses_keys(backend: Backend) {
+    const BLOCKS: u64 = 16; // 512 units owned by each side
+    let (a_owned, b_owned) = {
+        let a = backend.open("a").await;
+        let b = backend.open("b").await;
+        fill_both(&*a, &*b, BLOCKS).await;
+        let a_owned = a.pool_counts(kme("kme-b")).await.expect("counts");
+        let b_owned = b.pool_counts(kme("kme-a")).await.expect("counts");
+        (a_owned.mine_available, b_owned.mine_available)
+    };
+    assert_eq!(a_owned, 512);
+    let mut master = Vec::new();
+    let mut taking = HashSet::new();
+    let mut slave = Vec::new();
+    // Three crashes at different depths, each followed by a restart and recovery.
+    for kill_after in [60, 90, 40] {
+        let seen = run_and_kill(&backend, kill_after).await;
+
+        master.extend(seen.master);
+        taking.extend(seen.taking);
+        slave.extend(seen.slave);
+        // The tables as the crash left them: counters consistent, nothing orphaned.
+        backend.check_tables("a").await;
+        backend.check_tables("b").await;
+        let a = backend.open("a").await;
+        let b = backend.open("b").await;
+        recover(&*a, &*b).await;
+        assert!(a.pending().await.expect("pending").is_empty());
+    }
+
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    let master_set: HashSet<Uuid> = master.iter().copied().collect();
+    assert_eq!(master_set.len(), master.len(), "a master got a key twice");
+    let mut slave_set: HashSet<Uuid> = slave.iter().copied().collect();
+    assert_eq!(slave_set.len(), slave.len(), "a slave got a key twice");
+    assert!(
+        slave_set.is_subset(&master_set),
+        "the slave got a key its master never confirmed"
+    );
+    // Bob fetches whatever is still reserved for him at B (keys confirmed at A whose
+    // take the crash interrupted, printed or not): each exactly once.
+    for u in owned_units("kme-a", "kme-b", BLOCKS) {
+        if let Ok(got) = b.take(sae("bob"), sae("alice"), vec![u]).await {
+            assert_eq!(got.len(), 1);
+            assert!(slave_set.insert(u), "key {u} delivered to the slave twice");
+        }
+    }
+    // Keys whose take the child started but did not report may have been delivered
+    // unseen; every other key confirmed to the master reached the slave.
+    let unseen: HashSet<Uuid> = taking.difference(&slave_set).copied().collect();
+    assert!(
+        master_set
+            .iter()
+            .all(|k| slave_set.contains(k) || unseen.contains(k)),
+        "a key confirmed to the master can no longer be delivered to the slave"
+    );
+    // A's units are those it still has plus those delivered, nothing else.
+    let left = a
         .pool_counts(kme("kme-b"))
         .await
         .expect("counts")
         .mine_available;
-    // Keys confirmed after the last line we read are delivered but unseen: at most
-    // the child's 8 workers' worth, plus the lines still in the pipe.
-    let accounted = available + pending_units + delivered.len() as u64;
-    assert!(
-        accounted <= total,
-        "more keys than ingested: {accounted} > {total}"
-    );
-    let rest = a
-        .reserve(reservation(available as u32))
-        .await
-        .expect("reserve everything left");
-    let seen: HashSet<Uuid> = delivered.iter().copied().collect();
     assert_eq!(
-        seen.len(),
-        delivered.len(),
-        "a key was delivered twice before the kill"
+        left + (slave_set.len() + unseen.len()) as u64,
+        a_owned,
+        "A's remaining keys plus the delivered ones make up all of A's units"
     );
+    let r = reservation(u32::try_from(left).expect("small"));
+    let rest = a.reserve(r.clone()).await.expect("reserve everything left");
     for k in &rest {
         assert!(
-            !seen.contains(&k.layout.key_id),
+            !slave_set.contains(&k.layout.key_id) && !unseen.contains(&k.layout.key_id),
             "a delivered key came back after SIGKILL"
         );
     }
-    for p in &pending {
-        for k in &p.keys {
-            assert!(
-                !seen.contains(&k.key_id),
-                "a delivered key is still pending"
-            );
-        }
-    }
+    assert_eq!(
+        b.accept(acceptance("kme-a", &r, &rest))
+            .await
+            .expect("B holds every unit A still has"),
+        AcceptOutcome::Accepted
+    );
+    let at_b = b.pool_counts(kme("kme-a")).await.expect("counts");
+    assert_eq!(at_b.mine_available, b_owned, "B's own units untouched");
+    assert_eq!(
+        at_b.total_units - at_b.mine_available,
+        left,
+        "B holds no unit of A's that A does not"
+    );
+}
+
+/// Two KMEs launched from configurations with `store_url` (`launch_with_tls`)
+/// serve enc_keys/dec_keys from PostgreSQL, exactly once, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmes_configured_with_store_url_serve_keys_from_postgres() {
+    let Some(Backend::Postgres { url, prefix }) =
+        Backend::postgres("kmes_configured_with_store_url").await
+    else {
+        return;
+    };
+    let mut net = Net::start_configured(2, Limits::default(), |c| {
+        c.store = PathBuf::new();
+        c.store_url = Some(url.parse().expect("QKDNET_TEST_PG is a PostgreSQL URL"));
+        c.store_schema = Some(SchemaName::new(&format!("{prefix}_{}", c.kme_id)).expect("schema"));
+        c.store_choice().expect("a PostgreSQL store");
+    })
+    .await;
+    let (alice, bob) = (net.sae_client("alice"), net.sae_client("bob"));
+    let enc = format!("{}/api/v1/keys/bob/enc_keys", net.url_a());
+    let (s, v) = alice
+        .post(&enc, &serde_json::json!({"number": 2, "size": 256}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let got = keys_of(&v);
+    let ids: Vec<String> = got.iter().map(|(i, _)| i.clone()).collect();
+    // The keys are in PostgreSQL, not in A's memory: a restart of A changes nothing.
+    net.restart_a().await;
+    let dec = format!("{}/api/v1/keys/alice/dec_keys", net.url_b());
+    let (s, v) = bob.post(&dec, &key_ids_body(&ids)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), got);
+    let (s, _) = bob.post(&dec, &key_ids_body(&ids)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "delivered once");
+    let (s, v) = alice
+        .get(&format!("{}/api/v1/keys/bob/status", net.url_a()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // 2 blocks of 64 units, half of them A's, 2 delivered.
+    assert_eq!(v["stored_key_count"], 62, "{v}");
 }

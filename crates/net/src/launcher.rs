@@ -96,22 +96,29 @@ impl NetRecord {
     }
 }
 
-/// Whether `pid` is a live `qkdnet` process.
+/// Whether `pid` is a live `qkdnet` process. A process counts as alive until
+/// every thread has exited: after SIGKILL the main thread can be a zombie while
+/// another still finishes a system call and holds the sockets.
 pub fn alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
-    // Zombies (exited, not yet reaped) count as dead.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next());
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            state != Some('Z') && String::from_utf8_lossy(&cmd).contains("qkdnet")
-        }
-        Err(_) => false,
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "qkdnet" {
+        return false;
     }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
@@ -299,6 +306,8 @@ pub fn prepare(
                 listen: SocketAddr::from(([127, 0, 0, 1], ports[i].kme)),
                 store: nd.join("keys.sqlite"),
                 store_synchronous: SyncMode::Full,
+                store_url: None,
+                store_schema: None,
                 tls: TlsPaths {
                     ca: ca_pem.clone(),
                     cert: cert.clone(),

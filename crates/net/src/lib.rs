@@ -8,6 +8,7 @@
 //! | [`session`] | one link session: hello, per-session authentication keys, Alice's and Bob's drivers |
 //! | [`server`] | Bob's link port: accepts sessions for all of a node's links |
 //! | [`topology`] | topology files and their validation |
+//! | [`plan`] | the network planner: a day of key generation, relaying and demand in simulated time |
 //! | [`node`] | the node daemon: links + KME + management endpoint (health, status, metrics) |
 //! | [`launcher`] | `net up/down/status`: state directory, PKI, ports, one process per node |
 //! | [`local`] | both ends of one link in one process over loopback (`qkdnet link run`, tests) |
@@ -19,6 +20,7 @@
 pub mod launcher;
 pub mod local;
 pub mod node;
+pub mod plan;
 pub mod quantum;
 pub mod server;
 pub mod session;

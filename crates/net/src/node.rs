@@ -157,8 +157,14 @@ impl NodeConfig {
     pub fn from_file(path: &Path) -> Result<NodeConfig, NetError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| NetError::Config(format!("cannot read {}: {e}", path.display())))?;
-        let c: NodeConfig = toml::from_str(&text)
-            .map_err(|e| NetError::Config(format!("{}: {e}", path.display())))?;
+        // Without the quoted line: [kme] may hold a store URL with a password.
+        let c: NodeConfig = toml::from_str(&text).map_err(|e| {
+            NetError::Config(format!(
+                "{}: {}",
+                path.display(),
+                qkdnet_kms::config::toml_error_message(&text, &e)
+            ))
+        })?;
         if c.node.id != c.kme.kme_id.as_str() {
             return Err(NetError::Config(format!(
                 "{}: [node] id '{}' differs from [kme] kme_id '{}'",
@@ -290,6 +296,28 @@ fn kme_sink(
     })
 }
 
+/// Binds a listening socket with SO_REUSEADDR, so a node restarted at once
+/// (after a crash) gets its ports back while old connections sit in TIME_WAIT.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    // A previous instance killed a moment ago may still be closing its sockets.
+    let mut tries = 0;
+    loop {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        match s.bind(addr).and_then(|()| s.listen(1024)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs a node until SIGINT/SIGTERM (or `shutdown` resolves).
 pub async fn run(
     cfg: NodeConfig,
@@ -300,17 +328,17 @@ pub async fn run(
         .iter()
         .map(link_params)
         .collect::<Result<_, _>>()?;
-    let mgmt = tokio::net::TcpListener::bind(cfg.node.mgmt_listen)
-        .await
+    let mgmt = bind(cfg.node.mgmt_listen)
         .map_err(|e| NetError::Config(format!("management port {}: {e}", cfg.node.mgmt_listen)))?;
-    let kme_listener = tokio::net::TcpListener::bind(cfg.kme.listen)
-        .await
+    let kme_listener = bind(cfg.kme.listen)
         .map_err(|e| NetError::Config(format!("KME port {}: {e}", cfg.kme.listen)))?;
     let link_listener = if cfg.links.iter().any(|l| l.role == Role::Bob) {
         Some(
-            std::net::TcpListener::bind(cfg.node.link_listen).map_err(|e| {
-                NetError::Config(format!("link port {}: {e}", cfg.node.link_listen))
-            })?,
+            bind(cfg.node.link_listen)
+                .and_then(|l| l.into_std())
+                .map_err(|e| {
+                    NetError::Config(format!("link port {}: {e}", cfg.node.link_listen))
+                })?,
         )
     } else {
         None

@@ -16,8 +16,11 @@
 //! Requests are remembered by ID (with a tombstone when voided), which makes
 //! `accept` and `void` idempotent under retries and makes a late `accept` after a
 //! `void` fail instead of resurrecting keys. The trait returns boxed futures so that
-//! the server can hold an `Arc<dyn KeyStore>` and a second implementation
-//! (PostgreSQL) can slot in without generics spreading through the crate.
+//! the server can hold an `Arc<dyn KeyStore>` and either implementation can slot in
+//! without generics spreading through the crate: [`SqliteStore`] (embedded, the
+//! default) or [`PostgresStore`] (a database server, for a KME whose keys should live
+//! on one). Both have the same schema and the same transitions; the tests in
+//! `tests/store.rs` run one body against each.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,8 +31,10 @@ use zeroize::Zeroizing;
 use crate::block::KeyUnit;
 use crate::ids::{KmeId, SaeId};
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future returned by [`KeyStore`] methods.

@@ -48,6 +48,31 @@ impl Drop for TempDir {
     }
 }
 
+/// The PostgreSQL server for tests: `QKDNET_TEST_PG` (scripts/postgres.sh starts one
+/// and prints the line to export). Unset, the caller's PostgreSQL variant is skipped
+/// with a line on stderr (written past the test harness's capture so that it shows),
+/// except in CI (`CI` set and not `false`/`0`), where an unset variable fails the
+/// test: CI must not skip the PostgreSQL store silently.
+pub fn test_pg_url(test: &str) -> Option<String> {
+    use std::io::Write;
+    match std::env::var("QKDNET_TEST_PG") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "false" | "0"));
+            assert!(
+                !ci,
+                "{test}: QKDNET_TEST_PG is not set and CI must not skip the PostgreSQL store \
+                 tests: run `export \"$(bash scripts/postgres.sh)\"` first"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: QKDNET_TEST_PG not set (scripts/postgres.sh starts a server)"
+            );
+            None
+        }
+    }
+}
+
 pub fn kme(s: &str) -> KmeId {
     KmeId::new(s).expect("valid KME ID")
 }
@@ -79,6 +104,8 @@ fn config(
         listen,
         store,
         store_synchronous: SyncMode::Full,
+        store_url: None,
+        store_schema: None,
         tls: TlsPaths {
             ca: "unused".into(),
             cert: "unused".into(),
@@ -120,6 +147,16 @@ impl Net {
     }
 
     pub async fn start_with(blocks: u64, limits: Limits) -> Net {
+        Self::start_configured(blocks, limits, |_| {}).await
+    }
+
+    /// [`Net::start_with`], with each KME's configuration adjusted by `adjust`
+    /// before launch (e.g. to put its store on PostgreSQL).
+    pub async fn start_configured(
+        blocks: u64,
+        limits: Limits,
+        adjust: impl Fn(&mut KmeConfig),
+    ) -> Net {
         let dir = TempDir::new("net");
         let ca = Ca::generate("qkdnet test CA").expect("CA");
         let la = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -132,8 +169,10 @@ impl Net {
             la.local_addr().expect("addr"),
             lb.local_addr().expect("addr"),
         );
-        let cfg_a = config("kme-a", aa, dir.0.join("a.sqlite"), ("kme-b", ab), limits);
-        let cfg_b = config("kme-b", ab, dir.0.join("b.sqlite"), ("kme-a", aa), limits);
+        let mut cfg_a = config("kme-a", aa, dir.0.join("a.sqlite"), ("kme-b", ab), limits);
+        let mut cfg_b = config("kme-b", ab, dir.0.join("b.sqlite"), ("kme-a", aa), limits);
+        adjust(&mut cfg_a);
+        adjust(&mut cfg_b);
         let tls_a = ca
             .material(&Identity::Kme(kme("kme-a")), &[])
             .expect("cert");
