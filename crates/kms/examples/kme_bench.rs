@@ -144,6 +144,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }],
             saes: saes.clone(),
             test_keys: None,
+            links: Vec::new(),
+            relay_attempts: 3,
+            link_state_interval_ms: 1000,
         }
     };
     let a = launch_with_tls(

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::error::KmsError;
 use crate::etsi::ErrorBody;
+use crate::ids::KmeId;
 use crate::store::StoreError;
 
 /// A domain error on its way to an HTTP client.
@@ -46,6 +47,10 @@ pub struct PeerErrorBody {
     /// Units unknown or unavailable at the answering KME.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unavailable_unit_IDs: Vec<Uuid>,
+    /// A key relay failed on this link (from KME, to KME): the origin KME
+    /// routes around it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_link: Option<[KmeId; 2]>,
 }
 
 /// Status code and message for a domain error.
@@ -59,6 +64,11 @@ pub fn status_and_message(e: &KmsError) -> (StatusCode, String) {
         | KmsError::KeysNotFound => (S::BAD_REQUEST, e.to_string()),
         KmsError::Unauthorized(why) => (S::UNAUTHORIZED, format!("unauthorized: {why}")),
         KmsError::Exhausted { .. } => (S::SERVICE_UNAVAILABLE, e.to_string()),
+        KmsError::NoRoute(m) => (S::SERVICE_UNAVAILABLE, m.clone()),
+        KmsError::RelayFailed { link, reason } => (
+            S::SERVICE_UNAVAILABLE,
+            format!("key relay failed on link {}-{}: {reason}", link.0, link.1),
+        ),
         KmsError::PeerUnavailable(_) | KmsError::PeerRejected(_) => (
             S::SERVICE_UNAVAILABLE,
             "the peer KME could not confirm the keys; try again".into(),
@@ -105,6 +115,15 @@ impl IntoResponse for ApiError {
             let body = PeerErrorBody {
                 message,
                 unavailable_unit_IDs: ids.clone(),
+                failed_link: None,
+            };
+            return (status, axum::Json(body)).into_response();
+        }
+        if let KmsError::RelayFailed { link, .. } = &self.0 {
+            let body = PeerErrorBody {
+                message,
+                unavailable_unit_IDs: Vec::new(),
+                failed_link: Some([link.0.clone(), link.1.clone()]),
             };
             return (status, axum::Json(body)).into_response();
         }

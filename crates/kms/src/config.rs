@@ -255,6 +255,24 @@ pub struct KmeConfig {
     /// Seeded test key blocks — TEST MATERIAL, only when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_keys: Option<TestKeysConfig>,
+    /// Every KME-to-KME link of the network, `[["a", "b"], …]`, so that keys for
+    /// SAEs on distant KMEs can be relayed (this KME's own peers are always
+    /// links). Empty: only neighbours' SAEs are reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<[KmeId; 2]>,
+    /// Routes tried for one relayed request before giving up.
+    #[serde(default = "default_relay_attempts")]
+    pub relay_attempts: u32,
+    /// How often the neighbours' link state (key available per link) is polled, ms.
+    #[serde(default = "default_link_state_ms")]
+    pub link_state_interval_ms: u64,
+}
+
+fn default_relay_attempts() -> u32 {
+    3
+}
+fn default_link_state_ms() -> u64 {
+    1000
 }
 
 impl KmeConfig {
@@ -342,6 +360,17 @@ pub struct RunningKme {
     pub server: ServerHandle,
     /// Test blocks ingested at start-up (0 without `[test_keys]`).
     pub test_blocks_ingested: u64,
+    /// The link-state poller (stops with the KME).
+    _link_state: AbortOnDrop,
+}
+
+/// A background task that ends when its owner is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Starts a KME from its configuration, on `listener` if given (tests bind port 0
@@ -382,6 +411,12 @@ pub async fn launch_with_tls(
         limits: cfg.limits,
         saes: cfg.sae_map()?,
         peer_attempts: cfg.peer_attempts,
+        links: cfg
+            .links
+            .iter()
+            .map(|[a, b]| (a.clone(), b.clone()))
+            .collect(),
+        relay_attempts: cfg.relay_attempts,
     };
     let kme = Arc::new(Kme::new(settings, store, peers)?);
     kme.recover().await?;
@@ -403,10 +438,15 @@ pub async fn launch_with_tls(
         None => tokio::net::TcpListener::bind(cfg.listen).await?,
     };
     let server = serve(kme.clone(), server_config(&tls)?, listener)?;
+    let link_state = crate::relay::spawn_link_state(
+        &kme,
+        Duration::from_millis(cfg.link_state_interval_ms.max(50)),
+    );
     Ok(RunningKme {
         kme,
         server,
         test_blocks_ingested,
+        _link_state: AbortOnDrop(link_state),
     })
 }
 

@@ -51,6 +51,18 @@ pub enum KmsError {
     /// The peer KME answered but refused or answered nonsense.
     #[error("peer KME refused: {0}")]
     PeerRejected(String),
+    /// A relayed key could not cross a link of its route (the origin KME
+    /// reroutes around `link`).
+    #[error("key relay failed on link {}-{}: {reason}", .link.0, .link.1)]
+    RelayFailed {
+        /// The link (from, to) where the relay stopped.
+        link: (crate::ids::KmeId, crate::ids::KmeId),
+        /// Why.
+        reason: String,
+    },
+    /// No route to the slave SAE's KME (links down or out of key).
+    #[error("{0}")]
+    NoRoute(String),
     /// The key store failed or refused.
     #[error("key store: {0}")]
     Store(#[from] StoreError),

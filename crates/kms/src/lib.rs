@@ -32,6 +32,7 @@
 //! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |
 //! | [`service`] | the KME logic: status, enc_keys, dec_keys, peer reservation and void |
 //! | [`peer`] | the KME-to-KME protocol (modelled on ETSI GS QKD 020 `ext_keys`) |
+//! | [`relay`] | keys for SAEs on distant KMEs: hop-by-hop one-time-pad relay, link-state routing |
 //! | [`identity`] | SAE/KME identity from client certificates |
 //! | [`tls`] | rustls server and client configurations (mutual TLS) |
 //! | [`server`] | the HTTPS server: routes, connection handling, OpenAPI document |
@@ -56,6 +57,7 @@ pub mod identity;
 pub mod ids;
 pub mod peer;
 pub mod pki;
+pub mod relay;
 pub mod server;
 pub mod service;
 pub mod store;

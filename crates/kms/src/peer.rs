@@ -122,6 +122,13 @@ impl From<ExtKey> for KeyLayout {
 pub enum PeerCallError {
     /// No answer (connection, TLS, timeout, 5xx): the outcome is unknown.
     Unavailable(String),
+    /// A key relay failed on a link of its route (the answer named the link).
+    Relay {
+        /// The peer's message.
+        message: String,
+        /// (from, to) of the link that failed.
+        failed_link: (KmeId, KmeId),
+    },
     /// A definitive refusal (4xx), with the units the peer lacks if it said so.
     Rejected {
         /// HTTP status.
@@ -140,6 +147,13 @@ impl From<PeerCallError> for KmsError {
             PeerCallError::Rejected {
                 status, message, ..
             } => KmsError::PeerRejected(format!("{status}: {message}")),
+            PeerCallError::Relay {
+                message,
+                failed_link,
+            } => KmsError::RelayFailed {
+                link: failed_link,
+                reason: message,
+            },
         }
     }
 }
@@ -183,29 +197,55 @@ impl PeerClient {
     ) -> Result<R, PeerCallError> {
         let bytes = serde_json::to_vec(body)
             .map_err(|e| PeerCallError::Unavailable(format!("encode: {e}")))?;
+        self.call(Method::POST, path, Some(bytes)).await
+    }
+
+    pub(crate) async fn get<R: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<R, PeerCallError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn call<R: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<R, PeerCallError> {
         let (status, body) = self
             .http
-            .call(Method::POST, path, Some(bytes))
+            .call(method, path, body)
             .await
             .map_err(|e| PeerCallError::Unavailable(e.0))?;
         if status.is_success() {
-            serde_json::from_slice(&body)
-                .map_err(|e| PeerCallError::Unavailable(format!("malformed answer: {e}")))
-        } else if status.is_client_error() {
-            let (message, unavailable_units) = match serde_json::from_slice::<PeerErrorBody>(&body)
-            {
-                Ok(b) => (b.message, b.unavailable_unit_IDs),
-                Err(_) => ("(no JSON error body)".to_owned(), Vec::new()),
-            };
-            Err(PeerCallError::Rejected {
-                status,
+            return serde_json::from_slice(&body)
+                .map_err(|e| PeerCallError::Unavailable(format!("malformed answer: {e}")));
+        }
+        let parsed = serde_json::from_slice::<PeerErrorBody>(&body).ok();
+        match parsed {
+            Some(PeerErrorBody {
                 message,
-                unavailable_units,
-            })
-        } else {
-            Err(PeerCallError::Unavailable(format!(
+                failed_link: Some([from, to]),
+                ..
+            }) => Err(PeerCallError::Relay {
+                message,
+                failed_link: (from, to),
+            }),
+            parsed if status.is_client_error() => {
+                let (message, unavailable_units) = match parsed {
+                    Some(b) => (b.message, b.unavailable_unit_IDs),
+                    None => ("(no JSON error body)".to_owned(), Vec::new()),
+                };
+                Err(PeerCallError::Rejected {
+                    status,
+                    message,
+                    unavailable_units,
+                })
+            }
+            _ => Err(PeerCallError::Unavailable(format!(
                 "peer answered {status}"
-            )))
+            ))),
         }
     }
 
@@ -217,6 +257,33 @@ impl PeerClient {
         } else {
             Err(PeerCallError::Unavailable(
                 "acknowledgement for another request".into(),
+            ))
+        }
+    }
+
+    /// Sends a relay hop; `Ok` once the rest of the route acknowledged it.
+    pub async fn relay(&self, msg: &crate::relay::RelayForward) -> Result<(), PeerCallError> {
+        let ack: crate::relay::RelayAck = self.post(crate::relay::RELAY_PATH, msg).await?;
+        if ack.request_ID == msg.request_ID && ack.status == "ack" {
+            Ok(())
+        } else {
+            Err(PeerCallError::Unavailable(
+                "acknowledgement for another request".into(),
+            ))
+        }
+    }
+
+    /// Voids a relay hop (the peer passes the void on along the route).
+    pub async fn relay_void(
+        &self,
+        msg: &crate::relay::RelayVoid,
+    ) -> Result<ExtKeysVoidReply, PeerCallError> {
+        let r: ExtKeysVoidReply = self.post(crate::relay::RELAY_VOID_PATH, msg).await?;
+        if r.request_ID == msg.request_ID {
+            Ok(r)
+        } else {
+            Err(PeerCallError::Unavailable(
+                "void reply for another request".into(),
             ))
         }
     }

@@ -48,6 +48,7 @@ use crate::etsi::{
 };
 use crate::identity::{Identity, identity_from_cert};
 use crate::peer::{EXT_KEYS_PATH, EXT_KEYS_VOID_PATH, ExtKeysAck, ExtKeysReserve, ExtKeysVoid};
+use crate::relay::{LSDB_PATH, RELAY_PATH, RELAY_VOID_PATH, RelayAck, RelayForward, RelayVoid};
 use crate::service::Kme;
 
 /// Path of the OpenAPI document.
@@ -254,6 +255,63 @@ async fn ext_keys_void(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Largest relay body: per key two layouts and a base64 ciphertext, route of
+/// at most MAX_ROUTE_LEN IDs.
+fn relay_body_limit(kme: &Kme) -> usize {
+    let l = kme.limits();
+    let units = crate::block::units_for_bits(l.max_key_size) as usize;
+    (l.max_key_per_request as usize)
+        .saturating_mul(256 + units * 80 + (l.max_key_size as usize / 8) * 4 / 3)
+        .saturating_add(crate::relay::MAX_ROUTE_LEN * 70 + 4096)
+}
+
+async fn relay(
+    State(s): State<AppState>,
+    Extension(who): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let r = async {
+        let bytes = read_body(&headers, body, relay_body_limit(&s.kme)).await?;
+        let msg: RelayForward = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed relay: {e}"))))?;
+        let request_id = msg.request_ID;
+        // Run to the end even if the caller goes away (as for enc_keys): a hop
+        // abandoned halfway would leave its reservation pending until a restart.
+        let kme = s.kme.clone();
+        tokio::spawn(async move { kme.peer_relay(&who, msg).await })
+            .await
+            .map_err(|_| ApiError(KmsError::PeerUnavailable("relay task failed".into())))??;
+        Ok::<_, ApiError>(ok_json(&RelayAck {
+            request_ID: request_id,
+            status: "ack".into(),
+        }))
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn relay_void(
+    State(s): State<AppState>,
+    Extension(who): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let r = async {
+        let bytes = read_body(&headers, body, crate::relay::MAX_ROUTE_LEN * 70 + 4096).await?;
+        let msg: RelayVoid = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed relay void: {e}"))))?;
+        Ok::<_, ApiError>(ok_json(&s.kme.peer_relay_void(&who, msg).await?))
+    };
+    r.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn link_state(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    match s.kme.link_state(&who).await {
+        Ok(v) => ok_json(&v),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -311,6 +369,9 @@ pub fn router(kme: Arc<Kme>) -> Router {
         .route(OPENAPI_PATH, get(openapi))
         .route(EXT_KEYS_PATH, post(ext_keys))
         .route(EXT_KEYS_VOID_PATH, post(ext_keys_void))
+        .route(RELAY_PATH, post(relay))
+        .route(RELAY_VOID_PATH, post(relay_void))
+        .route(LSDB_PATH, get(link_state))
         .fallback(not_found)
         .method_not_allowed_fallback(bad_method)
         .with_state(AppState { kme })

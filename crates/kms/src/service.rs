@@ -43,6 +43,11 @@ pub struct KmeSettings {
     pub saes: HashMap<SaeId, KmeId>,
     /// Attempts to get a peer's acknowledgement before giving up on a request.
     pub peer_attempts: u32,
+    /// Every KME-to-KME link of the network, for routing relayed keys (this
+    /// KME's own links are always included).
+    pub links: Vec<(KmeId, KmeId)>,
+    /// Routes tried for one relayed request before giving up.
+    pub relay_attempts: u32,
 }
 
 fn now_ms() -> u64 {
@@ -68,15 +73,35 @@ pub struct KmeCounters {
     pub keys_delivered_slave: AtomicU64,
     /// enc_keys and dec_keys calls that failed.
     pub errors: AtomicU64,
+    /// enc_keys calls relayed over trusted nodes (this KME the origin).
+    pub relay_requests: AtomicU64,
+    /// Relayed requests that failed on every route tried.
+    pub relay_failures: AtomicU64,
+    /// Relays passed on by this KME as a trusted node.
+    pub relay_forwarded: AtomicU64,
+    /// Relays that ended here (keys stored for a local slave SAE).
+    pub relay_delivered: AtomicU64,
+    /// 256-bit units of link key this KME sent for relays (first-hop keys and
+    /// one-time pads), on acknowledged hops.
+    pub relay_units_sent: AtomicU64,
 }
 
 /// A key management entity.
 pub struct Kme {
-    settings: KmeSettings,
-    store: Arc<dyn KeyStore>,
-    peers: HashMap<KmeId, PeerClient>,
+    pub(crate) settings: KmeSettings,
+    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) peers: HashMap<KmeId, PeerClient>,
     background: Mutex<JoinSet<()>>,
-    counters: KmeCounters,
+    pub(crate) counters: KmeCounters,
+    pub(crate) lsdb: crate::relay::SharedLsdb,
+}
+
+/// How a void reaches the peer: the neighbour API or the relay API.
+pub(crate) enum VoidCall {
+    /// `ext_keys/void`.
+    Ext,
+    /// `relay/void` (travels on along the route).
+    Relay(crate::relay::RelayVoid),
 }
 
 impl Kme {
@@ -97,6 +122,7 @@ impl Kme {
             peers,
             background: Mutex::new(JoinSet::new()),
             counters: KmeCounters::default(),
+            lsdb: Default::default(),
         })
     }
 
@@ -172,8 +198,9 @@ impl Kme {
         }
     }
 
-    /// The peer KME serving `slave` (which must be a remote SAE).
-    fn slave_kme(&self, slave: &str) -> Result<(SaeId, &PeerClient), KmsError> {
+    /// The KME serving `slave` (which must be a remote SAE) and, if it is a
+    /// neighbour, the client for it (else keys are relayed).
+    fn slave_kme(&self, slave: &str) -> Result<(SaeId, KmeId, Option<&PeerClient>), KmsError> {
         let slave = SaeId::new(slave)?;
         let kme = self
             .settings
@@ -185,25 +212,32 @@ impl Kme {
                 "slave SAE is attached to this KME; keys are only shared across a QKD link".into(),
             ));
         }
-        let peer = self.peers.get(kme).ok_or_else(|| {
-            KmsError::BadRequest("slave SAE's KME is not a neighbour of this KME".into())
-        })?;
-        Ok((slave, peer))
+        Ok((slave, kme.clone(), self.peers.get(kme)))
     }
 
     /// ETSI 014 Get status.
     pub async fn status(&self, caller: &Identity, slave: &str) -> Result<Status, KmsError> {
         let master = self.local_sae(caller)?;
-        let (slave, peer) = self.slave_kme(slave)?;
-        let counts = self.store.pool_counts(peer.peer().clone()).await?;
+        let (slave, target, peer) = self.slave_kme(slave)?;
+        // A neighbour: this KME's own units of the link; further away: the
+        // bottleneck of the route a relay would take now.
+        let units = match peer {
+            Some(p) => {
+                self.store
+                    .pool_counts(p.peer().clone())
+                    .await?
+                    .mine_available
+            }
+            None => self.relay_stored_units(&target).await?.1,
+        };
         let l = &self.settings.limits;
         Ok(Status {
             source_KME_ID: self.settings.id.to_string(),
-            target_KME_ID: peer.peer().to_string(),
+            target_KME_ID: target.to_string(),
             master_SAE_ID: master.to_string(),
             slave_SAE_ID: slave.to_string(),
             key_size: l.key_size,
-            stored_key_count: counts.mine_available / u64::from(units_for_bits(l.key_size)),
+            stored_key_count: units / u64::from(units_for_bits(l.key_size)),
             max_key_count: l.max_key_count,
             max_key_per_request: l.max_key_per_request,
             max_key_size: l.max_key_size,
@@ -233,7 +267,10 @@ impl Kme {
         req: ValidKeyRequest,
     ) -> Result<KeyContainer, KmsError> {
         let master = self.local_sae(caller)?.clone();
-        let (slave, peer) = self.slave_kme(slave)?;
+        let (slave, target, peer) = self.slave_kme(slave)?;
+        let Some(peer) = peer else {
+            return self.relay_enc(master, slave, target, req).await;
+        };
         let request_id = Uuid::new_v4();
         let reserved = self
             .store
@@ -271,7 +308,7 @@ impl Kme {
                     return Ok(container(reserved));
                 }
                 Err(e @ PeerCallError::Unavailable(_)) => last = Some(e),
-                Err(e @ PeerCallError::Rejected { .. }) => {
+                Err(e @ (PeerCallError::Rejected { .. } | PeerCallError::Relay { .. })) => {
                     last = Some(e);
                     break;
                 }
@@ -282,12 +319,12 @@ impl Kme {
             PeerCallError::Rejected {
                 unavailable_units, ..
             } => unavailable_units.clone(),
-            PeerCallError::Unavailable(_) => Vec::new(),
+            PeerCallError::Unavailable(_) | PeerCallError::Relay { .. } => Vec::new(),
         };
         tracing::warn!(peer = %peer.peer(), %request_id, error = ?err, "peer did not acknowledge; voiding");
         let layouts: Vec<KeyLayout> = reserved.iter().map(|k| k.layout.clone()).collect();
         drop(reserved);
-        self.spawn_void(
+        self.spawn_void_call(
             peer.clone(),
             PendingRequest {
                 request_id,
@@ -295,6 +332,7 @@ impl Kme {
                 keys: layouts,
             },
             discard,
+            VoidCall::Ext,
         );
         Err(err.into())
     }
@@ -318,7 +356,7 @@ impl Kme {
         r
     }
 
-    fn peer_caller(&self, caller: &Identity) -> Result<KmeId, KmsError> {
+    pub(crate) fn peer_caller(&self, caller: &Identity) -> Result<KmeId, KmsError> {
         match caller {
             Identity::Kme(k) if self.peers.contains_key(k) => Ok(k.clone()),
             _ => Err(KmsError::Unauthorized(
@@ -357,6 +395,14 @@ impl Kme {
             keys: msg.keys.into_iter().map(Into::into).collect(),
             now_unix_ms: now_ms(),
         };
+        Ok(self.accept_with_grace(acceptance).await?)
+    }
+
+    /// [`KeyStore::accept`], waiting a little for units not delivered yet.
+    pub(crate) async fn accept_with_grace(
+        &self,
+        acceptance: Acceptance,
+    ) -> Result<AcceptOutcome, StoreError> {
         // The two ends of a QKD link hand a block to their KMEs a moment apart
         // (the last protocol message is in flight), so units the peer already
         // has may not have arrived here yet. Wait for them a little before
@@ -370,7 +416,7 @@ impl Kme {
                     waited += delay;
                     delay = (delay * 2).min(Duration::from_millis(500));
                 }
-                r => return Ok(r?),
+                r => return r,
             }
         }
     }
@@ -397,7 +443,7 @@ impl Kme {
         let n = pending.len();
         for p in pending {
             match self.peers.get(&p.peer) {
-                Some(client) => self.spawn_void(client.clone(), p, Vec::new()),
+                Some(client) => self.spawn_void_call(client.clone(), p, Vec::new(), VoidCall::Ext),
                 None => {
                     tracing::warn!(peer = %p.peer, request_id = %p.request_id, "pending request for an unconfigured peer")
                 }
@@ -406,9 +452,15 @@ impl Kme {
         Ok(n)
     }
 
-    fn spawn_void(&self, peer: PeerClient, p: PendingRequest, extra_discard: Vec<Uuid>) {
+    pub(crate) fn spawn_void_call(
+        &self,
+        peer: PeerClient,
+        p: PendingRequest,
+        extra_discard: Vec<Uuid>,
+        call: VoidCall,
+    ) {
         let store = self.store.clone();
-        let task = void_until_settled(store, peer, p, extra_discard);
+        let task = void_until_settled(store, peer, p, extra_discard, call);
         match self.background.lock() {
             Ok(mut set) => {
                 // Reap finished tasks so the set does not grow without bound.
@@ -451,10 +503,15 @@ async fn void_until_settled(
     peer: PeerClient,
     p: PendingRequest,
     extra_discard: Vec<Uuid>,
+    call: VoidCall,
 ) {
     let mut backoff = Duration::from_millis(100);
     let reply = loop {
-        match peer.void(p.request_id).await {
+        let r = match &call {
+            VoidCall::Ext => peer.void(p.request_id).await,
+            VoidCall::Relay(v) => peer.relay_void(v).await,
+        };
+        match r {
             Ok(r) => break r,
             Err(e) => {
                 tracing::debug!(request_id = %p.request_id, error = ?e, "void not answered yet; retrying");
@@ -471,12 +528,15 @@ async fn void_until_settled(
             }
         }
     }
+    if p.keys.is_empty() {
+        return; // a void passed on along a relay route, with nothing held here
+    }
     if let Err(e) = store.release(p.request_id, discard).await {
         tracing::warn!(request_id = %p.request_id, error = %e, "could not release voided request");
     }
 }
 
-fn container(keys: Vec<ReservedKey>) -> KeyContainer {
+pub(crate) fn container(keys: Vec<ReservedKey>) -> KeyContainer {
     let b64 = base64::engine::general_purpose::STANDARD;
     KeyContainer {
         keys: keys

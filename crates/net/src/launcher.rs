@@ -319,6 +319,9 @@ pub fn prepare(
                 peers,
                 saes: all_saes.clone(),
                 test_keys: None,
+                links: Vec::new(),
+                relay_attempts: 3,
+                link_state_interval_ms: 1000,
             },
             links,
         };

@@ -137,6 +137,9 @@ fn config(
             },
         ],
         test_keys: None,
+        links: Vec::new(),
+        relay_attempts: 3,
+        link_state_interval_ms: 1000,
     }
 }
 

@@ -1,0 +1,1080 @@
+//! Trusted-node key relay: keys for SAE pairs whose KMEs are not neighbours.
+//!
+//! A QKD link joins two neighbouring KMEs; an SAE pair further apart gets its
+//! keys relayed hop by hop through trusted nodes (the pattern of ETSI GS QKD 014
+//! Annex B), with the ack/void semantics of the KME-to-KME API ([`crate::peer`],
+//! modelled on ETSI GS QKD 020). From the applications' side nothing changes:
+//! `enc_keys` at the master's KME, `dec_keys` with the key IDs at the slave's.
+//!
+//! # Protocol
+//!
+//! The master's KME `n0` picks a route `n0, n1, …, nk` (the slave's KME) and
+//! reserves the keys `K` from its own units of link `n0–n1`, exactly as for a
+//! neighbour. Then, one synchronous call per hop (`POST /api/v1/kme/relay`,
+//! [`RelayForward`]):
+//!
+//! 1. `n0 → n1`: the layout of `K` (its key IDs and unit IDs); `n1` holds the
+//!    same units and so learns `K`.
+//! 2. `n(i) → n(i+1)` for `i ≥ 1`: `n(i)` reserves a hop key `L` of the same size
+//!    from its own units of link `n(i)–n(i+1)` and sends `K ⊕ L` with `L`'s
+//!    layout; `n(i+1)` takes `L` from its store and recovers `K`. Every hop key is
+//!    used once and deleted at both ends: a one-time pad.
+//! 3. `nk` stores `K` under the key IDs chosen by `n0`, reserved for the (master,
+//!    slave) pair, and acknowledges. Each KME acknowledges only after its
+//!    successor did, so the ack reaching `n0` means the key waits at `nk`; only
+//!    then does `n0` hand the keys to the master SAE.
+//!
+//! Each hop consumes exactly the key it must: `number × ceil(size/256)` units of
+//! its link, counted in [`crate::service::KmeCounters`]. Trusted nodes see `K`
+//! in memory while they re-encrypt it (that is what "trusted" means); it is
+//! never stored or logged there.
+//!
+//! # Failures
+//!
+//! A hop that cannot go on (no key on its next link, the next KME down or
+//! refusing) answers with the failing link ([`PeerErrorBody::failed_link`]); each
+//! KME upstream voids its own hop reservation at its successor in the background
+//! (`POST /api/v1/kme/relay/void`, which also travels on to the end of the route)
+//! and passes the failure back. The origin then routes around the failed link
+//! and tries again, up to `relay_attempts` routes. Key units a hop has sent under
+//! a one-time pad are discarded, never returned to a pool: a relay that failed
+//! costs the key it had consumed so far. No key is delivered twice: the keys
+//! reach the master SAE only after the whole route acknowledged, and the slave
+//! can only ask for IDs the master was given.
+//!
+//! Known limit: if the last KME stored the keys but the acknowledgement was lost
+//! on the way back, the void removes them there only when the void reaches it;
+//! voids of requests left pending by a crash (see [`crate::Kme::recover`]) reach
+//! the next hop only, so such keys can stay reserved, undeliverable without their
+//! IDs, at the far end.
+//!
+//! # Routing
+//!
+//! Link-state: every KME keeps a small database ([`LinkState`]) of how many units
+//! each KME of the network owns on each of its links, refreshed by polling its
+//! neighbours every `link_state_interval_ms` (`GET /api/v1/kme/lsdb`, merged by
+//! sequence number, entries older than [`STALE_AFTER`] ignored). A route is the
+//! path with the fewest hops among links with enough key for the request, ties
+//! broken by the largest bottleneck (widest shortest path). Links whose state is
+//! unknown count as usable with an unknown (lowest) bottleneck; a neighbour that
+//! did not answer the last poll, a KME whose state went stale, and links that
+//! failed earlier in the same request are avoided.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::block::{KeyUnit, UNIT_BYTES, units_for_bits};
+use crate::error::KmsError;
+use crate::etsi::{KeyContainer, ValidKeyRequest};
+use crate::ids::{KmeId, SaeId};
+use crate::peer::{ExtKey, ExtKeysVoidReply, PeerCallError};
+use crate::service::{Kme, VoidCall, container};
+use crate::store::{Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, StoreError};
+
+#[allow(unused_imports)] // for the doc link
+use crate::api_error::PeerErrorBody;
+
+/// Path of the relay endpoint.
+pub const RELAY_PATH: &str = "/api/v1/kme/relay";
+/// Path of the relay void endpoint.
+pub const RELAY_VOID_PATH: &str = "/api/v1/kme/relay/void";
+/// Path of the link-state endpoint.
+pub const LSDB_PATH: &str = "/api/v1/kme/lsdb";
+/// Longest route accepted (KMEs, both ends included).
+pub const MAX_ROUTE_LEN: usize = 256;
+/// Link state older than this is ignored, and its KME presumed down.
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// Hop number that names the slave-side request of the last KME.
+const FINAL_HOP: u32 = u32::MAX;
+
+/// One key of a relay message.
+#[allow(non_snake_case)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayKey {
+    /// The relayed key: its ID, size and the units of the first link that form
+    /// it (the last KME stores it under the same IDs).
+    pub key: ExtKey,
+    /// This hop's key: units of the link between sender and receiver, owned by
+    /// the sender. On the first hop it is the relayed key itself.
+    pub hop_key: ExtKey,
+    /// Base64 of key ⊕ hop key; absent on the first hop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+}
+
+impl std::fmt::Debug for RelayKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayKey")
+            .field("key", &self.key.key_ID)
+            .field("hop_key", &self.hop_key.key_ID)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A relay hop: `route[hop - 1]` sends to `route[hop]`.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayForward {
+    /// End-to-end request ID chosen by the origin KME.
+    pub request_ID: Uuid,
+    /// KMEs from the master's to the slave's.
+    pub route: Vec<KmeId>,
+    /// Index in `route` of the receiver (≥ 1).
+    pub hop: u32,
+    /// Master SAE (attached to `route[0]`).
+    pub master_SAE_ID: SaeId,
+    /// Slave SAE (attached to the last KME of `route`).
+    pub slave_SAE_ID: SaeId,
+    /// The keys.
+    pub keys: Vec<RelayKey>,
+}
+
+/// Void of a relay hop (travels on to the end of the route).
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayVoid {
+    /// End-to-end request ID.
+    pub request_ID: Uuid,
+    /// The route of the request.
+    pub route: Vec<KmeId>,
+    /// Index in `route` of the receiver (≥ 1).
+    pub hop: u32,
+}
+
+/// Acknowledgement of a relay hop: the keys wait at the end of the route.
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayAck {
+    /// The request.
+    pub request_ID: Uuid,
+    /// Always `"ack"`.
+    pub status: String,
+}
+
+/// How many units one KME owns on one of its links.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkAvail {
+    /// The KME at the other end.
+    pub peer: KmeId,
+    /// Available units owned by the advertising KME.
+    pub units: u64,
+}
+
+/// One KME's link-state advertisement.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkState {
+    /// The advertising KME.
+    pub kme: KmeId,
+    /// Sequence number (the advertiser's clock, ms); newer replaces older.
+    pub seq: u64,
+    /// Its links.
+    pub links: Vec<LinkAvail>,
+}
+
+/// The request ID a hop uses in the stores of its two KMEs: distinct per hop so
+/// that a KME's incoming and outgoing hops of one relay never collide.
+pub fn hop_request_id(request: Uuid, hop: u32) -> Uuid {
+    let mut h = qkdnet_crypto::sm3::Sm3Hasher::new();
+    h.update(b"qkdnet/kms/relay-hop/v1");
+    h.update(request.as_bytes());
+    h.update(&hop.to_be_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(b)
+}
+
+/// Checks a route and that this KME (`me`) is its `hop`-th, called by the one before.
+pub fn check_route(route: &[KmeId], hop: u32, me: &KmeId, caller: &KmeId) -> Result<(), KmsError> {
+    if route.len() < 2 || route.len() > MAX_ROUTE_LEN {
+        return Err(KmsError::BadRequest(format!(
+            "a route has 2 to {MAX_ROUTE_LEN} KMEs"
+        )));
+    }
+    let distinct: BTreeSet<&KmeId> = route.iter().collect();
+    if distinct.len() != route.len() {
+        return Err(KmsError::BadRequest("a route visits a KME twice".into()));
+    }
+    let hop = hop as usize;
+    if hop == 0 || hop >= route.len() || &route[hop] != me || &route[hop - 1] != caller {
+        return Err(KmsError::BadRequest(
+            "this KME is not the next hop of the route after the caller".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The network as an undirected graph of KMEs.
+pub type Graph = BTreeMap<KmeId, BTreeSet<KmeId>>;
+
+/// Adds the undirected link `a–b` to `g`.
+pub fn add_link(g: &mut Graph, a: &KmeId, b: &KmeId) {
+    if a != b {
+        g.entry(a.clone()).or_default().insert(b.clone());
+        g.entry(b.clone()).or_default().insert(a.clone());
+    }
+}
+
+/// The path from `from` to `to` with the fewest hops and, among those, the
+/// largest bottleneck. `weight(a, b)` is `None` for a link that cannot be used
+/// (in direction a → b), else its capacity. Deterministic: ties go to the KME
+/// that sorts first.
+pub fn widest_shortest_path(
+    g: &Graph,
+    from: &KmeId,
+    to: &KmeId,
+    mut weight: impl FnMut(&KmeId, &KmeId) -> Option<u64>,
+) -> Option<Vec<KmeId>> {
+    if from == to {
+        return None;
+    }
+    let mut dist: HashMap<&KmeId, usize> = HashMap::new();
+    let mut best: HashMap<&KmeId, u64> = HashMap::new();
+    let mut parent: HashMap<&KmeId, &KmeId> = HashMap::new();
+    dist.insert(from, 0);
+    best.insert(from, u64::MAX);
+    let mut layer = vec![from];
+    let mut d = 0;
+    while !layer.is_empty() && !dist.contains_key(to) {
+        let mut next = Vec::new();
+        for &u in &layer {
+            let bu = best[u];
+            for v in g.get(u).into_iter().flatten() {
+                let Some(w) = weight(u, v) else { continue };
+                let b = bu.min(w);
+                match dist.get(v) {
+                    None => {
+                        dist.insert(v, d + 1);
+                        best.insert(v, b);
+                        parent.insert(v, u);
+                        next.push(v);
+                    }
+                    Some(&dv) if dv == d + 1 && b > best[v] => {
+                        best.insert(v, b);
+                        parent.insert(v, u);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        layer = next;
+        d += 1;
+    }
+    dist.get(to)?;
+    let mut path = vec![to.clone()];
+    let mut cur = to;
+    while let Some(&p) = parent.get(cur) {
+        path.push(p.clone());
+        cur = p;
+    }
+    path.reverse();
+    Some(path)
+}
+
+/// The link-state database of one KME.
+#[derive(Default)]
+pub(crate) struct Lsdb {
+    entries: HashMap<KmeId, (LinkState, Instant)>,
+    /// Neighbours whose last poll failed.
+    down: BTreeSet<KmeId>,
+}
+
+impl Lsdb {
+    fn merge(&mut self, states: Vec<LinkState>, me: &KmeId) {
+        let now = Instant::now();
+        for st in states {
+            if &st.kme == me {
+                continue;
+            }
+            match self.entries.get(&st.kme) {
+                Some((old, _)) if old.seq >= st.seq => {}
+                _ => {
+                    self.entries.insert(st.kme.clone(), (st, now));
+                }
+            }
+        }
+    }
+
+    fn fresh(&self, kme: &KmeId) -> Option<&LinkState> {
+        self.entries
+            .get(kme)
+            .filter(|(_, at)| at.elapsed() < STALE_AFTER)
+            .map(|(s, _)| s)
+    }
+
+    /// A KME that advertised once but went quiet.
+    fn presumed_down(&self, kme: &KmeId) -> bool {
+        self.down.contains(kme)
+            || self
+                .entries
+                .get(kme)
+                .is_some_and(|(_, at)| at.elapsed() >= STALE_AFTER)
+    }
+
+    /// Units `from` owns on its link to `to`, if known.
+    fn avail(&self, from: &KmeId, to: &KmeId) -> Option<u64> {
+        self.fresh(from)?
+            .links
+            .iter()
+            .find(|l| &l.peer == to)
+            .map(|l| l.units)
+    }
+
+    fn snapshot(&self) -> Vec<LinkState> {
+        let mut v: Vec<LinkState> = self
+            .entries
+            .values()
+            .filter(|(_, at)| at.elapsed() < STALE_AFTER)
+            .map(|(s, _)| s.clone())
+            .collect();
+        v.sort_by(|a, b| a.kme.cmp(&b.kme));
+        v
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A peer call's failure as the relay failure of link `from → to` (or the
+/// link the peer named).
+fn relay_failure(e: PeerCallError, from: &KmeId, to: &KmeId) -> KmsError {
+    match e {
+        PeerCallError::Relay {
+            message,
+            failed_link,
+        } => KmsError::RelayFailed {
+            link: failed_link,
+            reason: message,
+        },
+        PeerCallError::Unavailable(m) => KmsError::RelayFailed {
+            link: (from.clone(), to.clone()),
+            reason: format!("KME {to} unavailable: {m}"),
+        },
+        PeerCallError::Rejected {
+            status, message, ..
+        } => KmsError::RelayFailed {
+            link: (from.clone(), to.clone()),
+            reason: format!("KME {to} refused ({status}): {message}"),
+        },
+    }
+}
+
+/// A store or check failure on link `from → to` as a relay failure.
+fn on_link(from: &KmeId, to: &KmeId) -> impl Fn(KmsError) -> KmsError {
+    let link = (from.clone(), to.clone());
+    move |e| match e {
+        e @ KmsError::RelayFailed { .. } => e,
+        e => KmsError::RelayFailed {
+            link: link.clone(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d ^= s;
+    }
+}
+
+impl Kme {
+    /// The network graph: the configured links plus this KME's own.
+    fn graph(&self) -> Graph {
+        let mut g = Graph::new();
+        for (a, b) in &self.settings.links {
+            add_link(&mut g, a, b);
+        }
+        for p in self.peers.keys() {
+            add_link(&mut g, &self.settings.id, p);
+        }
+        g
+    }
+
+    /// The route for `need` units to `target` avoiding `excluded`, with its
+    /// bottleneck in units (0 if some hop's availability is unknown).
+    pub(crate) async fn route_to(
+        &self,
+        target: &KmeId,
+        need: u64,
+        excluded: &BTreeSet<(KmeId, KmeId)>,
+    ) -> Result<Option<(Vec<KmeId>, u64)>, KmsError> {
+        let me = self.settings.id.clone();
+        let mut own = HashMap::new();
+        for p in self.peers.keys() {
+            own.insert(
+                p.clone(),
+                self.store.pool_counts(p.clone()).await?.mine_available,
+            );
+        }
+        let g = self.graph();
+        let lsdb = self
+            .lsdb
+            .lock()
+            .map_err(|_| KmsError::Config("link-state lock".into()))?;
+        let usable = |a: &KmeId, b: &KmeId| {
+            !excluded.contains(&(a.clone(), b.clone()))
+                && !(a == &me && lsdb.down.contains(b))
+                && (b == target || b == &me || !lsdb.presumed_down(b))
+        };
+        let avail = |a: &KmeId, b: &KmeId| {
+            if a == &me {
+                own.get(b).copied()
+            } else {
+                lsdb.avail(a, b)
+            }
+        };
+        // With enough key on every known link; unknown links count as usable.
+        let strict = widest_shortest_path(&g, &me, target, |a, b| {
+            if !usable(a, b) {
+                return None;
+            }
+            match avail(a, b) {
+                Some(u) if u >= need => Some(u),
+                Some(_) => None,
+                None => Some(0),
+            }
+        });
+        // Else any live path: its first short hop will answer "exhausted".
+        let path = match strict {
+            Some(p) => Some(p),
+            None => widest_shortest_path(&g, &me, target, |a, b| {
+                usable(a, b).then(|| avail(a, b).unwrap_or(0))
+            }),
+        };
+        Ok(path.map(|p| {
+            let bottleneck = p
+                .windows(2)
+                .map(|w| avail(&w[0], &w[1]).unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            (p, bottleneck)
+        }))
+    }
+
+    /// enc_keys for a slave SAE on a KME that is not a neighbour: relay along
+    /// a route, rerouting around failed links.
+    pub(crate) async fn relay_enc(
+        &self,
+        master: SaeId,
+        slave: SaeId,
+        target: KmeId,
+        req: ValidKeyRequest,
+    ) -> Result<KeyContainer, KmsError> {
+        self.counters
+            .relay_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let need = u64::from(units_for_bits(req.size_bits)) * u64::from(req.number);
+        let mut excluded = BTreeSet::new();
+        let mut last = None;
+        for _ in 0..self.settings.relay_attempts.max(1) {
+            let Some((route, _)) = self.route_to(&target, need, &excluded).await? else {
+                break;
+            };
+            match self.relay_once(&route, &master, &slave, &req).await {
+                Ok(c) => return Ok(c),
+                Err(KmsError::RelayFailed { link, reason }) => {
+                    tracing::info!(from = %link.0, to = %link.1, %reason, "relay failed on a link; rerouting");
+                    excluded.insert(link.clone());
+                    last = Some(KmsError::RelayFailed { link, reason });
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        self.counters
+            .relay_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(last.unwrap_or_else(|| {
+            KmsError::NoRoute(format!(
+                "no route from KME {} to KME {target} (links down or out of key)",
+                self.settings.id
+            ))
+        }))
+    }
+
+    async fn relay_once(
+        &self,
+        route: &[KmeId],
+        master: &SaeId,
+        slave: &SaeId,
+        req: &ValidKeyRequest,
+    ) -> Result<KeyContainer, KmsError> {
+        let me = &self.settings.id;
+        let first = &route[1];
+        let fail = on_link(me, first);
+        let peer = self
+            .peers
+            .get(first)
+            .ok_or_else(|| fail(KmsError::BadRequest("not a neighbour".into())))?;
+        let request = Uuid::new_v4();
+        let r0 = hop_request_id(request, 0);
+        let reserved = self
+            .store
+            .reserve(Reservation {
+                request_id: r0,
+                peer: first.clone(),
+                master: master.clone(),
+                slave: slave.clone(),
+                number: req.number,
+                size_bits: req.size_bits,
+                now_unix_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let msg = RelayForward {
+            request_ID: request,
+            route: route.to_vec(),
+            hop: 1,
+            master_SAE_ID: master.clone(),
+            slave_SAE_ID: slave.clone(),
+            keys: reserved
+                .iter()
+                .map(|k| RelayKey {
+                    key: (&k.layout).into(),
+                    hop_key: (&k.layout).into(),
+                    ciphertext: None,
+                })
+                .collect(),
+        };
+        match peer.relay(&msg).await {
+            Ok(()) => {
+                self.store.confirm(r0).await?;
+                self.count_relay_units(&reserved.iter().map(|k| &k.layout).collect::<Vec<_>>());
+                Ok(container(reserved))
+            }
+            Err(e) => {
+                let keys = reserved.iter().map(|k| k.layout.clone()).collect();
+                drop(reserved);
+                self.spawn_void_call(
+                    peer.clone(),
+                    PendingRequest {
+                        request_id: r0,
+                        peer: first.clone(),
+                        keys,
+                    },
+                    Vec::new(),
+                    VoidCall::Relay(RelayVoid {
+                        request_ID: request,
+                        route: route.to_vec(),
+                        hop: 1,
+                    }),
+                );
+                Err(relay_failure(e, me, first))
+            }
+        }
+    }
+
+    fn count_relay_units(&self, keys: &[&KeyLayout]) {
+        let units: u64 = keys.iter().map(|k| k.unit_ids.len() as u64).sum();
+        self.counters
+            .relay_units_sent
+            .fetch_add(units, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A relay hop arriving from a neighbour: recover the keys, then store them
+    /// (last KME) or pass them on under the next link's one-time pad.
+    pub async fn peer_relay(
+        &self,
+        caller: &crate::identity::Identity,
+        msg: RelayForward,
+    ) -> Result<(), KmsError> {
+        let prev = self.peer_caller(caller)?;
+        let me = self.settings.id.clone();
+        check_route(&msg.route, msg.hop, &me, &prev)?;
+        let hop = msg.hop as usize;
+        let (master, slave) = (msg.master_SAE_ID.clone(), msg.slave_SAE_ID.clone());
+        let origin = &msg.route[0];
+        let last = msg.route.last().unwrap_or(&me);
+        if self.settings.saes.get(&master) != Some(origin)
+            || self.settings.saes.get(&slave) != Some(last)
+        {
+            return Err(KmsError::BadRequest(
+                "the SAEs are not attached to the ends of the route".into(),
+            ));
+        }
+        let size = self.check_relay_keys(&msg)?;
+        let fail_in = on_link(&prev, &me);
+        // Take this hop's key: accept the sender's reservation, then deliver it here.
+        self.accept_with_grace(Acceptance {
+            request_id: hop_request_id(msg.request_ID, msg.hop - 1),
+            peer: prev.clone(),
+            master: master.clone(),
+            slave: slave.clone(),
+            keys: msg.keys.iter().map(|k| k.hop_key.clone().into()).collect(),
+            now_unix_ms: now_ms(),
+        })
+        .await
+        .map_err(|e| fail_in(e.into()))?;
+        let hop_keys = self
+            .store
+            .take(
+                slave.clone(),
+                master.clone(),
+                msg.keys.iter().map(|k| k.hop_key.key_ID).collect(),
+            )
+            .await
+            .map_err(|e| fail_in(e.into()))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut keys: Vec<(KeyLayout, Zeroizing<Vec<u8>>)> = Vec::with_capacity(msg.keys.len());
+        for (k, hk) in msg.keys.iter().zip(hop_keys) {
+            let mut material = hk.material;
+            if let Some(ct) = &k.ciphertext {
+                let ct = Zeroizing::new(b64.decode(ct).map_err(|_| {
+                    fail_in(KmsError::BadRequest("ciphertext is not base64".into()))
+                })?);
+                if ct.len() != material.len() {
+                    return Err(fail_in(KmsError::BadRequest(
+                        "ciphertext length differs from the key size".into(),
+                    )));
+                }
+                xor_into(&mut material, &ct);
+            }
+            keys.push((k.key.clone().into(), material));
+        }
+        if hop + 1 == msg.route.len() {
+            self.store_relayed(msg.request_ID, origin, &master, &slave, keys)
+                .await
+                .map_err(fail_in)?;
+            self.counters
+                .relay_delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+        // Pass on under the next link's key.
+        let next = &msg.route[hop + 1];
+        let fail_out = on_link(&me, next);
+        let peer = self
+            .peers
+            .get(next)
+            .ok_or_else(|| fail_out(KmsError::BadRequest("next hop is not a neighbour".into())))?;
+        let out_req = hop_request_id(msg.request_ID, msg.hop);
+        let pads = self
+            .store
+            .reserve(Reservation {
+                request_id: out_req,
+                peer: next.clone(),
+                master: master.clone(),
+                slave: slave.clone(),
+                number: keys.len() as u32,
+                size_bits: size,
+                now_unix_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| fail_out(e.into()))?;
+        let fwd = RelayForward {
+            request_ID: msg.request_ID,
+            route: msg.route.clone(),
+            hop: msg.hop + 1,
+            master_SAE_ID: master,
+            slave_SAE_ID: slave,
+            keys: keys
+                .iter()
+                .zip(&pads)
+                .map(|((layout, k), pad)| {
+                    let mut ct = Zeroizing::new(k.to_vec());
+                    xor_into(&mut ct, &pad.material);
+                    RelayKey {
+                        key: layout.into(),
+                        hop_key: (&pad.layout).into(),
+                        ciphertext: Some(b64.encode(&ct[..])),
+                    }
+                })
+                .collect(),
+        };
+        drop(keys);
+        match peer.relay(&fwd).await {
+            Ok(()) => {
+                self.store.confirm(out_req).await?;
+                self.count_relay_units(&pads.iter().map(|k| &k.layout).collect::<Vec<_>>());
+                self.counters
+                    .relay_forwarded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // The pads went out under a one-time pad: never reuse them.
+                let keys: Vec<KeyLayout> = pads.iter().map(|k| k.layout.clone()).collect();
+                let discard = keys
+                    .iter()
+                    .flat_map(|k| k.unit_ids.iter().copied())
+                    .collect();
+                drop(pads);
+                self.spawn_void_call(
+                    peer.clone(),
+                    PendingRequest {
+                        request_id: out_req,
+                        peer: next.clone(),
+                        keys,
+                    },
+                    discard,
+                    VoidCall::Relay(RelayVoid {
+                        request_ID: msg.request_ID,
+                        route: msg.route.clone(),
+                        hop: msg.hop + 1,
+                    }),
+                );
+                Err(relay_failure(e, &me, next))
+            }
+        }
+    }
+
+    /// Checks the keys of a relay message; returns their (common) size in bits.
+    fn check_relay_keys(&self, msg: &RelayForward) -> Result<u32, KmsError> {
+        let l = &self.settings.limits;
+        let Some(first) = msg.keys.first() else {
+            return Err(KmsError::BadRequest("no keys".into()));
+        };
+        if msg.keys.len() > l.max_key_per_request as usize {
+            return Err(KmsError::BadRequest(
+                "more keys than max_key_per_request".into(),
+            ));
+        }
+        let size = first.key.size;
+        if size % 8 != 0 || size < l.min_key_size || size > l.max_key_size {
+            return Err(KmsError::BadRequest("key size outside the limits".into()));
+        }
+        for k in &msg.keys {
+            let units = units_for_bits(size) as usize;
+            if k.key.size != size
+                || k.hop_key.size != size
+                || k.key.unit_IDs.len() != units
+                || k.hop_key.unit_IDs.len() != units
+                || k.key.unit_IDs.first() != Some(&k.key.key_ID)
+            {
+                return Err(KmsError::BadRequest("inconsistent key layout".into()));
+            }
+            if (msg.hop == 1) != k.ciphertext.is_none() || (msg.hop == 1 && k.key != k.hop_key) {
+                return Err(KmsError::BadRequest(
+                    "the first hop carries the key's own layout, later hops a ciphertext".into(),
+                ));
+            }
+        }
+        Ok(size)
+    }
+
+    /// Last KME: keeps the relayed keys for the slave SAE under their IDs.
+    async fn store_relayed(
+        &self,
+        request: Uuid,
+        origin: &KmeId,
+        master: &SaeId,
+        slave: &SaeId,
+        keys: Vec<(KeyLayout, Zeroizing<Vec<u8>>)>,
+    ) -> Result<(), KmsError> {
+        let mut units = Vec::new();
+        for (layout, material) in &keys {
+            for (i, id) in layout.unit_ids.iter().enumerate() {
+                let mut m = Zeroizing::new([0u8; UNIT_BYTES]);
+                let chunk = material.get(i * UNIT_BYTES..).unwrap_or(&[]);
+                let n = chunk.len().min(UNIT_BYTES);
+                m[..n].copy_from_slice(&chunk[..n]);
+                units.push(KeyUnit {
+                    id: *id,
+                    mine: false,
+                    material: m,
+                });
+            }
+        }
+        self.store
+            .ingest(IngestBatch {
+                peer: origin.clone(),
+                link_id: format!("relay/{request}"),
+                block_number: 0,
+                eps_sec: 0.0,
+                eps_cor: 0.0,
+                created_unix_ms: now_ms(),
+                units,
+                capacity_units: u64::MAX,
+            })
+            .await?;
+        self.store
+            .accept(Acceptance {
+                request_id: hop_request_id(request, FINAL_HOP),
+                peer: origin.clone(),
+                master: master.clone(),
+                slave: slave.clone(),
+                keys: keys.into_iter().map(|(l, _)| l).collect(),
+                now_unix_ms: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Void of a relay hop: void this KME's incoming hop and send the void on.
+    pub async fn peer_relay_void(
+        &self,
+        caller: &crate::identity::Identity,
+        msg: RelayVoid,
+    ) -> Result<ExtKeysVoidReply, KmsError> {
+        let prev = self.peer_caller(caller)?;
+        let me = self.settings.id.clone();
+        check_route(&msg.route, msg.hop, &me, &prev)?;
+        let out = self
+            .store
+            .void(prev, hop_request_id(msg.request_ID, msg.hop - 1))
+            .await?;
+        let hop = msg.hop as usize;
+        if hop + 1 == msg.route.len() {
+            match self
+                .store
+                .void(
+                    msg.route[0].clone(),
+                    hop_request_id(msg.request_ID, FINAL_HOP),
+                )
+                .await
+            {
+                Ok(_) | Err(StoreError::RequestConflict) => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else if let Some(peer) = self.peers.get(&msg.route[hop + 1]) {
+            let out_req = hop_request_id(msg.request_ID, msg.hop);
+            let pending = self
+                .store
+                .pending()
+                .await?
+                .into_iter()
+                .find(|p| p.request_id == out_req);
+            let discard = pending
+                .iter()
+                .flat_map(|p| p.keys.iter().flat_map(|k| k.unit_ids.iter().copied()))
+                .collect();
+            self.spawn_void_call(
+                peer.clone(),
+                pending.unwrap_or(PendingRequest {
+                    request_id: out_req,
+                    peer: peer.peer().clone(),
+                    keys: Vec::new(),
+                }),
+                discard,
+                VoidCall::Relay(RelayVoid {
+                    request_ID: msg.request_ID,
+                    route: msg.route.clone(),
+                    hop: msg.hop + 1,
+                }),
+            );
+        }
+        Ok(ExtKeysVoidReply {
+            request_ID: msg.request_ID,
+            was_accepted: out.was_accepted,
+            voided_key_IDs: out.voided_keys,
+        })
+    }
+
+    /// This KME's link-state database, its own entry refreshed (for a peer's poll).
+    pub async fn link_state(
+        &self,
+        caller: &crate::identity::Identity,
+    ) -> Result<Vec<LinkState>, KmsError> {
+        self.peer_caller(caller)?;
+        let own = self.own_link_state().await?;
+        let mut v = self
+            .lsdb
+            .lock()
+            .map_err(|_| KmsError::Config("link-state lock".into()))?
+            .snapshot();
+        v.push(own);
+        Ok(v)
+    }
+
+    async fn own_link_state(&self) -> Result<LinkState, KmsError> {
+        let mut links = Vec::new();
+        for p in self.peers.keys() {
+            links.push(LinkAvail {
+                peer: p.clone(),
+                units: self.store.pool_counts(p.clone()).await?.mine_available,
+            });
+        }
+        links.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Ok(LinkState {
+            kme: self.settings.id.clone(),
+            seq: now_ms(),
+            links,
+        })
+    }
+
+    /// Polls every neighbour's link-state database once and merges it.
+    pub async fn poll_link_state(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for p in self.peers.values() {
+            let p = p.clone();
+            set.spawn(async move {
+                let r: Result<Vec<LinkState>, PeerCallError> = p.get(LSDB_PATH).await;
+                (p.peer().clone(), r)
+            });
+        }
+        while let Some(Ok((peer, r))) = set.join_next().await {
+            let Ok(mut db) = self.lsdb.lock() else { return };
+            match r {
+                Ok(states) => {
+                    db.down.remove(&peer);
+                    db.merge(states, &self.settings.id);
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = ?e, "link-state poll failed");
+                    db.down.insert(peer);
+                }
+            }
+        }
+    }
+
+    /// ETSI status towards a KME that is not a neighbour: the route's bottleneck.
+    pub(crate) async fn relay_stored_units(
+        &self,
+        target: &KmeId,
+    ) -> Result<(KmeId, u64), KmsError> {
+        let route = self.route_to(target, 1, &BTreeSet::new()).await?;
+        Ok((target.clone(), route.map_or(0, |(_, b)| b)))
+    }
+}
+
+/// Polls the neighbours' link state every `every` until the KME is dropped.
+pub fn spawn_link_state(kme: &Arc<Kme>, every: Duration) -> tokio::task::JoinHandle<()> {
+    let weak: Weak<Kme> = Arc::downgrade(kme);
+    tokio::spawn(async move {
+        loop {
+            match weak.upgrade() {
+                Some(k) => k.poll_link_state().await,
+                None => return,
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+pub(crate) type SharedLsdb = Mutex<Lsdb>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(s: &str) -> KmeId {
+        KmeId::new(s).expect("id")
+    }
+
+    fn ring() -> Graph {
+        // a - b - c - d, and a - e - f - d (two routes of three hops), plus a - g - d.
+        let mut g = Graph::new();
+        for (x, y) in [
+            ("a", "b"),
+            ("b", "c"),
+            ("c", "d"),
+            ("a", "e"),
+            ("e", "f"),
+            ("f", "d"),
+            ("a", "g"),
+            ("g", "d"),
+        ] {
+            add_link(&mut g, &k(x), &k(y));
+        }
+        g
+    }
+
+    fn names(p: Option<Vec<KmeId>>) -> Vec<String> {
+        p.unwrap_or_default()
+            .iter()
+            .map(|x| x.as_str().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn fewest_hops_first_then_widest() {
+        let g = ring();
+        let all = |_: &KmeId, _: &KmeId| Some(100);
+        assert_eq!(
+            names(widest_shortest_path(&g, &k("a"), &k("d"), all)),
+            ["a", "g", "d"]
+        );
+        // Without g, two 3-hop routes: the one with the larger bottleneck wins.
+        let no_g = |x: &KmeId, y: &KmeId| {
+            if x.as_str() == "g" || y.as_str() == "g" {
+                None
+            } else if x.as_str() == "c" {
+                Some(5)
+            } else {
+                Some(100)
+            }
+        };
+        assert_eq!(
+            names(widest_shortest_path(&g, &k("a"), &k("d"), no_g)),
+            ["a", "e", "f", "d"]
+        );
+        // Everything cut: no route.
+        assert!(widest_shortest_path(&g, &k("a"), &k("d"), |_, _| None).is_none());
+        assert!(widest_shortest_path(&g, &k("a"), &k("a"), all).is_none());
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let r: Vec<KmeId> = ["a", "b", "c"].iter().map(|s| k(s)).collect();
+        assert!(check_route(&r, 1, &k("b"), &k("a")).is_ok());
+        assert!(check_route(&r, 2, &k("c"), &k("b")).is_ok());
+        assert!(check_route(&r, 1, &k("b"), &k("c")).is_err()); // wrong caller
+        assert!(check_route(&r, 0, &k("a"), &k("a")).is_err());
+        assert!(check_route(&r, 3, &k("c"), &k("b")).is_err());
+        let looped: Vec<KmeId> = ["a", "b", "a"].iter().map(|s| k(s)).collect();
+        assert!(check_route(&looped, 1, &k("b"), &k("a")).is_err());
+    }
+
+    #[test]
+    fn hop_ids_differ_per_hop_and_request() {
+        let r = Uuid::from_u128(42);
+        let ids: BTreeSet<Uuid> = (0..64)
+            .chain([FINAL_HOP])
+            .map(|h| hop_request_id(r, h))
+            .collect();
+        assert_eq!(ids.len(), 65);
+        assert_ne!(hop_request_id(r, 0), hop_request_id(Uuid::from_u128(43), 0));
+        assert_eq!(hop_request_id(r, 5), hop_request_id(r, 5));
+    }
+
+    #[test]
+    fn link_state_merges_newer_and_ages_out() {
+        let mut db = Lsdb::default();
+        let st = |seq, units| LinkState {
+            kme: k("b"),
+            seq,
+            links: vec![LinkAvail {
+                peer: k("c"),
+                units,
+            }],
+        };
+        db.merge(vec![st(10, 5)], &k("a"));
+        db.merge(vec![st(9, 1)], &k("a")); // older: ignored
+        assert_eq!(db.avail(&k("b"), &k("c")), Some(5));
+        db.merge(vec![st(11, 7)], &k("a"));
+        assert_eq!(db.avail(&k("b"), &k("c")), Some(7));
+        assert_eq!(db.avail(&k("c"), &k("b")), None);
+        db.merge(
+            vec![LinkState {
+                kme: k("a"),
+                seq: 99,
+                links: vec![],
+            }],
+            &k("a"),
+        ); // own entry from a peer: ignored
+        assert!(db.fresh(&k("a")).is_none());
+        assert!(!db.presumed_down(&k("b")));
+        if let Some((_, at)) = db.entries.get_mut(&k("b")) {
+            *at = Instant::now()
+                .checked_sub(STALE_AFTER + Duration::from_secs(1))
+                .unwrap_or(*at);
+        }
+        assert!(db.presumed_down(&k("b")));
+        assert_eq!(db.avail(&k("b"), &k("c")), None);
+    }
+}
