@@ -161,6 +161,28 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
         Err(ClientError::Api { status, .. }) => assert!((400..500).contains(&status)),
         other => panic!("second dec_keys: {other:?}"),
     }
+    // Relay: alpha and gamma are two hops apart; beta is the trusted node.
+    let g = client(&connect, "sae-gamma");
+    wait_for_keys(&rt, &a, "sae-gamma", 2);
+    let relayed = rt
+        .block_on(a.enc_keys("sae-gamma", 2, Some(256)))
+        .expect("relayed enc_keys");
+    let relayed_ids: Vec<_> = relayed.iter().map(|k| k.id).collect();
+    let at_gamma = rt
+        .block_on(g.dec_keys("sae-alpha", &relayed_ids))
+        .expect("relayed dec_keys at gamma");
+    for (x, y) in relayed.iter().zip(&at_gamma) {
+        assert_eq!(x.id, y.id);
+        assert_eq!(
+            &x.material[..],
+            &y.material[..],
+            "same relayed key at both ends"
+        );
+    }
+    let beta_kme = node_status(&rec, "beta").kme;
+    assert_eq!(beta_kme.relay_forwarded, 1);
+    assert_eq!(beta_kme.relay_units_sent, 2, "one pad unit per relayed key");
+    assert_eq!(node_status(&rec, "gamma").kme.relay_delivered, 1);
     // Metrics are served in the Prometheus format.
     let m = http_get(rec.nodes[0].mgmt, "/metrics").expect("metrics");
     assert!(m.contains("qkdnet_link_qber{"), "{m}");
@@ -179,6 +201,11 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!alive(beta.pid), "beta is gone");
+    // With the only trusted node between them down, a relay fails cleanly.
+    match rt.block_on(a.enc_keys("sae-gamma", 1, Some(256))) {
+        Err(ClientError::Api { status, .. }) => assert_eq!(status, 503),
+        other => panic!("relay through a dead node: {other:?}"),
+    }
     let log = std::fs::OpenOptions::new()
         .append(true)
         .open(&beta.log)

@@ -252,6 +252,12 @@ pub fn prepare(
             kme: k.clone(),
         })
         .collect();
+    // Every link of the network: each KME routes relayed keys over them.
+    let all_links: Vec<[qkdnet_kms::ids::KmeId; 2]> = topo
+        .links
+        .iter()
+        .map(|l| [l.a.clone(), l.b.clone()])
+        .collect();
     let mut records = Vec::new();
     for (i, id) in topo.nodes.iter().enumerate() {
         let nd = dir.join("nodes").join(id.as_str());
@@ -319,7 +325,7 @@ pub fn prepare(
                 peers,
                 saes: all_saes.clone(),
                 test_keys: None,
-                links: Vec::new(),
+                links: all_links.clone(),
                 relay_attempts: 3,
                 link_state_interval_ms: 1000,
             },

@@ -505,6 +505,21 @@ pub struct KmeStatus {
     pub keys_delivered: u64,
     /// Failed calls.
     pub errors: u64,
+    /// Relayed requests this KME originated.
+    #[serde(default)]
+    pub relay_requests: u64,
+    /// Relayed requests that failed on every route.
+    #[serde(default)]
+    pub relay_failures: u64,
+    /// Relays passed on as a trusted node.
+    #[serde(default)]
+    pub relay_forwarded: u64,
+    /// Relays that ended here.
+    #[serde(default)]
+    pub relay_delivered: u64,
+    /// Units of link key sent for relays.
+    #[serde(default)]
+    pub relay_units_sent: u64,
 }
 
 /// `/status` of a node.
@@ -571,6 +586,11 @@ async fn collect(s: &NodeState) -> NodeStatus {
             keys_delivered: c.keys_delivered_master.load(Relaxed)
                 + c.keys_delivered_slave.load(Relaxed),
             errors: c.errors.load(Relaxed),
+            relay_requests: c.relay_requests.load(Relaxed),
+            relay_failures: c.relay_failures.load(Relaxed),
+            relay_forwarded: c.relay_forwarded.load(Relaxed),
+            relay_delivered: c.relay_delivered.load(Relaxed),
+            relay_units_sent: c.relay_units_sent.load(Relaxed),
         },
     }
 }
@@ -724,32 +744,44 @@ pub fn render_metrics(st: &NodeStatus) -> String {
         family(name, kind, help, rows);
     }
     let k = &st.kme;
-    family(
-        "qkdnet_kme_requests_total",
-        "counter",
-        "ETSI 014 key requests",
-        vec![
-            (
-                format!("node=\"{node}\",api=\"enc_keys\""),
-                k.enc_requests as f64,
-            ),
-            (
-                format!("node=\"{node}\",api=\"dec_keys\""),
-                k.dec_requests as f64,
-            ),
-        ],
-    );
-    family(
-        "qkdnet_kme_keys_delivered_total",
-        "counter",
-        "keys delivered to SAEs",
-        vec![(format!("node=\"{node}\""), k.keys_delivered as f64)],
-    );
-    family(
-        "qkdnet_kme_errors_total",
-        "counter",
-        "ETSI 014 key requests that failed",
-        vec![(format!("node=\"{node}\""), k.errors as f64)],
-    );
+    let n = |extra: &str| format!("node=\"{node}\"{extra}");
+    let kme_rows: [(&str, &str, Vec<(String, f64)>); 5] = [
+        (
+            "qkdnet_kme_requests_total",
+            "ETSI 014 key requests",
+            vec![
+                (n(",api=\"enc_keys\""), k.enc_requests as f64),
+                (n(",api=\"dec_keys\""), k.dec_requests as f64),
+            ],
+        ),
+        (
+            "qkdnet_kme_keys_delivered_total",
+            "keys delivered to SAEs",
+            vec![(n(""), k.keys_delivered as f64)],
+        ),
+        (
+            "qkdnet_kme_errors_total",
+            "ETSI 014 key requests that failed",
+            vec![(n(""), k.errors as f64)],
+        ),
+        (
+            "qkdnet_kme_relays_total",
+            "relayed key requests: originated here, failed on every route, passed on as a trusted node, ended here",
+            vec![
+                (n(",kind=\"originated\""), k.relay_requests as f64),
+                (n(",kind=\"failed\""), k.relay_failures as f64),
+                (n(",kind=\"forwarded\""), k.relay_forwarded as f64),
+                (n(",kind=\"delivered\""), k.relay_delivered as f64),
+            ],
+        ),
+        (
+            "qkdnet_kme_relay_units_sent_total",
+            "256-bit units of link key sent for relays (keys and one-time pads)",
+            vec![(n(""), k.relay_units_sent as f64)],
+        ),
+    ];
+    for (name, help, rows) in kme_rows {
+        family(name, "counter", help, rows);
+    }
     out
 }
