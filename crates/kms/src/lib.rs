@@ -41,6 +41,7 @@
 //! | [`client`] | the SAE side of ETSI GS QKD 014: [`client::EtsiClient`] |
 //! | [`connect`] | `connect.json`: each SAE's KME URL and TLS files, for applications |
 //! | [`pki`] | a small CA for test networks (rcgen) |
+//! | [`mesh`] | in-process KME networks with test keys, for tests and benchmarks |
 //! | [`testkeys`] | seeded *test* key blocks, only when explicitly configured |
 
 #![warn(missing_docs)]
@@ -55,6 +56,7 @@ pub mod etsi;
 mod https;
 pub mod identity;
 pub mod ids;
+pub mod mesh;
 pub mod peer;
 pub mod pki;
 pub mod relay;

@@ -699,7 +699,16 @@ impl Kme {
         drop(keys);
         match peer.relay(&fwd).await {
             Ok(()) => {
-                self.store.confirm(out_req).await?;
+                // Off the critical path: the pads are spent either way. Should
+                // this KME stop before the confirm lands, the restart voids the
+                // request at the next KME, which answers "delivered", and the
+                // pads are discarded then.
+                let store = self.store.clone();
+                self.spawn_background(async move {
+                    if let Err(e) = store.confirm(out_req).await {
+                        tracing::warn!(request_id = %out_req, error = %e, "could not confirm a relay hop");
+                    }
+                });
                 self.count_relay_units(&pads.iter().map(|k| &k.layout).collect::<Vec<_>>());
                 self.counters
                     .relay_forwarded

@@ -460,7 +460,14 @@ impl Kme {
         call: VoidCall,
     ) {
         let store = self.store.clone();
-        let task = void_until_settled(store, peer, p, extra_discard, call);
+        self.spawn_background(void_until_settled(store, peer, p, extra_discard, call));
+    }
+
+    /// Runs `task` in the background; [`Kme::settle`] waits for it.
+    pub(crate) fn spawn_background(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         match self.background.lock() {
             Ok(mut set) => {
                 // Reap finished tasks so the set does not grow without bound.
