@@ -185,6 +185,23 @@ fn drive(
         let line = rt.block_on(round_trip(&connect, master, slave))?;
         println!("  [{link}] {line}");
     }
+    if let Some((route, master, slave)) = farthest_pair(topo) {
+        // Keys for SAEs that are not neighbours are relayed by the trusted
+        // nodes in between, one-time-padded with each link's key.
+        let c = connect.client(&master, Duration::from_secs(5))?;
+        let t1 = Instant::now();
+        while !rt
+            .block_on(c.status(&slave))
+            .is_ok_and(|s| s.stored_key_count >= 2)
+        {
+            if t1.elapsed() > Duration::from_secs(30) {
+                bail!("no route with key from {master} to {slave} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let line = rt.block_on(round_trip(&connect, &master, &slave))?;
+        println!("  [relay {}] {line}", route.join(" -> "));
+    }
     println!("\nreport (per link, as Alice's node measured it; rates per second of link time):");
     let st = launcher::status(&prepared.record);
     super::net::print_status(&st);
@@ -195,4 +212,29 @@ fn drive(
         .sum();
     println!("keys delivered by the KMEs: {delivered}");
     Ok(())
+}
+
+/// The two SAEs the most hops apart (at least two), with the route between
+/// their nodes, for a relayed round trip.
+fn farthest_pair(
+    topo: &qkdnet_net::topology::ValidTopology,
+) -> Option<(Vec<String>, String, String)> {
+    use qkdnet_kms::relay::{Graph, add_link, widest_shortest_path};
+    let mut g = Graph::new();
+    for l in &topo.links {
+        add_link(&mut g, &l.a, &l.b);
+    }
+    let mut best: Option<(Vec<String>, String, String)> = None;
+    for (sa, na) in &topo.saes {
+        for (sb, nb) in &topo.saes {
+            let Some(route) = widest_shortest_path(&g, na, nb, |_, _| Some(1)) else {
+                continue;
+            };
+            if route.len() > 2 && best.as_ref().is_none_or(|b| route.len() > b.0.len()) {
+                let route = route.iter().map(ToString::to_string).collect();
+                best = Some((route, sa.to_string(), sb.to_string()));
+            }
+        }
+    }
+    best
 }
