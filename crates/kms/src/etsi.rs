@@ -206,6 +206,28 @@ pub struct ValidKeyRequest {
     pub number: u32,
     /// Key size in bits, a multiple of 8 in `min_key_size..=max_key_size`.
     pub size_bits: u32,
+    /// Relay over node-disjoint paths (the `qkdnet_multipath` extension).
+    pub multipath: Multipath,
+}
+
+/// Name of qkdnet's extension parameter selecting multipath relay:
+/// `{"qkdnet_multipath": 2}` in `extension_mandatory` (refuse rather than
+/// relay over one path) or `extension_optional` (one path if two disjoint
+/// ones do not exist). The key is split into two XOR shares relayed over
+/// node-disjoint routes, so that no single trusted node sees it.
+pub const MULTIPATH_EXTENSION: &str = "qkdnet_multipath";
+
+/// How a relayed key travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Multipath {
+    /// One route (the default).
+    #[default]
+    Single,
+    /// Two node-disjoint routes, one XOR share each.
+    Disjoint {
+        /// From `extension_mandatory`: no single-route fallback.
+        mandatory: bool,
+    },
 }
 
 /// Key IDs of a dec_keys request, known to be distinct UUIDs within the limits.
@@ -256,16 +278,35 @@ pub fn format_key_id(id: &Uuid) -> String {
     id.hyphenated().to_string()
 }
 
-fn has_parameters(ext: &Option<Vec<Map<String, Value>>>) -> bool {
-    ext.as_ref()
-        .is_some_and(|v| v.iter().any(|m| !m.is_empty()))
-}
-
 impl KeyRequest {
     /// Applies defaults and checks every field against `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<ValidKeyRequest, KmsError> {
-        if has_parameters(&self.extension_mandatory) {
-            return Err(KmsError::UnsupportedMandatoryExtension);
+        let mut multipath = Multipath::Single;
+        for (list, mandatory) in [
+            (&self.extension_mandatory, true),
+            (&self.extension_optional, false),
+        ] {
+            for (name, value) in list.iter().flatten().flatten() {
+                if name != MULTIPATH_EXTENSION {
+                    if mandatory {
+                        return Err(KmsError::UnsupportedMandatoryExtension);
+                    }
+                    continue;
+                }
+                match value.as_u64() {
+                    Some(1) => {}
+                    Some(2) => {
+                        if multipath == Multipath::Single || mandatory {
+                            multipath = Multipath::Disjoint { mandatory };
+                        }
+                    }
+                    _ => {
+                        return Err(KmsError::BadRequest(format!(
+                            "{MULTIPATH_EXTENSION} shall be 1 or 2"
+                        )));
+                    }
+                }
+            }
         }
         if self
             .additional_slave_SAE_IDs
@@ -300,6 +341,7 @@ impl KeyRequest {
         Ok(ValidKeyRequest {
             number: number as u32,
             size_bits: size as u32,
+            multipath,
         })
     }
 }
@@ -434,7 +476,8 @@ mod tests {
             r,
             ValidKeyRequest {
                 number: 1,
-                size_bits: 256
+                size_bits: 256,
+                multipath: Multipath::Single,
             }
         );
         let r = decode_key_request(br#"{"number":3,"size":512}"#)
@@ -445,7 +488,8 @@ mod tests {
             r,
             ValidKeyRequest {
                 number: 3,
-                size_bits: 512
+                size_bits: 512,
+                multipath: Multipath::Single,
             }
         );
         let e = decode_key_request(br#"{"size":16384}"#)
@@ -491,6 +535,40 @@ mod tests {
         ));
         let r = decode_key_request(br#"{"extension_optional":[{"abc_x":1}]}"#).expect("json");
         assert!(r.validate(&l).is_ok());
+    }
+
+    #[test]
+    fn the_multipath_extension_is_understood() {
+        let l = Limits::default();
+        let mp = |body: &[u8]| decode_key_request(body).expect("json").validate(&l);
+        assert_eq!(
+            mp(br#"{"extension_mandatory":[{"qkdnet_multipath":2}]}"#)
+                .ok()
+                .map(|r| r.multipath),
+            Some(Multipath::Disjoint { mandatory: true })
+        );
+        assert_eq!(
+            mp(br#"{"extension_optional":[{"qkdnet_multipath":2,"abc_x":1}]}"#)
+                .ok()
+                .map(|r| r.multipath),
+            Some(Multipath::Disjoint { mandatory: false })
+        );
+        assert_eq!(
+            mp(br#"{"extension_optional":[{"qkdnet_multipath":1}]}"#)
+                .ok()
+                .map(|r| r.multipath),
+            Some(Multipath::Single)
+        );
+        for bad in [
+            &br#"{"extension_mandatory":[{"qkdnet_multipath":3}]}"#[..],
+            br#"{"extension_optional":[{"qkdnet_multipath":"two"}]}"#,
+        ] {
+            assert!(matches!(mp(bad), Err(KmsError::BadRequest(_))));
+        }
+        assert!(matches!(
+            mp(br#"{"extension_mandatory":[{"qkdnet_multipath":2,"abc_x":1}]}"#),
+            Err(KmsError::UnsupportedMandatoryExtension)
+        ));
     }
 
     #[test]

@@ -29,6 +29,17 @@
 //! in memory while they re-encrypt it (that is what "trusted" means); it is
 //! never stored or logged there.
 //!
+//! # Multipath
+//!
+//! With the ETSI 014 extension `{"qkdnet_multipath": 2}` (see
+//! [`crate::etsi::MULTIPATH_EXTENSION`]) the origin relays two independent
+//! shares `K1`, `K2` over two routes that share no trusted node (the second
+//! computed with the first's nodes removed; between neighbours, the direct link
+//! and a detour). The second share carries `combine_with` = the first share's
+//! key IDs; the last KME replaces the first share by `K1 ⊕ K2` under those IDs.
+//! A trusted node sees at most one share, which alone says nothing about the
+//! key. Mandatory and no two disjoint routes: 503; optional: one route.
+//!
 //! # Failures
 //!
 //! A hop that cannot go on (no key on its next link, the next KME down or
@@ -71,11 +82,13 @@ use zeroize::Zeroizing;
 
 use crate::block::{KeyUnit, UNIT_BYTES, units_for_bits};
 use crate::error::KmsError;
-use crate::etsi::{KeyContainer, ValidKeyRequest};
+use crate::etsi::{KeyContainer, Multipath, ValidKeyRequest};
 use crate::ids::{KmeId, SaeId};
 use crate::peer::{ExtKey, ExtKeysVoidReply, PeerCallError};
 use crate::service::{Kme, VoidCall, container};
-use crate::store::{Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, StoreError};
+use crate::store::{
+    Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, ReservedKey, StoreError,
+};
 
 #[allow(unused_imports)] // for the doc link
 use crate::api_error::PeerErrorBody;
@@ -134,6 +147,11 @@ pub struct RelayForward {
     pub slave_SAE_ID: SaeId,
     /// The keys.
     pub keys: Vec<RelayKey>,
+    /// Multipath, second share: the IDs (one per key, in order) of the first
+    /// shares already waiting at the last KME, which stores the XOR of the two
+    /// under these IDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combine_with: Option<Vec<Uuid>>,
 }
 
 /// Void of a relay hop (travels on to the end of the route).
@@ -410,6 +428,7 @@ impl Kme {
         target: &KmeId,
         need: u64,
         excluded: &BTreeSet<(KmeId, KmeId)>,
+        avoid: &BTreeSet<KmeId>,
     ) -> Result<Option<(Vec<KmeId>, u64)>, KmsError> {
         let me = self.settings.id.clone();
         let mut own = HashMap::new();
@@ -426,6 +445,7 @@ impl Kme {
             .map_err(|_| KmsError::Config("link-state lock".into()))?;
         let usable = |a: &KmeId, b: &KmeId| {
             !excluded.contains(&(a.clone(), b.clone()))
+                && !avoid.contains(b)
                 && !(a == &me && lsdb.down.contains(b))
                 && (b == target || b == &me || !lsdb.presumed_down(b))
         };
@@ -464,8 +484,9 @@ impl Kme {
         }))
     }
 
-    /// enc_keys for a slave SAE on a KME that is not a neighbour: relay along
-    /// a route, rerouting around failed links.
+    /// enc_keys by relay: for a slave SAE on a KME that is not a neighbour, or
+    /// over two node-disjoint routes when the request asks for multipath.
+    /// Reroutes around failed links.
     pub(crate) async fn relay_enc(
         &self,
         master: SaeId,
@@ -480,10 +501,39 @@ impl Kme {
         let mut excluded = BTreeSet::new();
         let mut last = None;
         for _ in 0..self.settings.relay_attempts.max(1) {
-            let Some((route, _)) = self.route_to(&target, need, &excluded).await? else {
-                break;
+            let attempt = match req.multipath {
+                Multipath::Disjoint { mandatory } => {
+                    match self.disjoint_routes(&target, need, &excluded).await? {
+                        Some((r1, r2)) => {
+                            Some(self.relay_two(&r1, &r2, &master, &slave, &req).await)
+                        }
+                        None if mandatory => {
+                            last = Some(KmsError::NoRoute(format!(
+                                "no two node-disjoint routes with key from KME {} to KME {target}",
+                                self.settings.id
+                            )));
+                            break;
+                        }
+                        None => None,
+                    }
+                }
+                Multipath::Single => None,
             };
-            match self.relay_once(&route, &master, &slave, &req).await {
+            let attempt = match attempt {
+                Some(a) => a,
+                None => {
+                    let no_avoid = BTreeSet::new();
+                    let Some((route, _)) =
+                        self.route_to(&target, need, &excluded, &no_avoid).await?
+                    else {
+                        break;
+                    };
+                    self.relay_once(&route, &master, &slave, &req, None)
+                        .await
+                        .map(|(_, keys)| container(keys))
+                }
+            };
+            match attempt {
                 Ok(c) => return Ok(c),
                 Err(KmsError::RelayFailed { link, reason }) => {
                     tracing::info!(from = %link.0, to = %link.1, %reason, "relay failed on a link; rerouting");
@@ -507,13 +557,86 @@ impl Kme {
         }))
     }
 
+    /// Two routes to `target` sharing no KME but the ends (and not the direct
+    /// link twice): the best route, then the best one avoiding its nodes.
+    async fn disjoint_routes(
+        &self,
+        target: &KmeId,
+        need: u64,
+        excluded: &BTreeSet<(KmeId, KmeId)>,
+    ) -> Result<Option<(Vec<KmeId>, Vec<KmeId>)>, KmsError> {
+        let none = BTreeSet::new();
+        let Some((r1, _)) = self.route_to(target, need, excluded, &none).await? else {
+            return Ok(None);
+        };
+        let avoid: BTreeSet<KmeId> = r1[1..r1.len() - 1].iter().cloned().collect();
+        let mut excluded2 = excluded.clone();
+        if r1.len() == 2 {
+            excluded2.insert((r1[0].clone(), r1[1].clone()));
+        }
+        Ok(self
+            .route_to(target, need, &excluded2, &avoid)
+            .await?
+            .map(|(r2, _)| (r1, r2)))
+    }
+
+    /// Multipath: a random share over each route; the last KME keeps their XOR
+    /// under the first share's IDs. No trusted node sees both shares.
+    async fn relay_two(
+        &self,
+        r1: &[KmeId],
+        r2: &[KmeId],
+        master: &SaeId,
+        slave: &SaeId,
+        req: &ValidKeyRequest,
+    ) -> Result<KeyContainer, KmsError> {
+        let (request1, first) = self.relay_once(r1, master, slave, req, None).await?;
+        let ids: Vec<Uuid> = first.iter().map(|k| k.layout.key_id).collect();
+        match self.relay_once(r2, master, slave, req, Some(ids)).await {
+            Ok((_, second)) => {
+                let keys = first
+                    .into_iter()
+                    .zip(&second)
+                    .map(|(mut a, b)| {
+                        xor_into(&mut a.material, &b.material);
+                        a
+                    })
+                    .collect();
+                Ok(container(keys))
+            }
+            Err(e) => {
+                // Withdraw the first share from the far end.
+                if let Some(peer) = self.peers.get(&r1[1]) {
+                    self.spawn_void_call(
+                        peer.clone(),
+                        PendingRequest {
+                            request_id: hop_request_id(request1, 0),
+                            peer: r1[1].clone(),
+                            keys: Vec::new(),
+                        },
+                        Vec::new(),
+                        VoidCall::Relay(RelayVoid {
+                            request_ID: request1,
+                            route: r1.to_vec(),
+                            hop: 1,
+                        }),
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One relay along `route`; returns the request ID and the keys (with
+    /// their bytes) once the whole route acknowledged.
     async fn relay_once(
         &self,
         route: &[KmeId],
         master: &SaeId,
         slave: &SaeId,
         req: &ValidKeyRequest,
-    ) -> Result<KeyContainer, KmsError> {
+        combine_with: Option<Vec<Uuid>>,
+    ) -> Result<(Uuid, Vec<ReservedKey>), KmsError> {
         let me = &self.settings.id;
         let first = &route[1];
         let fail = on_link(me, first);
@@ -550,12 +673,13 @@ impl Kme {
                     ciphertext: None,
                 })
                 .collect(),
+            combine_with,
         };
         match peer.relay(&msg).await {
             Ok(()) => {
                 self.store.confirm(r0).await?;
                 self.count_relay_units(&reserved.iter().map(|k| &k.layout).collect::<Vec<_>>());
-                Ok(container(reserved))
+                Ok((request, reserved))
             }
             Err(e) => {
                 let keys = reserved.iter().map(|k| k.layout.clone()).collect();
@@ -647,6 +771,13 @@ impl Kme {
             keys.push((k.key.clone().into(), material));
         }
         if hop + 1 == msg.route.len() {
+            let keys = match &msg.combine_with {
+                None => keys,
+                Some(ids) => self
+                    .combine_shares(&master, &slave, ids, keys)
+                    .await
+                    .map_err(&fail_in)?,
+            };
             self.store_relayed(msg.request_ID, origin, &master, &slave, keys)
                 .await
                 .map_err(fail_in)?;
@@ -682,6 +813,7 @@ impl Kme {
             hop: msg.hop + 1,
             master_SAE_ID: master,
             slave_SAE_ID: slave,
+            combine_with: msg.combine_with.clone(),
             keys: keys
                 .iter()
                 .zip(&pads)
@@ -774,6 +906,54 @@ impl Kme {
             }
         }
         Ok(size)
+    }
+
+    /// Last KME, second share of a multipath relay: takes the first shares
+    /// (`ids`) and returns the XOR of both under the first shares' key IDs.
+    async fn combine_shares(
+        &self,
+        master: &SaeId,
+        slave: &SaeId,
+        ids: &[Uuid],
+        second: Vec<(KeyLayout, Zeroizing<Vec<u8>>)>,
+    ) -> Result<Vec<(KeyLayout, Zeroizing<Vec<u8>>)>, KmsError> {
+        if ids.len() != second.len() {
+            return Err(KmsError::BadRequest(
+                "combine_with names another number of keys".into(),
+            ));
+        }
+        let firsts = self
+            .store
+            .take(slave.clone(), master.clone(), ids.to_vec())
+            .await?;
+        let mut out = Vec::with_capacity(firsts.len());
+        for (a, (layout, b)) in firsts.into_iter().zip(second) {
+            if a.material.len() != b.len() {
+                return Err(KmsError::BadRequest("the two shares differ in size".into()));
+            }
+            let mut m = a.material;
+            xor_into(&mut m, &b);
+            // The combined key keeps the first share's ID; its other units get
+            // IDs derived from it (the first share's units are gone).
+            let unit_ids = (0..layout.unit_ids.len() as u32)
+                .map(|i| {
+                    if i == 0 {
+                        a.key_id
+                    } else {
+                        hop_request_id(a.key_id, i)
+                    }
+                })
+                .collect();
+            out.push((
+                KeyLayout {
+                    key_id: a.key_id,
+                    size_bits: layout.size_bits,
+                    unit_ids,
+                },
+                m,
+            ));
+        }
+        Ok(out)
     }
 
     /// Last KME: keeps the relayed keys for the slave SAE under their IDs.
@@ -946,7 +1126,9 @@ impl Kme {
         &self,
         target: &KmeId,
     ) -> Result<(KmeId, u64), KmsError> {
-        let route = self.route_to(target, 1, &BTreeSet::new()).await?;
+        let route = self
+            .route_to(target, 1, &BTreeSet::new(), &BTreeSet::new())
+            .await?;
         Ok((target.clone(), route.map_or(0, |(_, b)| b)))
     }
 }

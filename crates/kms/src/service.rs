@@ -268,8 +268,9 @@ impl Kme {
     ) -> Result<KeyContainer, KmsError> {
         let master = self.local_sae(caller)?.clone();
         let (slave, target, peer) = self.slave_kme(slave)?;
-        let Some(peer) = peer else {
-            return self.relay_enc(master, slave, target, req).await;
+        let peer = match peer {
+            Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
+            _ => return self.relay_enc(master, slave, target, req).await,
         };
         let request_id = Uuid::new_v4();
         let reserved = self

@@ -250,3 +250,124 @@ async fn relay_messages_from_strangers_and_bad_routes_are_refused() {
         "{v}"
     );
 }
+
+async fn enc_ext(
+    m: &Mesh,
+    from: usize,
+    to: &str,
+    ext: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let c = sae_client(m, &format!("sae-k{from}"));
+    let mut body = json!({"number": 2, "size": 256});
+    body.as_object_mut()
+        .expect("object")
+        .extend(ext.as_object().expect("object").clone());
+    let (st, v) = c
+        .post(&format!("{}/api/v1/keys/{to}/enc_keys", m.url(from)), &body)
+        .await;
+    (st.as_u16(), v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipath_splits_the_key_over_node_disjoint_routes() {
+    // Two node-disjoint routes: k0 - k1 - k3 and k0 - k2 - k3.
+    let edges = [(0, 1), (1, 3), (0, 2), (2, 3)];
+    let mesh = mesh(4, &edges, |_, _| 2).await;
+    let before = pools(&mesh).await;
+    let (st, v) = enc_ext(
+        &mesh,
+        0,
+        "sae-k3",
+        json!({"extension_mandatory": [{"qkdnet_multipath": 2}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let keys = keys_of(&v);
+    let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
+    let (st, got) = dec(&mesh, 3, "sae-k3", "sae-k0", &ids).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(keys_of(&got), keys, "the slave gets the XOR of both shares");
+    // Each trusted node carried one share; every link spent 2 units.
+    for i in [1, 2] {
+        assert_eq!(
+            k(&mesh, i)
+                .counters()
+                .relay_forwarded
+                .load(Ordering::Relaxed),
+            1,
+            "k{i}"
+        );
+    }
+    let after = pools(&mesh).await;
+    for e in edges {
+        let (b, a) = (before[&e], after[&e]);
+        assert_eq!((b.0 - a.0, b.1 - a.1), (2, 2), "link {e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipath_between_neighbours_uses_the_link_and_a_detour() {
+    // Triangle: k0 - k1 direct, and k0 - k2 - k1.
+    let edges = [(0, 1), (0, 2), (2, 1)];
+    let mesh = mesh(3, &edges, |_, _| 2).await;
+    let (st, v) = enc_ext(
+        &mesh,
+        0,
+        "sae-k1",
+        json!({"extension_mandatory": [{"qkdnet_multipath": 2}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let ids: Vec<String> = keys_of(&v).into_iter().map(|k| k.0).collect();
+    let (st, got) = dec(&mesh, 1, "sae-k1", "sae-k0", &ids).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(keys_of(&got), keys_of(&v));
+    assert_eq!(
+        k(&mesh, 2)
+            .counters()
+            .relay_forwarded
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipath_on_a_chain_is_refused_when_mandatory_and_single_when_optional() {
+    let edges = [(0, 1), (1, 2)];
+    let mesh = mesh(3, &edges, |_, _| 2).await;
+    let (st, v) = enc_ext(
+        &mesh,
+        0,
+        "sae-k2",
+        json!({"extension_mandatory": [{"qkdnet_multipath": 2}]}),
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("disjoint")),
+        "{v}"
+    );
+    let (st, v) = enc_ext(
+        &mesh,
+        0,
+        "sae-k2",
+        json!({"extension_optional": [{"qkdnet_multipath": 2}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let ids: Vec<String> = keys_of(&v).into_iter().map(|k| k.0).collect();
+    let (st, got) = dec(&mesh, 2, "sae-k2", "sae-k0", &ids).await;
+    assert_eq!(st, 200);
+    assert_eq!(keys_of(&got), keys_of(&v));
+    // An unknown mandatory extension is still refused with ETSI's message.
+    let (st, v) = enc_ext(
+        &mesh,
+        0,
+        "sae-k2",
+        json!({"extension_mandatory": [{"abc_x": 1}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+}

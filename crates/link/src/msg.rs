@@ -16,6 +16,8 @@ use crate::LinkError;
 pub const MAX_BITS: u64 = 1 << 30;
 /// Largest list a message may carry.
 pub const MAX_ITEMS: u64 = 1 << 26;
+/// Longest abort reason carried, in bytes (longer reasons are cut when encoded).
+pub const MAX_REASON: usize = 1024;
 
 /// Which reconciliation algorithm a block uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,15 +292,21 @@ impl Msg {
             Msg::Abort { block, reason } => {
                 w.u8(12);
                 w.u64(*block);
-                let r = reason.as_bytes();
-                let r = &r[..r.len().min(1024)];
+                // at most MAX_REASON bytes, cut at a character boundary so the
+                // bytes stay UTF-8 (the decoder refuses anything else)
+                let mut cut = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let r = &reason.as_bytes()[..cut];
                 w.u64(r.len() as u64);
                 w.0.extend_from_slice(r);
             }
         }
     }
 
-    /// Decodes one message; anything malformed, oversized or trailing is an error.
+    /// Decodes one message; anything malformed, non-canonical, oversized or
+    /// trailing is an error, so whatever decodes re-encodes to the same bytes.
     pub fn decode(bytes: &[u8]) -> Result<Msg, LinkError> {
         let mut r = R { b: bytes };
         let tag = r.u8()?;
@@ -439,10 +447,12 @@ impl Msg {
             },
             12 => {
                 let n = r.count(1)?;
-                if n > 1024 {
+                if n > MAX_REASON {
                     return Err(LinkError::Malformed("abort reason too long".into()));
                 }
-                let reason = String::from_utf8_lossy(r.take(n)?).into_owned();
+                // strict, not lossy: a lossy decode would re-encode differently
+                let reason = String::from_utf8(r.take(n)?.to_vec())
+                    .map_err(|_| LinkError::Malformed("abort reason is not UTF-8".into()))?;
                 Msg::Abort { block, reason }
             }
             t => return Err(LinkError::Malformed(format!("unknown message type {t}"))),
@@ -538,6 +548,10 @@ impl<'a> R<'a> {
             }
             v |= u64::from(b & 0x7F) << shift;
             if b & 0x80 == 0 {
+                // canonical: the shortest form, so no final zero group
+                if b == 0 && shift > 0 {
+                    return Err(LinkError::Malformed("varint is not minimal".into()));
+                }
                 return Ok(v);
             }
         }
@@ -560,5 +574,159 @@ impl<'a> R<'a> {
             ));
         }
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(m: &Msg) -> Vec<u8> {
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        v
+    }
+
+    /// Found by fuzz target `link_msg`: an abort reason that is not UTF-8 was
+    /// decoded lossily, so the message re-encoded to different bytes.
+    #[test]
+    fn fuzz_link_msg_abort_reason_must_be_utf8() {
+        let crash = [
+            12, 41, 9, 11, 1, 0, 12, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 0,
+        ];
+        assert!(matches!(Msg::decode(&crash), Err(LinkError::Malformed(_))));
+    }
+
+    /// An over-long reason is cut at a character boundary, so the message still
+    /// decodes (to the cut reason) and re-encodes to the same bytes.
+    #[test]
+    fn long_abort_reason_is_cut_at_a_character_boundary() {
+        // 'é' is two bytes: byte MAX_REASON falls inside one after the 'x'
+        let reason = format!("x{}", "é".repeat(MAX_REASON));
+        let bytes = encoded(&Msg::Abort { block: 3, reason });
+        match Msg::decode(&bytes).expect("decodes") {
+            Msg::Abort { block: 3, reason } => {
+                assert_eq!(reason.len(), MAX_REASON - 1);
+                assert_eq!(encoded(&Msg::Abort { block: 3, reason }), bytes);
+            }
+            m => panic!("decoded {m:?}"),
+        }
+    }
+
+    /// Byte-for-byte canonicity, as fuzz target `link_msg` checks it: a varint
+    /// with a redundant zero group (0x83 0x00 for 3) used to decode.
+    #[test]
+    fn non_minimal_varint_is_refused() {
+        let m = Msg::Detections {
+            block: 1,
+            gates: vec![3],
+            bases: BitVec::zeros(1),
+        };
+        let good = encoded(&m);
+        assert_eq!(Msg::decode(&good).expect("decodes"), m);
+        // tag, block, count, then the varint 0x03 at offset 17
+        assert_eq!(good[17], 3);
+        let mut bad = good[..17].to_vec();
+        bad.extend_from_slice(&[0x83, 0x00]);
+        bad.extend_from_slice(&good[18..]);
+        assert!(matches!(Msg::decode(&bad), Err(LinkError::Malformed(_))));
+        // the largest value still decodes, one past it does not
+        let max = Msg::Detections {
+            block: 1,
+            gates: vec![u64::MAX],
+            bases: BitVec::zeros(1),
+        };
+        assert_eq!(Msg::decode(&encoded(&max)).expect("decodes"), max);
+        let mut over = good[..17].to_vec();
+        over.extend_from_slice(&[0xFF; 9]);
+        over.push(0x02);
+        over.extend_from_slice(&good[18..]);
+        assert!(matches!(Msg::decode(&over), Err(LinkError::Malformed(_))));
+    }
+
+    #[test]
+    fn every_kind_round_trips_byte_for_byte() {
+        let bits = |s: &str| BitVec::from_ascii(s).expect("0/1 text");
+        let all = [
+            Msg::Detections {
+                block: 7,
+                gates: vec![3, 10, 400],
+                bases: bits("011"),
+            },
+            Msg::SiftReply {
+                block: 7,
+                bases: bits("10"),
+                classes: vec![0, 3],
+            },
+            Msg::Start {
+                block: 1,
+                n: 100,
+                sample: 5,
+                seed: 42,
+            },
+            Msg::TestBits {
+                block: 2,
+                bits: bits("1011001110"),
+            },
+            Msg::Estimate {
+                block: 2,
+                errors: vec![3, 0],
+                reconciler: Reconciler::Ldpc,
+                qber_ppm: 21_000,
+                seed: 9,
+            },
+            Msg::Parities {
+                block: 3,
+                request: ParityRequest {
+                    round: 1,
+                    queries: vec![
+                        ParityQuery::Blocks { pass: 0 },
+                        ParityQuery::Range {
+                            pass: 1,
+                            start: 8,
+                            end: 16,
+                        },
+                    ],
+                },
+            },
+            Msg::ParityAnswers {
+                block: 3,
+                reply: ParityReply {
+                    round: 1,
+                    parities: bits("101"),
+                },
+            },
+            Msg::Syndromes {
+                block: 4,
+                syndromes: vec![bits("1100101"), bits("")],
+            },
+            Msg::Reconciled {
+                block: 4,
+                leaked_bits: 1234,
+                corrected: 17,
+            },
+            Msg::Confirm {
+                block: 5,
+                verify_key: [0x5a; 16],
+                tag_bits: 64,
+                tag: 0x0123_4567_89ab_cdef,
+                key_bits: 4096,
+                pa_seed: bits("10101"),
+            },
+            Msg::Verified {
+                block: 5,
+                ok: false,
+            },
+            Msg::Abort {
+                block: 6,
+                reason: "QBER too high: 12 %".into(),
+            },
+        ];
+        for m in all {
+            let bytes = encoded(&m);
+            let back = Msg::decode(&bytes).expect("decodes");
+            assert_eq!(back, m);
+            assert_eq!(encoded(&back), bytes);
+        }
     }
 }

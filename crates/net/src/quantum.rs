@@ -28,6 +28,9 @@ use crate::NetError;
 /// Largest accepted frame body (a 1e9-gate block at high gain fits).
 pub const MAX_FRAME_BYTES: u32 = 512 << 20;
 
+/// Body bytes reserved before any arrive (the buffer grows as they do).
+const INITIAL_BODY_BYTES: usize = 1 << 20;
+
 /// One block's detections as they cross the emulated fibre.
 pub struct QuantumFrame {
     /// Block number (the classical protocol uses the same).
@@ -103,14 +106,25 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<QuantumFrame>, NetError> {
             "quantum channel: frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"
         )));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).map_err(truncated)?;
+    // The buffer grows with the bytes that actually arrive: a 12-byte header
+    // declaring a huge frame must not make Bob allocate it up front.
+    let mut body = Vec::with_capacity((len as usize).min(INITIAL_BODY_BYTES));
+    r.take(u64::from(len))
+        .read_to_end(&mut body)
+        .map_err(truncated)?;
+    if body.len() != len as usize {
+        return Err(closed_inside_a_frame());
+    }
     decode_body(block, &body).map(Some)
+}
+
+fn closed_inside_a_frame() -> NetError {
+    NetError::Peer("quantum channel closed inside a frame".into())
 }
 
 fn truncated(e: std::io::Error) -> NetError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        NetError::Peer("quantum channel closed inside a frame".into())
+        closed_inside_a_frame()
     } else {
         e.into()
     }
@@ -152,5 +166,22 @@ mod tests {
         let mut huge = bytes.clone();
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_frame(&mut &huge[..]).is_err());
+    }
+
+    /// Found while fuzzing `quantum_frame`: a bare header declaring the largest
+    /// frame made the reader allocate all of it before reading a byte. It is
+    /// now refused as truncated, the buffer sized by the bytes that came.
+    #[test]
+    fn largest_declared_frame_without_body_is_truncated() {
+        let mut head = 7u64.to_le_bytes().to_vec();
+        head.extend_from_slice(&MAX_FRAME_BYTES.to_le_bytes());
+        head.extend_from_slice(b"QKDNET");
+        match read_frame(&mut &head[..]) {
+            Err(NetError::Peer(m)) => assert!(m.contains("inside a frame"), "{m}"),
+            r => panic!(
+                "expected a truncation error, got {:?}",
+                r.map(|f| f.is_some())
+            ),
+        }
     }
 }
