@@ -33,7 +33,7 @@ enum Command {
     /// A whole network on this machine: up, down, status.
     #[command(subcommand)]
     Net(net::NetCommand),
-    /// Sealed files for another SAE with keys from the QKD network (ETSI 014).
+    /// Sealed files and live streams for another SAE with keys from the QKD network (ETSI 014).
     #[command(subcommand)]
     Msg(msg::MsgCommand),
     /// Plan a network before building it: a simulated day of key generation,

@@ -1,23 +1,29 @@
 //! `qkdnet msg …`: seal a file for another SAE with keys from the QKD network, and
-//! open it.
+//! open it; or send a live stream to another SAE over TCP, and listen for one.
 //!
-//! The sender's KME and the recipient's KME share the keys; the file carries only
-//! their IDs (format and guarantees: `qkdnet_apps::seal`). Both commands find the
-//! SAE's KME and certificate in the `connect.json` a network launcher writes. This
-//! module only parses arguments, loads files and prints; the logic lives in
-//! `qkdnet-apps`.
+//! The sender's KME and the recipient's KME share the keys; the file or stream
+//! carries only their IDs (format and guarantees: `qkdnet_apps::seal`,
+//! `qkdnet_apps::stream`). Every command finds the SAE's KME and certificate in the
+//! `connect.json` a network launcher writes. This module only parses arguments,
+//! opens files and sockets and prints; the logic lives in `qkdnet-apps`.
 
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use qkdnet_apps::seal::{DEFAULT_REKEY_BYTES, OpenOptions, Report, SealOptions};
+use qkdnet_apps::stream::{
+    self, Output, ReceiveOptions, SendOptions, SenderConfig, StreamReport, receive,
+};
 use qkdnet_apps::{Mode, open_with, seal};
 use qkdnet_crypto::SecretKey;
 use qkdnet_crypto::hybrid::{MLKEM_SEED_LEN, MlKemDecapsulationKey, MlKemEncapsulationKey};
 use qkdnet_kms::client::EtsiClient;
 use qkdnet_kms::connect::ConnectFile;
+use qkdnet_kms::ids::SaeId;
 use zeroize::Zeroizing;
 
 /// `msg` subcommands.
@@ -31,24 +37,60 @@ pub enum MsgCommand {
     ///
     /// Example: qkdnet msg open --connect state/connect.json --as bob --in report.pdf.sealed --out report.pdf
     Open(OpenArgs),
+    /// Send a live stream (standard input or a file) to another SAE over TCP: SM4-GCM
+    /// frames under QKD keys, rekeyed as it runs; succeeds once the receiver confirms.
+    ///
+    /// Example: qkdnet msg send --connect state/connect.json --from alice --to bob --addr 127.0.0.1:7000 --in report.pdf
+    Send(SendArgs),
+    /// Listen for live streams addressed to this SAE and write their plaintext
+    /// (standard output, or a file that appears only when the stream is complete).
+    ///
+    /// Example: qkdnet msg listen --connect state/connect.json --as bob --bind 127.0.0.1:7000 --out report.pdf --once
+    Listen(ListenArgs),
     /// Generate an ML-KEM-768 key pair for `--mode hybrid` (private key file mode 0600).
     ///
     /// Example: qkdnet msg mlkem-keygen --key bob.mlkem --pub bob.mlkem.pub
     MlkemKeygen(KeygenArgs),
 }
 
-/// Arguments of `msg seal`.
+/// The sending SAE, its KME, and the recipient (`msg seal`, `msg send`).
 #[derive(Debug, Args)]
-pub struct SealArgs {
+pub struct SenderArgs {
     /// The connect file written by the network launcher.
     #[arg(long, value_name = "connect.json")]
     connect: PathBuf,
-    /// The sealing SAE (its certificate is used to ask its KME for keys).
+    /// The sending SAE (its certificate is used to ask its KME for keys).
     #[arg(long, value_name = "SAE")]
     from: String,
-    /// The SAE that will be able to open the file.
+    /// The recipient SAE: the only one that can open the file or receive the stream.
     #[arg(long, value_name = "SAE")]
     to: String,
+    /// Seconds allowed for each call to the KME (streams: also for the receiver's
+    /// confirmation once everything is sent).
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+/// The receiving SAE and its KME (`msg open`, `msg listen`).
+#[derive(Debug, Args)]
+pub struct RecipientArgs {
+    /// The connect file written by the network launcher.
+    #[arg(long, value_name = "connect.json")]
+    connect: PathBuf,
+    /// The receiving SAE: the recipient named in the file or stream (its
+    /// certificate is used to fetch the keys).
+    #[arg(long = "as", value_name = "SAE")]
+    as_sae: String,
+    /// Seconds allowed for each call to the KME (streams: also for the sender's handshake).
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+/// Arguments of `msg seal`.
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    #[command(flatten)]
+    sender: SenderArgs,
     /// File to seal.
     #[arg(long = "in", value_name = "FILE")]
     input: PathBuf,
@@ -66,9 +108,6 @@ pub struct SealArgs {
     /// The recipient's ML-KEM-768 public key (hex, from `msg mlkem-keygen`), for --mode hybrid.
     #[arg(long, value_name = "FILE")]
     recipient_pk: Option<PathBuf>,
-    /// Seconds allowed for each call to the KME.
-    #[arg(long, value_name = "S", default_value_t = 30)]
-    timeout_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -77,12 +116,8 @@ pub struct SealArgs {
 /// Arguments of `msg open`.
 #[derive(Debug, Args)]
 pub struct OpenArgs {
-    /// The connect file written by the network launcher.
-    #[arg(long, value_name = "connect.json")]
-    connect: PathBuf,
-    /// The SAE opening the file (the recipient named in it).
-    #[arg(long = "as", value_name = "SAE")]
-    as_sae: String,
+    #[command(flatten)]
+    recipient: RecipientArgs,
     /// Sealed file.
     #[arg(long = "in", value_name = "FILE")]
     input: PathBuf,
@@ -92,10 +127,61 @@ pub struct OpenArgs {
     /// This SAE's ML-KEM-768 private key (from `msg mlkem-keygen`), for hybrid files.
     #[arg(long, value_name = "FILE")]
     mlkem_key: Option<PathBuf>,
-    /// Seconds allowed for each call to the KME.
-    #[arg(long, value_name = "S", default_value_t = 30)]
-    timeout_secs: u64,
     /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `msg send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    sender: SenderArgs,
+    /// Where the receiver listens (`qkdnet msg listen --bind`).
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: String,
+    /// What to send: a file, or `-` for standard input (sent as it arrives).
+    #[arg(long = "in", value_name = "FILE|-", default_value = "-")]
+    input: PathBuf,
+    /// qkd: SM4-GCM with SM4 keys derived from QKD keys (SM3-based KDF). Streams
+    /// support qkd only: hybrid and otp need the whole message up front (`msg seal`).
+    #[arg(long, default_value = "qkd", value_name = "qkd")]
+    mode: Mode,
+    /// Plaintext bytes per QKD key: after this many the sender takes a new key from
+    /// its KME and announces its ID in an authenticated rekey frame.
+    #[arg(long, value_name = "N", default_value_t = stream::DEFAULT_REKEY_BYTES)]
+    rekey_bytes: u64,
+    /// Also take a new key once the current one has protected data for S seconds
+    /// (checked as data flows: an idle stream spends no keys).
+    #[arg(long, value_name = "S")]
+    rekey_seconds: Option<u64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `msg listen`.
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    recipient: RecipientArgs,
+    /// Address to listen on.
+    #[arg(long, value_name = "HOST:PORT")]
+    bind: String,
+    /// Where to write the plaintext: `-` for standard output (each frame as soon as it
+    /// authenticates), or a file (written only once the whole stream is authenticated;
+    /// each stream replaces it).
+    #[arg(long, value_name = "FILE|-", default_value = "-")]
+    out: PathBuf,
+    /// Accept streams only from this SAE (repeatable; by default from any SAE
+    /// whose keys this SAE's KME delivers).
+    #[arg(long = "from", value_name = "SAE")]
+    senders: Vec<String>,
+    /// Exit after the first stream, with its result (otherwise keep listening and
+    /// report failed streams on standard error).
+    #[arg(long)]
+    once: bool,
+    /// Print reports as JSON (on standard error when the plaintext goes to standard output).
     #[arg(long)]
     json: bool,
 }
@@ -125,9 +211,9 @@ pub fn run(cmd: MsgCommand) -> anyhow::Result<()> {
                 recipient_mlkem: a.recipient_pk.as_deref().map(read_public_key).transpose()?,
                 ..SealOptions::default()
             };
-            let client = client(&a.connect, &a.from, a.timeout_secs)?;
+            let (client, f) = (a.sender.client()?, &a.sender);
             let rep = runtime()?
-                .block_on(seal(&client, &a.from, &a.to, &a.input, &a.out, &opts))
+                .block_on(seal(&client, &f.from, &f.to, &a.input, &a.out, &opts))
                 .with_context(|| format!("sealing {}", a.input.display()))?;
             print_report("sealed", &rep, &a.out, a.json)
         }
@@ -135,12 +221,20 @@ pub fn run(cmd: MsgCommand) -> anyhow::Result<()> {
             let opts = OpenOptions {
                 mlkem_key: a.mlkem_key.as_deref().map(read_private_key).transpose()?,
             };
-            let client = client(&a.connect, &a.as_sae, a.timeout_secs)?;
+            let client = a.recipient.client()?;
             let rep = runtime()?
-                .block_on(open_with(&client, &a.as_sae, &a.input, &a.out, &opts))
+                .block_on(open_with(
+                    &client,
+                    &a.recipient.as_sae,
+                    &a.input,
+                    &a.out,
+                    &opts,
+                ))
                 .with_context(|| format!("opening {}", a.input.display()))?;
             print_report("opened", &rep, &a.out, a.json)
         }
+        MsgCommand::Send(a) => send_stream(a),
+        MsgCommand::Listen(a) => listen(a),
         MsgCommand::MlkemKeygen(a) => keygen(&a),
     }
 }
@@ -148,6 +242,26 @@ pub fn run(cmd: MsgCommand) -> anyhow::Result<()> {
 fn client(connect: &Path, sae: &str, timeout_secs: u64) -> anyhow::Result<EtsiClient> {
     let file = ConnectFile::load(connect)?;
     Ok(file.client(sae, Duration::from_secs(timeout_secs.max(1)))?)
+}
+
+impl SenderArgs {
+    fn client(&self) -> anyhow::Result<EtsiClient> {
+        client(&self.connect, &self.from, self.timeout_secs)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs.max(1))
+    }
+}
+
+impl RecipientArgs {
+    fn client(&self) -> anyhow::Result<EtsiClient> {
+        client(&self.connect, &self.as_sae, self.timeout_secs)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs.max(1))
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -181,6 +295,127 @@ fn print_report(verb: &str, r: &Report, out: &Path, json: bool) -> anyhow::Resul
         );
     }
     Ok(())
+}
+
+fn is_stdio(p: &Path) -> bool {
+    p.as_os_str() == "-"
+}
+
+fn send_stream(a: SendArgs) -> anyhow::Result<()> {
+    let opts = SendOptions {
+        mode: a.mode,
+        sender: SenderConfig {
+            rekey_bytes: a.rekey_bytes,
+            rekey_interval: a.rekey_seconds.map(Duration::from_secs),
+            ..SenderConfig::default()
+        },
+        ack_timeout: a.sender.timeout(),
+        ..SendOptions::default()
+    };
+    let input: Box<dyn Read + Send> = if is_stdio(&a.input) {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&a.input)
+                .with_context(|| format!("cannot read {}", a.input.display()))?,
+        )
+    };
+    let (client, f) = (a.sender.client()?, &a.sender);
+    let rep = runtime()?.block_on(async {
+        let to = || format!("streaming to {} at {}", f.to, a.addr);
+        // Key supply first, so that no key is taken for a stream that cannot start.
+        let ready = stream::prepare(&client, &f.from, &f.to, &opts)
+            .await
+            .with_context(to)?;
+        let conn = tokio::net::TcpStream::connect(&a.addr)
+            .await
+            .with_context(|| format!("cannot connect to {}", a.addr))?;
+        // Frames are written whole; do not hold small ones back.
+        conn.set_nodelay(true).context("TCP_NODELAY")?;
+        ready.send(input, conn).await.with_context(to)
+    })?;
+    let line = stream_report("sent", &rep, None, a.json)?;
+    println!("{line}");
+    Ok(())
+}
+
+fn listen(a: ListenArgs) -> anyhow::Result<()> {
+    let output = if is_stdio(&a.out) {
+        Output::Stdout
+    } else {
+        Output::File(a.out.clone())
+    };
+    // Reports go where the plaintext does not.
+    let report = |line: String| match output {
+        Output::Stdout => eprintln!("{line}"),
+        Output::File(_) => println!("{line}"),
+    };
+    let opts = ReceiveOptions {
+        handshake_timeout: a.recipient.timeout(),
+        senders: a
+            .senders
+            .iter()
+            .map(|s| SaeId::new(s).with_context(|| format!("--from {s:?}")))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let client = a.recipient.client()?;
+    runtime()?.block_on(async {
+        let l = tokio::net::TcpListener::bind(&a.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.bind))?;
+        eprintln!(
+            "listening on {} as SAE {}",
+            l.local_addr().context("listening address")?,
+            a.recipient.as_sae
+        );
+        loop {
+            let (conn, peer) = l.accept().await.context("accepting a connection")?;
+            let _ = conn.set_nodelay(true);
+            match receive(&client, &a.recipient.as_sae, conn, &output, &opts).await {
+                Ok(rep) => {
+                    report(stream_report("received", &rep, Some(peer), a.json)?);
+                    if a.once {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context(format!("stream from {peer}"));
+                    if a.once {
+                        return Err(e);
+                    }
+                    eprintln!("error: {e:#}");
+                }
+            }
+        }
+    })
+}
+
+fn stream_report(
+    verb: &str,
+    r: &StreamReport,
+    peer: Option<SocketAddr>,
+    json: bool,
+) -> anyhow::Result<String> {
+    if json {
+        let mut v = serde_json::to_value(r)?;
+        if let Some(p) = peer {
+            v["peer"] = serde_json::Value::String(p.to_string());
+        }
+        return Ok(v.to_string());
+    }
+    Ok(format!(
+        "{verb} {} bytes, {} -> {}{} (mode {}): {} QKD keys, {} key bits consumed, {} frames, \
+         {} bytes on the wire",
+        r.plaintext_bytes,
+        r.sender,
+        r.recipient,
+        peer.map(|p| format!(" from {p}")).unwrap_or_default(),
+        r.mode,
+        r.key_ids.len(),
+        r.key_bits_consumed,
+        r.frames,
+        r.wire_bytes,
+    ))
 }
 
 fn read_hex(path: &Path, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {

@@ -4,6 +4,12 @@
 //! (`InvalidInput`, `WrongRecipient`), fix the setup (`Kms`), retry later or ask the
 //! KME's operator (`Client`), or distrust the file (`Format`, `Integrity`). An
 //! integrity failure never says more than where the file stopped making sense.
+//!
+//! Live streams have their own enum, [`StreamError`], because a connection fails in
+//! ways a file does not (a frame replayed or dropped, the peer hanging up before
+//! the end) and because the sans-IO core ([`crate::stream`]) must not depend on
+//! what the adapter does (KME calls, files). Like the crypto layer it keeps "the
+//! peer misbehaved" apart from "the caller misused the API".
 
 use qkdnet_crypto::CryptoError;
 use qkdnet_kms::KmsError;
@@ -49,9 +55,69 @@ pub enum AppError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A live stream failed (see [`StreamError`]).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     /// A worker task failed.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// Why a live stream (`qkdnet msg send`/`listen`) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    // ---- the peer (or the network) misbehaved ----
+    /// The bytes are not the stream protocol (bad magic, version, length, field).
+    #[error("not a valid qkdnet stream: {0}")]
+    Malformed(String),
+    /// The handshake names another recipient than the listening SAE.
+    #[error("the stream is addressed to SAE {recipient}, not to {me}")]
+    WrongRecipient {
+        /// The recipient named in the handshake.
+        recipient: String,
+        /// The SAE listening.
+        me: String,
+    },
+    /// The handshake names a sender the receiver does not accept streams from.
+    #[error("SAE {sender} is not among the senders this receiver accepts")]
+    SenderNotAllowed {
+        /// The sender named in the handshake.
+        sender: String,
+    },
+    /// A frame arrived out of sequence: replayed, reordered or frames dropped.
+    #[error(
+        "frame {got} arrived where frame {expected} was due (frames replayed, reordered or dropped)"
+    )]
+    Sequence {
+        /// The sequence number due.
+        expected: u64,
+        /// The sequence number received.
+        got: u64,
+    },
+    /// A frame does not authenticate: modified, or the keys do not match.
+    #[error("frame {seq} does not authenticate (modified in transit, or keys that do not match)")]
+    Authentication {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// The connection ended before the authenticated end of the stream.
+    #[error("the stream was cut short: {0}")]
+    Truncated(String),
+    /// An authenticated frame that is not allowed here (a peer bug or an attack on
+    /// the implementation, not on the channel).
+    #[error("stream protocol violation: {0}")]
+    Protocol(String),
+    /// The receiver did not confirm the stream; it may not have accepted it.
+    #[error("the receiver did not confirm the stream: {0}")]
+    Unconfirmed(String),
+    // ---- the caller misused the API ----
+    /// Called in the wrong state or with bad arguments (a bug, not bad data).
+    #[error("stream API misuse: {0}")]
+    Misuse(String),
+    /// Misuse of the crypto layer (a bug, not bad data).
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
 }
 
 impl AppError {

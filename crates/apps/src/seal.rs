@@ -60,27 +60,28 @@
 //! that fails its integrity check afterwards has used up its keys. Keys fetched
 //! for a seal that then fails (say the input changed meanwhile) are lost too.
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 
 use qkdnet_crypto::chunked::{ChunkOpener, ChunkSealer};
 use qkdnet_crypto::gcm::{GCM_TAG_LEN, GcmTag};
 use qkdnet_crypto::hybrid::{
     KeyMaterial, MlKemCiphertext, MlKemDecapsulationKey, MlKemEncapsulationKey, MlKemTranscript,
-    combine_to_sm4_key,
 };
 use qkdnet_crypto::otp::one_time_pad;
 use qkdnet_crypto::sm3::{HmacSm3, SM3_LEN, Sm3Digest, sm3};
 use qkdnet_crypto::{SecretBytes, SharedSecret, Sm4Key};
 use qkdnet_kms::client::{EtsiClient, Key};
-use qkdnet_kms::ids::SaeId;
 use serde::Serialize;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::AppError;
+use crate::files::{TempOutput, open_input, read_exactly, read_some, run_blocking};
 use crate::format::{Header, MlKemFields, Mode, OTP_MAC_KEY_LEN};
+use crate::keys::{
+    check_identity_and_pool, dec_keys, derive_sm4_key, enc_keys, qkd_secret, random_array, sae_id,
+};
 
 /// Default plaintext bytes per chunk.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
@@ -88,8 +89,6 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
 pub const DEFAULT_REKEY_BYTES: u64 = 64 << 20;
 /// Default (and KME unit) QKD key size in bits.
 pub const DEFAULT_KEY_BITS: u16 = 256;
-/// Most keys asked for in one enc_keys/dec_keys call (the KME may allow fewer).
-const MAX_KEYS_PER_CALL: u64 = 256;
 /// Domain separation label of the key derivation context.
 const KDF_LABEL: &[u8] = b"qkdnet/msg/v1";
 
@@ -201,15 +200,7 @@ pub async fn seal(
 
     let batch =
         check_identity_and_pool(client, &sender, &recipient, layout.keys, opts.key_bits).await?;
-    let mut keys = Vec::with_capacity(layout.keys as usize); // <= MAX_KEYS, checked by plan
-    while (keys.len() as u64) < layout.keys {
-        let n = (layout.keys - keys.len() as u64).min(batch);
-        keys.extend(
-            client
-                .enc_keys(recipient.as_str(), n, Some(u64::from(opts.key_bits)))
-                .await?,
-        );
-    }
+    let keys = enc_keys(client, &recipient, layout.keys, opts.key_bits, batch).await?;
     let key_ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
 
     let nonce_prefix = match opts.mode {
@@ -310,17 +301,14 @@ pub async fn open_with(
     };
     let mut out = TempOutput::create(output)?;
     let batch = check_identity_and_pool(client, &me, &header.sender, 0, header.key_bits).await?;
-    let mut keys = Vec::with_capacity(header.key_ids.len());
-    for ids in header.key_ids.chunks(batch as usize) {
-        keys.extend(client.dec_keys(header.sender.as_str(), ids).await?);
-    }
-    let key_bytes = usize::from(header.key_bits / 8);
-    if keys.iter().any(|k| k.material.len() != key_bytes) {
-        return Err(AppError::Integrity(format!(
-            "the KME's keys are not {} bits long as the header says",
-            header.key_bits
-        )));
-    }
+    let keys = dec_keys(
+        client,
+        &header.sender,
+        &header.key_ids,
+        header.key_bits,
+        batch,
+    )
+    .await?;
     let body = match header.mode {
         Mode::Otp => Body::Otp(concat_keys(keys)),
         Mode::Qkd | Mode::Hybrid => {
@@ -368,44 +356,6 @@ enum Body {
     Otp(SecretBytes),
 }
 
-fn sae_id(s: &str, what: &str) -> Result<SaeId, AppError> {
-    SaeId::new(s).map_err(|_| AppError::InvalidInput(format!("{s:?} is not a valid {what} SAE ID")))
-}
-
-/// Checks with `status` that the client's certificate is `me`'s (the KME says
-/// who called) and, when sealing (`need > 0`), that enough keys are there. Returns
-/// how many keys to ask for per call.
-async fn check_identity_and_pool(
-    client: &EtsiClient,
-    me: &SaeId,
-    other: &SaeId,
-    need: u64,
-    key_bits: u16,
-) -> Result<u64, AppError> {
-    let st = client.status(other.as_str()).await?;
-    if st.master_SAE_ID != me.as_str() {
-        return Err(AppError::InvalidInput(format!(
-            "the TLS certificate in use is SAE {}'s, not {me}'s",
-            st.master_SAE_ID
-        )));
-    }
-    let bits = u32::from(key_bits);
-    if bits < st.min_key_size || bits > st.max_key_size {
-        return Err(AppError::InvalidInput(format!(
-            "the KME serves keys of {} to {} bits, not {bits}",
-            st.min_key_size, st.max_key_size
-        )));
-    }
-    if need > 0 && st.key_size == bits && st.stored_key_count < need {
-        return Err(AppError::InvalidInput(format!(
-            "this needs {need} keys of {bits} bits but the KME has {} for {me} -> {other}; \
-             wait for the QKD link or use a larger rekey interval",
-            st.stored_key_count
-        )));
-    }
-    Ok(u64::from(st.max_key_per_request).clamp(1, MAX_KEYS_PER_CALL))
-}
-
 fn decapsulate(
     f: &MlKemFields,
     dk: Option<&MlKemDecapsulationKey>,
@@ -436,8 +386,8 @@ fn segment_keys(
     let h = sm3(raw_header);
     keys.into_iter()
         .enumerate()
-        .map(|(s, mut k)| {
-            let qkd_key = SecretBytes::new(std::mem::take(&mut *k.material));
+        .map(|(s, k)| {
+            let qkd_key = qkd_secret(k);
             let material = match mlkem {
                 None => KeyMaterial::QkdOnly { qkd_key: &qkd_key },
                 Some(t) => KeyMaterial::Hybrid {
@@ -445,11 +395,7 @@ fn segment_keys(
                     mlkem: t,
                 },
             };
-            let mut ctx = Vec::with_capacity(KDF_LABEL.len() + SM3_LEN + 8);
-            ctx.extend_from_slice(KDF_LABEL);
-            ctx.extend_from_slice(&h);
-            ctx.extend_from_slice(&(s as u64).to_be_bytes());
-            Ok(combine_to_sm4_key(&material, &ctx)?)
+            Ok(derive_sm4_key(&material, KDF_LABEL, &h, s as u64, b"")?)
         })
         .collect()
 }
@@ -647,132 +593,4 @@ fn open_otp(
     })?;
     one_time_pad(pad, &mut data)?;
     out.write(&data)
-}
-
-// ---- files ----
-
-fn open_input(path: &Path) -> Result<(BufReader<File>, u64), AppError> {
-    let what = || format!("cannot read {}", path.display());
-    let f = File::open(path).map_err(|e| AppError::io(what(), e))?;
-    let meta = f.metadata().map_err(|e| AppError::io(what(), e))?;
-    if !meta.is_file() {
-        return Err(AppError::InvalidInput(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    Ok((BufReader::with_capacity(64 << 10, f), meta.len()))
-}
-
-fn read_exactly(
-    r: &mut impl Read,
-    buf: &mut [u8],
-    on_eof: impl FnOnce() -> String,
-) -> Result<(), AppError> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            AppError::Integrity(on_eof())
-        } else {
-            AppError::io("read", e)
-        }
-    })
-}
-
-fn read_some(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<usize, AppError> {
-    loop {
-        match r.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(AppError::io(what, e)),
-        }
-    }
-}
-
-fn random_array<const N: usize>() -> Result<[u8; N], AppError> {
-    let mut a = [0u8; N];
-    getrandom::fill(&mut a)
-        .map_err(|e| AppError::Internal(format!("operating system random generator: {e}")))?;
-    Ok(a)
-}
-
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AppError> + Send + 'static,
-) -> Result<T, AppError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AppError::Internal(format!("worker task: {e}")))?
-}
-
-/// An output being written: a temporary file next to the target, renamed over it
-/// by [`TempOutput::commit`] and deleted if dropped before.
-struct TempOutput {
-    tmp: PathBuf,
-    target: PathBuf,
-    file: Option<BufWriter<File>>,
-}
-
-impl TempOutput {
-    fn create(target: &Path) -> Result<Self, AppError> {
-        let name = target.file_name().ok_or_else(|| {
-            AppError::InvalidInput(format!("{} is not a file path", target.display()))
-        })?;
-        let suffix: [u8; 6] = random_array()?;
-        let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{suffix}.tmp"));
-        let tmp = target.with_file_name(tmp_name);
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            o.mode(0o600);
-        }
-        let f = o.open(&tmp).map_err(|e| {
-            AppError::io(
-                format!("cannot create a file next to {}", target.display()),
-                e,
-            )
-        })?;
-        Ok(Self {
-            tmp,
-            target: target.to_owned(),
-            file: Some(BufWriter::with_capacity(64 << 10, f)),
-        })
-    }
-
-    fn write(&mut self, data: &[u8]) -> Result<(), AppError> {
-        let f = self
-            .file
-            .as_mut()
-            .ok_or_else(|| AppError::Internal("write after commit".into()))?;
-        f.write_all(data)
-            .map_err(|e| AppError::io(format!("writing {}", self.tmp.display()), e))
-    }
-
-    fn commit(mut self) -> Result<(), AppError> {
-        let what = || format!("writing {}", self.target.display());
-        let f = self
-            .file
-            .take()
-            .ok_or_else(|| AppError::Internal("commit twice".into()))?;
-        let f = f
-            .into_inner()
-            .map_err(|e| AppError::io(what(), e.into_error()))?;
-        f.sync_all().map_err(|e| AppError::io(what(), e))?;
-        drop(f);
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| AppError::io(what(), e))?;
-        self.tmp = PathBuf::new(); // nothing left to delete
-        Ok(())
-    }
-}
-
-impl Drop for TempOutput {
-    fn drop(&mut self) {
-        self.file = None;
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
 }
