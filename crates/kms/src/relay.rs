@@ -733,24 +733,17 @@ impl Kme {
         }
         let size = self.check_relay_keys(&msg)?;
         let fail_in = on_link(&prev, &me);
-        // Take this hop's key: accept the sender's reservation, then deliver it here.
-        self.accept_with_grace(Acceptance {
+        // Take this hop's key: accept the sender's reservation and deliver it
+        // here, in one transaction.
+        let acceptance = Acceptance {
             request_id: hop_request_id(msg.request_ID, msg.hop - 1),
             peer: prev.clone(),
             master: master.clone(),
             slave: slave.clone(),
             keys: msg.keys.iter().map(|k| k.hop_key.clone().into()).collect(),
             now_unix_ms: now_ms(),
-        })
-        .await
-        .map_err(|e| fail_in(e.into()))?;
-        let hop_keys = self
-            .store
-            .take(
-                slave.clone(),
-                master.clone(),
-                msg.keys.iter().map(|k| k.hop_key.key_ID).collect(),
-            )
+        };
+        let hop_keys = crate::service::with_grace(|| self.store.accept_take(acceptance.clone()))
             .await
             .map_err(|e| fail_in(e.into()))?;
         let b64 = base64::engine::general_purpose::STANDARD;

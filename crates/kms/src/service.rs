@@ -404,22 +404,7 @@ impl Kme {
         &self,
         acceptance: Acceptance,
     ) -> Result<AcceptOutcome, StoreError> {
-        // The two ends of a QKD link hand a block to their KMEs a moment apart
-        // (the last protocol message is in flight), so units the peer already
-        // has may not have arrived here yet. Wait for them a little before
-        // refusing, which would make the peer discard them.
-        let mut delay = Duration::from_millis(50);
-        let mut waited = Duration::ZERO;
-        loop {
-            match self.store.accept(acceptance.clone()).await {
-                Err(StoreError::UnitsUnavailable(_)) if waited < UNIT_ARRIVAL_GRACE => {
-                    tokio::time::sleep(delay).await;
-                    waited += delay;
-                    delay = (delay * 2).min(Duration::from_millis(500));
-                }
-                r => return r,
-            }
-        }
+        with_grace(|| self.store.accept(acceptance.clone())).await
     }
 
     /// Peer side of a void.
@@ -500,6 +485,29 @@ impl Kme {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Runs a store operation that names a peer's units, retrying a little while
+/// they have not arrived yet: the two ends of a QKD link hand a block to their
+/// KMEs a moment apart (the last protocol message is in flight), so units the
+/// peer already has may not be here yet, and refusing would make the peer
+/// discard them.
+pub(crate) async fn with_grace<'a, T, F>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> crate::store::StoreFuture<'a, T>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    loop {
+        match op().await {
+            Err(StoreError::UnitsUnavailable(_)) if waited < UNIT_ARRIVAL_GRACE => {
+                tokio::time::sleep(delay).await;
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
         }
     }
 }

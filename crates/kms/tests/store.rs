@@ -51,6 +51,7 @@ on_both_backends!(
     state_survives_an_abrupt_drop,
     concurrent_transitions_never_hand_a_unit_twice,
     sigkill_during_load_neither_repeats_nor_loses_keys,
+    accept_take_spends_a_relay_hop_in_one_step,
 );
 
 /// Where a test's stores live: files in a temporary directory, or schemas on the
@@ -438,6 +439,52 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backe
     drop((a, b));
     backend.check_tables("a").await;
     backend.check_tables("b").await;
+}
+
+/// The relay hop operation: accept and deliver at once; the hop key is gone at
+/// both ends afterwards, a repeat finds nothing, a void reports it delivered,
+/// and units the peer does not hold are refused without accepting anything.
+async fn accept_take_spends_a_relay_hop_in_one_step(backend: Backend) {
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, 1).await;
+    let before = b.pool_counts(kme("kme-a")).await.expect("counts");
+    let r = reservation(2);
+    let keys = a.reserve(r.clone()).await.expect("reserve");
+    let acc = acceptance("kme-a", &r, &keys);
+    let got = b.accept_take(acc.clone()).await.expect("accept_take");
+    assert_eq!(got.len(), 2);
+    for (k, g) in keys.iter().zip(&got) {
+        assert_eq!(k.layout.key_id, g.key_id);
+        assert_eq!(
+            &k.material[..],
+            &g.material[..],
+            "same hop key at both ends"
+        );
+    }
+    let after = b.pool_counts(kme("kme-a")).await.expect("counts");
+    assert_eq!(before.total_units - after.total_units, 2);
+    assert!(b.accept_take(acc).await.is_err(), "a hop key is spent once");
+    let v = b.void(kme("kme-a"), r.request_id).await.expect("void");
+    assert!(v.was_accepted && v.voided_keys.is_empty(), "{v:?}");
+    a.confirm(r.request_id).await.expect("confirm");
+    // Units the peer never had: refused, and nothing accepted.
+    let mut bogus = reservation(1);
+    bogus.request_id = Uuid::new_v4();
+    let fake = vec![qkdnet_kms::store::KeyLayout {
+        key_id: Uuid::from_u128(1),
+        size_bits: 256,
+        unit_ids: vec![Uuid::from_u128(1)],
+    }];
+    let acc = Acceptance {
+        keys: fake,
+        ..acceptance("kme-a", &bogus, &[])
+    };
+    assert!(matches!(
+        b.accept_take(acc).await,
+        Err(StoreError::UnitsUnavailable(_))
+    ));
+    assert_eq!(b.pool_counts(kme("kme-a")).await.expect("counts"), after);
 }
 
 async fn state_survives_an_abrupt_drop(backend: Backend) {

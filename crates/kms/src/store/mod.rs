@@ -235,6 +235,10 @@ pub trait KeyStore: Send + Sync + 'static {
     fn pending(&self) -> StoreFuture<'_, Vec<PendingRequest>>;
     /// Slave side: accepts a peer's reservation (idempotent for the same request).
     fn accept(&self, a: Acceptance) -> StoreFuture<'_, AcceptOutcome>;
+    /// Relay hops: [`KeyStore::accept`] then [`KeyStore::take`] of all its keys
+    /// for its slave and master, as one transaction (the hop key is spent on
+    /// arrival; one commit instead of two on the relay's critical path).
+    fn accept_take(&self, a: Acceptance) -> StoreFuture<'_, Vec<DeliveredKey>>;
     /// Slave side: voids a peer's request (idempotent; leaves a tombstone).
     fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome>;
     /// Slave side: delivers keys to `caller`, who must be the slave of each key,

@@ -1201,6 +1201,23 @@ async fn void_op(cx: &mut Ctx<'_>, peer: &str, rid: &Uuid) -> Result<VoidOutcome
     }
 }
 
+struct AcceptTake(Acceptance);
+
+impl Op for AcceptTake {
+    type Out = Vec<DeliveredKey>;
+    fn run<'c>(
+        &'c self,
+        cx: &'c mut Ctx<'_>,
+    ) -> impl Future<Output = Result<Vec<DeliveredKey>, OpError>> + Send + 'c {
+        async move {
+            let a = &self.0;
+            accept_op(cx, a).await?;
+            let ids: Vec<Uuid> = a.keys.iter().map(|k| k.key_id).collect();
+            take_op(cx, &a.slave, &a.master, &ids).await
+        }
+    }
+}
+
 struct Take(SaeId, SaeId, Vec<Uuid>);
 
 impl Op for Take {
@@ -1362,6 +1379,10 @@ impl KeyStore for PostgresStore {
 
     fn accept(&self, a: Acceptance) -> StoreFuture<'_, AcceptOutcome> {
         self.submit(Accept(a))
+    }
+
+    fn accept_take(&self, a: Acceptance) -> StoreFuture<'_, Vec<DeliveredKey>> {
+        self.submit(AcceptTake(a))
     }
 
     fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome> {

@@ -755,6 +755,15 @@ impl KeyStore for SqliteStore {
         self.submit(move |c| accept_op(c, a))
     }
 
+    fn accept_take(&self, a: Acceptance) -> StoreFuture<'_, Vec<DeliveredKey>> {
+        self.submit(move |c| {
+            let (slave, master) = (a.slave.clone(), a.master.clone());
+            let ids = a.keys.iter().map(|k| k.key_id).collect();
+            accept_op(c, a)?;
+            take_op(c, slave, master, ids)
+        })
+    }
+
     fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome> {
         self.submit(move |c| void_op(c, peer, request_id))
     }
