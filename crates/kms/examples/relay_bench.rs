@@ -79,6 +79,8 @@ async fn main() {
     let opts = MeshOptions {
         sync: args.sync,
         block_bytes,
+        // The production default (the test harness polls ten times faster).
+        link_state_interval_ms: 1000,
         ..MeshOptions::default()
     };
     let mesh = match Mesh::start(n, &edges, |_, _| 1, &opts).await {
