@@ -9,7 +9,8 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3-venv; else sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv; fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-want=(etsi-qkd-014-client "qkdsec[cli]")
+# Pinned: the tests assert what these versions print (probe names, summaries).
+want=("etsi-qkd-014-client==0.9.0" "qkdsec[cli]==0.3.0")
 stamp=.venv/.qkdnet-packages
 if [ "$(cat "$stamp" 2>/dev/null)" != "${want[*]}" ]; then
   if ! .venv/bin/python -m pip install -q --disable-pip-version-check --timeout 30 "${want[@]}"; then
