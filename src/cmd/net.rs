@@ -279,6 +279,28 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
             Err(e) => println!("{node:<10} not answering: {e}"),
         }
     }
+    // The KMEs: what applications asked for, and the relays through each node.
+    println!(
+        "\n{:<10} {:>8} {:>8} {:>10} {:>7} {:>11} {:>10} {:>10} {:>8}",
+        "kme", "enc", "dec", "delivered", "errors", "relayed", "forwarded", "ended", "failed"
+    );
+    for (node, s) in statuses {
+        if let Ok(st) = s {
+            let k = &st.kme;
+            println!(
+                "{:<10} {:>8} {:>8} {:>10} {:>7} {:>11} {:>10} {:>10} {:>8}",
+                node,
+                k.enc_requests,
+                k.dec_requests,
+                k.keys_delivered,
+                k.errors,
+                k.relay_requests,
+                k.relay_forwarded,
+                k.relay_delivered,
+                k.relay_failures
+            );
+        }
+    }
 }
 
 fn status(dir: &Path, json: bool) -> anyhow::Result<()> {

@@ -53,6 +53,13 @@
 //! reach the master SAE only after the whole route acknowledged, and the slave
 //! can only ask for IDs the master was given.
 //!
+//! Trust: as in every trusted-node network, the KMEs of a route trust each
+//! other. A KME checks that a hop comes from the previous KME of the route (its
+//! authenticated neighbour) and that the SAEs belong to the route's ends, but the
+//! last KME cannot check that the origin really started the relay; a dishonest
+//! trusted node could also read or replace the key. Multipath limits what one
+//! node learns.
+//!
 //! Known limit: if the last KME stored the keys but the acknowledgement was lost
 //! on the way back, the void removes them there only when the void reaches it;
 //! voids of requests left pending by a crash (see [`crate::Kme::recover`]) reach
