@@ -177,14 +177,14 @@ where
     Ok(())
 }
 
-fn draw_series<'a, DB: 'a, Y>(
+fn draw_series<'a, DB, Y>(
     mut chart: ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
     f: &Frame<'_>,
     series: &[Series<'_>],
     y_format: fn(&f64) -> String,
 ) -> anyhow::Result<()>
 where
-    DB: DrawingBackend,
+    DB: DrawingBackend + 'a,
     DB::ErrorType: 'static,
     Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
 {

@@ -451,10 +451,11 @@ impl Kme {
             .lock()
             .map_err(|_| KmsError::Config("link-state lock".into()))?;
         let usable = |a: &KmeId, b: &KmeId| {
-            !excluded.contains(&(a.clone(), b.clone()))
-                && !avoid.contains(b)
-                && !(a == &me && lsdb.down.contains(b))
-                && (b == target || b == &me || !lsdb.presumed_down(b))
+            let blocked = excluded.contains(&(a.clone(), b.clone()))
+                || avoid.contains(b)
+                || (a == &me && lsdb.down.contains(b));
+            let reachable = b == target || b == &me || !lsdb.presumed_down(b);
+            !blocked && reachable
         };
         let avail = |a: &KmeId, b: &KmeId| {
             if a == &me {

@@ -610,6 +610,9 @@ async fn metrics_handler(State(s): State<Arc<NodeState>>) -> impl IntoResponse {
     )
 }
 
+/// Samples of one metric family: (labels, value).
+type Rows = Vec<(String, f64)>;
+
 /// Renders a node's status in the Prometheus text exposition format.
 pub fn render_metrics(st: &NodeStatus) -> String {
     let mut out = String::new();
@@ -640,7 +643,7 @@ pub fn render_metrics(st: &NodeStatus) -> String {
             })
             .collect()
     };
-    let link_rows: BTreeMap<&str, (&str, &str, Vec<(String, f64)>)> = [
+    let link_rows: BTreeMap<&str, (&str, &str, Rows)> = [
         (
             "qkdnet_link_up",
             (
@@ -745,7 +748,7 @@ pub fn render_metrics(st: &NodeStatus) -> String {
     }
     let k = &st.kme;
     let n = |extra: &str| format!("node=\"{node}\"{extra}");
-    let kme_rows: [(&str, &str, Vec<(String, f64)>); 5] = [
+    let kme_rows: [(&str, &str, Rows); 5] = [
         (
             "qkdnet_kme_requests_total",
             "ETSI 014 key requests",

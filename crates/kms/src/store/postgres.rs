@@ -1205,16 +1205,11 @@ struct AcceptTake(Acceptance);
 
 impl Op for AcceptTake {
     type Out = Vec<DeliveredKey>;
-    fn run<'c>(
-        &'c self,
-        cx: &'c mut Ctx<'_>,
-    ) -> impl Future<Output = Result<Vec<DeliveredKey>, OpError>> + Send + 'c {
-        async move {
-            let a = &self.0;
-            accept_op(cx, a).await?;
-            let ids: Vec<Uuid> = a.keys.iter().map(|k| k.key_id).collect();
-            take_op(cx, &a.slave, &a.master, &ids).await
-        }
+    async fn run<'c>(&'c self, cx: &'c mut Ctx<'_>) -> Result<Vec<DeliveredKey>, OpError> {
+        let a = &self.0;
+        accept_op(cx, a).await?;
+        let ids: Vec<Uuid> = a.keys.iter().map(|k| k.key_id).collect();
+        take_op(cx, &a.slave, &a.master, &ids).await
     }
 }
 
