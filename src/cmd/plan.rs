@@ -24,7 +24,7 @@ use qkdnet_net::topology::Topology;
 pub struct PlanArgs {
     /// Topology file (see topologies/*.toml).
     topology: PathBuf,
-    /// Demand file: [[demand]] from = "SAE", to = "SAE", rate_bps = 256.0,
+    /// Demand file: `[[demand]]` from = "SAE", to = "SAE", rate_bps = 256.0,
     /// optional start_s, end_s, interval_s. Default: every pair of SAEs on
     /// different nodes at --rate, for the whole run.
     #[arg(long, value_name = "FILE")]

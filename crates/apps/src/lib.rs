@@ -2,19 +2,19 @@
 //!
 //! The KME hands out keys (ETSI GS QKD 014, [`qkdnet_kms::client::EtsiClient`]);
 //! this crate turns them into protection for something a user cares about. The
-//! first application is the sealed file ([`seal`]): a file encrypted for one SAE
+//! first application is the sealed file ([`mod@seal`]): a file encrypted for one SAE
 //! whose keys never travel with it; the second is the live stream ([`stream`]): a
 //! TCP connection between two SAEs, rekeyed from the QKD network as it runs. The
 //! crate composes, and does not implement, cryptography: SM4-GCM, the SM3-based
 //! key combiner and the one-time pad all come from `qkdnet-crypto`; what lives
-//! here is the file format ([`format`]) and the stream protocol ([`stream_wire`]),
+//! here is the file format ([`mod@format`]) and the stream protocol ([`stream_wire`]),
 //! the order of operations that keeps key consumption and plaintext release safe,
 //! and the file handling (temporary outputs, renamed on success).
 //!
 //! | module | what |
 //! |---|---|
-//! | [`format`] | the sealed-file header: layout, encoding, bounded parser |
-//! | [`seal`] | [`seal::seal`] and [`seal::open`]: modes qkd, hybrid, otp |
+//! | [`mod@format`] | the sealed-file header: layout, encoding, bounded parser |
+//! | [`mod@seal`] | [`seal::seal`] and [`seal::open`]: modes qkd, hybrid, otp |
 //! | [`stream`] | [`stream::send`] and [`stream::receive`]: live TCP streams, sans-IO core and tokio adapter |
 //! | [`stream_wire`] | the stream handshake and frames: layout, encoding, bounded decoders |
 //! | [`error`] | [`AppError`], [`StreamError`] |

@@ -1,6 +1,6 @@
 //! Live streams: a TCP stream between two SAEs protected with SM4-GCM under QKD keys.
 //!
-//! A sealed file ([`crate::seal`]) knows its length before it is written; a live
+//! A sealed file ([`mod@crate::seal`]) knows its length before it is written; a live
 //! stream (a log, a shell pipe, a sensor feed) does not, and its receiver must
 //! release each piece as it arrives. So the stream is cut into *frames*, each
 //! authenticated before its plaintext is released, and the guarantees a file gets

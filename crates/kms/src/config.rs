@@ -160,7 +160,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> KmsError {
     KmsError::Config(toml_error_message(text, e))
 }
 
-/// The message of [`toml_error`], for other configuration files that embed a
+/// The message of the KME's own TOML errors, for other configuration files that embed a
 /// [`KmeConfig`] (the node's): "line L, column C: message", no quoted line.
 pub fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
     let at = e.span().and_then(|span| {

@@ -1,4 +1,4 @@
-//! Runs an [`Endpoint`] over a TCP stream: the thin adapter around the sans-IO core.
+//! Runs an [`Endpoint`](crate::endpoint::Endpoint) over a TCP stream: the thin adapter around the sans-IO core.
 //!
 //! Blocking std sockets and one reader thread keep it small: the writer side
 //! drains `poll_transmit`, the reader feeds whole frames to `handle_frame`.
