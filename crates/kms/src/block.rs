@@ -102,7 +102,12 @@ pub fn unit_id(link_id: &str, block_number: u64, index: u64) -> Uuid {
     h.update(link_id.as_bytes());
     h.update(&block_number.to_be_bytes());
     h.update(&index.to_be_bytes());
-    let digest = h.finalize();
+    uuid_v8(&h.finalize())
+}
+
+/// A UUIDv8 (RFC 9562) from the first 16 bytes of an SM3 digest: version
+/// nibble 8, variant bits `10`.
+pub(crate) fn uuid_v8(digest: &[u8; 32]) -> Uuid {
     let mut b = [0u8; 16];
     b.copy_from_slice(&digest[..16]);
     b[6] = (b[6] & 0x0f) | 0x80;

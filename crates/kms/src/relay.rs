@@ -80,7 +80,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -92,7 +92,7 @@ use crate::error::KmsError;
 use crate::etsi::{KeyContainer, Multipath, ValidKeyRequest};
 use crate::ids::{KmeId, SaeId};
 use crate::peer::{ExtKey, ExtKeysVoidReply, PeerCallError};
-use crate::service::{Kme, VoidCall, container};
+use crate::service::{Kme, VoidCall, container, now_ms};
 use crate::store::{
     Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, ReservedKey, StoreError,
 };
@@ -210,12 +210,7 @@ pub fn hop_request_id(request: Uuid, hop: u32) -> Uuid {
     h.update(b"qkdnet/kms/relay-hop/v1");
     h.update(request.as_bytes());
     h.update(&hop.to_be_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    b[6] = (b[6] & 0x0f) | 0x80;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    Uuid::from_bytes(b)
+    crate::block::uuid_v8(&h.finalize())
 }
 
 /// Checks a route and that this KME (`me`) is its `hop`-th, called by the one before.
@@ -366,24 +361,11 @@ impl Lsdb {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A peer call's failure as the relay failure of link `from → to` (or the
 /// link the peer named).
 fn relay_failure(e: PeerCallError, from: &KmeId, to: &KmeId) -> KmsError {
     match e {
-        PeerCallError::Relay {
-            message,
-            failed_link,
-        } => KmsError::RelayFailed {
-            link: failed_link,
-            reason: message,
-        },
+        e @ PeerCallError::Relay { .. } => e.into(),
         PeerCallError::Unavailable(m) => KmsError::RelayFailed {
             link: (from.clone(), to.clone()),
             reason: format!("KME {to} unavailable: {m}"),

@@ -92,6 +92,19 @@ async fn read_body(
     })
 }
 
+/// Reads a KME-to-KME JSON body of at most `limit` bytes; a malformed one is a
+/// 400 naming `what`.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = read_body(headers, body, limit).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed {what}: {e}"))))
+}
+
 fn ok_json<T: serde::Serialize>(v: &T) -> Response {
     (StatusCode::OK, Json(v)).into_response()
 }
@@ -227,9 +240,8 @@ async fn ext_keys(
     body: Body,
 ) -> Response {
     let r = async {
-        let bytes = read_body(&headers, body, peer_body_limit(&s.kme)).await?;
-        let msg: ExtKeysReserve = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed reservation: {e}"))))?;
+        let msg: ExtKeysReserve =
+            read_json(&headers, body, peer_body_limit(&s.kme), "reservation").await?;
         let request_id = msg.request_ID;
         s.kme.peer_reserve(&who, msg).await?;
         Ok::<_, ApiError>(ok_json(&ExtKeysAck {
@@ -247,9 +259,7 @@ async fn ext_keys_void(
     body: Body,
 ) -> Response {
     let r = async {
-        let bytes = read_body(&headers, body, 4096).await?;
-        let msg: ExtKeysVoid = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed void: {e}"))))?;
+        let msg: ExtKeysVoid = read_json(&headers, body, 4096, "void").await?;
         Ok::<_, ApiError>(ok_json(&s.kme.peer_void(&who, msg.request_ID).await?))
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
@@ -272,9 +282,8 @@ async fn relay(
     body: Body,
 ) -> Response {
     let r = async {
-        let bytes = read_body(&headers, body, relay_body_limit(&s.kme)).await?;
-        let msg: RelayForward = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed relay: {e}"))))?;
+        let msg: RelayForward =
+            read_json(&headers, body, relay_body_limit(&s.kme), "relay").await?;
         let request_id = msg.request_ID;
         // Run to the end even if the caller goes away (as for enc_keys): a hop
         // abandoned halfway would leave its reservation pending until a restart.
@@ -297,9 +306,8 @@ async fn relay_void(
     body: Body,
 ) -> Response {
     let r = async {
-        let bytes = read_body(&headers, body, crate::relay::MAX_ROUTE_LEN * 70 + 4096).await?;
-        let msg: RelayVoid = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed relay void: {e}"))))?;
+        let limit = crate::relay::MAX_ROUTE_LEN * 70 + 4096;
+        let msg: RelayVoid = read_json(&headers, body, limit, "relay void").await?;
         Ok::<_, ApiError>(ok_json(&s.kme.peer_relay_void(&who, msg).await?))
     };
     r.await.unwrap_or_else(IntoResponse::into_response)

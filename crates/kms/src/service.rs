@@ -50,7 +50,8 @@ pub struct KmeSettings {
     pub relay_attempts: u32,
 }
 
-fn now_ms() -> u64 {
+/// Now, Unix milliseconds (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
