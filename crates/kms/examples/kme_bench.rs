@@ -4,12 +4,21 @@
 //!
 //! Each SAE has its own certificate and TLS connection and loops on
 //! `POST enc_keys {"number": N}` at KME A for its slave at KME B until the time or
-//! request budget of the level is spent. Each request is the full path: reserve in
-//! A's store (fsync), reservation acknowledged by B (fsync at B), confirm at A
-//! (fsync), answer. Bounded in time and requests; loopback only.
+//! request budget of the level is spent (closed loop: the throughput the KME can
+//! sustain; by Little's law the latency is then concurrency / request rate). Each
+//! request is the full path: reserve in A's store (fsync), reservation
+//! acknowledged by B (fsync at B), confirm at A (fsync), answer. Bounded in time
+//! and requests; loopback only.
+//!
+//! With `--rate KEYS_PER_S` the SAEs are open loop instead: each sends a request
+//! every `SAEs · number / rate` seconds whether or not its previous one has been
+//! answered (applications asking for keys on their own schedule), and a request's
+//! latency is counted from the moment it was due, so a backlog shows up in the
+//! percentiles instead of slowing the senders down.
 //!
 //! ```sh
 //! cargo run --release -p qkdnet-kms --example kme_bench -- --levels 1,16,64 --seconds 5 --number 64
+//! cargo run --release -p qkdnet-kms --example kme_bench -- --levels 64 --seconds 5 --number 64 --rate 50000
 //! ```
 #![allow(missing_docs)]
 
@@ -36,6 +45,7 @@ struct Args {
     max_requests: usize,
     sync: SyncMode,
     with_dec: bool,
+    rate: Option<f64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         max_requests: 200_000,
         sync: SyncMode::Full,
         with_dec: false,
+        rate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +81,13 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--with-dec" => a.with_dec = true,
+            "--rate" => {
+                let r: f64 = val()?.parse().map_err(|_| "bad --rate")?;
+                if !(r.is_finite() && r > 0.0) {
+                    return Err("--rate must be positive".into());
+                }
+                a.rate = Some(r);
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -81,6 +99,35 @@ fn parse_args() -> Result<Args, String> {
         return Err("levels in 1..=256, seconds in (0, 120]".into());
     }
     Ok(a)
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// One enc_keys call; the key IDs (as dec_keys entries) on success.
+async fn enc_call(cm: &HttpsClient, uri: &str, body: Bytes) -> Option<Vec<serde_json::Value>> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .expect("invariant: static request is valid");
+    let resp = cm.request(req).await.ok()?;
+    let ok = resp.status().is_success();
+    let b = resp.into_body().collect().await.ok()?;
+    if !ok {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&b.to_bytes()).ok()?;
+    Some(
+        v["keys"]
+            .as_array()?
+            .iter()
+            .map(|k| serde_json::json!({"key_ID": k["key_ID"]}))
+            .collect(),
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -210,6 +257,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ));
             let body = Bytes::from(format!("{{\"number\":{}}}", args.number));
             let with_dec = args.with_dec;
+            if let Some(rate) = args.rate {
+                let period = Duration::from_secs_f64(level as f64 * f64::from(args.number) / rate);
+                tasks.spawn(async move {
+                    let mut inflight = tokio::task::JoinSet::new();
+                    // Stagger the SAEs evenly over one period.
+                    let mut due = start + period.mul_f64(i as f64 / level as f64);
+                    let mut sent = 0;
+                    while due < deadline && sent < per_worker {
+                        tokio::time::sleep_until(due.into()).await;
+                        let (cm, enc, body) = (cm.clone(), enc.clone(), body.clone());
+                        inflight.spawn(async move {
+                            let n = enc_call(&cm, &enc, body).await.map(|ids| ids.len());
+                            (due.elapsed().as_secs_f64() * 1e3, n)
+                        });
+                        due += period;
+                        sent += 1;
+                    }
+                    let (mut lat, mut errors, mut keys) = (Vec::new(), 0usize, 0u64);
+                    while let Some(r) = inflight.join_next().await {
+                        match r {
+                            Ok((ms, Some(n))) => {
+                                lat.push(ms);
+                                keys += n as u64;
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    (lat, Vec::new(), errors, keys)
+                });
+                continue;
+            }
             tasks.spawn(async move {
                 let (mut lat, mut dec_lat, mut errors, mut keys) =
                     (Vec::new(), Vec::new(), 0usize, 0u64);
@@ -218,36 +296,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         break;
                     }
                     let t = Instant::now();
-                    let req = Request::builder()
-                        .method(Method::POST)
-                        .uri(enc.as_str())
-                        .header("content-type", "application/json")
-                        .body(Full::new(body.clone()))
-                        .expect("invariant: static request is valid");
-                    let Ok(resp) = cm.request(req).await else {
-                        errors += 1;
-                        continue;
-                    };
-                    let ok = resp.status().is_success();
-                    let Ok(b) = resp.into_body().collect().await else {
+                    let Some(ids) = enc_call(&cm, &enc, body.clone()).await else {
                         errors += 1;
                         continue;
                     };
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    if !ok {
-                        errors += 1;
-                        continue;
-                    }
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&b.to_bytes()).unwrap_or_default();
-                    let ids: Vec<serde_json::Value> = v["keys"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|k| serde_json::json!({"key_ID": k["key_ID"]}))
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     keys += ids.len() as u64;
                     if with_dec {
                         let t = Instant::now();
@@ -289,6 +342,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keys_per_request": args.number,
             "key_bits": 256,
             "sqlite_synchronous": format!("{:?}", args.sync).to_lowercase(),
+            "mode": if args.rate.is_some() { "open_loop" } else { "closed_loop" },
+            "offered_keys_per_s": args.rate,
             "requests": lat.len(),
             "errors": errors,
             "keys": keys,

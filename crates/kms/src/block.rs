@@ -3,8 +3,13 @@
 //! Both ends of a QKD link push the same block (same link ID, block number and
 //! bytes) to their KME. The KMEs must then agree on key IDs without exchanging a
 //! message, so IDs are a pure function of (link ID, block number, index): a
-//! UUIDv8 (RFC 9562) made from the SM3 hash of those three values (see
-//! [`unit_id`]). The block is cut into units of [`UNIT_BYTES`] = 32 bytes (256 bits);
+//! UUIDv8 (RFC 9562) whose first 48 bits are a tag of the link (from its SM3 hash)
+//! and whose remaining 74 free bits are the block number and the index in
+//! big-endian order (see [`unit_id`]). IDs of one link therefore sort in the order
+//! the key was produced, so the stores' indexes on them grow at one end instead of
+//! being written at random pages (which made every unit cost several random B-tree
+//! page writes; see BENCHMARKS.md, KME). Key IDs are not secrets; their structure
+//! tells an observer no more than the order in which keys were made. The block is cut into units of [`UNIT_BYTES`] = 32 bytes (256 bits);
 //! a trailing remainder shorter than a unit is discarded at both ends alike.
 //!
 //! A key of `s` bits (`s` a multiple of 8, up to the advertised maximum) consumes
@@ -38,7 +43,7 @@ pub const UNIT_BITS: u32 = (UNIT_BYTES * 8) as u32;
 pub const MAX_LINK_ID_LEN: usize = 128;
 
 /// Domain separation for key-ID derivation (changing it changes every key ID).
-const KEY_ID_DOMAIN: &[u8] = b"qkdnet/kms/key-id/v1";
+const KEY_ID_DOMAIN: &[u8] = b"qkdnet/kms/key-id/v2";
 
 /// A block of secret key from a QKD link, as both ends hand it to their KME.
 ///
@@ -85,12 +90,17 @@ pub struct KeyUnit {
     pub material: Zeroizing<[u8; UNIT_BYTES]>,
 }
 
-/// Derives the ID of unit `index` of block `block_number` on link `link_id`.
-///
-/// `UUIDv8(SM3("qkdnet/kms/key-id/v1" ‖ u32be(len(link_id)) ‖ link_id ‖
-/// u64be(block_number) ‖ u64be(index))[0..16])`: the first 16 bytes of the hash
-/// with the version nibble set to 8 and the RFC 9562 variant bits set to `10`.
-pub fn unit_id(link_id: &str, block_number: u64, index: u64) -> Uuid {
+/// Bits of the block number that appear in a unit ID (block numbers wrap modulo
+/// 2^42: at one block a second that is 139,000 years; a wrapped ID collides with an
+/// old one and the block is refused as a duplicate).
+pub const ID_BLOCK_BITS: u32 = 42;
+
+/// Largest unit index a block may have (blocks are cut into at most 2^32 units).
+pub const MAX_UNIT_INDEX: u64 = u32::MAX as u64;
+
+/// The 48-bit tag of a link in its unit IDs:
+/// `SM3("qkdnet/kms/key-id/v2" ‖ u32be(len(link_id)) ‖ link_id)[0..6]`.
+pub fn link_tag(link_id: &str) -> [u8; 6] {
     let mut h = Sm3Hasher::new();
     h.update(KEY_ID_DOMAIN);
     // Link IDs are at most MAX_LINK_ID_LEN bytes, so the length fits in u32; saturate anyway.
@@ -100,9 +110,33 @@ pub fn unit_id(link_id: &str, block_number: u64, index: u64) -> Uuid {
             .to_be_bytes(),
     );
     h.update(link_id.as_bytes());
-    h.update(&block_number.to_be_bytes());
-    h.update(&index.to_be_bytes());
-    uuid_v8(&h.finalize())
+    let d = h.finalize();
+    let mut t = [0u8; 6];
+    t.copy_from_slice(&d[..6]);
+    t
+}
+
+/// Derives the ID of unit `index` of block `block_number` on link `link_id`.
+///
+/// A UUIDv8 (RFC 9562): `custom_a` (48 bits) is [`link_tag`]; the 74 bits of
+/// `custom_b` and `custom_c` hold `v = (block_number mod 2^42) · 2^32 + index`
+/// big-endian, so IDs of one link sort by (block, index). `index` must not exceed
+/// [`MAX_UNIT_INDEX`] ([`KeyBlock::cut`] refuses larger blocks).
+pub fn unit_id(link_id: &str, block_number: u64, index: u64) -> Uuid {
+    unit_id_tagged(&link_tag(link_id), block_number, index)
+}
+
+/// [`unit_id`] with the link tag computed once (for cutting a whole block).
+pub fn unit_id_tagged(tag: &[u8; 6], block_number: u64, index: u64) -> Uuid {
+    let block = u128::from(block_number) & ((1u128 << ID_BLOCK_BITS) - 1);
+    let v: u128 = (block << 32) | u128::from(index & MAX_UNIT_INDEX);
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(tag);
+    b[6] = 0x80 | ((v >> 70) as u8 & 0x0f);
+    b[7] = (v >> 62) as u8;
+    b[8] = 0x80 | ((v >> 56) as u8 & 0x3f);
+    b[9..].copy_from_slice(&(v as u64).to_be_bytes()[1..]);
+    Uuid::from_bytes(b)
 }
 
 /// A UUIDv8 (RFC 9562) from the first 16 bytes of an SM3 digest: version
@@ -152,13 +186,17 @@ impl KeyBlock {
                 "block shorter than one 256-bit unit",
             ));
         }
+        if (bytes.len() / UNIT_BYTES) as u64 > MAX_UNIT_INDEX {
+            return Err(KmsError::InvalidBlock("block longer than 2^32 units"));
+        }
+        let tag = link_tag(&self.link_id);
         let mut units = Vec::with_capacity(bytes.len() / UNIT_BYTES);
         for (i, chunk) in bytes.chunks_exact(UNIT_BYTES).enumerate() {
             let index = i as u64;
             let mut material = Zeroizing::new([0u8; UNIT_BYTES]);
             material.copy_from_slice(chunk);
             units.push(KeyUnit {
-                id: unit_id(&self.link_id, self.block_number, index),
+                id: unit_id_tagged(&tag, self.block_number, index),
                 mine: owned_by(me, &self.peer_kme, index),
                 material,
             });
@@ -191,10 +229,36 @@ mod tests {
     #[test]
     fn unit_id_is_stable() {
         // Pinned so that a change of derivation (which would break agreement between
-        // KMEs of different versions) is a deliberate, visible change. Value checked
+        // KMEs of different versions) is a deliberate, visible change. Values checked
         // independently with Python's hashlib ("sm3", OpenSSL) and the uuid module.
         let id = unit_id("link-ab", 1, 0).hyphenated().to_string();
-        assert_eq!(id, "da836c67-74bd-8d42-848c-1cfc21b3d00b");
+        assert_eq!(id, "61c444a4-10e7-8000-8000-000100000000");
+        let id = unit_id("link-ab", 5, 3).hyphenated().to_string();
+        assert_eq!(id, "61c444a4-10e7-8000-8000-000500000003");
+    }
+
+    #[test]
+    fn unit_ids_of_a_link_sort_by_block_then_index() {
+        let pts = [
+            (0u64, 0u64),
+            (0, 1),
+            (0, MAX_UNIT_INDEX),
+            (1, 0),
+            (255, 7),
+            (1 << 20, 0),
+            (1 << 30, 5),
+            ((1 << ID_BLOCK_BITS) - 1, MAX_UNIT_INDEX),
+        ];
+        let ids: Vec<Uuid> = pts.iter().map(|&(b, i)| unit_id("l", b, i)).collect();
+        for w in ids.windows(2) {
+            assert!(w[0].as_bytes() < w[1].as_bytes(), "{} !< {}", w[0], w[1]);
+        }
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 8);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        // Block numbers wrap modulo 2^42.
+        assert_eq!(unit_id("l", 1 << ID_BLOCK_BITS, 9), unit_id("l", 0, 9));
     }
 
     #[test]

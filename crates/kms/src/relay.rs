@@ -634,7 +634,7 @@ impl Kme {
             .peers
             .get(first)
             .ok_or_else(|| fail(KmsError::BadRequest("not a neighbour".into())))?;
-        let request = Uuid::new_v4();
+        let request = Uuid::now_v7();
         let r0 = hop_request_id(request, 0);
         let reserved = self
             .store

@@ -273,7 +273,7 @@ impl Kme {
             Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
             _ => return self.relay_enc(master, slave, target, req).await,
         };
-        let request_id = Uuid::new_v4();
+        let request_id = Uuid::now_v7();
         let reserved = self
             .store
             .reserve(Reservation {

@@ -52,6 +52,7 @@ on_both_backends!(
     concurrent_transitions_never_hand_a_unit_twice,
     sigkill_during_load_neither_repeats_nor_loses_keys,
     accept_take_spends_a_relay_hop_in_one_step,
+    keys_of_several_units_keep_their_layout,
 );
 
 /// Where a test's stores live: files in a temporary directory, or schemas on the
@@ -149,6 +150,16 @@ impl Backend {
     /// match its units and that no unit is reserved for a key that does not exist.
     /// (Opening a store recomputes the counters, so this must run before.)
     async fn check_tables(&self, name: &str) {
+        // The SQLite schema (2) keeps a unit's holder in `req` and marks the master's
+        // delivered units with NULL material; PostgreSQL keeps `key_id` and `keys`.
+        const SQLITE_COUNTERS: &str = "SELECT p.peer, p.total, p.mine_available,
+                (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.material IS NOT NULL),
+                (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.mine AND u.req IS NULL)
+            FROM pools p";
+        const SQLITE_STRAY: &str = "SELECT
+                (SELECT count(*) FROM units u WHERE u.peer NOT IN (SELECT peer FROM pools)),
+                (SELECT count(*) FROM units u WHERE u.req IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.rid = u.req))";
         const COUNTERS: &str = "SELECT p.peer, p.total, p.mine_available,
                 (SELECT count(*) FROM units u WHERE u.peer = p.peer),
                 (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.mine AND u.key_id IS NULL)
@@ -161,7 +172,7 @@ impl Backend {
             Backend::Sqlite { dir, .. } => {
                 let c = rusqlite::Connection::open(dir.join(format!("{name}.sqlite")))
                     .expect("open SQLite file");
-                let mut st = c.prepare(COUNTERS).expect("prepare");
+                let mut st = c.prepare(SQLITE_COUNTERS).expect("prepare");
                 let counters = st
                     .query_map([], |r| {
                         Ok((r.get(0)?, [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?]))
@@ -170,7 +181,7 @@ impl Backend {
                     .collect::<Result<Vec<_>, _>>()
                     .expect("rows");
                 let stray = c
-                    .query_row(STRAY, [], |r| Ok([r.get(0)?, r.get(1)?]))
+                    .query_row(SQLITE_STRAY, [], |r| Ok([r.get(0)?, r.get(1)?]))
                     .expect("query");
                 (counters, stray)
             }
@@ -485,6 +496,53 @@ async fn accept_take_spends_a_relay_hop_in_one_step(backend: Backend) {
         Err(StoreError::UnitsUnavailable(_))
     ));
     assert_eq!(b.pool_counts(kme("kme-a")).await.expect("counts"), after);
+}
+
+/// Keys longer than one unit: both ends assemble the same bytes from the listed
+/// units, only a key's first unit ID names it, a restart lists the pending
+/// request with the same layout, and a void returns the undelivered keys whole.
+async fn keys_of_several_units_keep_their_layout(backend: Backend) {
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, 1).await;
+    let mut r = reservation(3);
+    r.size_bits = 600; // 3 units, the last one cut to 600 - 512 = 88 bits
+    let keys = a.reserve(r.clone()).await.expect("reserve");
+    assert_eq!(keys.len(), 3);
+    for k in &keys {
+        assert_eq!(k.layout.unit_ids.len(), 3);
+        assert_eq!(k.layout.key_id, k.layout.unit_ids[0]);
+        assert_eq!(k.material.len(), 75);
+    }
+    drop(a);
+    let a = backend.open("a").await;
+    let pending = a.pending().await.expect("pending");
+    assert_eq!(pending.len(), 1);
+    let listed: Vec<_> = keys.iter().map(|k| k.layout.clone()).collect();
+    assert_eq!(pending[0].keys, listed, "a restart lists the same layout");
+    b.accept(acceptance("kme-a", &r, &keys))
+        .await
+        .expect("accept");
+    a.confirm(r.request_id).await.expect("confirm");
+    // A unit inside a key is not a key ID.
+    assert!(matches!(
+        b.take(sae("bob"), sae("alice"), vec![keys[1].layout.unit_ids[1]])
+            .await,
+        Err(StoreError::KeysNotFound)
+    ));
+    let got = b
+        .take(sae("bob"), sae("alice"), vec![keys[1].layout.key_id])
+        .await
+        .expect("take the middle key");
+    assert_eq!(&got[0].material[..], &keys[1].material[..]);
+    let v = b.void(kme("kme-a"), r.request_id).await.expect("void");
+    assert_eq!(
+        v.voided_keys.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([keys[0].layout.key_id, keys[2].layout.key_id])
+    );
+    drop((a, b));
+    backend.check_tables("a").await;
+    backend.check_tables("b").await;
 }
 
 async fn state_survives_an_abrupt_drop(backend: Backend) {

@@ -19,7 +19,8 @@
 //! the server can hold an `Arc<dyn KeyStore>` and either implementation can slot in
 //! without generics spreading through the crate: [`SqliteStore`] (embedded, the
 //! default) or [`PostgresStore`] (a database server, for a KME whose keys should live
-//! on one). Both have the same schema and the same transitions; the tests in
+//! on one). Both make the same transitions (SQLite with a leaner schema tuned
+//! for its single writer, see [`sqlite`]); the tests in
 //! `tests/store.rs` run one body against each.
 
 use std::future::Future;
