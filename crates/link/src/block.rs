@@ -257,7 +257,13 @@ fn secret_length(
         Stats::Decoy(c) => {
             let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)
                 .map_err(|e| LinkError::Protocol(e.to_string()))?;
-            Ok((est.length.floor() as i64, est.phase_error))
+            // The bound is for all the block's key bits (the counts); when fewer
+            // go on (LDPC keeps whole frames and drops the tail), each dropped
+            // bit can carry at most one bit of the min-entropy:
+            // H_min(X_S|E) ≥ H_min(X|E) − |X \ X_S|.
+            let counted: f64 = c.n_key.iter().sum();
+            let dropped = (counted - n_key as f64).max(0.0);
+            Ok(((est.length - dropped).floor() as i64, est.phase_error))
         }
         Stats::Offline {
             sample,
@@ -1201,5 +1207,34 @@ impl BobBlock {
                 m.name()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_bits_dropped_after_estimation_come_off_the_secret_length() {
+        let cfg = ProtocolConfig::default();
+        // Counts of a 25 km metro block (signal, decoy, vacuum), 1 % test errors.
+        let c = DecoyCounts {
+            mu: [0.5, 0.1, 0.0002],
+            p: [0.8, 0.15, 0.05],
+            n_key: [3.0e6, 2.0e5, 300.0],
+            n_test: [3.0e5, 2.0e4, 30.0],
+            m_test: [3.0e3, 400.0, 15.0],
+        };
+        let total: f64 = c.n_key.iter().sum();
+        let stats = Stats::Decoy(c);
+        let (full, phi) = secret_length(&cfg, &stats, total as u64, 0, 100_000).expect("bound");
+        assert!(full > 100_000, "a positive key to compare: {full}");
+        let (kept, phi2) =
+            secret_length(&cfg, &stats, total as u64 - 12_345, 0, 100_000).expect("bound");
+        assert_eq!(phi, phi2);
+        assert!(
+            (full - 12_345 - kept).abs() <= 1,
+            "{full} - 12345 vs {kept}"
+        );
     }
 }
