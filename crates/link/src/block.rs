@@ -21,6 +21,17 @@
 //!   random-sampling correction γ of Lim et al. Eq. (5), i.e. assuming (as in
 //!   symmetric BB84 with single photons) that phase errors mirror bit errors,
 //!   and ℓ = n(1 − h(φᵁ)) − λ_EC − log₂(2/ε_cor) − 2·log₂(1/ε_sec).
+//!
+//! LDPC frames that fail to decode: in record mode both sides drop them (Bob
+//! lists them in `Reconciled`) and the block goes on. The accounting stays
+//! conservative. The finite-key bound is computed for all the block's key
+//! bits. Each dropped bit then comes off it, because
+//! H_min(X_S|E) ≥ H_min(X|E) − |X∖X_S|; this also covers the tail that fills no
+//! frame. Every syndrome counts as leaked, the dropped frames' syndromes too.
+//! The public list of failed frames counts one more bit per frame. In offline
+//! mode the phase-error bound comes from the errors that the reconciliation
+//! itself corrected, so it would be biased by which frames survived. There a
+//! frame that fails still aborts the block.
 
 use qkdnet_optics::keyrate::finite::{self, DecoyCounts};
 use qkdnet_optics::keyrate::h2;
@@ -108,6 +119,9 @@ pub struct BlockReport {
     pub final_key_bits: u64,
     /// Reconciliation rounds (Cascade) or frames (LDPC).
     pub rounds: u64,
+    /// LDPC frames that did not decode and were dropped at both ends (record
+    /// mode; offline mode aborts the block instead).
+    pub frames_discarded: u64,
 }
 
 impl BlockReport {
@@ -221,10 +235,12 @@ fn ldpc_adaptation(
     cfg: &ProtocolConfig,
     qber: f64,
     seed: u64,
+    frames_may_drop: bool,
 ) -> Result<RateAdaptation, LinkError> {
     // Target efficiency from the decoder's measured convergence at 2^14-bit frames
-    // (qkdnet-postproc's ldpc tests: f = 1.7, 1.6, 1.4, 1.3 at QBER 1, 2, 5, 8 %),
-    // plus 0.1 of margin, because one frame that fails to decode aborts the block.
+    // (qkdnet-postproc's ldpc tests: f = 1.7, 1.6, 1.4, 1.3 at QBER 1, 2, 5, 8 %).
+    // Offline mode adds 0.1 of margin, because there one frame that fails to
+    // decode aborts the block; record mode drops only that frame.
     let table = [
         (0.01, 1.7),
         (0.02, 1.6),
@@ -240,9 +256,33 @@ fn ldpc_adaptation(
             f0 + (f1 - f0) * (q - q0) / (q1 - q0)
         }
         None => table[table.len() - 1].1,
-    } + 0.1;
+    } + if frames_may_drop { 0.0 } else { 0.1 };
     RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed)
         .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
+}
+
+/// `key` without the frames `failed` (strictly increasing indices of frames of
+/// `frame_len` bits). Refuses indices out of order or past the last frame.
+fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec, LinkError> {
+    let frames = key.len().checked_div(frame_len).unwrap_or(0);
+    let ordered = failed.windows(2).all(|w| w[0] < w[1]);
+    if !ordered || failed.last().is_some_and(|&f| f as usize >= frames) {
+        return Err(LinkError::Protocol(format!(
+            "invalid list of failed frames for a block of {frames}"
+        )));
+    }
+    let mut out = BitVec::zeros(0);
+    let mut skip = failed.iter().peekable();
+    for f in 0..frames {
+        if skip.peek().is_some_and(|&&x| x as usize == f) {
+            skip.next();
+            continue;
+        }
+        for i in f * frame_len..(f + 1) * frame_len {
+            out.push(key.get(i));
+        }
+    }
+    Ok(out)
 }
 
 /// Secret length and phase-error bound once leakage is known.
@@ -587,7 +627,7 @@ impl AliceBlock {
                 }];
                 let cascade = match cfg.reconciler {
                     Reconciler::Ldpc => {
-                        let ad = ldpc_adaptation(cfg, q, seed)?;
+                        let ad = ldpc_adaptation(cfg, q, seed, matches!(stats, Stats::Decoy(_)))?;
                         let frames = sifted.key.len() / ad.key_len();
                         let mut syndromes = Vec::with_capacity(frames);
                         for f in 0..frames {
@@ -615,7 +655,7 @@ impl AliceBlock {
                 };
                 let key = if cfg.reconciler == Reconciler::Ldpc {
                     // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
-                    let ad = ldpc_adaptation(cfg, q, seed)?;
+                    let ad = ldpc_adaptation(cfg, q, seed, matches!(stats, Stats::Decoy(_)))?;
                     let keep = sifted.key.len() / ad.key_len() * ad.key_len();
                     report.input_bits = keep as u64;
                     sifted
@@ -664,10 +704,31 @@ impl AliceBlock {
                 Msg::Reconciled {
                     leaked_bits,
                     corrected,
+                    failed_frames,
                     ..
                 },
                 _,
             ) => {
+                let key = if failed_frames.is_empty() {
+                    key
+                } else {
+                    // Only an LDPC block of record mode may drop frames.
+                    let frames = report.rounds as usize;
+                    if cfg.reconciler != Reconciler::Ldpc
+                        || !matches!(stats, Stats::Decoy(_))
+                        || frames == 0
+                        || key.len() % frames != 0
+                    {
+                        return Err(LinkError::Protocol(
+                            "Bob drops frames of a block that has none to drop".into(),
+                        ));
+                    }
+                    report.frames_discarded = failed_frames.len() as u64;
+                    drop_frames(&key, key.len() / frames, &failed_frames)?
+                };
+                if key.is_empty() {
+                    return Err(LinkError::Protocol("Bob drops every frame".into()));
+                }
                 if corrected > key.len() as u64 {
                     return Err(LinkError::Protocol(
                         "Bob reports more corrections than key bits".into(),
@@ -960,6 +1021,7 @@ impl BobBlock {
                 block,
                 leaked_bits: leaked,
                 corrected,
+                failed_frames: Vec::new(),
             }],
             None,
         )
@@ -1051,7 +1113,7 @@ impl BobBlock {
                 }
                 match reconciler {
                     Reconciler::Ldpc => {
-                        let ad = ldpc_adaptation(cfg, q, seed)?;
+                        let ad = ldpc_adaptation(cfg, q, seed, matches!(stats, Stats::Decoy(_)))?;
                         let keep = sifted.key.len() / ad.key_len() * ad.key_len();
                         let key = sifted
                             .key
@@ -1111,33 +1173,56 @@ impl BobBlock {
                         syndromes.len()
                     )));
                 }
+                // Record mode drops a frame that does not decode (both ends, see
+                // `drop_frames`); offline mode, whose error estimate comes from
+                // the corrected bits themselves, aborts the block instead.
+                let may_drop = matches!(stats, Stats::Decoy(_));
                 let mut out = BitVec::zeros(0);
+                let mut failed = Vec::new();
                 for (f, s) in syndromes.iter().enumerate() {
                     let part = key
                         .slice(f * ad.key_len(), (f + 1) * ad.key_len())
                         .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                    let dec = ad.decode(&part, q, s, 200).map_err(|e| {
-                        LinkError::Protocol(format!("LDPC frame {f} did not decode: {e}"))
-                    })?;
-                    for i in 0..dec.len() {
-                        out.push(dec.get(i));
+                    match ad.decode(&part, q, s, 200) {
+                        Ok(dec) => {
+                            for i in 0..dec.len() {
+                                out.push(dec.get(i));
+                            }
+                        }
+                        Err(_) if may_drop => failed.push(f as u32),
+                        Err(e) => {
+                            return Err(LinkError::Protocol(format!(
+                                "LDPC frame {f} did not decode: {e}"
+                            )));
+                        }
                     }
                 }
+                if out.is_empty() {
+                    return Ok(self.abort("no LDPC frame of the block decoded".into(), true));
+                }
+                let kept = drop_frames(&key, ad.key_len(), &failed)?;
                 let corrected = out
-                    .hamming_distance(&key)
+                    .hamming_distance(&kept)
                     .map_err(|e| LinkError::Protocol(e.to_string()))?
                     as u64;
-                let leaked = ad.leaked_bits() * frames as u64;
-                Ok(
-                    self.finish_reconciliation(
-                        out,
-                        stats,
-                        report,
-                        leaked,
-                        corrected,
-                        frames as u64,
-                    ),
-                )
+                // Every syndrome counts, dropped frames' too, and in record mode
+                // the public list of failed frames (at most one bit per frame).
+                let leaked =
+                    ad.leaked_bits() * frames as u64 + if may_drop { frames as u64 } else { 0 };
+                let mut report = report;
+                report.frames_discarded = failed.len() as u64;
+                let (mut msgs, outcome) = self.finish_reconciliation(
+                    out,
+                    stats,
+                    report,
+                    leaked,
+                    corrected,
+                    frames as u64,
+                );
+                if let Some(Msg::Reconciled { failed_frames, .. }) = msgs.first_mut() {
+                    *failed_frames = failed;
+                }
+                Ok((msgs, outcome))
             }
             (
                 BobState::AwaitConfirm {
@@ -1213,6 +1298,21 @@ impl BobBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_frames_are_dropped_at_both_ends_alike_and_bad_lists_refused() {
+        let key: BitVec = (0..40).map(|i| i % 3 == 0).collect();
+        let kept = drop_frames(&key, 10, &[1, 3]).expect("valid list");
+        let naive: BitVec = (0..40)
+            .filter(|i| !(10..20).contains(i) && !(30..40).contains(i))
+            .map(|i| key.get(i))
+            .collect();
+        assert_eq!(kept, naive);
+        assert_eq!(drop_frames(&key, 10, &[]).expect("none"), key);
+        for bad in [&[3u32, 1][..], &[1, 1], &[4], &[0, 9]] {
+            assert!(drop_frames(&key, 10, bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn key_bits_dropped_after_estimation_come_off_the_secret_length() {

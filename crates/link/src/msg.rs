@@ -99,11 +99,13 @@ pub enum Msg {
     ParityAnswers { block: u64, reply: ParityReply },
     /// Alice → Bob: LDPC syndromes, one per frame.
     Syndromes { block: u64, syndromes: Vec<BitVec> },
-    /// Bob → Alice: reconciliation finished; bits disclosed in total, errors corrected.
+    /// Bob → Alice: reconciliation finished; bits disclosed in total, errors
+    /// corrected, and (LDPC) the frames that did not decode, which both drop.
     Reconciled {
         block: u64,
         leaked_bits: u64,
         corrected: u64,
+        failed_frames: Vec<u32>,
     },
     /// Alice → Bob: verification hash key and tag, key length, Toeplitz seed.
     Confirm {
@@ -262,11 +264,16 @@ impl Msg {
                 block,
                 leaked_bits,
                 corrected,
+                failed_frames,
             } => {
                 w.u8(9);
                 w.u64(*block);
                 w.u64(*leaked_bits);
                 w.u64(*corrected);
+                w.u64(failed_frames.len() as u64);
+                for f in failed_frames {
+                    w.u32(*f);
+                }
             }
             Msg::Confirm {
                 block,
@@ -417,11 +424,18 @@ impl Msg {
                 let syndromes = (0..n).map(|_| r.bits()).collect::<Result<_, _>>()?;
                 Msg::Syndromes { block, syndromes }
             }
-            9 => Msg::Reconciled {
-                block,
-                leaked_bits: r.u64()?,
-                corrected: r.u64()?,
-            },
+            9 => {
+                let leaked_bits = r.u64()?;
+                let corrected = r.u64()?;
+                let n = r.count(4)?;
+                let failed_frames = (0..n).map(|_| r.u32()).collect::<Result<_, _>>()?;
+                Msg::Reconciled {
+                    block,
+                    leaked_bits,
+                    corrected,
+                    failed_frames,
+                }
+            }
             10 => {
                 let mut verify_key = [0u8; 16];
                 verify_key.copy_from_slice(r.take(16)?);
@@ -704,6 +718,7 @@ mod tests {
                 block: 4,
                 leaked_bits: 1234,
                 corrected: 17,
+                failed_frames: vec![2, 5],
             },
             Msg::Confirm {
                 block: 5,

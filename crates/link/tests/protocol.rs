@@ -323,3 +323,34 @@ fn intercept_resend_attack_leads_to_abort_with_no_key() {
     }
     assert_eq!(ea.len(), 2);
 }
+
+/// Record mode with LDPC: frames that fail to decode are dropped at both ends
+/// (the two reports agree on how many), the keys stay identical, and the block
+/// still yields key.
+#[test]
+fn simulated_link_ldpc_blocks_distil_identical_keys() {
+    let (ea, eb) = record_run(Eve::None, 20.0, 2, 150_000_000, Reconciler::Ldpc);
+    assert_eq!(ea.len(), 2);
+    let mut total = 0;
+    for (a, b) in ea.into_iter().zip(eb) {
+        let ra = match &a {
+            Event::Key { report, .. } => report.clone(),
+            Event::Aborted { reason, .. } => panic!("Alice aborted: {reason}"),
+        };
+        let (ka, kb, rb) = keys(Some(a), Some(b));
+        println!(
+            "block {}: frames {} dropped {} leaked {} f {:.3} final {}",
+            rb.block,
+            rb.rounds,
+            rb.frames_discarded,
+            rb.leaked_bits,
+            rb.efficiency_f(),
+            rb.final_key_bits
+        );
+        assert_eq!(ka, kb);
+        assert_eq!(ra.frames_discarded, rb.frames_discarded);
+        assert!(rb.frames_discarded < rb.rounds);
+        total += rb.final_key_bits;
+    }
+    assert!(total > 10_000, "{total}");
+}

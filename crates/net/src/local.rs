@@ -41,6 +41,8 @@ pub struct LocalRunReport {
     pub qber: f64,
     /// Bits disclosed by reconciliation.
     pub leaked_bits: u64,
+    /// LDPC frames that did not decode and were dropped at both ends.
+    pub ldpc_frames_dropped: u64,
     /// Secret key bits handed on (after the authentication refill).
     pub final_key_bits: u64,
     /// Authentication key bits spent by both directions.
@@ -156,6 +158,7 @@ pub fn run_local(params: LinkParams, blocks: u64) -> Result<LocalRunReport, NetE
         sifted_bits_per_block: sifted as f64 / blocks.max(1) as f64,
         qber: bob_stats.mean_qber(),
         leaked_bits: bob_stats.leaked_bits.load(Relaxed),
+        ldpc_frames_dropped: bob_stats.frames_dropped.load(Relaxed),
         final_key_bits: final_bits,
         auth_key_bits_used: alice_stats.auth_bits.load(Relaxed) + bob_stats.auth_bits.load(Relaxed),
         keys_equal,

@@ -186,6 +186,8 @@ pub struct LinkStats {
     pub secret_bits: AtomicU64,
     /// Bits disclosed by reconciliation.
     pub leaked_bits: AtomicU64,
+    /// LDPC frames that did not decode and were dropped at both ends.
+    pub frames_dropped: AtomicU64,
     /// Errors corrected in the sifted key (QBER × sifted bits, summed over blocks).
     pub error_bits: AtomicU64,
     /// Authentication key bits spent (sum over sessions).
@@ -232,6 +234,8 @@ impl LinkStats {
         };
         self.sifted_bits.fetch_add(r.input_bits, Ordering::Relaxed);
         self.leaked_bits.fetch_add(r.leaked_bits, Ordering::Relaxed);
+        self.frames_dropped
+            .fetch_add(r.frames_discarded, Ordering::Relaxed);
         if r.qber.is_finite() {
             let errors = (r.qber * r.input_bits as f64).round() as u64;
             self.error_bits.fetch_add(errors, Ordering::Relaxed);
