@@ -18,7 +18,7 @@ fn main() {
     let len: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(16_384);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(7);
     for q in [0.01, 0.02, 0.05, 0.08] {
-        for f in [1.3, 1.4, 1.5, 1.6, 1.7] {
+        for f in [1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.5, 1.6, 1.7] {
             let Ok(ad) = RateAdaptation::for_qber(len, q, f, 0.1, 77) else {
                 continue;
             };
