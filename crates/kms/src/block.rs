@@ -3,9 +3,9 @@
 //! Both ends of a QKD link push the same block (same link ID, block number and
 //! bytes) to their KME. The KMEs must then agree on key IDs without exchanging a
 //! message, so IDs are a pure function of (link ID, block number, index): a
-//! UUIDv8 (RFC 9562) whose first 48 bits are a tag of the link (from its SM3 hash)
-//! and whose remaining 74 free bits are the block number and the index in
-//! big-endian order (see [`unit_id`]). IDs of one link therefore sort in the order
+//! UUIDv8 (RFC 9562) whose free bits hold a 32-bit tag of the link (from its SM3
+//! hash), the 64-bit block number and the 26-bit index, in big-endian order (see
+//! [`unit_id`]). IDs of one link therefore sort in the order
 //! the key was produced, so the stores' indexes on them grow at one end instead of
 //! being written at random pages (which made every unit cost several random B-tree
 //! page writes; see BENCHMARKS.md, KME). Key IDs are not secrets; their structure
@@ -90,17 +90,13 @@ pub struct KeyUnit {
     pub material: Zeroizing<[u8; UNIT_BYTES]>,
 }
 
-/// Bits of the block number that appear in a unit ID (block numbers wrap modulo
-/// 2^42: at one block a second that is 139,000 years; a wrapped ID collides with an
-/// old one and the block is refused as a duplicate).
-pub const ID_BLOCK_BITS: u32 = 42;
+/// Largest unit index a block may have (blocks are cut into at most 2^26 units,
+/// 2 GiB of key).
+pub const MAX_UNIT_INDEX: u64 = (1 << 26) - 1;
 
-/// Largest unit index a block may have (blocks are cut into at most 2^32 units).
-pub const MAX_UNIT_INDEX: u64 = u32::MAX as u64;
-
-/// The 48-bit tag of a link in its unit IDs:
-/// `SM3("qkdnet/kms/key-id/v2" ‖ u32be(len(link_id)) ‖ link_id)[0..6]`.
-pub fn link_tag(link_id: &str) -> [u8; 6] {
+/// The 32-bit tag of a link in its unit IDs:
+/// `SM3("qkdnet/kms/key-id/v2" ‖ u32be(len(link_id)) ‖ link_id)[0..4]`.
+pub fn link_tag(link_id: &str) -> [u8; 4] {
     let mut h = Sm3Hasher::new();
     h.update(KEY_ID_DOMAIN);
     // Link IDs are at most MAX_LINK_ID_LEN bytes, so the length fits in u32; saturate anyway.
@@ -111,32 +107,33 @@ pub fn link_tag(link_id: &str) -> [u8; 6] {
     );
     h.update(link_id.as_bytes());
     let d = h.finalize();
-    let mut t = [0u8; 6];
-    t.copy_from_slice(&d[..6]);
+    let mut t = [0u8; 4];
+    t.copy_from_slice(&d[..4]);
     t
 }
 
 /// Derives the ID of unit `index` of block `block_number` on link `link_id`.
 ///
-/// A UUIDv8 (RFC 9562): `custom_a` (48 bits) is [`link_tag`]; the 74 bits of
-/// `custom_b` and `custom_c` hold `v = (block_number mod 2^42) · 2^32 + index`
-/// big-endian, so IDs of one link sort by (block, index). `index` must not exceed
-/// [`MAX_UNIT_INDEX`] ([`KeyBlock::cut`] refuses larger blocks).
+/// A UUIDv8 (RFC 9562) whose 122 free bits (`custom_a` ‖ `custom_b` ‖
+/// `custom_c`, in that order) hold, big-endian, [`link_tag`] (32 bits), the
+/// whole block number (64 bits) and `index` (26 bits), so IDs of one link sort
+/// by (block, index). `index` must not exceed [`MAX_UNIT_INDEX`]
+/// ([`KeyBlock::cut`] refuses larger blocks).
 pub fn unit_id(link_id: &str, block_number: u64, index: u64) -> Uuid {
     unit_id_tagged(&link_tag(link_id), block_number, index)
 }
 
 /// [`unit_id`] with the link tag computed once (for cutting a whole block).
-pub fn unit_id_tagged(tag: &[u8; 6], block_number: u64, index: u64) -> Uuid {
-    let block = u128::from(block_number) & ((1u128 << ID_BLOCK_BITS) - 1);
-    let v: u128 = (block << 32) | u128::from(index & MAX_UNIT_INDEX);
-    let mut b = [0u8; 16];
-    b[..6].copy_from_slice(tag);
-    b[6] = 0x80 | ((v >> 70) as u8 & 0x0f);
-    b[7] = (v >> 62) as u8;
-    b[8] = 0x80 | ((v >> 56) as u8 & 0x3f);
-    b[9..].copy_from_slice(&(v as u64).to_be_bytes()[1..]);
-    Uuid::from_bytes(b)
+pub fn unit_id_tagged(tag: &[u8; 4], block_number: u64, index: u64) -> Uuid {
+    let p: u128 = (u128::from(u32::from_be_bytes(*tag)) << 90)
+        | (u128::from(block_number) << 26)
+        | u128::from(index & MAX_UNIT_INDEX);
+    let v = ((p >> 74) << 80)
+        | (0x8 << 76)
+        | (((p >> 62) & 0xfff) << 64)
+        | (0b10 << 62)
+        | (p & ((1 << 62) - 1));
+    Uuid::from_u128(v)
 }
 
 /// A UUIDv8 (RFC 9562) from the first 16 bytes of an SM3 digest: version
@@ -187,7 +184,7 @@ impl KeyBlock {
             ));
         }
         if (bytes.len() / UNIT_BYTES) as u64 > MAX_UNIT_INDEX {
-            return Err(KmsError::InvalidBlock("block longer than 2^32 units"));
+            return Err(KmsError::InvalidBlock("block longer than 2^26 units"));
         }
         let tag = link_tag(&self.link_id);
         let mut units = Vec::with_capacity(bytes.len() / UNIT_BYTES);
@@ -232,9 +229,9 @@ mod tests {
         // KMEs of different versions) is a deliberate, visible change. Values checked
         // independently with Python's hashlib ("sm3", OpenSSL) and the uuid module.
         let id = unit_id("link-ab", 1, 0).hyphenated().to_string();
-        assert_eq!(id, "61c444a4-10e7-8000-8000-000100000000");
+        assert_eq!(id, "61c444a4-0000-8000-8000-000004000000");
         let id = unit_id("link-ab", 5, 3).hyphenated().to_string();
-        assert_eq!(id, "61c444a4-10e7-8000-8000-000500000003");
+        assert_eq!(id, "61c444a4-0000-8000-8000-000014000003");
     }
 
     #[test]
@@ -246,8 +243,11 @@ mod tests {
             (1, 0),
             (255, 7),
             (1 << 20, 0),
-            (1 << 30, 5),
-            ((1 << ID_BLOCK_BITS) - 1, MAX_UNIT_INDEX),
+            (1 << 42, 5),
+            // `net` sessions number blocks from the Unix time in ms × 10^6.
+            (1_764_000_000_000 * 1_000_000, 0),
+            (1_764_000_000_000 * 1_000_000 + 1, 3),
+            (u64::MAX, MAX_UNIT_INDEX),
         ];
         let ids: Vec<Uuid> = pts.iter().map(|&(b, i)| unit_id("l", b, i)).collect();
         for w in ids.windows(2) {
@@ -257,8 +257,6 @@ mod tests {
             assert_eq!(id.get_version_num(), 8);
             assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
         }
-        // Block numbers wrap modulo 2^42.
-        assert_eq!(unit_id("l", 1 << ID_BLOCK_BITS, 9), unit_id("l", 0, 9));
     }
 
     #[test]
