@@ -288,9 +288,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .enable_http1()
                     .build()
             };
-            let cm: Client<_, Full<Bytes>> =
+            let cm: HttpsClient =
                 Client::builder(TokioExecutor::new()).build(conn(client_config(&m, None)?));
-            let cs: Client<_, Full<Bytes>> =
+            let cs: HttpsClient =
                 Client::builder(TokioExecutor::new()).build(conn(client_config(&s, None)?));
             let enc = Arc::new(format!(
                 "https://127.0.0.1:{}/api/v1/keys/s{i}/enc_keys",

@@ -263,6 +263,14 @@ fn ldpc_adaptation(
         .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
 }
 
+/// What Bob's reconciliation ended with (what `Reconciled` tells Alice).
+struct Reconciliation {
+    leaked: u64,
+    corrected: u64,
+    rounds: u64,
+    failed_frames: Vec<u32>,
+}
+
 /// `key` without the frames `failed` (strictly increasing indices of frames of
 /// `frame_len` bits). Refuses indices out of order or past the last frame.
 fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec, LinkError> {
@@ -272,6 +280,11 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
         return Err(LinkError::Protocol(format!(
             "invalid list of failed frames for a block of {frames}"
         )));
+    }
+    if failed.is_empty() {
+        return key
+            .slice(0, frames * frame_len)
+            .map_err(|e| LinkError::Protocol(e.to_string()));
     }
     let mut out = BitVec::zeros(0);
     let mut skip = failed.iter().peekable();
@@ -627,7 +640,7 @@ impl AliceBlock {
                     qber_ppm,
                     seed,
                 }];
-                let cascade = match cfg.reconciler {
+                let (cascade, key) = match cfg.reconciler {
                     Reconciler::Ldpc => {
                         let ad = ldpc_adaptation(cfg, q, seed)?;
                         let frames = sifted.key.len() / ad.key_len();
@@ -644,28 +657,22 @@ impl AliceBlock {
                         }
                         report.rounds = frames as u64;
                         out.push(Msg::Syndromes { block, syndromes });
-                        None
+                        // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
+                        let keep = frames * ad.key_len();
+                        report.input_bits = keep as u64;
+                        let key = sifted
+                            .key
+                            .slice(0, keep)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        (None, key)
                     }
                     r => {
                         let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
                             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        Some(
-                            CascadeAlice::new(&sifted.key, &params)
-                                .map_err(|e| LinkError::Protocol(e.to_string()))?,
-                        )
+                        let c = CascadeAlice::new(&sifted.key, &params)
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        (Some(c), sifted.key)
                     }
-                };
-                let key = if cfg.reconciler == Reconciler::Ldpc {
-                    // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
-                    let ad = ldpc_adaptation(cfg, q, seed)?;
-                    let keep = sifted.key.len() / ad.key_len() * ad.key_len();
-                    report.input_bits = keep as u64;
-                    sifted
-                        .key
-                        .slice(0, keep)
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?
-                } else {
-                    sifted.key
                 };
                 self.state = AliceState::Reconciling {
                     key,
@@ -996,7 +1003,17 @@ impl BobBlock {
         let corrected = key
             .hamming_distance(&original)
             .map_err(|e| LinkError::Protocol(e.to_string()))? as u64;
-        Ok(self.finish_reconciliation(key, stats, report, leaked, corrected, rounds))
+        Ok(self.finish_reconciliation(
+            key,
+            stats,
+            report,
+            Reconciliation {
+                leaked,
+                corrected,
+                rounds,
+                failed_frames: Vec::new(),
+            },
+        ))
     }
 
     fn finish_reconciliation(
@@ -1004,26 +1021,25 @@ impl BobBlock {
         key: BitVec,
         stats: Stats,
         mut report: BlockReport,
-        leaked: u64,
-        corrected: u64,
-        rounds: u64,
+        r: Reconciliation,
     ) -> (Vec<Msg>, Option<Outcome>) {
-        report.leaked_bits = leaked;
-        report.rounds = rounds;
-        report.qber = corrected as f64 / key.len().max(1) as f64;
+        report.leaked_bits = r.leaked;
+        report.rounds = r.rounds;
+        report.frames_discarded = r.failed_frames.len() as u64;
+        report.qber = r.corrected as f64 / key.len().max(1) as f64;
         let block = self.block;
         self.state = BobState::AwaitConfirm {
             key,
             stats,
             report,
-            corrected,
+            corrected: r.corrected,
         };
         (
             vec![Msg::Reconciled {
                 block,
-                leaked_bits: leaked,
-                corrected,
-                failed_frames: Vec::new(),
+                leaked_bits: r.leaked,
+                corrected: r.corrected,
+                failed_frames: r.failed_frames,
             }],
             None,
         )
@@ -1211,20 +1227,17 @@ impl BobBlock {
                 // the public list of failed frames (at most one bit per frame).
                 let leaked =
                     ad.leaked_bits() * frames as u64 + if may_drop { frames as u64 } else { 0 };
-                let mut report = report;
-                report.frames_discarded = failed.len() as u64;
-                let (mut msgs, outcome) = self.finish_reconciliation(
+                Ok(self.finish_reconciliation(
                     out,
                     stats,
                     report,
-                    leaked,
-                    corrected,
-                    frames as u64,
-                );
-                if let Some(Msg::Reconciled { failed_frames, .. }) = msgs.first_mut() {
-                    *failed_frames = failed;
-                }
-                Ok((msgs, outcome))
+                    Reconciliation {
+                        leaked,
+                        corrected,
+                        rounds: frames as u64,
+                        failed_frames: failed,
+                    },
+                ))
             }
             (
                 BobState::AwaitConfirm {

@@ -15,8 +15,9 @@
 //! Each operation is a handful of statements whatever the number of keys: a
 //! reservation marks its units with one `UPDATE … RETURNING`, a confirmation
 //! clears their material with one `UPDATE`, and a unit carries the row ID of the
-//! request that holds it (`req`, `pos`) instead of a per-key row, so a key costs
-//! three B-tree writes per side rather than a dozen.
+//! request that holds it (`req`, `pos`) instead of a per-key row, so a key
+//! touches a few B-tree pages near the ends of the indexes rather than several
+//! random ones (see BENCHMARKS.md, KME, for what each change measured).
 //!
 //! Pool counts (for status and the capacity check) are counters in a `pools` table
 //! updated by each operation, not `count(*)` scans, and are recomputed from the
@@ -165,7 +166,8 @@ impl SqliteStore {
         conn.pragma_update(None, "secure_delete", "FAST")?;
         // A small page cache: the hot pages are the ends of the indexes (IDs grow),
         // and SQLite walks its whole page-cache hash at every commit, so 128 MiB
-        // cost ~8 % of the writer's CPU; 4 MiB measured 25 % more keys/s than 128.
+        // cost ~8 % of the samples in `perf`; kme_bench at 64 SAEs went from 100k
+        // (128 MiB) to 122k (16 MiB) to 128k keys/s (4 MiB), two runs each.
         conn.pragma_update(None, "cache_size", -4_096)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         let _: i64 = conn.query_row("PRAGMA mmap_size=268435456", [], |r| r.get(0))?;
