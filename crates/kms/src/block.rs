@@ -136,6 +136,17 @@ pub fn unit_id_tagged(tag: &[u8; 4], block_number: u64, index: u64) -> Uuid {
     Uuid::from_u128(v)
 }
 
+/// The inverse of [`unit_id_tagged`]: (link tag, block number, index) if `id` has
+/// exactly the layout `unit_id_tagged` produces, `None` for any other UUID.
+pub fn decode_unit_id(id: &Uuid) -> Option<([u8; 4], u64, u64)> {
+    let v = id.as_u128();
+    let p: u128 = ((v >> 80) << 74) | (((v >> 64) & 0xfff) << 62) | (v & ((1 << 62) - 1));
+    let tag = u32::try_from(p >> 90).ok()?.to_be_bytes();
+    let block = u64::try_from((p >> 26) & u128::from(u64::MAX)).ok()?;
+    let index = u64::try_from(p & u128::from(MAX_UNIT_INDEX)).ok()?;
+    (unit_id_tagged(&tag, block, index) == *id).then_some((tag, block, index))
+}
+
 /// A UUIDv8 (RFC 9562) from the first 16 bytes of an SM3 digest: version
 /// nibble 8, variant bits `10`.
 pub(crate) fn uuid_v8(digest: &[u8; 32]) -> Uuid {
@@ -208,6 +219,25 @@ mod tests {
 
     fn kme(s: &str) -> KmeId {
         KmeId::new(s).expect("invariant: valid test ID")
+    }
+
+    #[test]
+    fn decode_inverts_unit_id_and_rejects_other_uuids() {
+        let tag = link_tag("link-ab");
+        for (block, index) in [
+            (0, 0),
+            (1, 1),
+            (u64::MAX, MAX_UNIT_INDEX),
+            (1_764_000_000_000_000_000, 12_345),
+        ] {
+            let id = unit_id_tagged(&tag, block, index);
+            assert_eq!(decode_unit_id(&id), Some((tag, block, index)));
+        }
+        assert_eq!(decode_unit_id(&Uuid::nil()), None);
+        assert_eq!(
+            decode_unit_id(&Uuid::from_u128(0x0123_4567_89ab_4def_8123_4567_89ab_cdef)),
+            None
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ on_both_backends!(
     sigkill_during_load_neither_repeats_nor_loses_keys,
     accept_take_spends_a_relay_hop_in_one_step,
     keys_of_several_units_keep_their_layout,
+    units_return_in_any_order_and_keys_cross_blocks,
 );
 
 /// Where a test's stores live: files in a temporary directory, or schemas on the
@@ -150,16 +151,16 @@ impl Backend {
     /// match its units and that no unit is reserved for a key that does not exist.
     /// (Opening a store recomputes the counters, so this must run before.)
     async fn check_tables(&self, name: &str) {
-        // The SQLite schema (2) keeps a unit's holder in `req` and marks the master's
-        // delivered units with NULL material; PostgreSQL keeps `key_id` and `keys`.
+        // The SQLite schema (3) keeps units as extents of blocks (`free`, `held`) and
+        // counts a block's undelivered units in `remaining`; PostgreSQL keeps rows.
         const SQLITE_COUNTERS: &str = "SELECT p.peer, p.total, p.mine_available,
-                (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.material IS NOT NULL),
-                (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.mine AND u.req IS NULL)
+                (SELECT coalesce(sum(b.remaining), 0) FROM blocks b WHERE b.peer = p.peer),
+                (SELECT coalesce(sum(f.n), 0) FROM free f WHERE f.peer = p.peer AND f.mine = 1)
             FROM pools p";
         const SQLITE_STRAY: &str = "SELECT
-                (SELECT count(*) FROM units u WHERE u.peer NOT IN (SELECT peer FROM pools)),
-                (SELECT count(*) FROM units u WHERE u.req IS NOT NULL
-                    AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.rid = u.req))";
+                (SELECT count(*) FROM free f WHERE f.peer NOT IN (SELECT peer FROM pools)),
+                (SELECT count(*) FROM held h
+                    WHERE NOT EXISTS (SELECT 1 FROM requests r WHERE r.rid = h.rid))";
         const COUNTERS: &str = "SELECT p.peer, p.total, p.mine_available,
                 (SELECT count(*) FROM units u WHERE u.peer = p.peer),
                 (SELECT count(*) FROM units u WHERE u.peer = p.peer AND u.mine AND u.key_id IS NULL)
@@ -540,6 +541,81 @@ async fn keys_of_several_units_keep_their_layout(backend: Backend) {
         v.voided_keys.iter().copied().collect::<HashSet<_>>(),
         HashSet::from([keys[0].layout.key_id, keys[2].layout.key_id])
     );
+    drop((a, b));
+    backend.check_tables("a").await;
+    backend.check_tables("b").await;
+}
+
+/// Acceptances out of order, a voided request between accepted ones whose units
+/// go back and are reserved again first, and keys whose units straddle two
+/// blocks: every key taken at B is the key A reserved, and the pools end even.
+async fn units_return_in_any_order_and_keys_cross_blocks(backend: Backend) {
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, 2).await;
+    let before = (
+        a.pool_counts(kme("kme-b")).await.expect("counts"),
+        b.pool_counts(kme("kme-a")).await.expect("counts"),
+    );
+    let owned = owned_units("kme-a", "kme-b", 1).len() as u32;
+    let mut rs = Vec::new();
+    for number in [2, 3, 2] {
+        let mut r = reservation(number);
+        r.size_bits = 768; // 3 units
+        let keys = a.reserve(r.clone()).await.expect("reserve");
+        rs.push((r, keys));
+    }
+    // B hears of the third request first; the second is voided before it arrives.
+    for i in [2, 0] {
+        let (r, keys) = &rs[i];
+        b.accept(acceptance("kme-a", r, keys))
+            .await
+            .expect("accept");
+        a.confirm(r.request_id).await.expect("confirm");
+    }
+    let (r1, k1) = &rs[1];
+    assert!(
+        !b.void(kme("kme-a"), r1.request_id)
+            .await
+            .expect("void")
+            .was_accepted
+    );
+    a.release(r1.request_id, Vec::new()).await.expect("release");
+    // The next request gets the released units first, then runs on into block 1.
+    let mut r3 = reservation(owned / 3 + 1);
+    r3.size_bits = 768;
+    let k3 = a.reserve(r3.clone()).await.expect("reserve");
+    assert_eq!(
+        k3[0].layout.unit_ids, k1[0].layout.unit_ids,
+        "released units come first"
+    );
+    b.accept(acceptance("kme-a", &r3, &k3))
+        .await
+        .expect("accept");
+    a.confirm(r3.request_id).await.expect("confirm");
+    for (r, keys) in [(&rs[0].0, &rs[0].1), (&rs[2].0, &rs[2].1), (&r3, &k3)] {
+        let got = b
+            .take(
+                sae("bob"),
+                sae("alice"),
+                keys.iter().rev().map(|k| k.layout.key_id).collect(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("take {}: {e}", r.request_id));
+        for (g, k) in got.iter().zip(keys.iter().rev()) {
+            assert_eq!(g.key_id, k.layout.key_id);
+            assert_eq!(&g.material[..], &k.material[..]);
+        }
+    }
+    let spent = 3 * (2 + 2 + u64::from(owned / 3 + 1));
+    let after = (
+        a.pool_counts(kme("kme-b")).await.expect("counts"),
+        b.pool_counts(kme("kme-a")).await.expect("counts"),
+    );
+    assert_eq!(before.0.total_units - after.0.total_units, spent);
+    assert_eq!(before.0.mine_available - after.0.mine_available, spent);
+    assert_eq!(before.1.total_units - after.1.total_units, spent);
+    assert_eq!(before.1.mine_available, after.1.mine_available);
     drop((a, b));
     backend.check_tables("a").await;
     backend.check_tables("b").await;

@@ -12,12 +12,12 @@
 //! also persist in the WAL until the next checkpoint and in the file system's free
 //! space, so an encrypted volume is the production answer either way).
 //!
-//! Each operation is a handful of statements whatever the number of keys: a
-//! reservation marks its units with one `UPDATE … RETURNING`, a confirmation
-//! clears their material with one `UPDATE`, and a unit carries the row ID of the
-//! request that holds it (`req`, `pos`) instead of a per-key row, so a key
-//! touches a few B-tree pages near the ends of the indexes rather than several
-//! random ones (see BENCHMARKS.md, KME, for what each change measured).
+//! Each operation is a handful of statements whatever the number of keys: units
+//! are not rows but ranges (*extents*) of a block, see [`SCHEMA`]. A reservation
+//! cuts its units from the head of the pool's free list and records them as one
+//! or two held extents; the peer's acceptance cuts the same units out of its own
+//! free list; delivery overwrites the units' bytes in the key-material rows with
+//! zeros (see BENCHMARKS.md, KME, for what each design measured).
 //!
 //! Pool counts (for status and the capacity check) are counters in a `pools` table
 //! updated by each operation, not `count(*)` scans, and are recomputed from the
@@ -36,7 +36,7 @@ use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
     PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome,
 };
-use crate::block::{UNIT_BYTES, units_for_bits};
+use crate::block::{KeyUnit, UNIT_BYTES, decode_unit_id, link_tag, unit_id_tagged, units_for_bits};
 use crate::ids::{KmeId, SaeId};
 use crate::service::now_ms;
 
@@ -51,7 +51,10 @@ const REQ_DELIVERED: i64 = 3;
 const MAX_BATCH: usize = 512;
 
 /// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// Units per row of key material (2 KiB: two rows fit in a 4 KiB page).
+const CHUNK_UNITS: u64 = 64;
 
 /// How long finished requests (and the master's record of keys it delivered) are
 /// kept: retries and voids of a request older than this are no longer recognised.
@@ -60,29 +63,46 @@ const RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// Most finished requests pruned per ingested block (bounds the extra work).
 const PRUNE_LIMIT: i64 = 4096;
 
-/// Units are rows keyed by ingest order; a unit's `req`/`pos` say which request
-/// holds it and where (a key of `k` units is `k` consecutive units in `pos` order,
-/// starting at a `pos` that is a multiple of `k`). A master-side unit whose key was
-/// delivered keeps its row without material (`material IS NULL`) until the request
-/// is pruned, so that a later dec_keys for it at this KME is answered "not
-/// authorised" instead of "not found". Unit IDs of one link sort by (block, index)
-/// ([`crate::block::unit_id`]) and request row IDs grow, so every index below is
-/// written near its end.
+/// Key material lives in `chunks` of [`CHUNK_UNITS`] units per block; who may use
+/// which unit is kept as *extents*, runs of units of one block: `free` runs per
+/// pool side (`mine` = this KME may reserve them for its masters) and `held` runs
+/// per request (`pos` = position of the run's first unit in the request). In a
+/// block the two ends own alternate units (`stride` 2, this KME's are those with
+/// `i % 2 == mine_side`) or one end owns all (`stride` 1, `mine_side` 0 if this
+/// KME, 1 if the peer). A unit's ID is computed from (`tag`, `block_number`,
+/// index) ([`unit_id_tagged`]) and decoded back ([`decode_unit_id`]); units that
+/// arrived with other IDs (relayed keys, `tag` NULL) have rows in `aliases`.
+/// A slave-side request marks the keys taken so far in the `taken` bitmap. A
+/// master-side request keeps its `held` runs after confirmation, so that a later
+/// dec_keys for one of its keys at this (the master's) KME is answered "not
+/// authorised" instead of "not found", until the request is pruned. A request of
+/// 64 keys is then a handful of rows, where one row per key made every request
+/// hundreds of B-tree writes (see BENCHMARKS.md, KME).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS blocks(
-    link_id TEXT NOT NULL, block_number INTEGER NOT NULL, peer TEXT NOT NULL,
-    units INTEGER NOT NULL, eps_sec REAL NOT NULL, eps_cor REAL NOT NULL, created_ms INTEGER NOT NULL,
-    PRIMARY KEY(link_id, block_number));
-CREATE TABLE IF NOT EXISTS units(
-    seq INTEGER PRIMARY KEY, uid BLOB NOT NULL UNIQUE, peer TEXT NOT NULL, mine INTEGER NOT NULL,
-    material BLOB, req INTEGER, pos INTEGER);
-CREATE INDEX IF NOT EXISTS units_avail ON units(peer, mine, seq) WHERE req IS NULL;
-CREATE INDEX IF NOT EXISTS units_req ON units(req, pos) WHERE req IS NOT NULL;
+    bid INTEGER PRIMARY KEY, link_id TEXT NOT NULL, block_number INTEGER NOT NULL,
+    peer TEXT NOT NULL, tag INTEGER, stride INTEGER NOT NULL, mine_side INTEGER NOT NULL,
+    units INTEGER NOT NULL, remaining INTEGER NOT NULL,
+    eps_sec REAL NOT NULL, eps_cor REAL NOT NULL, created_ms INTEGER NOT NULL,
+    UNIQUE(link_id, block_number));
+CREATE UNIQUE INDEX IF NOT EXISTS blocks_tag ON blocks(tag, block_number) WHERE tag IS NOT NULL;
+CREATE TABLE IF NOT EXISTS chunks(
+    bid INTEGER NOT NULL, c INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY(bid, c)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS aliases(
+    uid BLOB PRIMARY KEY, bid INTEGER NOT NULL, i INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS aliases_at ON aliases(bid, i);
+CREATE TABLE IF NOT EXISTS free(
+    peer TEXT NOT NULL, mine INTEGER NOT NULL, bid INTEGER NOT NULL, lo INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY(peer, mine, bid, lo)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held(
+    rid INTEGER NOT NULL, pos INTEGER NOT NULL, bid INTEGER NOT NULL, side INTEGER NOT NULL,
+    lo INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(rid, pos)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS held_at ON held(bid, side, lo);
 CREATE TABLE IF NOT EXISTS requests(
     rid INTEGER PRIMARY KEY, request_id BLOB NOT NULL UNIQUE, role INTEGER NOT NULL,
     peer TEXT NOT NULL, state INTEGER NOT NULL, master TEXT NOT NULL DEFAULT '',
     slave TEXT NOT NULL DEFAULT '', size_bits INTEGER NOT NULL DEFAULT 0, voided BLOB,
-    created_ms INTEGER NOT NULL);
+    taken BLOB, created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state, created_ms);
 CREATE TABLE IF NOT EXISTS pools(
     peer TEXT PRIMARY KEY, total INTEGER NOT NULL, mine_available INTEGER NOT NULL);
@@ -152,6 +172,9 @@ impl SqliteStore {
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement of the operations stays prepared (rusqlite keeps 16 by
+        // default, fewer than the operations use, and re-parsing cost 5 % of CPU).
+        conn.set_prepared_statement_cache_capacity(64);
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Backend(format!(
@@ -180,7 +203,7 @@ impl SqliteStore {
         if version != SCHEMA_VERSION && !(version == 0 && tables == 0) {
             return Err(StoreError::Backend(format!(
                 "{} has key-store schema {version}, this qkdnet uses {SCHEMA_VERSION}; \
-                 a store of an older qkdnet cannot be opened (its key IDs differ too): \
+                 a store of an older qkdnet cannot be opened (its layout differs): \
                  move it away and let the link refill a new one",
                 path.display()
             )));
@@ -193,8 +216,9 @@ impl SqliteStore {
             "BEGIN IMMEDIATE;
              DELETE FROM pools;
              INSERT INTO pools(peer, total, mine_available)
-                 SELECT peer, count(*), coalesce(sum(mine = 1 AND req IS NULL), 0)
-                 FROM units WHERE material IS NOT NULL GROUP BY peer;
+                 SELECT b.peer, sum(b.remaining), coalesce((SELECT sum(f.n) FROM free f
+                     WHERE f.peer = b.peer AND f.mine = 1), 0)
+                 FROM blocks b GROUP BY b.peer;
              COMMIT;",
         )?;
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
@@ -242,19 +266,24 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
     }
 }
 
+/// Runs one cached statement (the transaction and savepoint statements are
+/// prepared once instead of parsed at every use).
+fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+    exec(conn, "BEGIN IMMEDIATE")?;
     let body = (|| -> Result<(), StoreError> {
         for job in batch.iter_mut() {
-            conn.execute_batch("SAVEPOINT op")?;
-            if job.run(conn) {
-                conn.execute_batch("RELEASE op")?;
-            } else {
-                conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            exec(conn, "SAVEPOINT op")?;
+            if !job.run(conn) {
+                exec(conn, "ROLLBACK TO op")?;
             }
+            exec(conn, "RELEASE op")?;
         }
-        conn.execute_batch("COMMIT")?;
-        Ok(())
+        exec(conn, "COMMIT")
     })();
     if body.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
@@ -276,8 +305,477 @@ fn i64_of(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Backend("value exceeds i64".into()))
 }
 
+fn u64_of(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Backend("negative value in store".into()))
+}
+
 fn uuid_of(b: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(b).map_err(|_| StoreError::Backend("corrupt UUID in store".into()))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!("corrupt key store: {what}"))
+}
+
+/// What the operations need to know about a stored block.
+#[derive(Clone)]
+struct Block {
+    bid: i64,
+    /// Link tag of a block whose unit IDs are [`unit_id_tagged`]'s; `None` when
+    /// its units came with other IDs (relayed keys), kept in `aliases`.
+    tag: Option<[u8; 4]>,
+    number: u64,
+    /// 2 when the two ends own alternate units, 1 when one end owns them all.
+    stride: u64,
+    /// Unit `i` is this KME's iff `i % stride == mine_side`.
+    mine_side: u64,
+    peer: String,
+}
+
+impl Block {
+    fn is_mine(&self, i: u64) -> bool {
+        i % self.stride == self.mine_side
+    }
+
+    /// Index of the `t`-th unit of the extent starting at `lo`.
+    fn at(&self, lo: u64, t: u64) -> u64 {
+        lo + t * self.stride
+    }
+}
+
+/// The blocks one operation has looked up, by row ID.
+#[derive(Default)]
+struct Blocks(Vec<Block>);
+
+impl Blocks {
+    fn get(&mut self, conn: &Connection, bid: i64) -> Result<Block, StoreError> {
+        if let Some(b) = self.0.iter().find(|b| b.bid == bid) {
+            return Ok(b.clone());
+        }
+        let b = conn
+            .prepare_cached(
+                "SELECT tag, block_number, stride, mine_side, peer FROM blocks WHERE bid=?1",
+            )?
+            .query_row(params![bid], |r| {
+                Ok((
+                    r.get::<_, Option<i64>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .optional()?
+            .ok_or_else(|| corrupt("extent of a missing block"))?;
+        let tag = match b.0 {
+            Some(t) => Some(
+                u32::try_from(t)
+                    .map_err(|_| corrupt("link tag"))?
+                    .to_be_bytes(),
+            ),
+            None => None,
+        };
+        let block = Block {
+            bid,
+            tag,
+            number: u64_of(b.1)?,
+            stride: u64_of(b.2)?,
+            mine_side: u64_of(b.3)?,
+            peer: b.4,
+        };
+        if !(1..=2).contains(&block.stride) || block.mine_side > 1 {
+            return Err(corrupt("block layout"));
+        }
+        self.0.push(block.clone());
+        Ok(block)
+    }
+
+    /// The ID of unit `i` of `block`.
+    fn uid(conn: &Connection, block: &Block, i: u64) -> Result<Uuid, StoreError> {
+        match &block.tag {
+            Some(tag) => Ok(unit_id_tagged(tag, block.number, i)),
+            None => {
+                let b: Vec<u8> = conn
+                    .prepare_cached("SELECT uid FROM aliases WHERE bid=?1 AND i=?2")?
+                    .query_row(params![block.bid, i64_of(i)?], |r| r.get(0))
+                    .optional()?
+                    .ok_or_else(|| corrupt("unit without ID"))?;
+                uuid_of(&b)
+            }
+        }
+    }
+}
+
+/// Where unit `id` is stored: (block row ID, unit index), if it is. Aliases come
+/// first: a relayed key may carry the ID of a canonical unit that was delivered
+/// here before (a multipath key keeps its first share's ID).
+fn locate(conn: &Connection, id: &Uuid) -> Result<Option<(i64, u64)>, StoreError> {
+    let hit: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT bid, i FROM aliases WHERE uid=?1")?
+        .query_row(params![&id.as_bytes()[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((bid, i)) = hit {
+        return Ok(Some((bid, u64_of(i)?)));
+    }
+    let Some((tag, number, i)) = decode_unit_id(id) else {
+        return Ok(None);
+    };
+    // Block numbers beyond i64 cannot be stored, so cannot be found either.
+    let Ok(number) = i64::try_from(number) else {
+        return Ok(None);
+    };
+    let hit: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT bid, units FROM blocks WHERE tag=?1 AND block_number=?2")?
+        .query_row(params![i64::from(u32::from_be_bytes(tag)), number], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match hit {
+        Some((bid, units)) if i < u64_of(units)? => Ok(Some((bid, i))),
+        _ => Ok(None),
+    }
+}
+
+/// Whether unit `i` of `block` still has its material: free, reserved, or
+/// accepted and not yet delivered.
+fn live(conn: &Connection, block: &Block, i: u64) -> Result<bool, StoreError> {
+    if let Some((lo, n)) = free_run_before(conn, block, block.is_mine(i), i)?
+        && (i - lo).is_multiple_of(block.stride)
+        && (i - lo) / block.stride < n
+    {
+        return Ok(true);
+    }
+    let Some((rid, pos)) = holder(conn, block, i)? else {
+        return Ok(false);
+    };
+    let (role, state, size_bits): (i64, i64, u32) = conn
+        .prepare_cached("SELECT role, state, size_bits FROM requests WHERE rid=?1")?
+        .query_row(params![rid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    Ok(if role == ROLE_MASTER {
+        state == REQ_PENDING
+    } else {
+        !bit(&taken_of(conn, rid)?, (pos / per_key) as usize)
+    })
+}
+
+/// A run of units of one block held by a request: units `lo, lo + stride, …`
+/// (`n` of them) at positions `pos ..` of the request.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    pos: u64,
+    bid: i64,
+    lo: u64,
+    n: u64,
+}
+
+fn held_of(conn: &Connection, rid: i64) -> Result<Vec<Extent>, StoreError> {
+    let mut sel =
+        conn.prepare_cached("SELECT pos, bid, lo, n FROM held WHERE rid=?1 ORDER BY pos")?;
+    let mut rows = sel.query(params![rid])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(Extent {
+            pos: u64_of(row.get(0)?)?,
+            bid: row.get(1)?,
+            lo: u64_of(row.get(2)?)?,
+            n: u64_of(row.get(3)?)?,
+        });
+    }
+    Ok(out)
+}
+
+fn insert_held(conn: &Connection, rid: i64, block: &Block, e: &Extent) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT INTO held(rid, pos, bid, side, lo, n) VALUES (?1,?2,?3,?4,?5,?6)")?
+        .execute(params![
+            rid,
+            i64_of(e.pos)?,
+            e.bid,
+            i64_of(e.lo % block.stride)?,
+            i64_of(e.lo)?,
+            i64_of(e.n)?
+        ])?;
+    Ok(())
+}
+
+/// Appends runs `(block, first index, count)` for unit `i` of `block`, extending
+/// the last run when `i` follows it.
+fn push_run(runs: &mut Vec<(Block, u64, u64)>, block: &Block, i: u64) {
+    if let Some((b, lo, n)) = runs.last_mut()
+        && b.bid == block.bid
+        && block.at(*lo, *n) == i
+    {
+        *n += 1;
+        return;
+    }
+    runs.push((block.clone(), i, 1));
+}
+
+/// Units (block, index) at positions `from .. to` of a request holding `extents`.
+fn units_at(
+    extents: &[Extent],
+    blocks: &mut Blocks,
+    conn: &Connection,
+    from: u64,
+    to: u64,
+) -> Result<Vec<(Block, u64)>, StoreError> {
+    let mut out = Vec::with_capacity((to - from) as usize);
+    for e in extents {
+        let (a, b) = (from.max(e.pos), to.min(e.pos + e.n));
+        if a < b {
+            let block = blocks.get(conn, e.bid)?;
+            for p in a..b {
+                out.push((block.clone(), block.at(e.lo, p - e.pos)));
+            }
+        }
+    }
+    if out.len() as u64 != to - from {
+        return Err(corrupt("request extents"));
+    }
+    Ok(out)
+}
+
+/// Byte range of unit `i` within chunk `i / CHUNK_UNITS`.
+fn in_chunk(i: u64) -> std::ops::Range<usize> {
+    let o = (i % CHUNK_UNITS) as usize * UNIT_BYTES;
+    o..o + UNIT_BYTES
+}
+
+/// Appends the material of units `lo, lo + stride, …` (`n` of them) of `block`.
+fn read_units(
+    conn: &Connection,
+    block: &Block,
+    lo: u64,
+    n: u64,
+    out: &mut Zeroizing<Vec<u8>>,
+) -> Result<(), StoreError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let last = block.at(lo, n - 1);
+    let mut sel = conn
+        .prepare_cached("SELECT c, data FROM chunks WHERE bid=?1 AND c>=?2 AND c<=?3 ORDER BY c")?;
+    let mut rows = sel.query(params![
+        block.bid,
+        i64_of(lo / CHUNK_UNITS)?,
+        i64_of(last / CHUNK_UNITS)?
+    ])?;
+    let mut next = lo;
+    while let Some(row) = rows.next()? {
+        let c = u64_of(row.get(0)?)?;
+        let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+        while next <= last && next / CHUNK_UNITS == c {
+            let bytes = data
+                .get(in_chunk(next))
+                .ok_or_else(|| corrupt("short chunk"))?;
+            out.extend_from_slice(bytes);
+            next += block.stride;
+        }
+    }
+    if next <= last {
+        return Err(StoreError::Backend("key units missing in store".into()));
+    }
+    Ok(())
+}
+
+/// Deletes the material of units `lo, lo + stride, …` (`n` of them) of `block`:
+/// their bytes in the chunk rows are overwritten with zeros, and once every unit
+/// of the block is gone its chunks are deleted.
+fn consume(conn: &Connection, block: &Block, lo: u64, n: u64) -> Result<(), StoreError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let remaining: i64 = conn
+        .prepare_cached(
+            "UPDATE blocks SET remaining = remaining - ?2 WHERE bid=?1 RETURNING remaining",
+        )?
+        .query_row(params![block.bid, i64_of(n)?], |r| r.get(0))?;
+    if remaining < 0 {
+        return Err(corrupt("unit consumed twice"));
+    }
+    if remaining == 0 {
+        conn.prepare_cached("DELETE FROM chunks WHERE bid=?1")?
+            .execute(params![block.bid])?;
+        conn.prepare_cached("DELETE FROM aliases WHERE bid=?1")?
+            .execute(params![block.bid])?;
+        return Ok(());
+    }
+    if block.tag.is_none() {
+        // A delivered relayed unit's ID is free for reuse (see `locate`).
+        let mut del = conn.prepare_cached("DELETE FROM aliases WHERE bid=?1 AND i=?2")?;
+        for t in 0..n {
+            del.execute(params![block.bid, i64_of(block.at(lo, t))?])?;
+        }
+    }
+    let last = block.at(lo, n - 1);
+    let mut upd = conn.prepare_cached("UPDATE chunks SET data=?3 WHERE bid=?1 AND c=?2")?;
+    let mut sel = conn.prepare_cached("SELECT data FROM chunks WHERE bid=?1 AND c=?2")?;
+    let mut next = lo;
+    while next <= last {
+        let c = next / CHUNK_UNITS;
+        let mut data: Zeroizing<Vec<u8>> = Zeroizing::new(
+            sel.query_row(params![block.bid, i64_of(c)?], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| corrupt("missing chunk"))?,
+        );
+        while next <= last && next / CHUNK_UNITS == c {
+            data.get_mut(in_chunk(next))
+                .ok_or_else(|| corrupt("short chunk"))?
+                .fill(0);
+            next += block.stride;
+        }
+        upd.execute(params![block.bid, i64_of(c)?, &data[..]])?;
+    }
+    Ok(())
+}
+
+/// The free run of `mine`'s side of `block` that starts at or before unit `i`
+/// (it may end before `i`): (first index, count).
+fn free_run_before(
+    conn: &Connection,
+    block: &Block,
+    mine: bool,
+    i: u64,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    let hit: Option<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT lo, n FROM free WHERE peer=?1 AND mine=?2 AND bid=?3 AND lo<=?4 ORDER BY lo DESC LIMIT 1",
+        )?
+        .query_row(
+            params![block.peer.as_str(), i64::from(mine), block.bid, i64_of(i)?],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    hit.map(|(lo, n)| Ok((u64_of(lo)?, u64_of(n)?))).transpose()
+}
+
+/// Returns units `lo, lo + stride, …` (`n` of them) of `block` to the free list
+/// of its pool side, merged with adjacent free runs.
+fn free_insert(
+    conn: &Connection,
+    block: &Block,
+    mine: bool,
+    mut lo: u64,
+    mut n: u64,
+) -> Result<(), StoreError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let key = (block.peer.as_str(), i64::from(mine), block.bid);
+    let before = match lo.checked_sub(1) {
+        Some(i) => free_run_before(conn, block, mine, i)?,
+        None => None,
+    };
+    let mut del =
+        conn.prepare_cached("DELETE FROM free WHERE peer=?1 AND mine=?2 AND bid=?3 AND lo=?4")?;
+    if let Some((blo, bn)) = before {
+        let end = block.at(blo, bn);
+        if end > lo {
+            return Err(corrupt("unit freed twice"));
+        }
+        if end == lo {
+            del.execute(params![key.0, key.1, key.2, i64_of(blo)?])?;
+            lo = blo;
+            n += bn;
+        }
+    }
+    let after_lo = block.at(lo, n);
+    let after: Option<i64> = conn
+        .prepare_cached("SELECT n FROM free WHERE peer=?1 AND mine=?2 AND bid=?3 AND lo=?4")?
+        .query_row(params![key.0, key.1, key.2, i64_of(after_lo)?], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(an) = after {
+        del.execute(params![key.0, key.1, key.2, i64_of(after_lo)?])?;
+        n += u64_of(an)?;
+    }
+    conn.prepare_cached("INSERT INTO free(peer, mine, bid, lo, n) VALUES (?1,?2,?3,?4,?5)")?
+        .execute(params![key.0, key.1, key.2, i64_of(lo)?, i64_of(n)?])
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                corrupt("unit freed twice")
+            }
+            e => e.into(),
+        })?;
+    Ok(())
+}
+
+/// Removes units `lo, lo + stride, …` (`n` of them) of `block` from the free list
+/// of `mine`'s side; `false` (and nothing changed) unless they are all free.
+fn free_take(
+    conn: &Connection,
+    block: &Block,
+    mine: bool,
+    lo: u64,
+    n: u64,
+) -> Result<bool, StoreError> {
+    let key = (block.peer.as_str(), i64::from(mine), block.bid);
+    let Some((flo, fn_)) = free_run_before(conn, block, mine, lo)? else {
+        return Ok(false);
+    };
+    if !(lo - flo).is_multiple_of(block.stride) {
+        return Ok(false);
+    }
+    let skip = (lo - flo) / block.stride;
+    if skip + n > fn_ {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM free WHERE peer=?1 AND mine=?2 AND bid=?3 AND lo=?4")?
+        .execute(params![key.0, key.1, key.2, i64_of(flo)?])?;
+    let mut ins =
+        conn.prepare_cached("INSERT INTO free(peer, mine, bid, lo, n) VALUES (?1,?2,?3,?4,?5)")?;
+    if skip > 0 {
+        ins.execute(params![key.0, key.1, key.2, i64_of(flo)?, i64_of(skip)?])?;
+    }
+    let rest = fn_ - skip - n;
+    if rest > 0 {
+        ins.execute(params![
+            key.0,
+            key.1,
+            key.2,
+            i64_of(block.at(lo, n))?,
+            i64_of(rest)?
+        ])?;
+    }
+    Ok(true)
+}
+
+/// How the owners of a block's units are laid out: (stride, mine_side), see
+/// [`Block`]. The link cuts blocks with alternate owners; relayed keys arrive
+/// as batches that are wholly the peer's.
+fn owner_layout(units: &[KeyUnit]) -> Result<(u64, u64), StoreError> {
+    let Some(first) = units.first() else {
+        return Err(StoreError::InvalidLayout("block without units"));
+    };
+    if units.iter().all(|u| u.mine == first.mine) {
+        return Ok((1, if first.mine { 0 } else { 1 }));
+    }
+    let mine_side = if first.mine { 0 } else { 1 };
+    if units
+        .iter()
+        .enumerate()
+        .all(|(i, u)| u.mine == (i as u64 % 2 == mine_side))
+    {
+        return Ok((2, mine_side));
+    }
+    Err(StoreError::InvalidLayout(
+        "unit owners neither alternate nor agree",
+    ))
+}
+
+fn duplicate(e: rusqlite::Error) -> StoreError {
+    match e {
+        // A unit ID collision means the same block content under another number.
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::DuplicateBlock
+        }
+        e => e.into(),
+    }
 }
 
 fn ingest_op(conn: &Connection, b: IngestBatch) -> Result<u64, StoreError> {
@@ -295,45 +793,86 @@ fn ingest_op(conn: &Connection, b: IngestBatch) -> Result<u64, StoreError> {
             capacity_units: b.capacity_units,
         });
     }
+    let (stride, mine_side) = owner_layout(&b.units)?;
+    let tag = link_tag(&b.link_id);
+    let canonical = b
+        .units
+        .iter()
+        .enumerate()
+        .all(|(i, u)| u.id == unit_id_tagged(&tag, b.block_number, i as u64));
     conn.prepare_cached(
-        "INSERT INTO blocks(link_id, block_number, peer, units, eps_sec, eps_cor, created_ms) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+        "INSERT INTO blocks(link_id, block_number, peer, tag, stride, mine_side, units, remaining,
+             eps_sec, eps_cor, created_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?7,?8,?9,?10)",
     )?
     .execute(params![
         b.link_id,
         i64_of(b.block_number)?,
         b.peer.as_str(),
+        canonical.then(|| i64::from(u32::from_be_bytes(tag))),
+        i64_of(stride)?,
+        i64_of(mine_side)?,
         i64_of(n)?,
         b.eps_sec,
         b.eps_cor,
         i64_of(b.created_unix_ms)?
-    ])?;
-    let mut ins =
-        conn.prepare_cached("INSERT INTO units(uid, peer, mine, material) VALUES (?1,?2,?3,?4)")?;
-    for u in &b.units {
-        ins.execute(params![
-            &u.id.as_bytes()[..],
-            b.peer.as_str(),
-            u.mine,
-            &u.material[..]
-        ])
-        .map_err(|e| match e {
-            // A unit ID collision means the same block content under another number.
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+    ])
+    .map_err(duplicate)?;
+    let bid = conn.last_insert_rowid();
+    let mut blocks = Blocks::default();
+    let block = blocks.get(conn, bid)?;
+    // No unit ID may be stored twice: canonical IDs are unique by (tag, block),
+    // and aliases must not collide with either kind.
+    if canonical {
+        let (first, last) = (
+            unit_id_tagged(&tag, b.block_number, 0),
+            unit_id_tagged(&tag, b.block_number, n - 1),
+        );
+        let clash: Option<i64> = conn
+            .prepare_cached("SELECT 1 FROM aliases WHERE uid>=?1 AND uid<=?2 LIMIT 1")?
+            .query_row(params![&first.as_bytes()[..], &last.as_bytes()[..]], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if clash.is_some() {
+            return Err(StoreError::DuplicateBlock);
+        }
+    } else {
+        let mut ins = conn.prepare_cached("INSERT INTO aliases(uid, bid, i) VALUES (?1,?2,?3)")?;
+        for (i, u) in b.units.iter().enumerate() {
+            // The ID of a unit delivered here before may be reused (see `locate`).
+            if let Some((other, j)) = locate(conn, &u.id)?
+                && live(conn, &blocks.get(conn, other)?, j)?
             {
-                StoreError::DuplicateBlock
+                return Err(StoreError::DuplicateBlock);
             }
-            e => e.into(),
-        })?;
+            ins.execute(params![&u.id.as_bytes()[..], bid, i as i64])
+                .map_err(duplicate)?;
+        }
     }
-    let mine = b.units.iter().filter(|u| u.mine).count() as i64;
-    bump(conn, b.peer.as_str(), i64_of(n)?, mine)?;
+    let mut ins = conn.prepare_cached("INSERT INTO chunks(bid, c, data) VALUES (?1,?2,?3)")?;
+    for (c, units) in b.units.chunks(CHUNK_UNITS as usize).enumerate() {
+        let mut data = Zeroizing::new(Vec::with_capacity(units.len() * UNIT_BYTES));
+        for u in units {
+            data.extend_from_slice(&u.material[..]);
+        }
+        ins.execute(params![bid, c as i64, &data[..]])?;
+    }
+    let mut mine_units = 0;
+    for side in 0..stride {
+        let count = (n + stride - 1 - side) / stride;
+        let mine = side == mine_side;
+        if mine {
+            mine_units = count;
+        }
+        free_insert(conn, &block, mine, side, count)?;
+    }
+    bump(conn, b.peer.as_str(), i64_of(n)?, i64_of(mine_units)?)?;
     prune_op(conn, now_ms())?;
     Ok(n)
 }
 
 /// Forgets finished requests older than [`RETENTION_MS`] (and the master's
-/// material-less records of their keys), at most [`PRUNE_LIMIT`] per call.
+/// records of which keys they delivered), at most [`PRUNE_LIMIT`] per call.
 fn prune_op(conn: &Connection, now: u64) -> Result<(), StoreError> {
     let cutoff = i64_of(now.saturating_sub(RETENTION_MS))?;
     let old: Vec<i64> = conn
@@ -345,10 +884,10 @@ fn prune_op(conn: &Connection, now: u64) -> Result<(), StoreError> {
             |r| r.get(0),
         )?
         .collect::<Result<_, _>>()?;
-    let mut del_units = conn.prepare_cached("DELETE FROM units WHERE req=?1")?;
+    let mut del_held = conn.prepare_cached("DELETE FROM held WHERE rid=?1")?;
     let mut del_req = conn.prepare_cached("DELETE FROM requests WHERE rid=?1")?;
     for rid in old {
-        del_units.execute(params![rid])?;
+        del_held.execute(params![rid])?;
         del_req.execute(params![rid])?;
     }
     Ok(())
@@ -426,19 +965,32 @@ fn set_state(conn: &Connection, rid: i64, state: i64) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn blob<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> Result<&'a [u8], StoreError> {
-    Ok(row.get_ref(i)?.as_blob().map_err(rusqlite::Error::from)?)
-}
-
 fn reserve_op(conn: &Connection, r: Reservation) -> Result<Vec<ReservedKey>, StoreError> {
     if request_row(conn, &r.request_id)?.is_some() {
         return Err(StoreError::RequestConflict);
     }
-    let per_key = units_for_bits(r.size_bits) as usize;
+    let per_key = u64::from(units_for_bits(r.size_bits));
     let key_bytes = (r.size_bits / 8) as usize;
-    let need = per_key * r.number as usize;
+    let need = per_key * u64::from(r.number);
     if need == 0 {
         return Err(StoreError::InvalidLayout("empty reservation"));
+    }
+    // The oldest free runs of this KME's units; each has at least one unit.
+    let runs: Vec<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT bid, lo, n FROM free WHERE peer=?1 AND mine=1 ORDER BY bid, lo LIMIT ?2",
+        )?
+        .query_map(params![r.peer.as_str(), i64_of(need)?], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let free: u64 = runs.iter().map(|x| x.2.max(0) as u64).sum();
+    if free < need {
+        let available = counts_op(conn, &r.peer)?.mine_available;
+        return Err(StoreError::Exhausted {
+            available,
+            requested: need,
+        });
     }
     let rid = insert_request(
         conn,
@@ -448,56 +1000,40 @@ fn reserve_op(conn: &Connection, r: Reservation) -> Result<Vec<ReservedKey>, Sto
         REQ_PENDING,
         (r.master.as_str(), r.slave.as_str(), r.size_bits),
     )?;
-    // One statement marks the oldest `need` available units and returns them; a
-    // key's units are consecutive in `pos` (= ingest order).
-    let mut picked: Vec<(i64, Uuid, Zeroizing<[u8; UNIT_BYTES]>)> = Vec::with_capacity(need);
-    {
-        let mut upd = conn.prepare_cached(
-            "UPDATE units SET req=?1, pos=seq WHERE seq IN
-                (SELECT seq FROM units WHERE peer=?2 AND mine=1 AND req IS NULL ORDER BY seq LIMIT ?3)
-             RETURNING seq, uid, material",
-        )?;
-        let mut rows = upd.query(params![rid, r.peer.as_str(), i64_of(need as u64)?])?;
-        while let Some(row) = rows.next()? {
-            let seq: i64 = row.get(0)?;
-            let uid = uuid_of(blob(row, 1)?)?;
-            let m = blob(row, 2)?;
-            if m.len() != UNIT_BYTES {
-                return Err(StoreError::Backend("corrupt unit in store".into()));
-            }
-            let mut material = Zeroizing::new([0u8; UNIT_BYTES]);
-            material.copy_from_slice(m);
-            picked.push((seq, uid, material));
+    let mut blocks = Blocks::default();
+    let mut material = Zeroizing::new(Vec::with_capacity(need as usize * UNIT_BYTES));
+    let mut ids = Vec::with_capacity(need as usize);
+    let mut pos = 0;
+    for (bid, lo, n) in runs {
+        if pos == need {
+            break;
         }
+        let block = blocks.get(conn, bid)?;
+        let (lo, n) = (u64_of(lo)?, u64_of(n)?);
+        let k = n.min(need - pos);
+        if !free_take(conn, &block, true, lo, k)? {
+            return Err(corrupt("free list"));
+        }
+        insert_held(conn, rid, &block, &Extent { pos, bid, lo, n: k })?;
+        read_units(conn, &block, lo, k, &mut material)?;
+        for t in 0..k {
+            ids.push(Blocks::uid(conn, &block, block.at(lo, t))?);
+        }
+        pos += k;
     }
-    if picked.len() < need {
-        // Returning the error rolls the savepoint back, marks included.
-        let available = counts_op(conn, &r.peer)?.mine_available;
-        return Err(StoreError::Exhausted {
-            available,
-            requested: need as u64,
-        });
-    }
-    picked.sort_unstable_by_key(|p| p.0);
-    let out = picked
-        .chunks(per_key)
-        .map(|chunk| {
-            let mut material = Zeroizing::new(Vec::with_capacity(per_key * UNIT_BYTES));
-            for (_, _, m) in chunk {
-                material.extend_from_slice(&m[..]);
-            }
-            material.truncate(key_bytes);
-            ReservedKey {
-                layout: KeyLayout {
-                    key_id: chunk[0].1,
-                    size_bits: r.size_bits,
-                    unit_ids: chunk.iter().map(|c| c.1).collect(),
-                },
-                material,
-            }
+    let out = ids
+        .chunks(per_key as usize)
+        .zip(material.chunks(per_key as usize * UNIT_BYTES))
+        .map(|(units, bytes)| ReservedKey {
+            layout: KeyLayout {
+                key_id: units[0],
+                size_bits: r.size_bits,
+                unit_ids: units.to_vec(),
+            },
+            material: Zeroizing::new(bytes[..key_bytes].to_vec()),
         })
         .collect();
-    bump(conn, r.peer.as_str(), 0, -i64_of(need as u64)?)?;
+    bump(conn, r.peer.as_str(), 0, -i64_of(need)?)?;
     Ok(out)
 }
 
@@ -511,39 +1047,81 @@ fn master_pending(conn: &Connection, request_id: &Uuid) -> Result<RequestRow, St
 
 fn confirm_op(conn: &Connection, request_id: Uuid) -> Result<(), StoreError> {
     let req = master_pending(conn, &request_id)?;
-    // The unit rows stay, without material, as a record of which SAE pair the keys
-    // went to: a later dec_keys for one at this (the master's) KME is then
+    // The held extents stay, without material, as a record of which SAE pair the
+    // keys went to: a later dec_keys for one at this (the master's) KME is then
     // answered 401 rather than "not found". Pruned with the request.
-    let n = conn
-        .prepare_cached("UPDATE units SET material=NULL WHERE req=?1")?
-        .execute(params![req.rid])?;
-    bump(conn, &req.peer, -(n as i64), 0)?;
+    let mut blocks = Blocks::default();
+    let mut n = 0;
+    for e in held_of(conn, req.rid)? {
+        consume(conn, &blocks.get(conn, e.bid)?, e.lo, e.n)?;
+        n += e.n;
+    }
+    bump(conn, &req.peer, -i64_of(n)?, 0)?;
     set_state(conn, req.rid, REQ_DELIVERED)
 }
 
 fn release_op(conn: &Connection, request_id: Uuid, discard: Vec<Uuid>) -> Result<(), StoreError> {
     let req = master_pending(conn, &request_id)?;
-    let mut del = conn.prepare_cached("DELETE FROM units WHERE uid=?1 AND req=?2")?;
-    let mut discarded = 0;
-    for u in &discard {
-        discarded += del.execute(params![&u.as_bytes()[..], req.rid])?;
+    let discard: std::collections::HashSet<Uuid> = discard.into_iter().collect();
+    let mut blocks = Blocks::default();
+    let (mut discarded, mut returned) = (0, 0);
+    for e in held_of(conn, req.rid)? {
+        let block = blocks.get(conn, e.bid)?;
+        // Runs of units that go back (or are deleted) together.
+        let mut run: Option<(bool, u64, u64)> = None;
+        for t in 0..=e.n {
+            let here = if t < e.n {
+                let i = block.at(e.lo, t);
+                Some((discard.contains(&Blocks::uid(conn, &block, i)?), i))
+            } else {
+                None
+            };
+            match (&mut run, here) {
+                (Some((d, lo, n)), Some((dd, i))) if *d == dd && block.at(*lo, *n) == i => *n += 1,
+                _ => {
+                    if let Some((d, lo, n)) = run.take() {
+                        if d {
+                            consume(conn, &block, lo, n)?;
+                            discarded += n;
+                        } else {
+                            free_insert(conn, &block, true, lo, n)?;
+                            returned += n;
+                        }
+                    }
+                    run = here.map(|(d, i)| (d, i, 1));
+                }
+            }
+        }
     }
-    let returned = conn
-        .prepare_cached("UPDATE units SET req=NULL, pos=NULL WHERE req=?1")?
+    conn.prepare_cached("DELETE FROM held WHERE rid=?1")?
         .execute(params![req.rid])?;
-    bump(conn, &req.peer, -(discarded as i64), returned as i64)?;
+    bump(conn, &req.peer, -i64_of(discarded)?, i64_of(returned)?)?;
     set_state(conn, req.rid, REQ_VOIDED)
 }
 
-/// The unit IDs a request holds, in key order.
-fn units_of(conn: &Connection, rid: i64) -> Result<Vec<(i64, Uuid)>, StoreError> {
-    let mut sel = conn.prepare_cached("SELECT pos, uid FROM units WHERE req=?1 ORDER BY pos")?;
-    let mut rows = sel.query(params![rid])?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push((row.get(0)?, uuid_of(blob(row, 1)?)?));
+/// Key layouts of a request holding `extents` (keys of `size_bits`).
+fn layouts_of(
+    conn: &Connection,
+    blocks: &mut Blocks,
+    extents: &[Extent],
+    size_bits: u32,
+) -> Result<Vec<KeyLayout>, StoreError> {
+    let per_key = (units_for_bits(size_bits) as usize).max(1);
+    let mut ids = Vec::new();
+    for e in extents {
+        let block = blocks.get(conn, e.bid)?;
+        for t in 0..e.n {
+            ids.push(Blocks::uid(conn, &block, block.at(e.lo, t))?);
+        }
     }
-    Ok(out)
+    Ok(ids
+        .chunks(per_key)
+        .map(|c| KeyLayout {
+            key_id: c[0],
+            size_bits,
+            unit_ids: c.to_vec(),
+        })
+        .collect())
 }
 
 fn pending_op(conn: &Connection) -> Result<Vec<PendingRequest>, StoreError> {
@@ -562,18 +1140,10 @@ fn pending_op(conn: &Connection) -> Result<Vec<PendingRequest>, StoreError> {
             reqs.push((rid, id, peer, row.get::<_, u32>(3)?));
         }
     }
+    let mut blocks = Blocks::default();
     reqs.into_iter()
         .map(|(rid, request_id, peer, size_bits)| {
-            let per_key = (units_for_bits(size_bits) as usize).max(1);
-            let units = units_of(conn, rid)?;
-            let keys = units
-                .chunks(per_key)
-                .map(|c| KeyLayout {
-                    key_id: c[0].1,
-                    size_bits,
-                    unit_ids: c.iter().map(|u| u.1).collect(),
-                })
-                .collect();
+            let keys = layouts_of(conn, &mut blocks, &held_of(conn, rid)?, size_bits)?;
             Ok(PendingRequest {
                 request_id,
                 peer,
@@ -581,6 +1151,10 @@ fn pending_op(conn: &Connection) -> Result<Vec<PendingRequest>, StoreError> {
             })
         })
         .collect()
+}
+
+fn blob<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> Result<&'a [u8], StoreError> {
+    Ok(row.get_ref(i)?.as_blob().map_err(rusqlite::Error::from)?)
 }
 
 fn accept_op(conn: &Connection, a: Acceptance) -> Result<AcceptOutcome, StoreError> {
@@ -633,24 +1207,66 @@ fn accept_op(conn: &Connection, a: Acceptance) -> Result<AcceptOutcome, StoreErr
         REQ_ACCEPTED,
         (a.master.as_str(), a.slave.as_str(), size_bits),
     )?;
-    // Only the peer's own units (mine = 0 here), still available; a unit that does
-    // not match changes nothing and is reported (the savepoint then rolls back).
-    let mut upd = conn.prepare_cached(
-        "UPDATE units SET req=?1, pos=?2 WHERE uid=?3 AND peer=?4 AND mine=0 AND req IS NULL",
-    )?;
+    // Only the peer's own units of this pool, still free; a unit that does not
+    // match changes nothing and is reported (the savepoint then rolls back).
+    let mut blocks = Blocks::default();
     let mut unavailable = Vec::new();
-    let mut pos: i64 = 0;
-    for k in &a.keys {
-        for u in &k.unit_ids {
-            if upd.execute(params![rid, pos, &u.as_bytes()[..], a.peer.as_str()])? == 0 {
-                unavailable.push(*u);
+    // Runs of consecutive units (block, first index, count, their IDs).
+    let mut runs: Vec<(Block, u64, u64, Vec<Uuid>)> = Vec::new();
+    let mut broken = false;
+    for u in a.keys.iter().flat_map(|k| &k.unit_ids) {
+        let found = match locate(conn, u)? {
+            Some((bid, i)) => {
+                let b = blocks.get(conn, bid)?;
+                (b.peer == a.peer.as_str() && !b.is_mine(i)).then_some((b, i))
             }
-            pos += 1;
+            None => None,
+        };
+        let Some((block, i)) = found else {
+            unavailable.push(*u);
+            broken = true;
+            continue;
+        };
+        match runs.last_mut() {
+            Some((b, lo, n, ids)) if !broken && b.bid == block.bid && block.at(*lo, *n) == i => {
+                *n += 1;
+                ids.push(*u);
+            }
+            _ => runs.push((block, i, 1, vec![*u])),
         }
+        broken = false;
+    }
+    let mut pos = 0;
+    for (block, lo, n, ids) in &runs {
+        if free_take(conn, block, false, *lo, *n)? {
+            insert_held(
+                conn,
+                rid,
+                block,
+                &Extent {
+                    pos,
+                    bid: block.bid,
+                    lo: *lo,
+                    n: *n,
+                },
+            )?;
+        } else {
+            // Which of the run's units are not free (rare: a reservation that
+            // conflicts); the rest of the run is checked unit by unit.
+            for (t, u) in ids.iter().enumerate() {
+                if !free_take(conn, block, false, block.at(*lo, t as u64), 1)? {
+                    unavailable.push(*u);
+                }
+            }
+        }
+        pos += n;
     }
     if !unavailable.is_empty() {
         return Err(StoreError::UnitsUnavailable(unavailable));
     }
+    let keys = a.keys.len();
+    conn.prepare_cached("UPDATE requests SET taken=?2 WHERE rid=?1")?
+        .execute(params![rid, vec![0u8; keys.div_ceil(8)]])?;
     Ok(AcceptOutcome::Accepted)
 }
 
@@ -660,6 +1276,17 @@ fn decode_ids(blob: Option<Vec<u8>>) -> Result<Vec<Uuid>, StoreError> {
         return Err(StoreError::Backend("corrupt voided list".into()));
     }
     blob.chunks_exact(16).map(uuid_of).collect()
+}
+
+fn taken_of(conn: &Connection, rid: i64) -> Result<Vec<u8>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT taken FROM requests WHERE rid=?1")?
+        .query_row(params![rid], |r| r.get::<_, Option<Vec<u8>>>(0))?
+        .unwrap_or_default())
+}
+
+fn bit(bits: &[u8], k: usize) -> bool {
+    bits.get(k / 8).is_some_and(|b| b >> (k % 8) & 1 == 1)
 }
 
 fn void_op(conn: &Connection, peer: KmeId, request_id: Uuid) -> Result<VoidOutcome, StoreError> {
@@ -691,14 +1318,30 @@ fn void_op(conn: &Connection, peer: KmeId, request_id: Uuid) -> Result<VoidOutco
             })
         }
         REQ_ACCEPTED | REQ_DELIVERED => {
-            let per_key = i64::from(units_for_bits(row.size_bits).max(1));
-            // Keys still here are those not yet delivered (take removes whole keys).
-            let ids: Vec<Uuid> = units_of(conn, row.rid)?
-                .into_iter()
-                .filter(|(pos, _)| pos % per_key == 0)
-                .map(|(_, u)| u)
-                .collect();
-            conn.prepare_cached("UPDATE units SET req=NULL, pos=NULL WHERE req=?1")?
+            // Keys not delivered yet go back to the pool (delivered ones are gone).
+            let per_key = u64::from(units_for_bits(row.size_bits).max(1));
+            let extents = held_of(conn, row.rid)?;
+            let taken = taken_of(conn, row.rid)?;
+            let units: u64 = extents.iter().map(|e| e.n).sum();
+            let mut blocks = Blocks::default();
+            let mut ids = Vec::new();
+            let mut back: Vec<(Block, u64, u64)> = Vec::new();
+            for k in 0..units / per_key {
+                if bit(&taken, k as usize) {
+                    continue;
+                }
+                let units = units_at(&extents, &mut blocks, conn, k * per_key, (k + 1) * per_key)?;
+                if let Some((b, i)) = units.first() {
+                    ids.push(Blocks::uid(conn, b, *i)?);
+                }
+                for (b, i) in &units {
+                    push_run(&mut back, b, *i);
+                }
+            }
+            for (b, lo, n) in &back {
+                free_insert(conn, b, false, *lo, *n)?;
+            }
+            conn.prepare_cached("DELETE FROM held WHERE rid=?1")?
                 .execute(params![row.rid])?;
             let blob: Vec<u8> = ids
                 .iter()
@@ -715,14 +1358,55 @@ fn void_op(conn: &Connection, peer: KmeId, request_id: Uuid) -> Result<VoidOutco
     }
 }
 
-/// Where a key to take lives: its request row, first position, unit count, size
-/// and peer.
-struct KeySpot {
+/// A request a take touches, loaded once per operation.
+struct TakeRequest {
     rid: i64,
-    pos: i64,
-    per_key: i64,
+    role: i64,
+    master: String,
+    slave: String,
     size_bits: u32,
     peer: String,
+    taken: Vec<u8>,
+    extents: Vec<Extent>,
+}
+
+fn take_request(conn: &Connection, rid: i64) -> Result<TakeRequest, StoreError> {
+    let (role, master, slave, size_bits, peer) = conn
+        .prepare_cached("SELECT role, master, slave, size_bits, peer FROM requests WHERE rid=?1")?
+        .query_row(params![rid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .optional()?
+        .ok_or_else(|| corrupt("extent of a missing request"))?;
+    Ok(TakeRequest {
+        rid,
+        role,
+        master,
+        slave,
+        size_bits,
+        peer,
+        taken: taken_of(conn, rid)?,
+        extents: held_of(conn, rid)?,
+    })
+}
+
+/// The request holding unit `i` of `block`, and the unit's position in it.
+fn holder(conn: &Connection, block: &Block, i: u64) -> Result<Option<(i64, u64)>, StoreError> {
+    let hit: Option<(i64, i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT rid, pos, lo, n FROM held WHERE bid=?1 AND side=?2 AND lo<=?3 ORDER BY lo DESC LIMIT 1",
+        )?
+        .query_row(
+            params![block.bid, i64_of(i % block.stride)?, i64_of(i)?],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((rid, pos, lo, n)) = hit else {
+        return Ok(None);
+    };
+    let (pos, lo, n) = (u64_of(pos)?, u64_of(lo)?, u64_of(n)?);
+    let t = (i - lo) / block.stride;
+    Ok((t < n).then_some((rid, pos + t)))
 }
 
 fn take_op(
@@ -731,56 +1415,47 @@ fn take_op(
     master: SaeId,
     key_ids: Vec<Uuid>,
 ) -> Result<Vec<DeliveredKey>, StoreError> {
-    let mut spots = Vec::with_capacity(key_ids.len());
+    let mut blocks = Blocks::default();
+    let mut reqs: Vec<TakeRequest> = Vec::new();
+    // (request index, key index) per key ID.
+    let mut spots: Vec<(usize, u64)> = Vec::with_capacity(key_ids.len());
     let mut not_found = false;
     let mut unauthorized = false;
-    {
-        let mut sel = conn.prepare_cached(
-            "SELECT u.req, u.pos, r.role, r.master, r.slave, r.size_bits, r.peer
-             FROM units u JOIN requests r ON r.rid = u.req WHERE u.uid=?1",
-        )?;
-        let mut seen = std::collections::HashSet::new();
-        for id in &key_ids {
-            if !seen.insert(*id) {
-                not_found = true;
-                continue;
+    let mut seen = std::collections::HashSet::new();
+    for id in &key_ids {
+        if !seen.insert(*id) {
+            not_found = true;
+            continue;
+        }
+        let Some((bid, i)) = locate(conn, id)? else {
+            not_found = true;
+            continue;
+        };
+        let block = blocks.get(conn, bid)?;
+        let Some((rid, pos)) = holder(conn, &block, i)? else {
+            not_found = true;
+            continue;
+        };
+        let r = match reqs.iter().position(|r| r.rid == rid) {
+            Some(r) => r,
+            None => {
+                reqs.push(take_request(conn, rid)?);
+                reqs.len() - 1
             }
-            let row: Option<(i64, i64, i64, String, String, u32, String)> = sel
-                .query_row(params![&id.as_bytes()[..]], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
-                })
-                .optional()?;
-            match row {
-                None => not_found = true,
-                // A key this KME reserved as master: its slave is at the peer KME, so
-                // nobody may take it here.
-                Some((_, _, ROLE_MASTER, ..)) => unauthorized = true,
-                Some((rid, pos, _, m, s, size_bits, peer)) => {
-                    let per_key = i64::from(units_for_bits(size_bits).max(1));
-                    if pos % per_key != 0 {
-                        // A unit inside a key, not a key ID.
-                        not_found = true;
-                    } else if m != master.as_str() || s != caller.as_str() {
-                        unauthorized = true;
-                    } else {
-                        spots.push(KeySpot {
-                            rid,
-                            pos,
-                            per_key,
-                            size_bits,
-                            peer,
-                        });
-                    }
-                }
-            }
+        };
+        let req = &reqs[r];
+        let per_key = u64::from(units_for_bits(req.size_bits).max(1));
+        if req.role == ROLE_MASTER {
+            // A key this KME reserved as master: its slave is at the peer KME, so
+            // nobody may take it here.
+            unauthorized = true;
+        } else if pos % per_key != 0 || bit(&req.taken, (pos / per_key) as usize) {
+            // A unit inside a key (not a key ID), or a key delivered already.
+            not_found = true;
+        } else if req.master != master.as_str() || req.slave != caller.as_str() {
+            unauthorized = true;
+        } else {
+            spots.push((r, pos / per_key));
         }
     }
     if unauthorized {
@@ -790,32 +1465,37 @@ fn take_op(
         return Err(StoreError::KeysNotFound);
     }
     let mut out = Vec::with_capacity(key_ids.len());
-    let mut units = conn.prepare_cached(
-        "SELECT material FROM units WHERE req=?1 AND pos>=?2 AND pos<?3 ORDER BY pos",
-    )?;
-    let mut del = conn.prepare_cached("DELETE FROM units WHERE req=?1 AND pos>=?2 AND pos<?3")?;
     let mut freed: Vec<(String, i64)> = Vec::new();
-    let mut requests: Vec<i64> = Vec::new();
-    for (id, k) in key_ids.iter().zip(spots) {
-        let range = params![k.rid, k.pos, k.pos + k.per_key];
-        let mut material = Zeroizing::new(Vec::with_capacity(k.per_key as usize * UNIT_BYTES));
-        {
-            let mut rows = units.query(range)?;
-            while let Some(row) = rows.next()? {
-                material.extend_from_slice(blob(row, 0)?);
-            }
+    for (id, (r, k)) in key_ids.iter().zip(spots) {
+        let req = &mut reqs[r];
+        let per_key = u64::from(units_for_bits(req.size_bits).max(1));
+        let units = units_at(
+            &req.extents,
+            &mut blocks,
+            conn,
+            k * per_key,
+            (k + 1) * per_key,
+        )?;
+        let mut material = Zeroizing::new(Vec::with_capacity(per_key as usize * UNIT_BYTES));
+        for (b, i) in &units {
+            read_units(conn, b, *i, 1, &mut material)?;
         }
-        if material.len() < (k.size_bits / 8) as usize {
-            return Err(StoreError::Backend("key units missing in store".into()));
+        material.truncate((req.size_bits / 8) as usize);
+        let mut run: Vec<(Block, u64, u64)> = Vec::new();
+        for (b, i) in &units {
+            push_run(&mut run, b, *i);
         }
-        material.truncate((k.size_bits / 8) as usize);
-        let n = del.execute(range)? as i64;
-        match freed.iter_mut().find(|(p, _)| *p == k.peer) {
-            Some((_, c)) => *c += n,
-            None => freed.push((k.peer, n)),
+        for (b, lo, n) in &run {
+            consume(conn, b, *lo, *n)?;
         }
-        if !requests.contains(&k.rid) {
-            requests.push(k.rid);
+        let byte = (k / 8) as usize;
+        if req.taken.len() <= byte {
+            req.taken.resize(byte + 1, 0);
+        }
+        req.taken[byte] |= 1 << (k % 8);
+        match freed.iter_mut().find(|(p, _)| *p == req.peer) {
+            Some((_, c)) => *c += per_key as i64,
+            None => freed.push((req.peer.clone(), per_key as i64)),
         }
         out.push(DeliveredKey {
             key_id: *id,
@@ -826,15 +1506,19 @@ fn take_op(
         bump(conn, &peer, -n, 0)?;
     }
     // A slave-side request whose keys are all delivered is finished (and prunable).
-    let mut left = conn.prepare_cached("SELECT 1 FROM units WHERE req=?1 LIMIT 1")?;
-    for rid in requests {
-        if left
-            .query_row(params![rid], |_| Ok(()))
-            .optional()?
-            .is_none()
-        {
-            set_state(conn, rid, REQ_DELIVERED)?;
+    for req in &reqs {
+        if req.role == ROLE_MASTER {
+            continue;
         }
+        let per_key = u64::from(units_for_bits(req.size_bits).max(1));
+        let keys = req.extents.iter().map(|e| e.n).sum::<u64>() / per_key;
+        let done = (0..keys as usize).all(|k| bit(&req.taken, k));
+        conn.prepare_cached("UPDATE requests SET taken=?2, state=?3 WHERE rid=?1")?
+            .execute(params![
+                req.rid,
+                &req.taken[..],
+                if done { REQ_DELIVERED } else { REQ_ACCEPTED }
+            ])?;
     }
     Ok(out)
 }
@@ -907,14 +1591,13 @@ mod tests {
     fn fresh() -> Connection {
         let c = Connection::open_in_memory().expect("in-memory SQLite");
         c.execute_batch(SCHEMA).expect("schema");
-        let units = seeded_block(1, "ab", kme("kme-b"), 0, 4096)
-            .cut(&kme("kme-a"))
-            .expect("valid block");
+        let block = seeded_block(1, "ab", kme("kme-b"), 0, 4096);
+        let units = block.cut(&kme("kme-a")).expect("valid block");
         ingest_op(
             &c,
             IngestBatch {
                 peer: kme("kme-b"),
-                link_id: "ab".into(),
+                link_id: block.link_id.clone(),
                 block_number: 0,
                 eps_sec: 0.0,
                 eps_cor: 0.0,
@@ -971,9 +1654,9 @@ mod tests {
         );
         assert!(request_row(&c, &pending).expect("row").is_some());
         assert_eq!(
-            rows(&c, "SELECT count(*) FROM units WHERE material IS NULL"),
-            0,
-            "the delivered keys' records are gone"
+            rows(&c, "SELECT count(*) FROM held"),
+            1,
+            "the delivered keys' records are gone, the pending request's stay"
         );
         assert_eq!(counts_op(&c, &kme("kme-b")).expect("counts"), counts);
         assert!(matches!(
