@@ -6,6 +6,12 @@ mod plot;
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: the KME's request path allocates many
+/// short-lived buffers (TLS records, HTTP, JSON), and glibc's malloc took 17 % of
+/// its CPU under load (`perf`, kme_bench at 64 SAEs); see BENCHMARKS.md, KME.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = cmd::Cli::parse();
     match cmd::run(cli) {

@@ -26,6 +26,9 @@
 //! starts a throwaway server and prints its URL.
 #![allow(missing_docs)]
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
