@@ -263,6 +263,11 @@ pub struct KmeConfig {
     /// Routes tried for one relayed request before giving up.
     #[serde(default = "default_relay_attempts")]
     pub relay_attempts: u32,
+    /// Keys kept in stock per pair of SAEs (master here, slave at a neighbour) and
+    /// key size, agreed with the neighbour ahead of the pair's next enc_keys; 0
+    /// turns key stock off. PostgreSQL stores keep no stock.
+    #[serde(default = "default_stock_keys")]
+    pub stock_keys: u32,
     /// How often the neighbours' link state (key available per link) is polled, ms.
     #[serde(default = "default_link_state_ms")]
     pub link_state_interval_ms: u64,
@@ -270,6 +275,10 @@ pub struct KmeConfig {
 
 fn default_relay_attempts() -> u32 {
     3
+}
+/// Default [`KmeConfig::stock_keys`].
+pub fn default_stock_keys() -> u32 {
+    512
 }
 fn default_link_state_ms() -> u64 {
     1000
@@ -417,6 +426,7 @@ pub async fn launch_with_tls(
             .map(|[a, b]| (a.clone(), b.clone()))
             .collect(),
         relay_attempts: cfg.relay_attempts,
+        stock_keys: cfg.stock_keys,
     };
     let kme = Arc::new(Kme::new(settings, store, peers)?);
     kme.recover().await?;

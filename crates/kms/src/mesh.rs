@@ -163,6 +163,7 @@ impl Mesh {
                 test_keys: None,
                 links: links.clone(),
                 relay_attempts: 3,
+                stock_keys: 0,
                 link_state_interval_ms: opts.link_state_interval_ms,
             });
             tls.push(ca.material(&Identity::Kme(kme_id(i)?), &[])?);

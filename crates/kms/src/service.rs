@@ -9,6 +9,25 @@
 //! background task voids at the peer until it gets an answer, then returns the
 //! units to the pool; the same task runs at start-up for requests left pending by a
 //! crash.
+//!
+//! # Key stock
+//!
+//! That order puts three durable commits at two KMEs and a KME-to-KME call on
+//! the path of every enc_keys. With `stock_keys` > 0 (and a store that keeps
+//! stock, SQLite), the first enc_keys of a (master, slave, key size) takes that
+//! path and starts a background *refill*: the same reserve → peer acknowledges
+//! steps for up to `stock_keys` keys (never more than half of those available),
+//! after which the store marks the request *stocked* instead of delivered. The
+//! peer has then accepted those key IDs for exactly that master and slave, as for
+//! any request, so the slave can fetch them by ID. Later enc_keys of the pair are
+//! served from the stock in one local durable transition (oldest keys first; a
+//! key is delivered to the master once, and durably before the answer), and a
+//! refill starts whenever the stock falls below half. So a key is still handed to
+//! an application only after the peer acknowledged it; the peer learns the
+//! reservation before the master asks instead of during the call. Stock survives
+//! restarts. It is keyed per pair: a pair's stock is not available to other pairs
+//! (status counts it for its own pair only), which bounds it to `stock_keys` per
+//! active pair.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +67,9 @@ pub struct KmeSettings {
     pub links: Vec<(KmeId, KmeId)>,
     /// Routes tried for one relayed request before giving up.
     pub relay_attempts: u32,
+    /// Keys kept in stock per (master SAE, neighbour slave SAE, key size) once the
+    /// pair has asked for keys; 0 turns key stock off (see the module docs).
+    pub stock_keys: u32,
 }
 
 /// Now, Unix milliseconds (0 if the clock is before 1970).
@@ -93,9 +115,14 @@ pub struct Kme {
     pub(crate) store: Arc<dyn KeyStore>,
     pub(crate) peers: HashMap<KmeId, PeerClient>,
     background: Mutex<JoinSet<()>>,
+    /// SAE pairs (and key sizes) whose stock is being refilled now.
+    refilling: Arc<Mutex<std::collections::HashSet<StockKey>>>,
     pub(crate) counters: KmeCounters,
     pub(crate) lsdb: crate::relay::SharedLsdb,
 }
+
+/// A stock: (master SAE, slave SAE, key size in bits).
+type StockKey = (SaeId, SaeId, u32);
 
 /// How a void reaches the peer: the neighbour API or the relay API.
 pub(crate) enum VoidCall {
@@ -122,6 +149,7 @@ impl Kme {
             store,
             peers,
             background: Mutex::new(JoinSet::new()),
+            refilling: Arc::default(),
             counters: KmeCounters::default(),
             lsdb: Default::default(),
         })
@@ -222,16 +250,21 @@ impl Kme {
         let (slave, target, peer) = self.slave_kme(slave)?;
         // A neighbour: this KME's own units of the link; further away: the
         // bottleneck of the route a relay would take now.
+        let l = &self.settings.limits;
         let units = match peer {
             Some(p) => {
+                let stock = self
+                    .store
+                    .stock_count(master.clone(), slave.clone(), l.key_size)
+                    .await?;
                 self.store
                     .pool_counts(p.peer().clone())
                     .await?
                     .mine_available
+                    .saturating_add(stock.saturating_mul(u64::from(units_for_bits(l.key_size))))
             }
             None => self.relay_stored_units(&target).await?.1,
         };
-        let l = &self.settings.limits;
         Ok(Status {
             source_KME_ID: self.settings.id.to_string(),
             target_KME_ID: target.to_string(),
@@ -273,20 +306,104 @@ impl Kme {
             Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
             _ => return self.relay_enc(master, slave, target, req).await,
         };
-        let request_id = Uuid::now_v7();
-        let reserved = self
-            .store
-            .reserve(Reservation {
-                request_id,
-                peer: peer.peer().clone(),
-                master: master.clone(),
-                slave: slave.clone(),
-                number: req.number,
-                size_bits: req.size_bits,
-                now_unix_ms: now_ms(),
-            })
+        if self.settings.stock_keys > 0 && self.store.keeps_stock() {
+            let (stocked, left) = self
+                .store
+                .take_stock(master.clone(), slave.clone(), req.size_bits, req.number)
+                .await?;
+            if left < u64::from(self.settings.stock_keys / 2) {
+                self.refill_stock(peer, &master, &slave, req.size_bits);
+            }
+            if let Some(keys) = stocked {
+                return Ok(delivered_container(keys));
+            }
+        }
+        self.reserve_at_peer(peer, master, slave, req.number, req.size_bits)
             .await
-            .map_err(|e| match e {
+            .map(container)
+    }
+
+    /// Reserves `number` keys here, has `peer` accept them for `slave`, confirms
+    /// them (durably delivered) and returns them. On failure the reservation is
+    /// voided in the background.
+    async fn reserve_at_peer(
+        &self,
+        peer: &PeerClient,
+        master: SaeId,
+        slave: SaeId,
+        number: u32,
+        size_bits: u32,
+    ) -> Result<Vec<ReservedKey>, KmsError> {
+        let parts = (master, slave, number, size_bits);
+        let (request_id, reserved) =
+            acknowledged_reservation(&self.store, peer, self.settings.peer_attempts, parts)
+                .await
+                .map_err(|(e, job)| {
+                    if let Some((p, discard)) = job {
+                        self.spawn_void_call(peer.clone(), p, discard, VoidCall::Ext);
+                    }
+                    e
+                })?;
+        self.store.confirm(request_id).await?;
+        Ok(reserved)
+    }
+
+    /// Starts a background refill of the stock of (`master`, `slave`, `size_bits`)
+    /// unless one is running.
+    fn refill_stock(&self, peer: &PeerClient, master: &SaeId, slave: &SaeId, size_bits: u32) {
+        if self.settings.stock_keys == 0 || !self.store.keeps_stock() {
+            return;
+        }
+        let key = (master.clone(), slave.clone(), size_bits);
+        match self.refilling.lock() {
+            Ok(mut set) => {
+                if !set.insert(key.clone()) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        let task = refill(
+            self.store.clone(),
+            peer.clone(),
+            self.refilling.clone(),
+            key,
+            self.settings.stock_keys,
+            self.settings.limits.max_key_per_request,
+            self.settings.peer_attempts,
+        );
+        self.spawn_background(task);
+    }
+}
+
+/// A reservation the peer did not acknowledge, to be voided there (then
+/// released here, discarding `.1`).
+type VoidJob = (PendingRequest, Vec<Uuid>);
+
+/// Reserve in `store` → `peer` acknowledges, retrying a call that got no answer
+/// up to `attempts` times; the request is left pending for the caller to confirm
+/// or stock. If the peer refused or never answered, the error comes with the
+/// void the caller must run (in the background) for the pending reservation.
+async fn acknowledged_reservation(
+    store: &Arc<dyn KeyStore>,
+    peer: &PeerClient,
+    attempts: u32,
+    (master, slave, number, size_bits): (SaeId, SaeId, u32, u32),
+) -> Result<(Uuid, Vec<ReservedKey>), (KmsError, Option<VoidJob>)> {
+    let request_id = Uuid::now_v7();
+    let reserved = store
+        .reserve(Reservation {
+            request_id,
+            peer: peer.peer().clone(),
+            master: master.clone(),
+            slave: slave.clone(),
+            number,
+            size_bits,
+            now_unix_ms: now_ms(),
+        })
+        .await
+        .map_err(|e| {
+            let e = match e {
                 StoreError::Exhausted {
                     available,
                     requested,
@@ -295,50 +412,112 @@ impl Kme {
                     requested,
                 },
                 e => KmsError::Store(e),
-            })?;
-        let msg = ExtKeysReserve {
-            request_ID: request_id,
-            master_SAE_ID: master,
-            slave_SAE_ID: slave,
-            keys: reserved.iter().map(|k| (&k.layout).into()).collect(),
+            };
+            (e, None)
+        })?;
+    let msg = ExtKeysReserve {
+        request_ID: request_id,
+        master_SAE_ID: master,
+        slave_SAE_ID: slave,
+        keys: reserved.iter().map(|k| (&k.layout).into()).collect(),
+    };
+    let mut last = None;
+    for _ in 0..attempts.max(1) {
+        match peer.reserve(&msg).await {
+            Ok(()) => return Ok((request_id, reserved)),
+            Err(e @ PeerCallError::Unavailable(_)) => last = Some(e),
+            Err(e @ (PeerCallError::Rejected { .. } | PeerCallError::Relay { .. })) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    let err = last.unwrap_or_else(|| PeerCallError::Unavailable("no attempt".into()));
+    let discard = match &err {
+        PeerCallError::Rejected {
+            unavailable_units, ..
+        } => unavailable_units.clone(),
+        PeerCallError::Unavailable(_) | PeerCallError::Relay { .. } => Vec::new(),
+    };
+    tracing::warn!(peer = %peer.peer(), %request_id, error = ?err, "peer did not acknowledge; voiding");
+    let keys: Vec<KeyLayout> = reserved.iter().map(|k| k.layout.clone()).collect();
+    drop(reserved);
+    let job = PendingRequest {
+        request_id,
+        peer: peer.peer().clone(),
+        keys,
+    };
+    Err((err.into(), Some((job, discard))))
+}
+
+/// Keeps the stock of `key` between half and all of `target` keys: reserves
+/// (in requests of at most `max_per_request` keys, and never more than half of
+/// the keys available) and has the peer accept them, then stocks them. Stops
+/// at the first failure (an exhausted pool, a peer that does not answer); the
+/// next enc_keys of the pair starts it again.
+async fn refill(
+    store: Arc<dyn KeyStore>,
+    peer: PeerClient,
+    refilling: Arc<Mutex<std::collections::HashSet<StockKey>>>,
+    key: StockKey,
+    target: u32,
+    max_per_request: u32,
+    attempts: u32,
+) {
+    let (master, slave, size_bits) = key.clone();
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    loop {
+        let have = match store
+            .stock_count(master.clone(), slave.clone(), size_bits)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "stock count failed");
+                break;
+            }
         };
-        let mut last = None;
-        for _ in 0..self.settings.peer_attempts.max(1) {
-            match peer.reserve(&msg).await {
-                Ok(()) => {
-                    self.store.confirm(request_id).await?;
-                    return Ok(container(reserved));
-                }
-                Err(e @ PeerCallError::Unavailable(_)) => last = Some(e),
-                Err(e @ (PeerCallError::Rejected { .. } | PeerCallError::Relay { .. })) => {
-                    last = Some(e);
+        if have >= u64::from(target) / 2 {
+            break;
+        }
+        let available = match store.pool_counts(peer.peer().clone()).await {
+            Ok(c) => c.mine_available / per_key,
+            Err(_) => break,
+        };
+        let want = (u64::from(target) - have)
+            .min(u64::from(max_per_request))
+            .min(available / 2);
+        let Ok(number) = u32::try_from(want) else {
+            break;
+        };
+        if number == 0 {
+            break;
+        }
+        let parts = (master.clone(), slave.clone(), number, size_bits);
+        match acknowledged_reservation(&store, &peer, attempts, parts).await {
+            Ok((request_id, keys)) => {
+                drop(keys);
+                if let Err(e) = store.stock(request_id).await {
+                    tracing::warn!(%request_id, error = %e, "could not stock acknowledged keys");
                     break;
                 }
             }
+            Err((e, job)) => {
+                tracing::debug!(error = %e, "stock refill stopped");
+                if let Some((p, discard)) = job {
+                    void_until_settled(store.clone(), peer.clone(), p, discard, VoidCall::Ext)
+                        .await;
+                }
+                break;
+            }
         }
-        let err = last.unwrap_or_else(|| PeerCallError::Unavailable("no attempt".into()));
-        let discard = match &err {
-            PeerCallError::Rejected {
-                unavailable_units, ..
-            } => unavailable_units.clone(),
-            PeerCallError::Unavailable(_) | PeerCallError::Relay { .. } => Vec::new(),
-        };
-        tracing::warn!(peer = %peer.peer(), %request_id, error = ?err, "peer did not acknowledge; voiding");
-        let layouts: Vec<KeyLayout> = reserved.iter().map(|k| k.layout.clone()).collect();
-        drop(reserved);
-        self.spawn_void_call(
-            peer.clone(),
-            PendingRequest {
-                request_id,
-                peer: peer.peer().clone(),
-                keys: layouts,
-            },
-            discard,
-            VoidCall::Ext,
-        );
-        Err(err.into())
     }
+    if let Ok(mut set) = refilling.lock() {
+        set.remove(&key);
+    }
+}
 
+impl Kme {
     /// ETSI 014 Get key with key IDs (slave side).
     pub async fn dec_keys(
         &self,

@@ -590,3 +590,91 @@ async fn units_the_peer_lacks_are_discarded_not_reused() {
         "the two units B lacks are discarded, not offered again"
     );
 }
+
+/// Key stock: after a pair's first enc_keys its KME agrees a stock of keys with
+/// the peer; later enc_keys are served from it (no peer call on the way), every
+/// key reaches the slave exactly once, the stock survives a restart, status
+/// counts it for its own pair only, and no other pair draws on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stocked_keys_are_served_once_and_survive_a_restart() {
+    const STOCK: u32 = 16;
+    let mut net = Net::start_configured(2, Limits::default(), |c| c.stock_keys = STOCK).await;
+    let (alice, eve) = (net.sae_client("alice"), net.sae_client("eve"));
+    // Restarts keep the addresses.
+    let (url_a, url_b) = (net.url_a(), net.url_b());
+    let enc = |who: &Client, n: u32| {
+        let url = format!("{url_a}/api/v1/keys/bob/enc_keys");
+        let who = who.clone();
+        async move {
+            let (s, v) = who.post(&url, &json!({"number": n})).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            keys_of(&v)
+        }
+    };
+    let status = |who: &Client| {
+        let url = format!("{url_a}/api/v1/keys/bob/status");
+        let who = who.clone();
+        async move {
+            who.get(&url).await.1["stored_key_count"]
+                .as_u64()
+                .expect("count")
+        }
+    };
+    let settle = |net: &Net| {
+        let kme = net.a.as_ref().expect("A runs").kme.clone();
+        async move {
+            assert!(
+                kme.settle(Duration::from_secs(10)).await,
+                "stock refill settles"
+            )
+        }
+    };
+    let before = status(&alice).await;
+    let mut got = enc(&alice, 3).await;
+    settle(&net).await;
+    // The stock was taken from the pool: alice still sees it, eve does not.
+    assert_eq!(status(&alice).await, before - 3);
+    assert_eq!(status(&eve).await, before - 3 - u64::from(STOCK));
+    // Served from the stock (even with B down), refilled behind.
+    net.stop_b().await;
+    got.extend(enc(&alice, 5).await);
+    got.extend(enc(&alice, 4).await);
+    net.start_b().await;
+    net.restart_a().await;
+    let alice = net.sae_client("alice");
+    got.extend(enc(&alice, 6).await);
+    settle(&net).await;
+    let eve_keys = enc(&net.sae_client("eve"), 2).await;
+    let ids: HashSet<&String> = got.iter().chain(&eve_keys).map(|(i, _)| i).collect();
+    assert_eq!(
+        ids.len(),
+        got.len() + eve_keys.len(),
+        "a key was handed out twice"
+    );
+    // The master's KME knows them as delivered to alice: not for anyone here.
+    let (s, _) = alice
+        .post(
+            &format!("{url_a}/api/v1/keys/alice/dec_keys"),
+            &key_ids_body(&[got[0].0.clone()]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // bob gets each of alice's keys, once, with the same bytes; eve's stay eve's.
+    let bob = net.sae_client("bob");
+    let dec = |master: &str, keys: &[(String, String)]| {
+        let url = format!("{url_b}/api/v1/keys/{master}/dec_keys");
+        let ids: Vec<String> = keys.iter().map(|(i, _)| i.clone()).collect();
+        let bob = bob.clone();
+        async move { bob.post(&url, &key_ids_body(&ids)).await }
+    };
+    let (s, v) = dec("alice", &got).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), got);
+    let (s, _) = dec("alice", &got[..1]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "delivered twice");
+    let (s, _) = dec("alice", &eve_keys).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = dec("eve", &eve_keys).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), eve_keys);
+}

@@ -327,6 +327,7 @@ pub fn prepare(
                 test_keys: None,
                 links: all_links.clone(),
                 relay_attempts: 3,
+                stock_keys: qkdnet_kms::config::default_stock_keys(),
                 link_state_interval_ms: 1000,
             },
             links,

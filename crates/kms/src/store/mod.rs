@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!  ingest ──► available ──reserve──► reserved (master side, pending peer ack) ──confirm──► deleted
-//!                │   ▲                     │ release (after the peer voided)
-//!                │   └─────────────────────┘
+//!                │   ▲                     │ release (after the peer voided)   │
+//!                │   └─────────────────────┘                         stock ─► stocked ──take_stock──► deleted
 //!                └──accept (peer's reservation)──► reserved for slave SAE ──take──► deleted
 //!                                                      │ void (peer asks) ──► available
 //! ```
@@ -250,4 +250,35 @@ pub trait KeyStore: Send + Sync + 'static {
         master: SaeId,
         key_ids: Vec<Uuid>,
     ) -> StoreFuture<'_, Vec<DeliveredKey>>;
+
+    /// Whether this store keeps key stock ([`KeyStore::stock`]); the default
+    /// methods below are those of a store that does not.
+    fn keeps_stock(&self) -> bool {
+        false
+    }
+    /// Master side: the peer acknowledged the pending request, whose keys are
+    /// kept as *stock* for later enc_keys of the same SAE pair and key size
+    /// instead of being delivered now (see [`crate::service`]).
+    fn stock(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
+        let _ = request_id;
+        Box::pin(async { Err(StoreError::Backend("this store keeps no key stock".into())) })
+    }
+    /// Master side: delivers `number` keys of `size_bits` from the stock of
+    /// (`master`, `slave`), oldest first, all or nothing: `None` (nothing
+    /// changed) if the stock holds fewer. Also returns the keys left in stock.
+    fn take_stock(
+        &self,
+        master: SaeId,
+        slave: SaeId,
+        size_bits: u32,
+        number: u32,
+    ) -> StoreFuture<'_, (Option<Vec<DeliveredKey>>, u64)> {
+        let _ = (master, slave, size_bits, number);
+        Box::pin(async { Ok((None, 0)) })
+    }
+    /// Master side: keys of `size_bits` in the stock of (`master`, `slave`).
+    fn stock_count(&self, master: SaeId, slave: SaeId, size_bits: u32) -> StoreFuture<'_, u64> {
+        let _ = (master, slave, size_bits);
+        Box::pin(async { Ok(0) })
+    }
 }

@@ -46,6 +46,9 @@ const REQ_PENDING: i64 = 0;
 const REQ_ACCEPTED: i64 = 1;
 const REQ_VOIDED: i64 = 2;
 const REQ_DELIVERED: i64 = 3;
+/// Master side: acknowledged by the peer, keys kept for later enc_keys (the
+/// value is written out in `stocked` and in the `requests_stock` index).
+const REQ_STOCKED: i64 = 4;
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -104,6 +107,7 @@ CREATE TABLE IF NOT EXISTS requests(
     slave TEXT NOT NULL DEFAULT '', size_bits INTEGER NOT NULL DEFAULT 0, voided BLOB,
     taken BLOB, created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state, created_ms);
+CREATE INDEX IF NOT EXISTS requests_stock ON requests(master, slave, size_bits) WHERE state = 4;
 CREATE TABLE IF NOT EXISTS pools(
     peer TEXT PRIMARY KEY, total INTEGER NOT NULL, mine_available INTEGER NOT NULL);
 ";
@@ -160,6 +164,25 @@ impl<T: Send, F: FnOnce(&Connection) -> Result<T, StoreError> + Send> Job for Op
 /// writer thread after the operations already queued.
 pub struct SqliteStore {
     tx: mpsc::Sender<Box<dyn Job>>,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: mpsc::Sender<()>,
+}
+
+/// How often the checkpointer thread copies the WAL into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`]
+/// on its own connection, until `stop` is dropped. SQLite's automatic checkpoint
+/// runs inside the committing writer, so every few megabytes of WAL one request
+/// would wait for a copy and a database flush; a PASSIVE checkpoint here runs
+/// beside the writer instead (it never blocks it), and the writer then reuses
+/// the WAL from its start.
+fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "SQLite checkpoint failed");
+        }
+    }
 }
 
 impl SqliteStore {
@@ -221,12 +244,25 @@ impl SqliteStore {
                  FROM blocks b GROUP BY b.peer;
              COMMIT;",
         )?;
+        // Checkpoints run on their own thread and connection (see `checkpointer`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let ckpt = Connection::open(path)?;
+        ckpt.busy_timeout(std::time::Duration::from_secs(5))?;
+        ckpt.pragma_update(None, "synchronous", sync)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("kms-sqlite-ckpt".into())
+            .spawn(move || checkpointer(ckpt, stopped))
+            .map_err(|e| StoreError::Backend(format!("spawn checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         std::thread::Builder::new()
             .name("kms-sqlite".into())
             .spawn(move || writer(conn, rx))
             .map_err(|e| StoreError::Backend(format!("spawn writer thread: {e}")))?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            _checkpointer: stop,
+        })
     }
 
     fn submit<T, F>(&self, op: F) -> StoreFuture<'_, T>
@@ -410,29 +446,69 @@ impl Blocks {
 /// first: a relayed key may carry the ID of a canonical unit that was delivered
 /// here before (a multipath key keeps its first share's ID).
 fn locate(conn: &Connection, id: &Uuid) -> Result<Option<(i64, u64)>, StoreError> {
-    let hit: Option<(i64, i64)> = conn
-        .prepare_cached("SELECT bid, i FROM aliases WHERE uid=?1")?
-        .query_row(params![&id.as_bytes()[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    if let Some((bid, i)) = hit {
-        return Ok(Some((bid, u64_of(i)?)));
-    }
-    let Some((tag, number, i)) = decode_unit_id(id) else {
-        return Ok(None);
-    };
-    // Block numbers beyond i64 cannot be stored, so cannot be found either.
-    let Ok(number) = i64::try_from(number) else {
-        return Ok(None);
-    };
-    let hit: Option<(i64, i64)> = conn
-        .prepare_cached("SELECT bid, units FROM blocks WHERE tag=?1 AND block_number=?2")?
-        .query_row(params![i64::from(u32::from_be_bytes(tag)), number], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+    Locator::new(conn)?.locate(conn, id)
+}
+
+/// [`locate`] for many units: block lookups are cached, and alias lookups are
+/// skipped while the store holds no aliases (no relayed keys).
+struct Locator {
+    aliases: bool,
+    /// (link tag, block number) → (block row ID, units), if stored.
+    blocks: std::collections::HashMap<([u8; 4], u64), Option<BlockSpot>>,
+}
+
+/// A block's row ID and unit count.
+type BlockSpot = (i64, u64);
+
+impl Locator {
+    fn new(conn: &Connection) -> Result<Self, StoreError> {
+        let aliases = conn
+            .prepare_cached("SELECT 1 FROM aliases LIMIT 1")?
+            .query_row([], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(Self {
+            aliases,
+            blocks: Default::default(),
         })
-        .optional()?;
-    match hit {
-        Some((bid, units)) if i < u64_of(units)? => Ok(Some((bid, i))),
-        _ => Ok(None),
+    }
+
+    fn locate(&mut self, conn: &Connection, id: &Uuid) -> Result<Option<(i64, u64)>, StoreError> {
+        if self.aliases {
+            let hit: Option<(i64, i64)> = conn
+                .prepare_cached("SELECT bid, i FROM aliases WHERE uid=?1")?
+                .query_row(params![&id.as_bytes()[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((bid, i)) = hit {
+                return Ok(Some((bid, u64_of(i)?)));
+            }
+        }
+        let Some((tag, number, i)) = decode_unit_id(id) else {
+            return Ok(None);
+        };
+        let block = match self.blocks.get(&(tag, number)) {
+            Some(b) => *b,
+            None => {
+                // Block numbers beyond i64 cannot be stored, so cannot be found either.
+                let hit: Option<(i64, i64)> = match i64::try_from(number) {
+                    Ok(n) => conn
+                        .prepare_cached(
+                            "SELECT bid, units FROM blocks WHERE tag=?1 AND block_number=?2",
+                        )?
+                        .query_row(params![i64::from(u32::from_be_bytes(tag)), n], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()?,
+                    Err(_) => None,
+                };
+                let b = hit
+                    .map(|(bid, units)| Ok::<_, StoreError>((bid, u64_of(units)?)))
+                    .transpose()?;
+                self.blocks.insert((tag, number), b);
+                b
+            }
+        };
+        Ok(block.and_then(|(bid, units)| (i < units).then_some((bid, i))))
     }
 }
 
@@ -1214,8 +1290,9 @@ fn accept_op(conn: &Connection, a: Acceptance) -> Result<AcceptOutcome, StoreErr
     // Runs of consecutive units (block, first index, count, their IDs).
     let mut runs: Vec<(Block, u64, u64, Vec<Uuid>)> = Vec::new();
     let mut broken = false;
+    let mut locator = Locator::new(conn)?;
     for u in a.keys.iter().flat_map(|k| &k.unit_ids) {
-        let found = match locate(conn, u)? {
+        let found = match locator.locate(conn, u)? {
             Some((bid, i)) => {
                 let b = blocks.get(conn, bid)?;
                 (b.peer == a.peer.as_str() && !b.is_mine(i)).then_some((b, i))
@@ -1251,10 +1328,19 @@ fn accept_op(conn: &Connection, a: Acceptance) -> Result<AcceptOutcome, StoreErr
                 },
             )?;
         } else {
-            // Which of the run's units are not free (rare: a reservation that
-            // conflicts); the rest of the run is checked unit by unit.
-            for (t, u) in ids.iter().enumerate() {
-                if !free_take(conn, block, false, block.at(*lo, t as u64), 1)? {
+            // Unit by unit (rare: a reservation that conflicts, or a run whose
+            // units lie in two free runs): those not free are reported.
+            for (t, u) in (0..).zip(ids) {
+                let i = block.at(*lo, t);
+                if free_take(conn, block, false, i, 1)? {
+                    let e = Extent {
+                        pos: pos + t,
+                        bid: block.bid,
+                        lo: i,
+                        n: 1,
+                    };
+                    insert_held(conn, rid, block, &e)?;
+                } else {
                     unavailable.push(*u);
                 }
             }
@@ -1409,6 +1495,53 @@ fn holder(conn: &Connection, block: &Block, i: u64) -> Result<Option<(i64, u64)>
     Ok((t < n).then_some((rid, pos + t)))
 }
 
+/// Delivers keys `keys` (indexes in the request, in this order) of a request
+/// holding `extents`: reads their bytes and deletes their units, run by run
+/// (consecutive keys make one run), and marks them in the `taken` bitmap.
+fn deliver_keys(
+    conn: &Connection,
+    blocks: &mut Blocks,
+    extents: &[Extent],
+    taken: &mut Vec<u8>,
+    keys: &[u64],
+    size_bits: u32,
+) -> Result<Vec<DeliveredKey>, StoreError> {
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    let mut runs: Vec<(Block, u64, u64)> = Vec::new();
+    let mut key_ids = Vec::with_capacity(keys.len());
+    for &k in keys {
+        let units = units_at(extents, blocks, conn, k * per_key, (k + 1) * per_key)?;
+        match units.first() {
+            Some((b, i)) => key_ids.push(Blocks::uid(conn, b, *i)?),
+            None => return Err(corrupt("empty key")),
+        }
+        for (b, i) in &units {
+            push_run(&mut runs, b, *i);
+        }
+        let byte = (k / 8) as usize;
+        if taken.len() <= byte {
+            taken.resize(byte + 1, 0);
+        }
+        taken[byte] |= 1 << (k % 8);
+    }
+    let mut material = Zeroizing::new(Vec::with_capacity(
+        keys.len() * per_key as usize * UNIT_BYTES,
+    ));
+    for (b, lo, n) in &runs {
+        read_units(conn, b, *lo, *n, &mut material)?;
+        consume(conn, b, *lo, *n)?;
+    }
+    let key_bytes = (size_bits / 8) as usize;
+    Ok(key_ids
+        .into_iter()
+        .zip(material.chunks(per_key as usize * UNIT_BYTES))
+        .map(|(key_id, m)| DeliveredKey {
+            key_id,
+            material: Zeroizing::new(m[..key_bytes.min(m.len())].to_vec()),
+        })
+        .collect())
+}
+
 fn take_op(
     conn: &Connection,
     caller: SaeId,
@@ -1422,12 +1555,13 @@ fn take_op(
     let mut not_found = false;
     let mut unauthorized = false;
     let mut seen = std::collections::HashSet::new();
+    let mut locator = Locator::new(conn)?;
     for id in &key_ids {
         if !seen.insert(*id) {
             not_found = true;
             continue;
         }
-        let Some((bid, i)) = locate(conn, id)? else {
+        let Some((bid, i)) = locator.locate(conn, id)? else {
             not_found = true;
             continue;
         };
@@ -1464,43 +1598,39 @@ fn take_op(
     if not_found {
         return Err(StoreError::KeysNotFound);
     }
-    let mut out = Vec::with_capacity(key_ids.len());
+    // Request by request (their keys batched), then back into the asked order.
+    let mut out: Vec<Option<DeliveredKey>> = (0..spots.len()).map(|_| None).collect();
     let mut freed: Vec<(String, i64)> = Vec::new();
-    for (id, (r, k)) in key_ids.iter().zip(spots) {
-        let req = &mut reqs[r];
-        let per_key = u64::from(units_for_bits(req.size_bits).max(1));
-        let units = units_at(
-            &req.extents,
-            &mut blocks,
+    for (r, req) in reqs.iter_mut().enumerate() {
+        let (slots, keys): (Vec<usize>, Vec<u64>) = spots
+            .iter()
+            .enumerate()
+            .filter(|(_, (rr, _))| *rr == r)
+            .map(|(slot, (_, k))| (slot, *k))
+            .unzip();
+        if keys.is_empty() {
+            continue;
+        }
+        let got = deliver_keys(
             conn,
-            k * per_key,
-            (k + 1) * per_key,
+            &mut blocks,
+            &req.extents,
+            &mut req.taken,
+            &keys,
+            req.size_bits,
         )?;
-        let mut material = Zeroizing::new(Vec::with_capacity(per_key as usize * UNIT_BYTES));
-        for (b, i) in &units {
-            read_units(conn, b, *i, 1, &mut material)?;
+        for (slot, key) in slots.into_iter().zip(got) {
+            out[slot] = Some(key);
         }
-        material.truncate((req.size_bits / 8) as usize);
-        let mut run: Vec<(Block, u64, u64)> = Vec::new();
-        for (b, i) in &units {
-            push_run(&mut run, b, *i);
-        }
-        for (b, lo, n) in &run {
-            consume(conn, b, *lo, *n)?;
-        }
-        let byte = (k / 8) as usize;
-        if req.taken.len() <= byte {
-            req.taken.resize(byte + 1, 0);
-        }
-        req.taken[byte] |= 1 << (k % 8);
+        let n = i64_of(keys.len() as u64 * u64::from(units_for_bits(req.size_bits).max(1)))?;
         match freed.iter_mut().find(|(p, _)| *p == req.peer) {
-            Some((_, c)) => *c += per_key as i64,
-            None => freed.push((req.peer.clone(), per_key as i64)),
+            Some((_, c)) => *c += n,
+            None => freed.push((req.peer.clone(), n)),
         }
-        out.push(DeliveredKey {
-            key_id: *id,
-            material,
-        });
+    }
+    let out: Vec<DeliveredKey> = out.into_iter().flatten().collect();
+    if out.len() != key_ids.len() {
+        return Err(corrupt("key delivered without its request"));
     }
     for (peer, n) in freed {
         bump(conn, &peer, -n, 0)?;
@@ -1521,6 +1651,150 @@ fn take_op(
             ])?;
     }
     Ok(out)
+}
+
+fn stock_op(conn: &Connection, request_id: Uuid) -> Result<(), StoreError> {
+    let req = master_pending(conn, &request_id)?;
+    let per_key = u64::from(units_for_bits(req.size_bits).max(1));
+    let keys = held_of(conn, req.rid)?.iter().map(|e| e.n).sum::<u64>() / per_key;
+    conn.prepare_cached("UPDATE requests SET state=?2, taken=?3 WHERE rid=?1")?
+        .execute(params![
+            req.rid,
+            REQ_STOCKED,
+            vec![0u8; (keys as usize).div_ceil(8)]
+        ])?;
+    Ok(())
+}
+
+/// A stocked request, as the stock operations see it.
+struct Stocked {
+    rid: i64,
+    extents: Vec<Extent>,
+    /// Bitmap of the keys delivered so far.
+    taken: Vec<u8>,
+    keys: u64,
+    peer: String,
+}
+
+impl Stocked {
+    /// Keys delivered so far.
+    fn used(&self) -> u64 {
+        (0..self.keys as usize)
+            .filter(|k| bit(&self.taken, *k))
+            .count() as u64
+    }
+}
+
+/// Stocked requests of (master, slave, size), oldest first.
+fn stocked(
+    conn: &Connection,
+    master: &SaeId,
+    slave: &SaeId,
+    size_bits: u32,
+) -> Result<Vec<Stocked>, StoreError> {
+    let rows: Vec<(i64, Option<Vec<u8>>, String)> = conn
+        .prepare_cached(
+            // `state = 4` (REQ_STOCKED) written out, so that the partial index
+            // `requests_stock` applies.
+            "SELECT rid, taken, peer FROM requests WHERE master=?2 AND slave=?3 AND size_bits=?4
+                 AND state = 4 AND role=?1 ORDER BY rid",
+        )?
+        .query_map(
+            params![ROLE_MASTER, master.as_str(), slave.as_str(), size_bits],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    rows.into_iter()
+        .map(|(rid, taken, peer)| {
+            let extents = held_of(conn, rid)?;
+            let keys = extents.iter().map(|e| e.n).sum::<u64>() / per_key;
+            Ok(Stocked {
+                rid,
+                extents,
+                taken: taken.unwrap_or_default(),
+                keys,
+                peer,
+            })
+        })
+        .collect()
+}
+
+/// Keys not delivered yet of `stocked` requests.
+fn untaken(stocked: &[Stocked]) -> u64 {
+    stocked.iter().map(|s| s.keys - s.used()).sum()
+}
+
+fn stock_count_op(
+    conn: &Connection,
+    master: &SaeId,
+    slave: &SaeId,
+    size_bits: u32,
+) -> Result<u64, StoreError> {
+    Ok(untaken(&stocked(conn, master, slave, size_bits)?))
+}
+
+fn take_stock_op(
+    conn: &Connection,
+    master: &SaeId,
+    slave: &SaeId,
+    size_bits: u32,
+    number: u32,
+) -> Result<(Option<Vec<DeliveredKey>>, u64), StoreError> {
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    let mut reqs = stocked(conn, master, slave, size_bits)?;
+    let have = untaken(&reqs);
+    if have < u64::from(number) || number == 0 {
+        return Ok((None, have));
+    }
+    let before: Vec<u64> = reqs.iter().map(Stocked::used).collect();
+    // Oldest keys first.
+    let mut blocks = Blocks::default();
+    let mut out = Vec::with_capacity(number as usize);
+    for req in &mut reqs {
+        let want = number as usize - out.len();
+        let keys: Vec<u64> = (0..req.keys)
+            .filter(|k| !bit(&req.taken, *k as usize))
+            .take(want)
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        out.extend(deliver_keys(
+            conn,
+            &mut blocks,
+            &req.extents,
+            &mut req.taken,
+            &keys,
+            size_bits,
+        )?);
+    }
+    let mut freed: Vec<(String, i64)> = Vec::new();
+    for (req, before) in reqs.iter().zip(before) {
+        let used = req.used();
+        if used == before {
+            continue;
+        }
+        conn.prepare_cached("UPDATE requests SET taken=?2, state=?3 WHERE rid=?1")?
+            .execute(params![
+                req.rid,
+                &req.taken[..],
+                if used == req.keys {
+                    REQ_DELIVERED
+                } else {
+                    REQ_STOCKED
+                }
+            ])?;
+        let n = i64_of((used - before) * per_key)?;
+        match freed.iter_mut().find(|(p, _)| *p == req.peer) {
+            Some((_, c)) => *c += n,
+            None => freed.push((req.peer.clone(), n)),
+        }
+    }
+    for (peer, n) in freed {
+        bump(conn, &peer, -n, 0)?;
+    }
+    Ok((Some(out), have - u64::from(number)))
 }
 
 impl KeyStore for SqliteStore {
@@ -1572,6 +1846,28 @@ impl KeyStore for SqliteStore {
         key_ids: Vec<Uuid>,
     ) -> StoreFuture<'_, Vec<DeliveredKey>> {
         self.submit(move |c| take_op(c, caller, master, key_ids))
+    }
+
+    fn keeps_stock(&self) -> bool {
+        true
+    }
+
+    fn stock(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
+        self.submit(move |c| stock_op(c, request_id))
+    }
+
+    fn take_stock(
+        &self,
+        master: SaeId,
+        slave: SaeId,
+        size_bits: u32,
+        number: u32,
+    ) -> StoreFuture<'_, (Option<Vec<DeliveredKey>>, u64)> {
+        self.submit(move |c| take_stock_op(c, &master, &slave, size_bits, number))
+    }
+
+    fn stock_count(&self, master: SaeId, slave: SaeId, size_bits: u32) -> StoreFuture<'_, u64> {
+        self.submit(move |c| stock_count_op(c, &master, &slave, size_bits))
     }
 }
 

@@ -139,6 +139,7 @@ fn config(
         test_keys: None,
         links: Vec::new(),
         relay_attempts: 3,
+        stock_keys: 0,
         link_state_interval_ms: 1000,
     }
 }
