@@ -7,17 +7,24 @@
 //! `core::arch` intrinsics, which are `unsafe` and must only run on CPUs that
 //! have the feature (and VPCLMULQDQ on 512-bit vectors does four at once).
 //! This module keeps that unsafety in one small place: the fast paths are
-//! reachable only through [`Pclmul`] and [`Avx512Clmul`], tokens that can
-//! only be built after a successful runtime check, so safe code elsewhere
-//! cannot call an intrinsic on a CPU without it. A portable, constant-time
-//! software implementation with the same interface is the fallback and the
-//! reference the fast paths are tested against. No crate is used: the generic carry-less
-//! crates either lack a runtime-dispatched PCLMULQDQ path or do not expose the
-//! word-array middle-product kernel that the Toeplitz recursion needs as its
-//! base case.
+//! reachable only through [`Pclmul`], [`Avx512Clmul`] and [`Avx512Gf`],
+//! tokens that can only be built after a successful runtime check, so safe
+//! code elsewhere cannot call an intrinsic on a CPU without it. A portable,
+//! constant-time software implementation with the same interface is the
+//! fallback and the reference the fast paths are tested against. No crate is
+//! used: the generic carry-less crates either lack a runtime-dispatched
+//! PCLMULQDQ path or do not expose the word-array middle-product kernel that
+//! the Toeplitz recursion needs as its base case.
+//!
+//! The second half holds the kernels of the additive FFT in [`crate::gf2x`]
+//! (trait [`Gf64`]): GF(2^64) multiplication eight lanes at a time, the FFT
+//! butterflies, the in-register last three layers, and the XOR and
+//! transposition passes of the basis conversions, all 512-bit (AVX-512F/BW +
+//! VPCLMULQDQ) behind [`Avx512Gf`], with scalar defaults (PCLMULQDQ or
+//! portable) that the tests compare them with.
 #![allow(
     unsafe_code,
-    reason = "PCLMULQDQ/VPCLMULQDQ intrinsics; each site has a SAFETY comment"
+    reason = "PCLMULQDQ/VPCLMULQDQ/AVX-512 intrinsics; each site has a SAFETY comment"
 )]
 
 /// A schoolbook carry-less multiplier of word arrays, the base case of the
@@ -300,6 +307,732 @@ pub(crate) fn clmul64(a: u64, b: u64) -> (u64, u64) {
     match Pclmul::detect() {
         Some(p) => p.mul64(a, b),
         None => clmul64_portable(a, b),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GF(2^64) arithmetic for the additive FFT in `crate::gf2x`.
+// ---------------------------------------------------------------------------
+
+/// Low terms of the GF(2^64) modulus `x^64 + x^4 + x^3 + x + 1`.
+pub(crate) const GF64_POLY: u64 = 0x1B;
+
+/// Reduces the 128-bit carry-less product `(lo, hi)` modulo
+/// `x^64 + x^4 + x^3 + x + 1`. `hi·x^64 ≡ hi·(x^4+x^3+x+1)`; the bits of that
+/// which overflow 64 (`o`, at most 4 bits) are folded once more, and
+/// `o·(x^4+x^3+x+1)` fits in 8 bits.
+#[inline]
+pub(crate) fn gf64_reduce(lo: u64, hi: u64) -> u64 {
+    let t = hi ^ (hi >> 63) ^ (hi >> 61) ^ (hi >> 60);
+    lo ^ t ^ (t << 1) ^ (t << 3) ^ (t << 4)
+}
+
+/// Portable GF(2^64) product (constant-time, like [`clmul64_portable`]).
+#[inline]
+pub(crate) fn gf64_mul_portable(a: u64, b: u64) -> u64 {
+    let (lo, hi) = clmul64_portable(a, b);
+    gf64_reduce(lo, hi)
+}
+
+/// GF(2^64) kernels of the additive FFT (`crate::gf2x`), with portable
+/// defaults built on [`Gf64::mul`]; fast tokens override them with SIMD.
+/// Every implementation must give bit-identical results (tested).
+pub(crate) trait Gf64: Copy {
+    /// `a·b` in GF(2^64).
+    fn mul(self, a: u64, b: u64) -> u64;
+
+    /// `dst ^= src` over the common length (the basis conversions' one
+    /// operation).
+    fn xor_into(self, dst: &mut [u64], src: &[u64]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d ^= *s;
+        }
+    }
+
+    /// Strided [`Gf64::xor_into`]: for `i < count`,
+    /// `a[dst + i·stride..][..width] ^= b[i·stride..][..width]` where
+    /// `(a, b) = data.split_at_mut(src)` (so every source lies above every
+    /// destination when `dst + count·stride ≤ src`).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one strided operation's coordinates"
+    )]
+    fn xor_strided(
+        self,
+        data: &mut [u64],
+        dst: usize,
+        src: usize,
+        stride: usize,
+        width: usize,
+        count: usize,
+    ) {
+        let (a, b) = data.split_at_mut(src);
+        for i in 0..count {
+            let s = &b[i * stride..][..width];
+            for (d, x) in a[dst + i * stride..][..width].iter_mut().zip(s) {
+                *d ^= *x;
+            }
+        }
+    }
+
+    /// Transposes the `n × n` row-major matrix `d` in place (`n` a multiple
+    /// of 8, `d.len() ≥ n²`), by 8 × 8 tiles.
+    fn transpose(self, d: &mut [u64], n: usize) {
+        let load = |d: &[u64], r0: usize, c0: usize| {
+            let mut a = [[0u64; 8]; 8];
+            for (i, row) in a.iter_mut().enumerate() {
+                row.copy_from_slice(&d[(r0 + i) * n + c0..][..8]);
+            }
+            a
+        };
+        let store_t = |d: &mut [u64], r0: usize, c0: usize, a: &[[u64; 8]; 8]| {
+            for i in 0..8 {
+                for (j, x) in d[(r0 + i) * n + c0..][..8].iter_mut().enumerate() {
+                    *x = a[j][i];
+                }
+            }
+        };
+        for bi in (0..n).step_by(8) {
+            for bj in (bi..n).step_by(8) {
+                let a = load(d, bi, bj);
+                if bi == bj {
+                    store_t(d, bi, bj, &a);
+                } else {
+                    let b = load(d, bj, bi);
+                    store_t(d, bj, bi, &a);
+                    store_t(d, bi, bj, &b);
+                }
+            }
+        }
+    }
+
+    /// Forward butterfly over equal-length slices: `lo ^= c·hi; hi ^= lo`.
+    fn butterfly(self, c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        for (l, h) in lo.iter_mut().zip(hi.iter_mut()) {
+            *l ^= self.mul(*h, c);
+            *h ^= *l;
+        }
+    }
+
+    /// Inverse butterfly: `hi ^= lo; lo ^= c·hi`.
+    fn ibutterfly(self, c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        for (l, h) in lo.iter_mut().zip(hi.iter_mut()) {
+            *h ^= *l;
+            *l ^= self.mul(*h, c);
+        }
+    }
+
+    /// A whole FFT layer of small blocks: block `q` is
+    /// `data[2hq..2hq + 2h]`, its halves are butterflied (forward, or
+    /// inverse if `inv`) with twiddle `tw[q]`.
+    fn butterflies(self, data: &mut [u64], h: usize, tw: &[u64], inv: bool) {
+        for (blk, &c) in data.chunks_exact_mut(2 * h).zip(tw) {
+            let (lo, hi) = blk.split_at_mut(h);
+            if inv {
+                self.ibutterfly(c, lo, hi);
+            } else {
+                self.butterfly(c, lo, hi);
+            }
+        }
+    }
+
+    /// Pointwise product `a[i] = a[i]·b[i]`.
+    fn mul_assign(self, a: &mut [u64], b: &[u64]) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = self.mul(*x, y);
+        }
+    }
+
+    /// The last three FFT layers (blocks of 8, 4, 2 elements) on 16-element
+    /// units: unit `u` is `data[16u..16u+16]`, `units[u] = [w3, w2, w1]` are
+    /// the twiddle bases of its layers, and the block at offset `q·2^j`
+    /// inside the unit (layer `j`) uses twiddle `w_j ^ small[q]`.
+    fn tail3(self, data: &mut [u64], units: &[[u64; 3]], small: &[u64; 8]) {
+        for (d, w) in data.chunks_exact_mut(16).zip(units) {
+            for (j, &base) in [3usize, 2, 1].iter().zip(w) {
+                let h = 1 << (j - 1);
+                for (q, blk) in d.chunks_exact_mut(2 * h).enumerate() {
+                    let (lo, hi) = blk.split_at_mut(h);
+                    self.butterfly(base ^ small[q], lo, hi);
+                }
+            }
+        }
+    }
+
+    /// Inverse of [`Gf64::tail3`] (same arguments).
+    fn itail3(self, data: &mut [u64], units: &[[u64; 3]], small: &[u64; 8]) {
+        for (d, w) in data.chunks_exact_mut(16).zip(units) {
+            for (j, &base) in [1usize, 2, 3].iter().zip(w.iter().rev()) {
+                let h = 1 << (j - 1);
+                for (q, blk) in d.chunks_exact_mut(2 * h).enumerate() {
+                    let (lo, hi) = blk.split_at_mut(h);
+                    self.ibutterfly(base ^ small[q], lo, hi);
+                }
+            }
+        }
+    }
+}
+
+impl Gf64 for Portable {
+    #[inline]
+    fn mul(self, a: u64, b: u64) -> u64 {
+        gf64_mul_portable(a, b)
+    }
+}
+
+impl Gf64 for Pclmul {
+    #[inline]
+    fn mul(self, a: u64, b: u64) -> u64 {
+        let (lo, hi) = self.mul64(a, b);
+        gf64_reduce(lo, hi)
+    }
+}
+
+/// Proof that the running CPU has what the 512-bit GF(2^64) kernels use:
+/// AVX-512F, AVX-512BW (byte shuffle), VPCLMULQDQ and PCLMULQDQ. Only
+/// [`Avx512Gf::detect`] builds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Gf {
+    scalar: Pclmul,
+}
+
+impl Avx512Gf {
+    /// The token if the CPU has AVX-512F/BW, VPCLMULQDQ and PCLMULQDQ.
+    pub(crate) fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let scalar = Pclmul::detect()?;
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("vpclmulqdq")
+            {
+                return Some(Self { scalar });
+            }
+        }
+        None
+    }
+}
+
+impl Gf64 for Avx512Gf {
+    #[inline]
+    fn mul(self, a: u64, b: u64) -> u64 {
+        self.scalar.mul(a, b)
+    }
+
+    fn xor_into(self, dst: &mut [u64], src: &[u64]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the token proves AVX-512F (see `butterfly`); the
+            // callee's raw-pointer accesses are justified at their sites.
+            unsafe { gf512::xor_into(dst, src) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.xor_into(dst, src)
+    }
+
+    fn xor_strided(
+        self,
+        data: &mut [u64],
+        dst: usize,
+        src: usize,
+        stride: usize,
+        width: usize,
+        count: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the token proves AVX-512F (see `butterfly`); the
+            // callee's raw-pointer accesses are justified at their sites.
+            unsafe { gf512::xor_strided(data, dst, src, stride, width, count) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar
+            .xor_strided(data, dst, src, stride, width, count)
+    }
+
+    fn transpose(self, d: &mut [u64], n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the token proves AVX-512F (see `butterfly`); the
+            // callee's raw-pointer accesses are justified at their sites.
+            unsafe { gf512::transpose(d, n) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.transpose(d, n)
+    }
+
+    fn butterfly(self, c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: an `Avx512Gf` token exists only if `detect` saw
+            // AVX-512F/BW, VPCLMULQDQ and PCLMULQDQ at run time; the callee's
+            // raw-pointer accesses are justified at their sites.
+            unsafe { gf512::butterfly(c, lo, hi) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.butterfly(c, lo, hi)
+    }
+
+    fn ibutterfly(self, c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `butterfly`: the token proves the CPU features.
+            unsafe { gf512::ibutterfly(c, lo, hi) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.ibutterfly(c, lo, hi)
+    }
+
+    fn butterflies(self, data: &mut [u64], h: usize, tw: &[u64], inv: bool) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `butterfly`: the token proves the CPU features.
+            unsafe {
+                if inv {
+                    gf512::butterflies::<true>(data, h, tw);
+                } else {
+                    gf512::butterflies::<false>(data, h, tw);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.butterflies(data, h, tw, inv)
+    }
+
+    fn mul_assign(self, a: &mut [u64], b: &[u64]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `butterfly`: the token proves the CPU features.
+            unsafe { gf512::mul_assign(a, b) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.mul_assign(a, b)
+    }
+
+    fn tail3(self, data: &mut [u64], units: &[[u64; 3]], small: &[u64; 8]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `butterfly`: the token proves the CPU features.
+            unsafe { gf512::tail3::<false>(data, units, small) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.tail3(data, units, small)
+    }
+
+    fn itail3(self, data: &mut [u64], units: &[[u64; 3]], small: &[u64; 8]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: as in `butterfly`: the token proves the CPU features.
+            unsafe { gf512::tail3::<true>(data, units, small) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar.itail3(data, units, small)
+    }
+}
+
+/// Second fold of the reduction by the top nibble `h4` of the high word:
+/// the bits of `H·(x^4+x^3+x+1)` above 64 are `o = h4 ^ h4>>1 ^ h4>>3`, and
+/// `o·x^64 ≡ o·(x^4+x^3+x+1)` (< 256); one byte each, for a byte shuffle.
+const FOLD_TABLE: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let o = i ^ (i >> 1) ^ (i >> 3);
+        let mut acc = 0u8;
+        let mut b = 0;
+        while b < 4 {
+            if (o >> b) & 1 == 1 {
+                acc ^= (GF64_POLY as u8) << b;
+            }
+            b += 1;
+        }
+        t[i] = acc;
+        i += 1;
+    }
+    t
+};
+
+/// Index vectors for the in-register layers of `tail3`. A 16-element unit is
+/// held in two vectors `(A, B)` "split by bit p": `A` holds the elements whose
+/// index has bit `p` clear (in order), `B` those with it set. `SPLIT[p][q]`
+/// is the `permutex2var` index pair taking split `p` to split `q`.
+const fn split_perm(p: usize, q: usize) -> [u64; 16] {
+    let mut out = [0u64; 16];
+    let mut o = 0;
+    while o < 16 {
+        // Element at output lane o of split q.
+        let k = o % 8;
+        let set = o / 8;
+        let e = ((k >> q) << (q + 1)) | (k & ((1 << q) - 1)) | (set << q);
+        // Its position in split p.
+        let pos = ((e >> p) & 1) * 8 + (((e >> (p + 1)) << p) | (e & ((1 << p) - 1)));
+        out[o] = pos as u64;
+        o += 1;
+    }
+    out
+}
+
+/// `lane[p][l]` = index (in `small`) of the twiddle offset of lane `l` of `A`
+/// in split `p`: the element there is `e`, its block offset `e >> (p + 1)`.
+const fn split_lanes(p: usize) -> [usize; 8] {
+    let mut out = [0usize; 8];
+    let mut l = 0;
+    while l < 8 {
+        let e = ((l >> p) << (p + 1)) | (l & ((1 << p) - 1));
+        out[l] = e >> (p + 1);
+        l += 1;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod gf512 {
+    use core::arch::x86_64::{
+        __m512i, _mm512_clmulepi64_epi128, _mm512_loadu_si512, _mm512_permutex2var_epi64,
+        _mm512_set_epi64, _mm512_set1_epi64, _mm512_setzero_si512, _mm512_shuffle_epi8,
+        _mm512_slli_epi64, _mm512_srli_epi64, _mm512_storeu_si512, _mm512_ternarylogic_epi64,
+        _mm512_unpackhi_epi64, _mm512_unpacklo_epi64, _mm512_xor_si512,
+    };
+
+    use super::{FOLD_TABLE, split_lanes, split_perm};
+
+    /// Eight `u64` as a vector, lane 0 first.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn vec8(v: [u64; 8]) -> __m512i {
+        _mm512_set_epi64(
+            v[7] as i64,
+            v[6] as i64,
+            v[5] as i64,
+            v[4] as i64,
+            v[3] as i64,
+            v[2] as i64,
+            v[1] as i64,
+            v[0] as i64,
+        )
+    }
+
+    /// The fold table replicated into every 128-bit lane.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn fold_table() -> __m512i {
+        let mut lo = 0u64;
+        let mut hi = 0u64;
+        for i in 0..8 {
+            lo |= u64::from(FOLD_TABLE[i]) << (8 * i);
+            hi |= u64::from(FOLD_TABLE[i + 8]) << (8 * i);
+        }
+        vec8([lo, hi, lo, hi, lo, hi, lo, hi])
+    }
+
+    /// Eight GF(2^64) products, lane by lane. Two VPCLMULQDQ give the
+    /// 128-bit products of the even and odd lanes, regrouped into low words
+    /// `L` and high words `H`; then `H·x^64 ≡ H·(x^4+x^3+x+1)` is folded with
+    /// shifts, and the ≤ 4 bits that overflow (a function of the top nibble
+    /// of `H`) with a byte-table shuffle. Clmul throughput is the limit, so
+    /// the fold avoids it.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    #[inline]
+    fn mul8(a: __m512i, b: __m512i, table: __m512i) -> __m512i {
+        let pe = _mm512_clmulepi64_epi128::<0x00>(a, b);
+        let po = _mm512_clmulepi64_epi128::<0x11>(a, b);
+        let l = _mm512_unpacklo_epi64(pe, po);
+        let h = _mm512_unpackhi_epi64(pe, po);
+        let f = _mm512_ternarylogic_epi64::<0x96>(
+            h,
+            _mm512_slli_epi64::<1>(h),
+            _mm512_slli_epi64::<3>(h),
+        );
+        let g = _mm512_ternarylogic_epi64::<0x96>(f, _mm512_slli_epi64::<4>(h), l);
+        _mm512_xor_si512(g, _mm512_shuffle_epi8(table, _mm512_srli_epi64::<60>(h)))
+    }
+
+    /// Loads eight words.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load(c: &[u64; 8]) -> __m512i {
+        // SAFETY: `c` is 64 bytes of initialised memory; the load is unaligned.
+        unsafe { _mm512_loadu_si512(c.as_ptr().cast::<__m512i>()) }
+    }
+
+    /// Stores eight words.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store(c: &mut [u64; 8], v: __m512i) {
+        // SAFETY: `c` is 64 bytes of writable memory; the store is unaligned.
+        unsafe { _mm512_storeu_si512(c.as_mut_ptr().cast::<__m512i>(), v) }
+    }
+
+    fn as8(c: &mut [u64]) -> &mut [u64; 8] {
+        c.try_into().expect("chunks_exact_mut(8) yields 8 words")
+    }
+
+    /// The 8 × 8 tile at row `r0`, column `c0` of the `n`-column matrix
+    /// `d`, transposed in registers (unpack, then two rounds of two-source
+    /// permutes).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tile_t(d: &[u64], n: usize, r0: usize, c0: usize) -> [__m512i; 8] {
+        let mut r = [_mm512_setzero_si512(); 8];
+        for (i, v) in r.iter_mut().enumerate() {
+            let row: &[u64; 8] = d[(r0 + i) * n + c0..][..8]
+                .try_into()
+                .expect("slice of 8 words");
+            *v = load(row);
+        }
+        let a = [
+            _mm512_unpacklo_epi64(r[0], r[1]),
+            _mm512_unpackhi_epi64(r[0], r[1]),
+            _mm512_unpacklo_epi64(r[2], r[3]),
+            _mm512_unpackhi_epi64(r[2], r[3]),
+            _mm512_unpacklo_epi64(r[4], r[5]),
+            _mm512_unpackhi_epi64(r[4], r[5]),
+            _mm512_unpacklo_epi64(r[6], r[7]),
+            _mm512_unpackhi_epi64(r[6], r[7]),
+        ];
+        let i1 = vec8([0, 1, 8, 9, 4, 5, 12, 13]);
+        let i2 = vec8([2, 3, 10, 11, 6, 7, 14, 15]);
+        let b = [
+            _mm512_permutex2var_epi64(a[0], i1, a[2]),
+            _mm512_permutex2var_epi64(a[1], i1, a[3]),
+            _mm512_permutex2var_epi64(a[0], i2, a[2]),
+            _mm512_permutex2var_epi64(a[1], i2, a[3]),
+            _mm512_permutex2var_epi64(a[4], i1, a[6]),
+            _mm512_permutex2var_epi64(a[5], i1, a[7]),
+            _mm512_permutex2var_epi64(a[4], i2, a[6]),
+            _mm512_permutex2var_epi64(a[5], i2, a[7]),
+        ];
+        let j1 = vec8([0, 1, 2, 3, 8, 9, 10, 11]);
+        let j2 = vec8([4, 5, 6, 7, 12, 13, 14, 15]);
+        [
+            _mm512_permutex2var_epi64(b[0], j1, b[4]),
+            _mm512_permutex2var_epi64(b[1], j1, b[5]),
+            _mm512_permutex2var_epi64(b[2], j1, b[6]),
+            _mm512_permutex2var_epi64(b[3], j1, b[7]),
+            _mm512_permutex2var_epi64(b[0], j2, b[4]),
+            _mm512_permutex2var_epi64(b[1], j2, b[5]),
+            _mm512_permutex2var_epi64(b[2], j2, b[6]),
+            _mm512_permutex2var_epi64(b[3], j2, b[7]),
+        ]
+    }
+
+    /// Stores eight vectors as the rows of the tile at (`r0`, `c0`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tile_store(d: &mut [u64], n: usize, r0: usize, c0: usize, t: &[__m512i; 8]) {
+        for (i, &v) in t.iter().enumerate() {
+            let row: &mut [u64; 8] = (&mut d[(r0 + i) * n + c0..][..8])
+                .try_into()
+                .expect("slice of 8 words");
+            store(row, v);
+        }
+    }
+
+    /// In-place transpose of the `n × n` matrix `d` (`n` a multiple of 8).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose(d: &mut [u64], n: usize) {
+        for bi in (0..n).step_by(8) {
+            for bj in (bi..n).step_by(8) {
+                let a = tile_t(d, n, bi, bj);
+                if bi == bj {
+                    tile_store(d, n, bi, bj, &a);
+                } else {
+                    let b = tile_t(d, n, bj, bi);
+                    tile_store(d, n, bj, bi, &a);
+                    tile_store(d, n, bi, bj, &b);
+                }
+            }
+        }
+    }
+
+    /// See `Gf64::xor_strided`; the inner XOR inlined.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn xor_strided(
+        data: &mut [u64],
+        dst: usize,
+        src: usize,
+        stride: usize,
+        width: usize,
+        count: usize,
+    ) {
+        let (a, b) = data.split_at_mut(src);
+        for i in 0..count {
+            xor_into(
+                &mut a[dst + i * stride..][..width],
+                &b[i * stride..][..width],
+            );
+        }
+    }
+
+    /// `dst ^= src`, eight words at a time.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn xor_into(dst: &mut [u64], src: &[u64]) {
+        let n = dst.len().min(src.len());
+        let (dst, src) = (&mut dst[..n], &src[..n]);
+        let mut dc = dst.chunks_exact_mut(8);
+        let mut sc = src.chunks_exact(8);
+        for (d, s) in (&mut dc).zip(&mut sc) {
+            let d = as8(d);
+            let s: &[u64; 8] = s.try_into().expect("chunks_exact(8) yields 8 words");
+            store(d, _mm512_xor_si512(load(d), load(s)));
+        }
+        for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+            *d ^= *s;
+        }
+    }
+
+    /// Layer of small blocks (see `Gf64::butterflies`), the per-block
+    /// butterflies inlined.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse2")]
+    pub(super) fn butterflies<const INV: bool>(data: &mut [u64], h: usize, tw: &[u64]) {
+        for (blk, &c) in data.chunks_exact_mut(2 * h).zip(tw) {
+            let (lo, hi) = blk.split_at_mut(h);
+            if INV {
+                ibutterfly(c, lo, hi);
+            } else {
+                butterfly(c, lo, hi);
+            }
+        }
+    }
+
+    /// `lo ^= c·hi; hi ^= lo`, eight lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse2")]
+    #[inline]
+    pub(super) fn butterfly(c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        let n = lo.len().min(hi.len());
+        let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
+        let table = fold_table();
+        let cv = _mm512_set1_epi64(c as i64);
+        let mut lc = lo.chunks_exact_mut(8);
+        let mut hc = hi.chunks_exact_mut(8);
+        for (l, h) in (&mut lc).zip(&mut hc) {
+            let (l, h) = (as8(l), as8(h));
+            let hv = load(h);
+            let lv = _mm512_xor_si512(load(l), mul8(hv, cv, table));
+            store(l, lv);
+            store(h, _mm512_xor_si512(hv, lv));
+        }
+        for (l, h) in lc.into_remainder().iter_mut().zip(hc.into_remainder()) {
+            let (a, b) = super::x86::mul64(*h, c);
+            *l ^= super::gf64_reduce(a, b);
+            *h ^= *l;
+        }
+    }
+
+    /// `hi ^= lo; lo ^= c·hi`, eight lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse2")]
+    #[inline]
+    pub(super) fn ibutterfly(c: u64, lo: &mut [u64], hi: &mut [u64]) {
+        let n = lo.len().min(hi.len());
+        let (lo, hi) = (&mut lo[..n], &mut hi[..n]);
+        let table = fold_table();
+        let cv = _mm512_set1_epi64(c as i64);
+        let mut lc = lo.chunks_exact_mut(8);
+        let mut hc = hi.chunks_exact_mut(8);
+        for (l, h) in (&mut lc).zip(&mut hc) {
+            let (l, h) = (as8(l), as8(h));
+            let lv = load(l);
+            let hv = _mm512_xor_si512(load(h), lv);
+            store(h, hv);
+            store(l, _mm512_xor_si512(lv, mul8(hv, cv, table)));
+        }
+        for (l, h) in lc.into_remainder().iter_mut().zip(hc.into_remainder()) {
+            *h ^= *l;
+            let (a, b) = super::x86::mul64(*h, c);
+            *l ^= super::gf64_reduce(a, b);
+        }
+    }
+
+    /// `a[i] = a[i]·b[i]`, eight lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse2")]
+    pub(super) fn mul_assign(a: &mut [u64], b: &[u64]) {
+        let n = a.len().min(b.len());
+        let (a, b) = (&mut a[..n], &b[..n]);
+        let table = fold_table();
+        let mut ac = a.chunks_exact_mut(8);
+        let mut bc = b.chunks_exact(8);
+        for (x, y) in (&mut ac).zip(&mut bc) {
+            let x = as8(x);
+            let y: &[u64; 8] = y.try_into().expect("chunks_exact(8) yields 8 words");
+            store(x, mul8(load(x), load(y), table));
+        }
+        for (x, &y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
+            let (lo, hi) = super::x86::mul64(*x, y);
+            *x = super::gf64_reduce(lo, hi);
+        }
+    }
+
+    /// Index pair (for `A` and for `B`) of the permutation from split `p`
+    /// to split `q`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn perm(p: usize, q: usize) -> (__m512i, __m512i) {
+        let s = split_perm(p, q);
+        let (mut a, mut b) = ([0u64; 8], [0u64; 8]);
+        a.copy_from_slice(&s[..8]);
+        b.copy_from_slice(&s[8..]);
+        (vec8(a), vec8(b))
+    }
+
+    /// Twiddle offsets of split `p` as a vector.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn lanes(p: usize, small: &[u64; 8]) -> __m512i {
+        let l = split_lanes(p);
+        let mut v = [0u64; 8];
+        for (d, &i) in v.iter_mut().zip(&l) {
+            *d = small[i];
+        }
+        vec8(v)
+    }
+
+    /// Forward (`INV = false`) or inverse last three layers on 16-element
+    /// units held in two registers, re-split between layers with
+    /// `permutex2var` so every butterfly is a full-width vector operation.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse2")]
+    pub(super) fn tail3<const INV: bool>(data: &mut [u64], units: &[[u64; 3]], small: &[u64; 8]) {
+        let table = fold_table();
+        // Forward visits splits 3 → 2 → 1 → 0 → 3, inverse 3 → 0 → 1 → 2 → 3.
+        let order: [usize; 5] = if INV {
+            [3, 0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0, 3]
+        };
+        let p = [
+            perm(order[0], order[1]),
+            perm(order[1], order[2]),
+            perm(order[2], order[3]),
+            perm(order[3], order[4]),
+        ];
+        let ln = [
+            lanes(order[1], small),
+            lanes(order[2], small),
+            lanes(order[3], small),
+        ];
+        // Twiddle base of split s is units[u][2 - s] (w3, w2, w1 for s = 2, 1, 0).
+        for (d, w) in data.chunks_exact_mut(16).zip(units) {
+            let (d0, d1) = d.split_at_mut(8);
+            let (d0, d1) = (as8(d0), as8(d1));
+            let (mut a, mut b) = (load(d0), load(d1));
+            for step in 0..3 {
+                let (ia, ib) = p[step];
+                let na = _mm512_permutex2var_epi64(a, ia, b);
+                let nb = _mm512_permutex2var_epi64(a, ib, b);
+                let split = order[step + 1];
+                let c = _mm512_xor_si512(_mm512_set1_epi64(w[2 - split] as i64), ln[step]);
+                if INV {
+                    b = _mm512_xor_si512(nb, na);
+                    a = _mm512_xor_si512(na, mul8(b, c, table));
+                } else {
+                    a = _mm512_xor_si512(na, mul8(nb, c, table));
+                    b = _mm512_xor_si512(nb, a);
+                }
+            }
+            let (ia, ib) = p[3];
+            store(d0, _mm512_permutex2var_epi64(a, ia, b));
+            store(d1, _mm512_permutex2var_epi64(a, ib, b));
+        }
     }
 }
 

@@ -16,7 +16,9 @@
 //!   [`cascade::h2`].
 //! * [`ldpc`] — one-message, rate-adaptive LDPC syndrome reconciliation.
 //! * [`verify`] — universal-hash comparison bounding ε_cor.
-//! * [`pa`] — Toeplitz privacy amplification as a carry-less product.
+//! * [`pa`] — Toeplitz privacy amplification as a carry-less product;
+//!   [`gf2x`] — the additive-FFT GF(2)\[x\] multiplication it uses for
+//!   large blocks.
 //! * [`auth`] — Wegman–Carter tags (GF(2^128) polynomial hash + one-time pad)
 //!   for every classical message.
 //!
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod bits;
 pub mod cascade;
 mod clmul;
+pub mod gf2x;
 pub mod ldpc;
 pub mod pa;
 pub mod verify;

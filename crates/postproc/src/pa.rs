@@ -10,13 +10,15 @@
 //! `O(n·m)`, hopeless at 10^8-bit blocks; but each output bit is a sum along a
 //! diagonal, so the whole output is a window of the GF(2)\[x\] product of the
 //! seed polynomial and the input polynomial. That window is computed on
-//! packed 64-bit words with a Karatsuba recursion over a schoolbook base case
-//! whose word products use VPCLMULQDQ/PCLMULQDQ when the CPU has them (the
-//! private `clmul` module, the only `unsafe` in the crate) and a portable
-//! software carry-less multiply otherwise. No crate is used because none offers large
-//! GF(2)\[x\] products with a hardware carry-less base case, and the exact
-//! Toeplitz convention below must be pinned down in our own code anyway since
-//! both ends of a link must compute the identical function.
+//! packed 64-bit words, by a Karatsuba recursion for small blocks and by the
+//! additive FFT of [`crate::gf2x`] for large ones, both with VPCLMULQDQ/
+//! PCLMULQDQ when the CPU has them (the private `clmul` module, the only
+//! `unsafe` in the crate) and a portable software carry-less multiply
+//! otherwise. No crate is used because none offers large GF(2)\[x\] products
+//! with a hardware carry-less base case, and the exact Toeplitz convention
+//! below must be pinned down in our own code anyway since both ends of a link
+//! must compute the identical function. Every backend computes the same
+//! function bit for bit (tested against each other and the definition).
 //!
 //! # Convention (normative: both ends of a link rely on it)
 //!
@@ -38,23 +40,35 @@
 //!
 //! # Algorithm and cost
 //!
-//! The output is cut into square word-aligned tiles (side = the smaller of
+//! Below [`FFT_MIN_SIDE`] bits of input or output (the measured crossover),
+//! the output is cut into square word-aligned tiles (side = the smaller of
 //! the input and output word counts, padded to `c·2^k` words). Each tile is
 //! a Toeplitz matrix-vector product computed by the Karatsuba-style
 //! recursion in `toeplitz_rec` (three half-size products per level, only the
 //! needed "middle" part of the polynomial product is ever formed), with a
 //! schoolbook middle product as base case: AVX-512 VPCLMULQDQ (four word
 //! products per instruction) when available, else PCLMULQDQ, else the
-//! portable kernel. Cost is `O(N^1.585)` word operations for `N`-word tiles;
-//! memory is about five tile-sized buffers beyond the inputs and output
-//! (≈ 100 MB peak RSS at 10^8 input bits). Measured on one core of the
-//! development machine (AVX-512): ~0.2 Gbit/s at 10^6 input bits, ~65 Mbit/s
-//! at 10^7, ~18 Mbit/s at 10^8 (m = n/2). The 1 Gbit/s-at-10^8 goal needs a
-//! quasi-linear GF(2)\[x\] multiplication (additive FFT); the tile interface
-//! is where it would plug in.
+//! portable kernel. Cost is `O(N^1.585)` word operations for `N`-word tiles.
+//!
+//! Above it, the whole product `S·X` is computed by [`gf2x`]'s additive FFT
+//! over GF(2^64) (`O(N log N)`: three transforms of `2^K` 32-bit chunks,
+//! `2^K ≥ (2n + m)/32`) and the window cut out of it. Memory is two
+//! `2^K`-word buffers (128 MiB at 10^8 input bits; peak RSS 172 MiB with the
+//! inputs), reusable across blocks through [`toeplitz_hash_in`].
+//!
+//! Measured on one core of the development machine (AVX-512 Zen 4), m = n/2,
+//! median of three runs of `examples/pa_block` on fresh buffers: 0.26 Gbit/s
+//! at 10^6 input bits (Karatsuba), 0.25 Gbit/s at 10^7 and 0.26 Gbit/s at
+//! 10^8 (FFT; Karatsuba manages 60 and 18.5 Mbit/s there); 0.33 Gbit/s at
+//! 10^8 with a reused scratch. The FFT is limited by its ≈ 290 M GF(2^64)
+//! multiplications at 10^8 (vector-ALU bound), the basis conversions' XOR
+//! passes (L2 bandwidth), DRAM passes and, on fresh buffers, page faults;
+//! 1 Gbit/s at 10^8 would need another ~4×, which this design does not
+//! reach on one core.
 
 use crate::bits::{BitVec, extract_bits, words_for};
 use crate::clmul::{Avx512Clmul, ClmulBase, Pclmul, Portable};
+use crate::gf2x::{self, Scratch};
 
 /// Errors from privacy amplification; all are caller misuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,19 +87,36 @@ pub enum PaError {
     EmptyInput,
 }
 
-/// Which carry-less multiplier to use.
+/// Which algorithm and carry-less multiplier to use. All variants compute
+/// the identical function (the convention above); they differ only in speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Backend {
-    /// The fastest kernel the CPU supports: AVX-512 VPCLMULQDQ, else
-    /// PCLMULQDQ, else portable.
+    /// The fastest kernel the CPU supports (AVX-512 VPCLMULQDQ, else
+    /// PCLMULQDQ, else portable), and the additive FFT ([`crate::gf2x`])
+    /// when both the input and the output have at least [`FFT_MIN_SIDE`]
+    /// bits, Karatsuba otherwise.
     #[default]
     Auto,
-    /// Scalar PCLMULQDQ if available (portable otherwise), never AVX-512.
+    /// Scalar PCLMULQDQ if available (portable otherwise), never AVX-512;
+    /// algorithm chosen by size as in [`Backend::Auto`].
     Pclmul,
-    /// Always the portable software kernel (for tests and comparison).
+    /// Always the portable software kernel (for tests and comparison);
+    /// algorithm chosen by size as in [`Backend::Auto`].
     Portable,
+    /// The fastest kernel, always the Karatsuba recursion.
+    Karatsuba,
+    /// The fastest kernel, always the additive FFT.
+    Fft,
 }
+
+/// [`Backend::Auto`] uses the additive FFT when both the input and the
+/// output length (bits) are at least this. Measured on the development
+/// machine: Karatsuba costs ~`n·m^0.585` and wins below (3.8 ms against
+/// 5.8 ms at n = 10^6, m = n/2), the FFT costs ~`(2n + m)·log` and wins
+/// above (5.8 against 7.1 ms at 1.5·10^6; 42 against 54 ms at n = 10^7,
+/// m = 10^6; but 49 against 28 ms at n = 10^7, m = 10^5).
+pub const FFT_MIN_SIDE: usize = 750_000;
 
 /// Seed length for hashing `input_len` bits to `output_len` bits:
 /// `input_len + output_len − 1` (0 if both are 0).
@@ -106,26 +137,62 @@ pub fn toeplitz_hash_with(
     input: &BitVec,
     output_len: usize,
 ) -> Result<BitVec, PaError> {
+    toeplitz_hash_in(&mut Scratch::new(), backend, seed, input, output_len)
+}
+
+/// [`toeplitz_hash_with`] with caller-owned working memory for the FFT
+/// path: a node that amplifies block after block keeps one [`Scratch`] and
+/// saves re-allocating (and page-faulting in) 128 MiB per 10^8-bit block.
+/// The scratch holds no key material between calls.
+pub fn toeplitz_hash_in(
+    scratch: &mut Scratch,
+    backend: Backend,
+    seed: &BitVec,
+    input: &BitVec,
+    output_len: usize,
+) -> Result<BitVec, PaError> {
     let n = input.len();
     check(seed, n, output_len)?;
     if output_len == 0 {
         return Ok(BitVec::zeros(0));
     }
-    let out = match backend {
-        Backend::Auto => {
-            if let Some(wide) = Avx512Clmul::detect() {
-                toeplitz_words(wide, seed, input, output_len)
-            } else if let Some(fast) = Pclmul::detect() {
-                toeplitz_words(fast, seed, input, output_len)
-            } else {
-                toeplitz_words(Portable, seed, input, output_len)
+    let fft = match backend {
+        Backend::Fft => true,
+        Backend::Karatsuba => false,
+        _ => n.min(output_len) >= FFT_MIN_SIDE,
+    };
+    let out = if fft {
+        let kernel = match backend {
+            Backend::Pclmul => gf2x::Kernel::Pclmul,
+            Backend::Portable => gf2x::Kernel::Portable,
+            _ => gf2x::Kernel::Best,
+        };
+        // y[i] = coefficient of z^(i + n − 1) of S(z)·X(z).
+        gf2x::product_window(
+            kernel,
+            scratch,
+            (seed.as_words(), seed.len()),
+            (input.as_words(), n),
+            n - 1,
+            output_len,
+        )
+    } else {
+        match backend {
+            Backend::Auto | Backend::Karatsuba | Backend::Fft => {
+                if let Some(wide) = Avx512Clmul::detect() {
+                    toeplitz_words(wide, seed, input, output_len)
+                } else if let Some(fast) = Pclmul::detect() {
+                    toeplitz_words(fast, seed, input, output_len)
+                } else {
+                    toeplitz_words(Portable, seed, input, output_len)
+                }
             }
+            Backend::Pclmul => match Pclmul::detect() {
+                Some(fast) => toeplitz_words(fast, seed, input, output_len),
+                None => toeplitz_words(Portable, seed, input, output_len),
+            },
+            Backend::Portable => toeplitz_words(Portable, seed, input, output_len),
         }
-        Backend::Pclmul => match Pclmul::detect() {
-            Some(fast) => toeplitz_words(fast, seed, input, output_len),
-            None => toeplitz_words(Portable, seed, input, output_len),
-        },
-        Backend::Portable => toeplitz_words(Portable, seed, input, output_len),
     };
     Ok(BitVec::from_words_truncate(out, output_len))
 }
@@ -328,6 +395,10 @@ mod tests {
                 let f = toeplitz_hash_with(Backend::Auto, &seed, &x, m).expect("ok");
                 let c = toeplitz_hash_with(Backend::Pclmul, &seed, &x, m).expect("ok");
                 let p = toeplitz_hash_with(Backend::Portable, &seed, &x, m).expect("ok");
+                let k = toeplitz_hash_with(Backend::Karatsuba, &seed, &x, m).expect("ok");
+                let t = toeplitz_hash_with(Backend::Fft, &seed, &x, m).expect("ok");
+                assert_eq!(k, r, "karatsuba n={n} m={m}");
+                assert_eq!(t, r, "fft n={n} m={m}");
                 assert_eq!(f, r, "fast n={n} m={m}");
                 assert_eq!(c, r, "pclmul n={n} m={m}");
                 assert_eq!(p, r, "portable n={n} m={m}");
@@ -372,6 +443,45 @@ mod tests {
             }
             assert_eq!(f.get(i), acc, "bit {i}");
         }
+    }
+
+    #[test]
+    fn fft_matches_karatsuba_on_large_blocks() {
+        // Sizes on both sides of the two-level FFT layout (2^16 chunks), odd
+        // lengths, and m below and above n/2; the last is a 10^7-bit block.
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(12);
+        for (n, m) in [
+            (1_000_003usize, 499_999usize),
+            (2_100_001, 1_700_003),
+            (10_000_019, 4_999_999),
+        ] {
+            let x = BitVec::random(n, &mut rng);
+            let seed = BitVec::random(seed_len(n, m), &mut rng);
+            let k = toeplitz_hash_with(Backend::Karatsuba, &seed, &x, m).expect("ok");
+            let f = toeplitz_hash_with(Backend::Fft, &seed, &x, m).expect("ok");
+            assert_eq!(f, k, "n={n} m={m}");
+            for i in [0, m / 3, m - 1] {
+                let mut acc = false;
+                for j in 0..n {
+                    acc ^= seed.get(i + n - 1 - j) & x.get(j);
+                }
+                assert_eq!(f.get(i), acc, "bit {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn fft_handles_tiny_blocks() {
+        // n = 1: the output is the seed itself (T[i][0] = s[i]).
+        let seed = BitVec::from_ascii("1011001").expect("valid");
+        let x = BitVec::from_ascii("1").expect("valid");
+        let y = toeplitz_hash_with(Backend::Fft, &seed, &x, 7).expect("ok");
+        assert_eq!(y, seed);
+        let zero = BitVec::zeros(1);
+        let y = toeplitz_hash_with(Backend::Fft, &seed, &zero, 7).expect("ok");
+        assert_eq!(y, BitVec::zeros(7));
+        let y = toeplitz_hash_with(Backend::Fft, &BitVec::zeros(0), &x, 0).expect("ok");
+        assert_eq!(y, BitVec::zeros(0));
     }
 
     #[test]
