@@ -878,6 +878,46 @@ async fn crash_child() {
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..6u32 {
         let (a, b) = (a.clone(), b.clone());
+        if w >= 4 && a.keeps_stock() {
+            // Key stock: reserve → B accepts → stock at A, then the master takes
+            // the stock a key or two at a time.
+            tasks.spawn(async move {
+                for i in 0u32.. {
+                    let r = reservation(4 + (w + i) % 3);
+                    let Ok(keys) = a.reserve(r.clone()).await else {
+                        return;
+                    };
+                    if b.accept(acceptance("kme-a", &r, &keys)).await.is_err()
+                        || a.stock(r.request_id).await.is_err()
+                    {
+                        return;
+                    }
+                    loop {
+                        let n = 1 + (w + i) % 2;
+                        let Ok((Some(got), _)) =
+                            a.take_stock(sae("alice"), sae("bob"), 256, n).await
+                        else {
+                            break;
+                        };
+                        for k in &got {
+                            println!("M {}", k.key_id);
+                        }
+                        for k in &got {
+                            println!("T {}", k.key_id);
+                        }
+                        let ids = got.iter().map(|k| k.key_id).collect();
+                        let Ok(at_b) = b.take(sae("bob"), sae("alice"), ids).await else {
+                            return;
+                        };
+                        for (k, g) in at_b.iter().zip(&got) {
+                            assert_eq!(&k.material[..], &g.material[..], "the two ends agree");
+                            println!("S {}", k.key_id);
+                        }
+                    }
+                }
+            });
+            continue;
+        }
         tasks.spawn(async move {
             for i in 0u32.. {
                 let r = reservation(1 + (w + i) % 3);
