@@ -16,8 +16,9 @@
 //! the path of every enc_keys. With `stock_keys` > 0 (and a store that keeps
 //! stock, SQLite), the first enc_keys of a (master, slave, key size) takes that
 //! path and starts a background *refill*: the same reserve → peer acknowledges
-//! steps for up to `stock_keys` keys (never more than half of those available),
-//! after which the store marks the request *stocked* instead of delivered. The
+//! steps for up to `stock_keys` keys of the default key size (never more than
+//! half of those available when the refill starts), after which the store marks
+//! the request *stocked* instead of delivered. The
 //! peer has then accepted those key IDs for exactly that master and slave, as for
 //! any request, so the slave can fetch them by ID. Later enc_keys of the pair are
 //! served from the stock in one local durable transition (oldest keys first; a
@@ -306,16 +307,27 @@ impl Kme {
             Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
             _ => return self.relay_enc(master, slave, target, req).await,
         };
-        if self.settings.stock_keys > 0 && self.store.keeps_stock() {
-            let (stocked, left) = self
+        // Stock is kept for the default key size only, so a pair holds one stock
+        // whatever sizes it asks for; a failed stock lookup falls back to the
+        // direct path.
+        if self.settings.stock_keys > 0
+            && self.store.keeps_stock()
+            && req.size_bits == self.settings.limits.key_size
+        {
+            let taken = self
                 .store
                 .take_stock(master.clone(), slave.clone(), req.size_bits, req.number)
-                .await?;
-            if left < u64::from(self.settings.stock_keys / 2) {
-                self.refill_stock(peer, &master, &slave, req.size_bits);
-            }
-            if let Some(keys) = stocked {
-                return Ok(delivered_container(keys));
+                .await;
+            match taken {
+                Ok((stocked, left)) => {
+                    if left < u64::from(self.settings.stock_keys.div_ceil(2)) {
+                        self.refill_stock(peer, &master, &slave, req.size_bits);
+                    }
+                    if let Some(keys) = stocked {
+                        return Ok(delivered_container(keys));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "key stock unavailable; direct path"),
             }
         }
         self.reserve_at_peer(peer, master, slave, req.number, req.size_bits)
@@ -464,42 +476,54 @@ async fn refill(
     max_per_request: u32,
     attempts: u32,
 ) {
-    let (master, slave, size_bits) = key.clone();
-    let per_key = u64::from(units_for_bits(size_bits).max(1));
-    loop {
-        let have = match store
-            .stock_count(master.clone(), slave.clone(), size_bits)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "stock count failed");
-                break;
+    // Whatever way this task ends (even a panic), the pair may refill again.
+    struct Done(Arc<Mutex<std::collections::HashSet<StockKey>>>, StockKey);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            if let Ok(mut set) = self.0.lock() {
+                set.remove(&self.1);
             }
-        };
-        if have >= u64::from(target) / 2 {
-            break;
         }
-        let available = match store.pool_counts(peer.peer().clone()).await {
-            Ok(c) => c.mine_available / per_key,
-            Err(_) => break,
-        };
-        let want = (u64::from(target) - have)
-            .min(u64::from(max_per_request))
-            .min(available / 2);
-        let Ok(number) = u32::try_from(want) else {
-            break;
-        };
-        if number == 0 {
-            break;
+    }
+    let _done = Done(refilling, key.clone());
+    let (master, slave, size_bits) = key;
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    let have = match store
+        .stock_count(master.clone(), slave.clone(), size_bits)
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "stock count failed");
+            return;
         }
+    };
+    let Ok(available) = store.pool_counts(peer.peer().clone()).await else {
+        return;
+    };
+    // One budget for the whole refill: at most half of the keys available now.
+    let mut budget =
+        (u64::from(target).saturating_sub(have)).min(available.mine_available / per_key / 2);
+    while budget > 0 {
+        let Ok(number) = u32::try_from(budget.min(u64::from(max_per_request.max(1)))) else {
+            return;
+        };
         let parts = (master.clone(), slave.clone(), number, size_bits);
         match acknowledged_reservation(&store, &peer, attempts, parts).await {
             Ok((request_id, keys)) => {
+                let layouts: Vec<KeyLayout> = keys.iter().map(|k| k.layout.clone()).collect();
                 drop(keys);
                 if let Err(e) = store.stock(request_id).await {
-                    tracing::warn!(%request_id, error = %e, "could not stock acknowledged keys");
-                    break;
+                    // Still pending: void it at the peer and take the units back.
+                    tracing::warn!(%request_id, error = %e, "could not stock acknowledged keys; voiding");
+                    let p = PendingRequest {
+                        request_id,
+                        peer: peer.peer().clone(),
+                        keys: layouts,
+                    };
+                    void_until_settled(store.clone(), peer.clone(), p, Vec::new(), VoidCall::Ext)
+                        .await;
+                    return;
                 }
             }
             Err((e, job)) => {
@@ -508,12 +532,10 @@ async fn refill(
                     void_until_settled(store.clone(), peer.clone(), p, discard, VoidCall::Ext)
                         .await;
                 }
-                break;
+                return;
             }
         }
-    }
-    if let Ok(mut set) = refilling.lock() {
-        set.remove(&key);
+        budget -= u64::from(number);
     }
 }
 

@@ -169,7 +169,7 @@ pub struct SqliteStore {
 }
 
 /// How often the checkpointer thread copies the WAL into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`]
 /// on its own connection, until `stop` is dropped. SQLite's automatic checkpoint
@@ -177,13 +177,29 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// would wait for a copy and a database flush; a PASSIVE checkpoint here runs
 /// beside the writer instead (it never blocks it), and the writer then reuses
 /// the WAL from its start.
+///
+/// Under load without pauses the writer may never find the WAL fully copied
+/// when it starts a transaction, and so never wraps to its start; once the WAL
+/// holds more than [`WAL_RESTART_FRAMES`] frames, a RESTART checkpoint (which
+/// holds the writer back for the copy of what the last PASSIVE left, at most
+/// [`CHECKPOINT_EVERY`] of writes) makes it wrap.
 fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        let r = match frames {
+            Ok(n) if n > WAL_RESTART_FRAMES => conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                .map(|_| ()),
+            r => r.map(|_| ()),
+        };
+        if let Err(e) = r {
             tracing::warn!(error = %e, "SQLite checkpoint failed");
         }
     }
 }
+
+/// WAL length (4 KiB frames, 64 MiB) above which the checkpointer resets it.
+const WAL_RESTART_FRAMES: i64 = 16_384;
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` with `synchronous=FULL`.
@@ -528,10 +544,12 @@ fn live(conn: &Connection, block: &Block, i: u64) -> Result<bool, StoreError> {
         .prepare_cached("SELECT role, state, size_bits FROM requests WHERE rid=?1")?
         .query_row(params![rid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     let per_key = u64::from(units_for_bits(size_bits).max(1));
-    Ok(if role == ROLE_MASTER {
-        state == REQ_PENDING
-    } else {
-        !bit(&taken_of(conn, rid)?, (pos / per_key) as usize)
+    Ok(match (role, state) {
+        (ROLE_MASTER, REQ_PENDING) => true,
+        (ROLE_MASTER, REQ_STOCKED) | (ROLE_SLAVE, _) => {
+            !bit(&taken_of(conn, rid)?, (pos / per_key) as usize)
+        }
+        _ => false,
     })
 }
 
@@ -1775,16 +1793,21 @@ fn take_stock_op(
         if used == before {
             continue;
         }
-        conn.prepare_cached("UPDATE requests SET taken=?2, state=?3 WHERE rid=?1")?
+        if used == req.keys {
+            // Retention counts from the last delivery, not from the stocking.
+            conn.prepare_cached(
+                "UPDATE requests SET taken=?2, state=?3, created_ms=?4 WHERE rid=?1",
+            )?
             .execute(params![
                 req.rid,
                 &req.taken[..],
-                if used == req.keys {
-                    REQ_DELIVERED
-                } else {
-                    REQ_STOCKED
-                }
+                REQ_DELIVERED,
+                i64_of(now_ms())?
             ])?;
+        } else {
+            conn.prepare_cached("UPDATE requests SET taken=?2 WHERE rid=?1")?
+                .execute(params![req.rid, &req.taken[..]])?;
+        }
         let n = i64_of((used - before) * per_key)?;
         match freed.iter_mut().find(|(p, _)| *p == req.peer) {
             Some((_, c)) => *c += n,
