@@ -169,7 +169,7 @@ pub struct SqliteStore {
 }
 
 /// How often the checkpointer thread copies the WAL into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`]
 /// on its own connection, until `stop` is dropped. SQLite's automatic checkpoint
@@ -198,8 +198,8 @@ fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
-/// WAL length (4 KiB frames, 64 MiB) above which the checkpointer resets it.
-const WAL_RESTART_FRAMES: i64 = 16_384;
+/// WAL length (4 KiB frames, 16 MiB) above which the checkpointer resets it.
+const WAL_RESTART_FRAMES: i64 = 4_096;
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` with `synchronous=FULL`.
