@@ -293,9 +293,10 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
             skip.next();
             continue;
         }
-        for i in f * frame_len..(f + 1) * frame_len {
-            out.push(key.get(i));
-        }
+        let part = key
+            .slice(f * frame_len, (f + 1) * frame_len)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        out.append(&part);
     }
     Ok(out)
 }
@@ -1202,11 +1203,7 @@ impl BobBlock {
                         .slice(f * ad.key_len(), (f + 1) * ad.key_len())
                         .map_err(|e| LinkError::Protocol(e.to_string()))?;
                     match ad.decode(&part, q, s, 200) {
-                        Ok(dec) => {
-                            for i in 0..dec.len() {
-                                out.push(dec.get(i));
-                            }
-                        }
+                        Ok(dec) => out.append(&dec),
                         Err(_) if may_drop => failed.push(f as u32),
                         Err(e) => {
                             return Err(LinkError::Protocol(format!(

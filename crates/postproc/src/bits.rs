@@ -248,6 +248,28 @@ impl BitVec {
         self.set(self.len - 1, value);
     }
 
+    /// Appends all bits of `other`, a word at a time.
+    pub fn append(&mut self, other: &BitVec) {
+        let sh = self.len % 64;
+        if sh == 0 {
+            self.words.truncate(words_for(self.len));
+            self.words
+                .extend_from_slice(&other.words[..words_for(other.len)]);
+        } else {
+            for &w in &other.words[..words_for(other.len)] {
+                if let Some(last) = self.words.last_mut() {
+                    *last |= w << sh;
+                }
+                self.words.push(w >> (64 - sh));
+            }
+        }
+        self.len += other.len;
+        self.words.truncate(words_for(self.len));
+        if let Some(last) = self.words.last_mut() {
+            *last &= tail_mask(self.len);
+        }
+    }
+
     /// Number of one bits.
     pub fn count_ones(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -403,6 +425,31 @@ mod tests {
 
     fn naive_parity(v: &BitVec, s: usize, e: usize) -> bool {
         (s..e).fold(false, |a, i| a ^ v.get(i))
+    }
+
+    #[test]
+    fn append_matches_pushing_bit_by_bit() {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(11);
+        let lens = [0usize, 1, 5, 63, 64, 65, 127, 128, 129, 300];
+        for &a in &lens {
+            for &b in &lens {
+                let (x, y) = (BitVec::random(a, &mut rng), BitVec::random(b, &mut rng));
+                let mut fast = x.clone();
+                fast.append(&y);
+                let mut slow = x.clone();
+                for i in 0..b {
+                    slow.push(y.get(i));
+                }
+                assert_eq!(fast, slow, "{a} + {b}");
+                assert_eq!(fast.as_words().len(), words_for(a + b));
+                // Appending again keeps working on the result.
+                fast.append(&x);
+                for i in 0..a {
+                    slow.push(x.get(i));
+                }
+                assert_eq!(fast, slow, "{a} + {b} + {a}");
+            }
+        }
     }
 
     #[test]
