@@ -14,9 +14,9 @@
 //!
 //! That order puts three durable commits at two KMEs and a KME-to-KME call on
 //! the path of every enc_keys. With `stock_keys` > 0 (and a store that keeps
-//! stock, SQLite), the first enc_keys of a (master, slave, key size) takes that
-//! path and starts a background *refill*: the same reserve → peer acknowledges
-//! steps for up to `stock_keys` keys of the default key size (never more than
+//! stock, SQLite), the first enc_keys of the default key size by a (master,
+//! slave) pair takes that path and starts a background *refill*: the same
+//! reserve → peer acknowledges steps for up to `stock_keys` keys (never more than
 //! half of those available when the refill starts), after which the store marks
 //! the request *stocked* instead of delivered. The
 //! peer has then accepted those key IDs for exactly that master and slave, as for
@@ -254,10 +254,13 @@ impl Kme {
         let l = &self.settings.limits;
         let units = match peer {
             Some(p) => {
-                let stock = self
-                    .store
-                    .stock_count(master.clone(), slave.clone(), l.key_size)
-                    .await?;
+                let stock = if self.stocking() {
+                    self.store
+                        .stock_count(master.clone(), slave.clone(), l.key_size)
+                        .await?
+                } else {
+                    0
+                };
                 self.store
                     .pool_counts(p.peer().clone())
                     .await?
@@ -310,10 +313,7 @@ impl Kme {
         // Stock is kept for the default key size only, so a pair holds one stock
         // whatever sizes it asks for; a failed stock lookup falls back to the
         // direct path.
-        if self.settings.stock_keys > 0
-            && self.store.keeps_stock()
-            && req.size_bits == self.settings.limits.key_size
-        {
+        if self.stocking() && req.size_bits == self.settings.limits.key_size {
             let taken = self
                 .store
                 .take_stock(master.clone(), slave.clone(), req.size_bits, req.number)
@@ -360,12 +360,14 @@ impl Kme {
         Ok(reserved)
     }
 
+    /// Whether this KME keeps key stock (configured, and its store can).
+    fn stocking(&self) -> bool {
+        self.settings.stock_keys > 0 && self.store.keeps_stock()
+    }
+
     /// Starts a background refill of the stock of (`master`, `slave`, `size_bits`)
     /// unless one is running.
     fn refill_stock(&self, peer: &PeerClient, master: &SaeId, slave: &SaeId, size_bits: u32) {
-        if self.settings.stock_keys == 0 || !self.store.keeps_stock() {
-            return;
-        }
         let key = (master.clone(), slave.clone(), size_bits);
         match self.refilling.lock() {
             Ok(mut set) => {

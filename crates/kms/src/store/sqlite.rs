@@ -21,7 +21,7 @@
 //!
 //! Pool counts (for status and the capacity check) are counters in a `pools` table
 //! updated by each operation, not `count(*)` scans, and are recomputed from the
-//! units at every open. Key material read from SQLite is copied straight into
+//! blocks' `remaining` counts and the free runs at every open. Key material read from SQLite is copied straight into
 //! zeroizing buffers.
 
 use std::path::Path;
@@ -458,15 +458,11 @@ impl Blocks {
     }
 }
 
-/// Where unit `id` is stored: (block row ID, unit index), if it is. Aliases come
-/// first: a relayed key may carry the ID of a canonical unit that was delivered
-/// here before (a multipath key keeps its first share's ID).
-fn locate(conn: &Connection, id: &Uuid) -> Result<Option<(i64, u64)>, StoreError> {
-    Locator::new(conn)?.locate(conn, id)
-}
-
-/// [`locate`] for many units: block lookups are cached, and alias lookups are
-/// skipped while the store holds no aliases (no relayed keys).
+/// Finds where units are stored: (block row ID, unit index). Aliases come first:
+/// a relayed key may carry the ID of a canonical unit that was delivered here
+/// before (a multipath key keeps its first share's ID). Block lookups are
+/// cached, and alias lookups are skipped while the store holds no aliases (no
+/// relayed keys) when the locator is made.
 struct Locator {
     aliases: bool,
     /// (link tag, block number) → (block row ID, units), if stored.
@@ -695,7 +691,7 @@ fn consume(conn: &Connection, block: &Block, lo: u64, n: u64) -> Result<(), Stor
         return Ok(());
     }
     if block.tag.is_none() {
-        // A delivered relayed unit's ID is free for reuse (see `locate`).
+        // A delivered relayed unit's ID is free for reuse (see `Locator`).
         let mut del = conn.prepare_cached("DELETE FROM aliases WHERE bid=?1 AND i=?2")?;
         for t in 0..n {
             del.execute(params![block.bid, i64_of(block.at(lo, t))?])?;
@@ -932,9 +928,11 @@ fn ingest_op(conn: &Connection, b: IngestBatch) -> Result<u64, StoreError> {
         }
     } else {
         let mut ins = conn.prepare_cached("INSERT INTO aliases(uid, bid, i) VALUES (?1,?2,?3)")?;
+        // IDs repeated within the batch are refused by the primary key.
+        let mut locator = Locator::new(conn)?;
         for (i, u) in b.units.iter().enumerate() {
-            // The ID of a unit delivered here before may be reused (see `locate`).
-            if let Some((other, j)) = locate(conn, &u.id)?
+            // The ID of a unit delivered here before may be reused (see `Locator`).
+            if let Some((other, j)) = locator.locate(conn, &u.id)?
                 && live(conn, &blocks.get(conn, other)?, j)?
             {
                 return Err(StoreError::DuplicateBlock);
