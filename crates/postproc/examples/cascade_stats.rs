@@ -3,8 +3,10 @@
 //! shared [`CascadePlan`] per parameter set) on
 //! seeded random frames with i.i.d. errors.
 //!
-//! Usage: `cargo run --release -p qkdnet-postproc --example cascade_stats -- [frames] [n]`
-//! (defaults: 200 frames of 10^4 bits). Prints one JSON object per line.
+//! Usage: `cargo run --release -p qkdnet-postproc --example cascade_stats -- [frames] [n] [schedule] [q1,q2,…]`
+//! (defaults: 200 frames of 10^4 bits, every schedule, QBER 0.5–11 %; a
+//! schedule is `original`, `demystified7` or `demystified8`). Prints one JSON
+//! object per line.
 
 use std::time::Instant;
 
@@ -21,12 +23,20 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let frames: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(200);
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let only = args.next().unwrap_or_default();
+    let qbers: Vec<f64> = args
+        .next()
+        .map(|s| s.split(',').filter_map(|q| q.parse().ok()).collect())
+        .unwrap_or_else(|| vec![0.005, 0.01, 0.02, 0.05, 0.08, 0.11]);
     for schedule in [
         Schedule::Original,
         Schedule::Demystified7,
         Schedule::Demystified8,
     ] {
-        for q in [0.005, 0.01, 0.02, 0.05, 0.08, 0.11] {
+        if !only.is_empty() && !format!("{schedule:?}").eq_ignore_ascii_case(&only) {
+            continue;
+        }
+        for &q in &qbers {
             let mut rng = Xoshiro256PlusPlus::seed_from_u64(1000);
             let (mut leaked, mut rounds, mut fails, mut secs) = (0u64, 0u64, 0u64, 0f64);
             let thresh = (q * 2f64.powi(53)) as u64;

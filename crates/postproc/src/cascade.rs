@@ -69,14 +69,13 @@
 //! at most once, so more than `n` corrections is reported as
 //! [`CascadeError::InconsistentPeer`] and the machine stops.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::bits::BitVec;
+use crate::gather::gather_bits;
 
 /// Largest supported frame, in bits (ranges are packed in 29-bit fields).
 pub const MAX_FRAME_BITS: usize = (1 << 29) - 1;
@@ -398,18 +397,7 @@ impl Perm {
     fn shuffle(&self, key: &BitVec) -> BitVec {
         match &self.0 {
             None => key.clone(),
-            Some((f, _)) => {
-                let kw = key.as_words();
-                let words = f
-                    .chunks(64)
-                    .map(|chunk| {
-                        chunk.iter().enumerate().fold(0u64, |w, (k, &o)| {
-                            w | (((kw[o as usize / 64] >> (o % 64)) & 1) << k)
-                        })
-                    })
-                    .collect();
-                BitVec::from_words_truncate(words, key.len())
-            }
+            Some((f, _)) => BitVec::from_words_truncate(gather_bits(key.as_words(), f), key.len()),
         }
     }
 }
@@ -428,26 +416,55 @@ pub(crate) fn below(rng: &mut Xoshiro256PlusPlus, bound: u64) -> u64 {
     (m >> 64) as u64
 }
 
-/// The permutations of every pass for one set of parameters. Computing them
-/// dominates the cost of a frame, and they are public and need not be fresh
-/// per frame (errors are independent of them), so a link may compute one plan
-/// per parameter set and share it (`Arc`) across frames and across
+/// Passes cut into at most this many blocks get a mask per block in the
+/// [`CascadePlan`], so that their block parities are an AND and a popcount
+/// over the unshuffled key instead of a shuffle.
+const MASK_MAX_BLOCKS: usize = 4;
+
+/// The permutations of every pass for one set of parameters, and block masks
+/// for the passes cut into few blocks. Computing them dominates the cost of a
+/// frame, and they are public and need not be fresh per frame (errors are
+/// independent of them), so a link may compute one plan per parameter set
+/// and share it (`Arc`) across frames and across
 /// [`CascadeAlice`]/[`CascadeBob`] instances.
 #[derive(Debug)]
 pub struct CascadePlan {
     params: CascadeParams,
     perms: Vec<Perm>,
+    /// `masks[p][b]`: the original positions of block `b` of pass `p`, for
+    /// shuffled passes of at most [`MASK_MAX_BLOCKS`] blocks; empty otherwise.
+    masks: Vec<Vec<Vec<u64>>>,
 }
 
 impl CascadePlan {
     /// Computes the permutations of every pass of `params`.
     pub fn new(params: &CascadeParams) -> Self {
-        let perms = (0..params.passes())
+        let perms: Vec<Perm> = (0..params.passes())
             .map(|p| Perm::for_pass(params.n, params.seed, p))
+            .collect();
+        let masks = perms
+            .iter()
+            .enumerate()
+            .map(|(p, perm)| {
+                let blocks = params.blocks_in(p);
+                let Some((fwd, _)) = &perm.0 else {
+                    return Vec::new();
+                };
+                if blocks > MASK_MAX_BLOCKS {
+                    return Vec::new();
+                }
+                let k = params.block_sizes[p];
+                let mut m = vec![vec![0u64; params.n.div_ceil(64)]; blocks];
+                for (pos, &orig) in fwd.iter().enumerate() {
+                    m[pos / k][orig as usize / 64] |= 1 << (orig % 64);
+                }
+                m
+            })
             .collect();
         Self {
             params: params.clone(),
             perms,
+            masks,
         }
     }
 
@@ -455,14 +472,34 @@ impl CascadePlan {
     pub fn params(&self) -> &CascadeParams {
         &self.params
     }
+
+    /// Parity of block `b` of pass `p` of the *unshuffled* `key`, when it can
+    /// be had without the pass's shuffled copy (identity pass, or a pass
+    /// with block masks).
+    fn direct_block_parity(&self, key: &BitVec, p: usize, b: usize) -> Option<bool> {
+        if self.perms[p].0.is_none() {
+            let (s, e) = self.params.block_range(p, b);
+            return Some(key.parity_range_unchecked(s, e));
+        }
+        let mask = self.masks[p].get(b)?;
+        let acc = key
+            .as_words()
+            .iter()
+            .zip(mask)
+            .fold(0u64, |acc, (w, m)| acc ^ (w & m));
+        Some(acc.count_ones() & 1 == 1)
+    }
 }
 
-/// Alice's side: her key seen through every pass's permutation. Answering is
-/// a pure function of the request.
+/// Alice's side: her key, and its view through a pass's permutation made the
+/// first time a range of that pass is asked for (passes with block masks
+/// whose blocks all agree are never shuffled). Answering is a pure function
+/// of the request.
 #[derive(Debug)]
 pub struct CascadeAlice {
     plan: Arc<CascadePlan>,
-    shuffled: Vec<BitVec>,
+    key: BitVec,
+    shuffled: Vec<OnceLock<BitVec>>,
 }
 
 fn check_query(params: &CascadeParams, q: &ParityQuery) -> Result<usize, CascadeError> {
@@ -502,8 +539,21 @@ impl CascadeAlice {
                 got: key.len(),
             });
         }
-        let shuffled = plan.perms.iter().map(|perm| perm.shuffle(key)).collect();
-        Ok(Self { plan, shuffled })
+        let shuffled = (0..params.passes()).map(|_| OnceLock::new()).collect();
+        Ok(Self {
+            plan,
+            key: key.clone(),
+            shuffled,
+        })
+    }
+
+    /// Alice's key in pass `p`'s order.
+    fn view(&self, p: usize) -> &BitVec {
+        let perm = &self.plan.perms[p];
+        if perm.0.is_none() {
+            return &self.key;
+        }
+        self.shuffled[p].get_or_init(|| perm.shuffle(&self.key))
     }
 
     /// Answers one request. Fails (without panicking) on queries that name a
@@ -527,14 +577,21 @@ impl CascadeAlice {
             match *q {
                 ParityQuery::Blocks { pass } => {
                     let p = usize::from(pass);
-                    for b in 0..self.plan.params.blocks_in(p) {
-                        let (s, e) = self.plan.params.block_range(p, b);
-                        parities.set(at, self.shuffled[p].parity_range_unchecked(s, e));
+                    for b in 0..params.blocks_in(p) {
+                        let v = self
+                            .plan
+                            .direct_block_parity(&self.key, p, b)
+                            .unwrap_or_else(|| {
+                                let (s, e) = params.block_range(p, b);
+                                self.view(p).parity_range_unchecked(s, e)
+                            });
+                        parities.set(at, v);
                         at += 1;
                     }
                 }
                 ParityQuery::Range { pass, start, end } => {
-                    let v = self.shuffled[usize::from(pass)]
+                    let v = self
+                        .view(usize::from(pass))
                         .parity_range_unchecked(start as usize, end as usize);
                     parities.set(at, v);
                     at += 1;
@@ -548,50 +605,31 @@ impl CascadeAlice {
     }
 }
 
-/// Multiplicative hasher for the packed node keys (they are not
-/// attacker-chosen beyond what the parameters allow).
-#[derive(Default)]
-struct NodeHasher(u64);
-
-impl Hasher for NodeHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type NodeMap<V> = HashMap<u64, V, BuildHasherDefault<NodeHasher>>;
-
-/// A range `start..end` of pass `pass`'s shuffled key.
+/// A range `start..end` of pass `pass`'s shuffled key: top-level block `b`
+/// and heap index `h` inside it (root 1, children `2h` and `2h + 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Node {
     pass: usize,
+    b: usize,
+    h: usize,
     start: usize,
     end: usize,
 }
 
 impl Node {
-    fn id(self) -> u64 {
-        ((self.pass as u64) << 58) | ((self.start as u64) << 29) | self.end as u64
-    }
     fn mid(self) -> usize {
         self.start + (self.end - self.start) / 2
     }
     fn left(self) -> Node {
         Node {
+            h: 2 * self.h,
             end: self.mid(),
             ..self
         }
     }
     fn right(self) -> Node {
         Node {
+            h: 2 * self.h + 1,
             start: self.mid(),
             ..self
         }
@@ -601,16 +639,124 @@ impl Node {
     }
 }
 
-/// Alice's and Bob's current parity of a known range.
-#[derive(Debug, Clone, Copy)]
-struct Known {
-    alice: bool,
-    bob: bool,
+/// What Bob knows of the binary-search trees of one pass, as bit sets over
+/// node indices: whether Alice's parity of a range is known, whether it
+/// disagrees with Bob's current one (an odd number of errors in the range),
+/// and whether its left child has been asked for. Bit sets instead of a
+/// hash map because every correction walks a path in every pass (the map's
+/// probing was ~40 % of a frame).
+///
+/// Passes of many small blocks lay each block's tree out contiguously
+/// (`b << slots_log2 | h`: a path stays in a cache line or two). Passes of
+/// a few large blocks lay nodes out level by level (`h · blocks + b`), and
+/// the storage grows only as deep as searches have gone: most such passes
+/// never search, and allocating and zeroing their full trees was a tenth of
+/// a frame's time.
+struct Tree {
+    /// `Some(log2 of the slots per block)` for the block-major layout.
+    slots_log2: Option<u32>,
+    blocks: usize,
+    /// Words of (known, odd, asked), interleaved; missing words are zero.
+    words: Vec<[u64; 3]>,
 }
 
-impl Known {
-    fn odd(self) -> bool {
-        self.alice != self.bob
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("blocks", &self.blocks)
+            .field("words", &self.words.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const KNOWN: usize = 0;
+const ODD: usize = 1;
+const ASKED: usize = 2;
+
+impl Tree {
+    fn new(blocks: usize, k: usize) -> Self {
+        if blocks <= MASK_MAX_BLOCKS {
+            return Self {
+                slots_log2: None,
+                blocks,
+                words: Vec::new(),
+            };
+        }
+        // A block of k bits splits to depth ⌈log2 k⌉, so heap indices stay
+        // below 2^(⌈log2 k⌉ + 1).
+        let ceil_log2 = if k <= 1 {
+            0
+        } else {
+            usize::BITS - (k - 1).leading_zeros()
+        };
+        let slots_log2 = ceil_log2 + 1;
+        Self {
+            slots_log2: Some(slots_log2),
+            blocks,
+            words: vec![[0; 3]; (blocks << slots_log2).div_ceil(64)],
+        }
+    }
+
+    #[inline]
+    fn index(&self, n: Node) -> usize {
+        match self.slots_log2 {
+            Some(l) => (n.b << l) | n.h,
+            None => n.h * self.blocks + n.b,
+        }
+    }
+
+    #[inline]
+    fn get(&self, n: Node, which: usize) -> bool {
+        let i = self.index(n);
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| (w[which] >> (i % 64)) & 1 == 1)
+    }
+
+    #[inline]
+    fn set(&mut self, n: Node, which: usize, value: bool) {
+        let i = self.index(n);
+        if i / 64 >= self.words.len() {
+            if !value {
+                return;
+            }
+            self.words.resize(i / 64 + 1, [0; 3]);
+        }
+        let m = 1u64 << (i % 64);
+        let w = &mut self.words[i / 64][which];
+        if value {
+            *w |= m;
+        } else {
+            *w &= !m;
+        }
+    }
+
+    /// The node with tree index `i` (inverse of [`Tree::index`]), rebuilt
+    /// from its block's range by following the heap index's bits.
+    fn node_at(&self, pass: usize, params: &CascadeParams, i: usize) -> Node {
+        let (b, h) = match self.slots_log2 {
+            Some(l) => (i >> l, i & ((1 << l) - 1)),
+            None => (i % self.blocks, i / self.blocks),
+        };
+        let mut node = root(pass, b, params.block_range(pass, b));
+        for j in (0..h.max(1).ilog2()).rev() {
+            node = if (h >> j) & 1 == 0 {
+                node.left()
+            } else {
+                node.right()
+            };
+        }
+        node
+    }
+}
+
+fn root(pass: usize, b: usize, (start, end): (usize, usize)) -> Node {
+    Node {
+        pass,
+        b,
+        h: 1,
+        start,
+        end,
     }
 }
 
@@ -619,6 +765,16 @@ enum Phase {
     Running,
     Done,
     Failed,
+}
+
+/// A request in flight: its round, its queries, the parities it expects,
+/// and the node each `Range` query asks the left child of (in order).
+#[derive(Debug)]
+struct Outstanding {
+    round: u64,
+    queries: Vec<ParityQuery>,
+    expected: usize,
+    parents: Vec<Node>,
 }
 
 /// Bob's side of Cascade: owns his key and corrects it in place.
@@ -632,15 +788,20 @@ pub struct CascadeBob {
     /// Passes started so far.
     started: usize,
     key: BitVec,
-    shuffled: Vec<BitVec>,
-    known: NodeMap<Known>,
-    /// Nodes whose left child's parity has been requested.
-    awaiting: NodeMap<()>,
+    /// Bob's key in each shuffled pass's order, made when the pass first
+    /// needs a range parity and kept in step with every correction.
+    shuffled: Vec<Option<BitVec>>,
+    trees: Vec<Tree>,
+    /// Known ranges with odd disagreement, over all passes.
+    odd_count: usize,
     worklist: Vec<Node>,
-    /// Queries collected for the next request.
+    /// Odd ranges to search once nothing else is pending.
+    deferred: Vec<Node>,
+    /// Queries collected for the next request, and the parents of its
+    /// `Range` queries.
     next: Vec<ParityQuery>,
-    /// The request in flight: its round and what each query was for.
-    outstanding: Option<(u64, Vec<ParityQuery>, usize)>,
+    next_parents: Vec<Node>,
+    outstanding: Option<Outstanding>,
     round: u64,
     leaked: u64,
     corrections: u64,
@@ -663,22 +824,18 @@ impl CascadeBob {
                 got: key.len(),
             });
         }
-        // Sized up front (growing the map was 7 % of a frame's time): every top
-        // block of every pass, plus two entries per binary-search level for the
-        // ≈ n/k₁ errors the first pass's block size is chosen for.
-        let blocks: usize = (0..params.passes()).map(|p| params.blocks_in(p)).sum();
-        let k1 = params.block_sizes.first().copied().unwrap_or(1).max(1);
-        let searches = (params.n / k1) * 2 * (k1.ilog2() as usize + 2);
-        let known = NodeMap::with_capacity_and_hasher(blocks + searches, Default::default());
+        let passes = params.passes();
         let mut bob = Self {
             plan,
             started: 0,
             key,
-            shuffled: Vec::new(),
-            known,
-            awaiting: NodeMap::default(),
+            shuffled: (0..passes).map(|_| None).collect(),
+            trees: Vec::with_capacity(passes),
+            odd_count: 0,
             worklist: Vec::new(),
+            deferred: Vec::new(),
             next: Vec::new(),
+            next_parents: Vec::new(),
             outstanding: None,
             round: 0,
             leaked: 0,
@@ -705,7 +862,12 @@ impl CascadeBob {
             .sum();
         let round = self.round;
         self.round += 1;
-        self.outstanding = Some((round, queries.clone(), expected));
+        self.outstanding = Some(Outstanding {
+            round,
+            queries: queries.clone(),
+            expected,
+            parents: std::mem::take(&mut self.next_parents),
+        });
         Some(ParityRequest { round, queries })
     }
 
@@ -715,56 +877,49 @@ impl CascadeBob {
         if self.phase == Phase::Failed {
             return Err(CascadeError::NotFinished);
         }
-        let Some((round, _, expected)) = &self.outstanding else {
+        let Some(out) = &self.outstanding else {
             return Err(CascadeError::UnexpectedReply);
         };
-        if reply.round != *round {
+        if reply.round != out.round {
             return Err(CascadeError::RoundMismatch {
-                expected: *round,
+                expected: out.round,
                 got: reply.round,
             });
         }
-        if reply.parities.len() != *expected {
+        if reply.parities.len() != out.expected {
             return Err(CascadeError::ReplyLength {
-                expected: *expected,
+                expected: out.expected,
                 got: reply.parities.len(),
             });
         }
         // Invariant: checked just above that it is Some.
-        let (_, queries, _) = self
+        let out = self
             .outstanding
             .take()
             .expect("outstanding request checked above");
         self.leaked += reply.parities.len() as u64;
         let mut at = 0;
-        for q in queries {
+        let mut parents = out.parents.into_iter();
+        for q in out.queries {
             match q {
                 ParityQuery::Blocks { pass } => {
                     let p = usize::from(pass);
                     for b in 0..self.plan.params.blocks_in(p) {
-                        let (start, end) = self.plan.params.block_range(p, b);
-                        let node = Node {
-                            pass: p,
-                            start,
-                            end,
-                        };
-                        let k = Known {
-                            alice: reply.parities.get(at),
-                            bob: self.shuffled[p].parity_range_unchecked(start, end),
-                        };
+                        let range = self.plan.params.block_range(p, b);
+                        let bob = self.bob_block_parity(p, b);
+                        let odd = reply.parities.get(at) != bob;
                         at += 1;
-                        self.known.insert(node.id(), k);
-                        if k.odd() {
-                            self.worklist.push(node);
-                        }
+                        let node = root(p, b, range);
+                        self.learn(node, odd);
                     }
                 }
-                ParityQuery::Range { pass, start, end } => {
+                ParityQuery::Range { .. } => {
                     let alice_left = reply.parities.get(at);
                     at += 1;
-                    // Our own Range queries are always the left half of an
-                    // awaited parent: start..end = parent.start..parent.mid().
-                    self.resolve_left(usize::from(pass), start as usize, end as usize, alice_left);
+                    // Every Range query we sent has its parent recorded.
+                    if let Some(parent) = parents.next() {
+                        self.resolve_left(parent, alice_left);
+                    }
                 }
             }
         }
@@ -811,45 +966,69 @@ impl CascadeBob {
 
     fn start_pass(&mut self) {
         let p = self.started;
-        self.shuffled.push(self.plan.perms[p].shuffle(&self.key));
+        let params = &self.plan.params;
+        self.trees
+            .push(Tree::new(params.blocks_in(p), params.block_sizes[p]));
         self.started += 1;
         self.next.push(ParityQuery::Blocks { pass: p as u16 });
     }
 
-    fn resolve_left(&mut self, pass: usize, start: usize, end: usize, alice_left: bool) {
-        // The parent is the node whose left half is start..end; with our
-        // split rule the parent end is not recoverable from the query alone,
-        // so it is looked up among awaited nodes: candidates have
-        // mid = end, i.e. len ∈ {2(end-start), 2(end-start)+1}.
-        let half = end - start;
-        let parent = [2 * half, 2 * half + 1]
-            .into_iter()
-            .map(|len| Node {
-                pass,
-                start,
-                end: start + len,
-            })
-            .find(|n| self.awaiting.contains_key(&n.id()) && n.mid() == end);
-        let Some(parent) = parent else {
-            // Unreachable with our own queries; ignore defensively.
+    /// Bob's current parity of positions `start..end` of pass `p`'s order.
+    fn bob_parity(&mut self, p: usize, start: usize, end: usize) -> bool {
+        let perm = &self.plan.perms[p];
+        if perm.0.is_none() {
+            return self.key.parity_range_unchecked(start, end);
+        }
+        let key = &self.key;
+        self.shuffled[p]
+            .get_or_insert_with(|| perm.shuffle(key))
+            .parity_range_unchecked(start, end)
+    }
+
+    fn bob_block_parity(&mut self, p: usize, b: usize) -> bool {
+        if self.shuffled[p].is_none()
+            && let Some(v) = self.plan.direct_block_parity(&self.key, p, b)
+        {
+            return v;
+        }
+        let (s, e) = self.plan.params.block_range(p, b);
+        self.bob_parity(p, s, e)
+    }
+
+    /// Records a newly known range and queues a search if it is odd.
+    fn learn(&mut self, node: Node, odd: bool) {
+        let t = &mut self.trees[node.pass];
+        t.set(node, KNOWN, true);
+        t.set(node, ODD, odd);
+        if odd {
+            self.odd_count += 1;
+            self.worklist.push(node);
+        }
+    }
+
+    fn resolve_left(&mut self, parent: Node, alice_left: bool) {
+        let t = &mut self.trees[parent.pass];
+        t.set(parent, ASKED, false);
+        if !t.get(parent, KNOWN) {
+            // Unreachable: only known nodes are asked about.
             return;
-        };
-        self.awaiting.remove(&parent.id());
-        let Some(pk) = self.known.get(&parent.id()).copied() else {
-            return;
-        };
+        }
+        // Parent's disagreement is current (corrections keep it in step),
+        // Bob's left parity is computed now, so the right one follows.
+        let parent_odd = t.get(parent, ODD);
         let (l, r) = (parent.left(), parent.right());
-        let lk = Known {
-            alice: alice_left,
-            bob: self.shuffled[pass].parity_range_unchecked(l.start, l.end),
-        };
-        let rk = Known {
-            alice: pk.alice ^ alice_left,
-            bob: pk.bob ^ lk.bob,
-        };
-        self.known.insert(l.id(), lk);
-        self.known.insert(r.id(), rk);
-        self.worklist.push(parent);
+        let left_odd = alice_left != self.bob_parity(parent.pass, l.start, l.end);
+        self.learn(l, left_odd);
+        self.learn(r, parent_odd != left_odd);
+        if !parent_odd && left_odd {
+            // Both halves odd under an even parent (a correction elsewhere
+            // reached the parent while its query was in flight): searched
+            // once everything else has settled, which leaks less than at
+            // once (measured: f 1.062 -> 1.058 at QBER 5 %).
+            self.worklist.pop();
+            self.worklist.pop();
+            self.deferred.extend([l, r]);
+        }
     }
 
     /// Processes the worklist; advances passes when nothing is pending.
@@ -858,14 +1037,20 @@ impl CascadeBob {
             while let Some(node) = self.worklist.pop() {
                 self.descend(node)?;
             }
-            if !self.next.is_empty() || !self.awaiting.is_empty() {
+            if !self.next.is_empty() {
                 return Ok(());
             }
-            // Safety sweep: any odd known range without known odd children
-            // must be searched (normally already covered by `flip`).
-            self.sweep();
-            if !self.worklist.is_empty() {
+            if !self.deferred.is_empty() {
+                self.worklist.append(&mut self.deferred);
                 continue;
+            }
+            // Safety sweep: every odd known range is normally being searched
+            // already; if any is left when nothing is pending, search it.
+            if self.odd_count > 0 {
+                self.sweep();
+                if !self.worklist.is_empty() {
+                    continue;
+                }
             }
             if self.started < self.plan.params.passes() {
                 self.start_pass();
@@ -876,31 +1061,25 @@ impl CascadeBob {
         }
     }
 
+    /// Queues every known odd range (rebuilt from its tree index).
     fn sweep(&mut self) {
-        let mut found = Vec::new();
-        for (&id, &k) in &self.known {
-            if !k.odd() || self.awaiting.contains_key(&id) {
-                continue;
-            }
-            let node = Node {
-                pass: (id >> 58) as usize,
-                start: ((id >> 29) & ((1 << 29) - 1)) as usize,
-                end: (id & ((1 << 29) - 1)) as usize,
-            };
-            if node.len() == 1 || !self.known.contains_key(&node.left().id()) {
-                found.push(node);
+        for (p, t) in self.trees.iter().enumerate() {
+            for (w, word) in t.words.iter().enumerate() {
+                let mut bits = word[ODD];
+                while bits != 0 {
+                    let i = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    self.worklist.push(t.node_at(p, &self.plan.params, i));
+                }
             }
         }
-        self.worklist.extend(found);
     }
 
     /// Binary search from `node` as far as known parities allow.
     fn descend(&mut self, mut node: Node) -> Result<(), CascadeError> {
         loop {
-            let Some(k) = self.known.get(&node.id()).copied() else {
-                return Ok(());
-            };
-            if !k.odd() {
+            let t = &mut self.trees[node.pass];
+            if !t.get(node, KNOWN) || !t.get(node, ODD) {
                 return Ok(());
             }
             if node.len() == 1 {
@@ -908,23 +1087,24 @@ impl CascadeBob {
                 return self.flip(orig);
             }
             let l = node.left();
-            match self.known.get(&l.id()).copied() {
-                Some(lk) => node = if lk.odd() { l } else { node.right() },
-                None => {
-                    if self.awaiting.insert(node.id(), ()).is_none() {
-                        self.next.push(ParityQuery::Range {
-                            pass: node.pass as u16,
-                            start: l.start as u32,
-                            end: l.end as u32,
-                        });
-                    }
-                    return Ok(());
-                }
+            if t.get(l, KNOWN) {
+                node = if t.get(l, ODD) { l } else { node.right() };
+                continue;
             }
+            if !t.get(node, ASKED) {
+                t.set(node, ASKED, true);
+                self.next.push(ParityQuery::Range {
+                    pass: node.pass as u16,
+                    start: l.start as u32,
+                    end: l.end as u32,
+                });
+                self.next_parents.push(node);
+            }
+            return Ok(());
         }
     }
 
-    /// Flips original bit `i` and propagates to every known range holding it.
+    /// Flips original bit `i` and toggles every known range holding it.
     fn flip(&mut self, i: usize) -> Result<(), CascadeError> {
         self.corrections += 1;
         if self.corrections > self.plan.params.n as u64 {
@@ -935,23 +1115,27 @@ impl CascadeBob {
             });
         }
         self.key.flip(i);
+        let params = &self.plan.params;
         for p in 0..self.started {
             let q = self.plan.perms[p].pos(i);
-            self.shuffled[p].flip(q);
-            let (start, end) = self
-                .plan
-                .params
-                .block_range(p, q / self.plan.params.block_sizes[p]);
-            let mut node = Node {
-                pass: p,
-                start,
-                end,
-            };
+            if let Some(s) = &mut self.shuffled[p] {
+                s.flip(q);
+            }
+            let b = q / params.block_sizes[p];
+            let t = &mut self.trees[p];
+            let mut node = root(p, b, params.block_range(p, b));
             let mut deepest_odd = None;
-            while let Some(k) = self.known.get_mut(&node.id()) {
-                k.bob = !k.bob;
-                if k.odd() {
+            loop {
+                if !t.get(node, KNOWN) {
+                    break;
+                }
+                let odd = !t.get(node, ODD);
+                t.set(node, ODD, odd);
+                if odd {
+                    self.odd_count += 1;
                     deepest_odd = Some(node);
+                } else {
+                    self.odd_count = self.odd_count.saturating_sub(1);
                 }
                 if node.len() == 1 {
                     break;

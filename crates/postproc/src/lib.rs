@@ -22,13 +22,15 @@
 //! * [`auth`] — Wegman–Carter tags (GF(2^128) polynomial hash + one-time pad)
 //!   for every classical message.
 //!
-//! `unsafe` is confined to the private `clmul` module (carry-less multiply
-//! intrinsics behind runtime-detected proof tokens); everything else is safe.
+//! `unsafe` is confined to two private modules: `clmul` (carry-less multiply
+//! intrinsics behind runtime-detected proof tokens) and `gather` (the
+//! AVX-512 bit gather behind Cascade's permutations); everything else is safe.
 
 pub mod auth;
 pub mod bits;
 pub mod cascade;
 mod clmul;
+mod gather;
 pub mod gf2x;
 pub mod ldpc;
 pub mod pa;
