@@ -22,9 +22,11 @@
 //! * [`auth`] — Wegman–Carter tags (GF(2^128) polynomial hash + one-time pad)
 //!   for every classical message.
 //!
-//! `unsafe` is confined to two private modules: `clmul` (carry-less multiply
-//! intrinsics behind runtime-detected proof tokens) and `gather` (the
-//! AVX-512 bit gather behind Cascade's permutations); everything else is safe.
+//! `unsafe` is confined to three private modules: `clmul` (carry-less
+//! multiply intrinsics behind runtime-detected proof tokens), `gather` (the
+//! AVX-512 bit gather behind Cascade's permutations) and `layered` (the LDPC
+//! decoder's one call into its copy compiled for AVX-512 or AVX2, after
+//! runtime detection); everything else is safe.
 
 pub mod auth;
 pub mod bits;
@@ -32,6 +34,7 @@ pub mod cascade;
 mod clmul;
 mod gather;
 pub mod gf2x;
+mod layered;
 pub mod ldpc;
 pub mod pa;
 pub mod verify;
