@@ -7,8 +7,11 @@
 //! The key leaves through [`DistilledKey`], whose constructor needs a
 //! [`proof::Verified`] (made only where the verification tags matched) and a
 //! [`proof::Amplified`] (made only by privacy amplification); messages reach
-//! this module only as [`Authenticated`] values. So a key cannot be emitted
-//! without authentication, verification and amplification having happened.
+//! this module only as [`Received`] values: [`Authenticated`], or
+//! provisional Cascade parity rounds that the peer's next tag covers (see
+//! [`crate::auth`]); every message that moves a block towards key arrives
+//! authenticated. So a key cannot be emitted without authentication,
+//! verification and amplification having happened.
 //!
 //! Two sources of sifted bits share everything after sifting:
 //! - **record mode**: Bob announces detections and bases, Alice answers bases
@@ -45,7 +48,7 @@ use rand_xoshiro::rand_core::Rng;
 use zeroize::Zeroizing;
 
 use crate::LinkError;
-use crate::auth::Authenticated;
+use crate::auth::{Authenticated, Received, may_travel_provisionally};
 use crate::msg::{Msg, Reconciler};
 
 /// Proof values: zero-sized, constructible only inside this module's steps.
@@ -263,6 +266,21 @@ fn ldpc_adaptation(
         .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
 }
 
+/// The message, if it may drive a block in the way it arrived: anything
+/// authenticated, and provisionally only Cascade's parity rounds (the
+/// channel already refuses others; checked again here because the rule is
+/// what keeps key release behind a tag).
+fn checked(m: Received) -> Result<Msg, LinkError> {
+    match m {
+        Received::Authenticated(a) => Ok(Authenticated::into_msg(a)),
+        Received::Provisional(p) if may_travel_provisionally(p.msg()) => Ok(p.into_msg()),
+        Received::Provisional(p) => Err(LinkError::Protocol(format!(
+            "{} arrived unauthenticated",
+            p.msg().name()
+        ))),
+    }
+}
+
 /// What Bob's reconciliation ended with (what `Reconciled` tells Alice).
 struct Reconciliation {
     leaked: u64,
@@ -435,15 +453,19 @@ impl AliceBlock {
         }
     }
 
-    /// Handles one authenticated message; returns what to send and maybe the outcome.
+    /// Handles one message; returns what to send and maybe the outcome.
     pub fn handle(
         &mut self,
-        m: Authenticated,
+        m: Received,
         src: &AliceSource<'_>,
         cfg: &ProtocolConfig,
         rng: &mut Xoshiro256PlusPlus,
     ) -> (Vec<Msg>, Option<Outcome>) {
-        match self.step(m.into_msg(), src, cfg, rng) {
+        let m = match checked(m) {
+            Ok(m) => m,
+            Err(e) => return self.abort(e.to_string(), true),
+        };
+        match self.step(m, src, cfg, rng) {
             Ok(r) => r,
             Err(e) => self.abort(e.to_string(), true),
         }
@@ -935,15 +957,19 @@ impl BobBlock {
         )
     }
 
-    /// Handles one authenticated message.
+    /// Handles one message.
     pub fn handle(
         &mut self,
-        m: Authenticated,
+        m: Received,
         cfg: &ProtocolConfig,
         rng: &mut Xoshiro256PlusPlus,
     ) -> (Vec<Msg>, Option<Outcome>) {
         let _ = rng;
-        match self.step(m.into_msg(), cfg) {
+        let m = match checked(m) {
+            Ok(m) => m,
+            Err(e) => return self.abort(e.to_string(), true),
+        };
+        match self.step(m, cfg) {
             Ok(r) => r,
             Err(e) => self.abort(e.to_string(), true),
         }

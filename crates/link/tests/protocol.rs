@@ -106,6 +106,14 @@ fn offline_blocks_give_identical_keys_across_qber_and_cascade_schedules() {
                 r.efficiency_f()
             );
             assert!(auth > 0);
+            // Cascade's parity rounds travel in provisional frames: the
+            // block spends a handful of tags per direction (here: both
+            // hash keys and at most 8 pads each way), not one per round.
+            assert!(
+                auth <= 2 * 128 + 16 * 128,
+                "{reconciler:?} spent {auth} authentication bits over {} rounds",
+                r.rounds
+            );
         }
     }
 }
@@ -160,6 +168,9 @@ fn unequal_lengths_abort() {
     assert!(matches!(bob.poll_output(), Some(Event::Aborted { .. })));
 }
 
+/// Frame layout (see `qkdnet_link::auth`): seq (8), kind (1), len (4), body, tag (16) if tagged.
+const KIND_AT: usize = 8;
+
 #[test]
 fn an_altered_message_is_rejected_and_no_key_leaves() {
     let cfg = ProtocolConfig::default();
@@ -170,18 +181,62 @@ fn an_altered_message_is_rejected_and_no_key_leaves() {
     alice.add_offline_block(0, a).unwrap();
     bob.start_offline_block(0, &b).unwrap();
     let mut n = 0;
-    // flip one bit in the body of Bob's third frame
+    // flip one bit in the last body byte of Bob's second tagged frame
     let r = pump(&mut alice, &mut bob, &mut |f| {
-        n += 1;
-        if n == 3 {
-            f[14] ^= 0x01;
+        if f[KIND_AT] == 1 {
+            n += 1;
+            if n == 2 {
+                let at = f.len() - 17;
+                f[at] ^= 0x01;
+            }
         }
     });
+    assert_eq!(n, 2, "Bob sent a second tagged frame");
     assert!(matches!(r, Err(LinkError::Authentication(_))), "{r:?}");
     assert!(alice.failure().is_some());
     assert!(
         alice.poll_output().is_none(),
         "no key after a rejected frame"
+    );
+}
+
+/// Provisional frames carry no tag, so a man in the middle can swap one
+/// for another well-formed frame: here Bob's second parity request is
+/// replaced by his first (renumbered). Alice answers it, but Bob's next
+/// tagged frame covers the frames Bob really sent, its tag fails at Alice,
+/// and no key leaves either side.
+#[test]
+fn a_substituted_provisional_frame_is_caught_by_the_next_tag() {
+    let cfg = ProtocolConfig::default();
+    let key = psk(1);
+    let mut alice = Endpoint::alice(cfg.clone(), &key, 1, None).unwrap();
+    let mut bob = Endpoint::bob(cfg, &key, 2).unwrap();
+    let (a, b) = noisy_pair(20_000, 0.02, 3);
+    alice.add_offline_block(0, a).unwrap();
+    bob.start_offline_block(0, &b).unwrap();
+    let mut first: Option<Vec<u8>> = None;
+    let mut swapped = false;
+    let r = pump(&mut alice, &mut bob, &mut |f| {
+        if f[KIND_AT] != 0 || swapped {
+            return;
+        }
+        match &first {
+            None => first = Some(f.clone()),
+            Some(old) => {
+                let seq = f[..KIND_AT].to_vec();
+                *f = old.clone();
+                f[..KIND_AT].copy_from_slice(&seq);
+                swapped = true;
+            }
+        }
+    });
+    assert!(swapped, "Bob sent two provisional frames");
+    assert!(matches!(r, Err(LinkError::Authentication(_))), "{r:?}");
+    assert!(alice.failure().is_some());
+    assert!(alice.poll_output().is_none(), "no key at Alice");
+    assert!(
+        !matches!(bob.poll_output(), Some(Event::Key { .. })),
+        "no key at Bob"
     );
 }
 
@@ -224,6 +279,7 @@ fn a_man_in_the_middle_without_the_key_cannot_make_alice_accept() {
     }
     .encode(&mut body);
     let mut frame = 0u64.to_le_bytes().to_vec();
+    frame.push(1); // tagged
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
     frame.extend_from_slice(&[0x5A; 16]);

@@ -160,7 +160,12 @@ pub fn run_local(params: LinkParams, blocks: u64) -> Result<LocalRunReport, NetE
         leaked_bits: bob_stats.leaked_bits.load(Relaxed),
         ldpc_frames_dropped: bob_stats.frames_dropped.load(Relaxed),
         final_key_bits: final_bits,
-        auth_key_bits_used: alice_stats.auth_bits.load(Relaxed) + bob_stats.auth_bits.load(Relaxed),
+        // Both ends spend the same shared key bits (Alice's sending pads are
+        // Bob's receiving pads), so one end's count is the link's.
+        auth_key_bits_used: alice_stats
+            .auth_bits
+            .load(Relaxed)
+            .max(bob_stats.auth_bits.load(Relaxed)),
         keys_equal,
         wall_seconds: wall,
     })
