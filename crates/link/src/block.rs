@@ -433,6 +433,9 @@ enum AliceState {
 /// Alice's side of one block.
 pub struct AliceBlock {
     block: u64,
+    /// Seed of the reconciliation's public structure (Cascade permutations,
+    /// LDPC code and positions), announced in `Estimate`.
+    seed: u64,
     state: AliceState,
 }
 
@@ -445,10 +448,16 @@ pub enum AliceSource<'a> {
 }
 
 impl AliceBlock {
-    /// A block Alice waits to hear about.
-    pub fn new(block: u64) -> AliceBlock {
+    /// A block Alice waits to hear about. `seed` fixes the reconciliation's
+    /// public structure (Cascade permutations, LDPC code and positions). It
+    /// need not be fresh per block — that structure is public, and the
+    /// errors it corrects are independent of it — and an endpoint keeps one
+    /// per session, so that Cascade's permutations, the largest fixed cost
+    /// of a block, are made once per session ([`qkdnet_postproc::cascade`]).
+    pub fn new(block: u64, seed: u64) -> AliceBlock {
         AliceBlock {
             block,
+            seed,
             state: AliceState::AwaitStart,
         }
     }
@@ -653,8 +662,18 @@ impl AliceBlock {
                         self.abort("parameter estimation leaves no positive key".into(), true)
                     );
                 }
-                let seed = rng.next_u64();
-                let qber_ppm = (qber_for_codes(est) * 1e6).round() as u32;
+                let seed = self.seed;
+                // LDPC has one shot at a frame, so its code is chosen for an
+                // upper confidence bound of the QBER (two standard errors of
+                // the disclosed sample above the estimate); Cascade adapts
+                // as it goes and is tuned for the estimate itself.
+                let q_code = match cfg.reconciler {
+                    Reconciler::Ldpc if !bits.is_empty() => {
+                        est + 2.0 * (est * (1.0 - est) / bits.len() as f64).sqrt()
+                    }
+                    _ => est,
+                };
+                let qber_ppm = (qber_for_codes(q_code) * 1e6).round() as u32;
                 let q = f64::from(qber_ppm) / 1e6;
                 let mut out = vec![Msg::Estimate {
                     block,

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 use qkdnet_optics::record::{AliceRecord, Detection};
 use qkdnet_postproc::bits::BitVec;
 use rand_xoshiro::Xoshiro256PlusPlus;
-use rand_xoshiro::rand_core::SeedableRng;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 use crate::LinkError;
 use crate::auth::{AuthChannel, Received, Role, may_travel_provisionally};
@@ -76,6 +76,9 @@ pub struct Endpoint {
     /// Messages that force a tag, per block: (sent by Alice, sent by Bob).
     frames: BTreeMap<u64, (u64, u64)>,
     failed: Option<String>,
+    /// Alice: the seed of every block's reconciliation structure (see
+    /// [`AliceBlock::new`]).
+    reconcile_seed: u64,
 }
 
 impl Endpoint {
@@ -127,11 +130,13 @@ impl Endpoint {
                 "the abort threshold must be a QBER in (0, 0.5)".into(),
             ));
         }
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         Ok(Endpoint {
             role,
             auth: AuthChannel::from_preshared(role, preshared)?,
             cfg,
-            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            reconcile_seed: rng.next_u64(),
+            rng,
             side,
             outbox: VecDeque::new(),
             pending: Vec::new(),
@@ -263,7 +268,7 @@ impl Endpoint {
             } => {
                 let b = blocks
                     .entry(block)
-                    .or_insert_with(|| AliceBlock::new(block));
+                    .or_insert_with(|| AliceBlock::new(block, self.reconcile_seed));
                 let src = match (record.as_ref(), offline.get(&block)) {
                     (_, Some(bits)) => AliceSource::Offline(bits),
                     (Some(r), None) => AliceSource::Record(r),

@@ -15,9 +15,14 @@
 //! No crate is used: no maintained Rust crate implements Cascade, and none
 //! as a sans-IO, batched state machine with exact leakage accounting.
 //!
-//! The permutations of all passes form a [`CascadePlan`]; computing it is
-//! the largest fixed cost of a frame, so a link computes one per parameter
-//! set and shares it (`Arc`) across frames.
+//! The permutations of all passes form a [`CascadePlan`]; computing them is
+//! the largest fixed cost of a frame. A pass's permutation of `n` bits is
+//! the one of `N = 2^⌈log₂ n⌉` bits with the values `≥ n` left out, and the
+//! `N`-bit ones are memoised per (N, seed, pass) across plans, so a link that
+//! keeps one Cascade seed per session shuffles once per session, not per
+//! block. Within a plan a permutation is only materialised when its pass is
+//! searched; passes of a few large blocks keep bit masks of their blocks
+//! instead (a frame at QBER 2 % searches only its second pass).
 //!
 //! BICONF is not implemented: the paper's recommended options (7) and (8)
 //! reach lower leakage with plain extra passes of half-frame blocks plus
@@ -26,9 +31,9 @@
 //! # Algorithm
 //!
 //! * Pass `p` views the key through a permutation (identity for the first
-//!   pass; a Fisher–Yates shuffle from the shared seed otherwise, see
-//!   [`CascadeParams`]) and cuts it into consecutive blocks of `k_p` bits
-//!   (the last one shorter).
+//!   pass; otherwise a Fisher–Yates shuffle of `0..2^⌈log₂ n⌉` from the
+//!   shared seed, restricted to the values below `n`) and cuts it into
+//!   consecutive blocks of `k_p` bits (the last one shorter).
 //! * Bob compares Alice's block parities with his own. A block with odd
 //!   disagreement contains an odd number of errors; BINARY halves it (left
 //!   half `[s, s + ⌊len/2⌋)`), asking only the left half's parity — the right
@@ -357,23 +362,82 @@ pub struct ParityReply {
 #[derive(Debug, Clone)]
 struct Perm(Option<(Vec<u32>, Vec<u32>)>);
 
+/// The `N`-bit permutation of pass `pass` (normative): a Fisher–Yates
+/// shuffle of `0..N` driven by Xoshiro256++ seeded with `seed LE ‖ pass LE ‖
+/// "qkdnet-cascade-p"`, drawing with [`below`].
+fn master_perm(big_n: usize, seed: u64, pass: usize) -> Vec<u32> {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&(pass as u64).to_le_bytes());
+    s[16..].copy_from_slice(b"qkdnet-cascade-p");
+    let mut rng = Xoshiro256PlusPlus::from_seed(s);
+    // N ≤ 2·MAX_FRAME_BITS ≤ 2^32, so indices fit in u32.
+    let mut fwd: Vec<u32> = (0..big_n as u64).map(|i| i as u32).collect();
+    for i in (1..big_n).rev() {
+        let j = below(&mut rng, i as u64 + 1) as usize;
+        fwd.swap(i, j);
+    }
+    fwd
+}
+
+/// Memo of [`master_perm`]: a pure function of its arguments, so sharing its
+/// results between plans (and between Alice and Bob in one process) changes
+/// nothing but speed. Least recently used entries go once the entries hold
+/// more than [`MEMO_MAX_ENTRIES`] indices in all.
+static MEMO: std::sync::Mutex<Vec<MemoEntry>> = std::sync::Mutex::new(Vec::new());
+/// `(N, seed, pass)` and its shuffle.
+type MemoEntry = ((usize, u64, usize), Arc<Vec<u32>>);
+/// Indices the memo keeps at most (4 bytes each: 256 MiB), enough for every
+/// shuffled pass of two frame sizes up to 2^21 bits.
+const MEMO_MAX_ENTRIES: usize = 1 << 26;
+
+fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Vec<u32>> {
+    let key = (big_n, seed, pass);
+    // A poisoned lock only means another thread panicked while holding it;
+    // the memo is still a valid cache, so carry on with it.
+    let lookup = |memo: &mut Vec<MemoEntry>| {
+        let i = memo.iter().position(|(k, _)| *k == key)?;
+        let hit = memo.remove(i);
+        let v = hit.1.clone();
+        memo.push(hit);
+        Some(v)
+    };
+    if let Some(v) = lookup(&mut MEMO.lock().unwrap_or_else(|e| e.into_inner())) {
+        return v;
+    }
+    // Computed outside the lock (it takes tens of milliseconds); two threads
+    // may both compute the same one, which is harmless.
+    let v = Arc::new(master_perm(big_n, seed, pass));
+    let mut memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = lookup(&mut memo) {
+        return v;
+    }
+    memo.push((key, v.clone()));
+    while memo.iter().map(|(_, v)| v.len()).sum::<usize>() > MEMO_MAX_ENTRIES && memo.len() > 1 {
+        memo.remove(0);
+    }
+    v
+}
+
+/// `N` for a frame of `n` bits.
+fn master_len(n: usize) -> usize {
+    n.next_power_of_two()
+}
+
 impl Perm {
+    /// Pass `pass`'s permutation of `n` bits (normative): the values below
+    /// `n` of [`master_perm`]`(2^⌈log₂ n⌉, seed, pass)`, in order; the
+    /// identity for pass 0.
     fn for_pass(n: usize, seed: u64, pass: usize) -> Self {
         if pass == 0 {
             return Perm(None);
         }
-        // Seed layout (normative): seed LE ‖ pass LE ‖ domain constant.
-        let mut s = [0u8; 32];
-        s[..8].copy_from_slice(&seed.to_le_bytes());
-        s[8..16].copy_from_slice(&(pass as u64).to_le_bytes());
-        s[16..].copy_from_slice(b"qkdnet-cascade-p");
-        let mut rng = Xoshiro256PlusPlus::from_seed(s);
-        // n ≤ MAX_FRAME_BITS < 2^32, so indices fit in u32.
-        let mut fwd: Vec<u32> = (0..n as u32).collect();
-        for i in (1..n).rev() {
-            let j = below(&mut rng, i as u64 + 1) as usize;
-            fwd.swap(i, j);
-        }
+        let master = master_perm_memo(master_len(n), seed, pass);
+        let fwd: Vec<u32> = master
+            .iter()
+            .copied()
+            .filter(|&v| (v as usize) < n)
+            .collect();
         let mut inv = vec![0u32; n];
         for (pos, &orig) in fwd.iter().enumerate() {
             inv[orig as usize] = pos as u32;
@@ -421,51 +485,67 @@ pub(crate) fn below(rng: &mut Xoshiro256PlusPlus, bound: u64) -> u64 {
 /// over the unshuffled key instead of a shuffle.
 const MASK_MAX_BLOCKS: usize = 4;
 
-/// The permutations of every pass for one set of parameters, and block masks
-/// for the passes cut into few blocks. Computing them dominates the cost of a
-/// frame, and they are public and need not be fresh per frame (errors are
-/// independent of them), so a link may compute one plan per parameter set
-/// and share it (`Arc`) across frames and across
-/// [`CascadeAlice`]/[`CascadeBob`] instances.
+/// The permutations of every pass for one set of parameters (made when a
+/// pass first needs one), and block masks for the passes cut into few
+/// blocks. Permutations are public and need not be fresh per frame (errors
+/// are independent of them): a plan can be shared (`Arc`) across frames and
+/// across [`CascadeAlice`]/[`CascadeBob`] instances, and plans with the same
+/// seed share the underlying `2^⌈log₂ n⌉`-element shuffles through a memo.
 #[derive(Debug)]
 pub struct CascadePlan {
     params: CascadeParams,
-    perms: Vec<Perm>,
+    /// Built the first time a pass is searched (or, for passes without
+    /// masks, first needs its block parities).
+    perms: Vec<OnceLock<Perm>>,
     /// `masks[p][b]`: the original positions of block `b` of pass `p`, for
     /// shuffled passes of at most [`MASK_MAX_BLOCKS`] blocks; empty otherwise.
     masks: Vec<Vec<Vec<u64>>>,
 }
 
 impl CascadePlan {
-    /// Computes the permutations of every pass of `params`.
+    /// The block masks of every pass of `params` that has few blocks; the
+    /// permutations themselves are made when first needed.
     pub fn new(params: &CascadeParams) -> Self {
-        let perms: Vec<Perm> = (0..params.passes())
-            .map(|p| Perm::for_pass(params.n, params.seed, p))
-            .collect();
-        let masks = perms
-            .iter()
-            .enumerate()
-            .map(|(p, perm)| {
+        let n = params.n;
+        let masks = (0..params.passes())
+            .map(|p| {
                 let blocks = params.blocks_in(p);
-                let Some((fwd, _)) = &perm.0 else {
-                    return Vec::new();
-                };
-                if blocks > MASK_MAX_BLOCKS {
+                if p == 0 || blocks > MASK_MAX_BLOCKS {
                     return Vec::new();
                 }
                 let k = params.block_sizes[p];
-                let mut m = vec![vec![0u64; params.n.div_ceil(64)]; blocks];
-                for (pos, &orig) in fwd.iter().enumerate() {
-                    m[pos / k][orig as usize / 64] |= 1 << (orig % 64);
+                let mut m = vec![vec![0u64; n.div_ceil(64)]; blocks];
+                let master = master_perm_memo(master_len(n), params.seed, p);
+                // Shuffled position `pos` counts the values below n seen so
+                // far: the same order as Perm::for_pass, without storing it.
+                for (pos, orig) in master
+                    .iter()
+                    .map(|&v| v as usize)
+                    .filter(|&v| v < n)
+                    .enumerate()
+                {
+                    m[pos / k][orig / 64] |= 1 << (orig % 64);
                 }
                 m
             })
             .collect();
         Self {
             params: params.clone(),
-            perms,
+            perms: (0..params.passes()).map(|_| OnceLock::new()).collect(),
             masks,
         }
+    }
+
+    fn perm(&self, p: usize) -> &Perm {
+        self.perms[p].get_or_init(|| Perm::for_pass(self.params.n, self.params.seed, p))
+    }
+
+    /// Which block of pass `p` holds original bit `i`, from the masks (for
+    /// passes that have them).
+    fn mask_block(&self, p: usize, i: usize) -> Option<usize> {
+        self.masks[p]
+            .iter()
+            .position(|m| (m[i / 64] >> (i % 64)) & 1 == 1)
     }
 
     /// The parameters this plan was built for.
@@ -477,7 +557,7 @@ impl CascadePlan {
     /// be had without the pass's shuffled copy (identity pass, or a pass
     /// with block masks).
     fn direct_block_parity(&self, key: &BitVec, p: usize, b: usize) -> Option<bool> {
-        if self.perms[p].0.is_none() {
+        if p == 0 {
             let (s, e) = self.params.block_range(p, b);
             return Some(key.parity_range_unchecked(s, e));
         }
@@ -549,11 +629,10 @@ impl CascadeAlice {
 
     /// Alice's key in pass `p`'s order.
     fn view(&self, p: usize) -> &BitVec {
-        let perm = &self.plan.perms[p];
-        if perm.0.is_none() {
+        if p == 0 {
             return &self.key;
         }
-        self.shuffled[p].get_or_init(|| perm.shuffle(&self.key))
+        self.shuffled[p].get_or_init(|| self.plan.perm(p).shuffle(&self.key))
     }
 
     /// Answers one request. Fails (without panicking) on queries that name a
@@ -984,13 +1063,12 @@ impl CascadeBob {
 
     /// Bob's current parity of positions `start..end` of pass `p`'s order.
     fn bob_parity(&mut self, p: usize, start: usize, end: usize) -> bool {
-        let perm = &self.plan.perms[p];
-        if perm.0.is_none() {
+        if p == 0 {
             return self.key.parity_range_unchecked(start, end);
         }
-        let key = &self.key;
+        let (key, plan) = (&self.key, &self.plan);
         self.shuffled[p]
-            .get_or_insert_with(|| perm.shuffle(key))
+            .get_or_insert_with(|| plan.perm(p).shuffle(key))
             .parity_range_unchecked(start, end)
     }
 
@@ -1091,7 +1169,7 @@ impl CascadeBob {
                 return Ok(());
             }
             if node.len() == 1 {
-                let orig = self.plan.perms[node.pass].orig(node.start);
+                let orig = self.plan.perm(node.pass).orig(node.start);
                 return self.flip(orig);
             }
             let l = node.left();
@@ -1125,10 +1203,21 @@ impl CascadeBob {
         self.key.flip(i);
         let params = &self.plan.params;
         for p in 0..self.started {
-            let q = self.plan.perms[p].pos(i);
-            if let Some(s) = &mut self.shuffled[p] {
-                s.flip(q);
-            }
+            // A pass never shuffled at Bob was never searched (a range below
+            // a block is only asked, and its reply only checked, through the
+            // shuffled copy), so only its blocks' roots are known and the
+            // block is all the walk below needs: take it from the masks
+            // rather than making the permutation.
+            let q = match (&mut self.shuffled[p], self.plan.mask_block(p, i)) {
+                (None, Some(b)) if p > 0 => b * params.block_sizes[p],
+                (s, _) => {
+                    let q = self.plan.perm(p).pos(i);
+                    if let Some(s) = s {
+                        s.flip(q);
+                    }
+                    q
+                }
+            };
             let b = q / params.block_sizes[p];
             let t = &mut self.trees[p];
             let mut node = root(p, b, params.block_range(p, b));

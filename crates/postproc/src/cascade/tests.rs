@@ -84,6 +84,41 @@ fn permutations_are_shared_bijections() {
     assert_eq!(Perm::for_pass(10, 42, 0).orig(7), 7);
 }
 
+/// The normative construction: the `n`-bit permutation is the `2^⌈log₂ n⌉`
+/// shuffle with the values ≥ n left out (so frames of different lengths
+/// share the memoised shuffle), and the plan's block masks, built by
+/// streaming that shuffle, hold exactly the positions of each block.
+#[test]
+fn permutations_restrict_the_power_of_two_shuffle_and_masks_match_them() {
+    for n in [1000usize, 1024, 1025, 4097] {
+        let master = master_perm(n.next_power_of_two(), 9, 2);
+        let expect: Vec<usize> = master
+            .iter()
+            .map(|&v| v as usize)
+            .filter(|&v| v < n)
+            .collect();
+        let perm = Perm::for_pass(n, 9, 2);
+        let got: Vec<usize> = (0..n).map(|pos| perm.orig(pos)).collect();
+        assert_eq!(got, expect, "n = {n}");
+        let params = CascadeParams::with_block_sizes(n, vec![64, n.div_ceil(2), n.div_ceil(3)], 9)
+            .expect("valid sizes");
+        let plan = CascadePlan::new(&params);
+        for p in 1..3 {
+            assert!(!plan.masks[p].is_empty(), "pass {p} has few blocks");
+            let perm = Perm::for_pass(n, 9, p);
+            let k = params.block_sizes[p];
+            for orig in 0..n {
+                let b = perm.pos(orig) / k;
+                assert_eq!(
+                    plan.mask_block(p, orig),
+                    Some(b),
+                    "n {n} pass {p} bit {orig}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn alice_parities_match_naive_reference() {
     let mut r = rng(50);
