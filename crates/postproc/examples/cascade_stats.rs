@@ -3,10 +3,14 @@
 //! shared [`CascadePlan`] per parameter set) on
 //! seeded random frames with i.i.d. errors.
 //!
-//! Usage: `cargo run --release -p qkdnet-postproc --example cascade_stats -- [frames] [n] [schedule] [q1,q2,…]`
+//! Usage: `cargo run --release -p qkdnet-postproc --example cascade_stats -- [frames] [n] [schedule] [q1,q2,…] [fresh]`
 //! (defaults: 200 frames of 10^4 bits, every schedule, QBER 0.5–11 %; a
-//! schedule is `original`, `demystified7` or `demystified8`). Prints one JSON
-//! object per line.
+//! schedule is `original`, `demystified7` or `demystified8`). By default one
+//! plan is built before the clock starts and shared by all frames (its
+//! permutations are still made, and timed, when a frame first searches a
+//! pass); with `fresh`, every frame builds its own plan inside the timed
+//! region, as the link does per block (same seed, so the memoised shuffles
+//! are reused, as in a link session). Prints one JSON object per line.
 
 use std::time::Instant;
 
@@ -28,6 +32,7 @@ fn main() {
         .next()
         .map(|s| s.split(',').filter_map(|q| q.parse().ok()).collect())
         .unwrap_or_else(|| vec![0.005, 0.01, 0.02, 0.05, 0.08, 0.11]);
+    let fresh = args.next().is_some_and(|a| a == "fresh");
     for schedule in [
         Schedule::Original,
         Schedule::Demystified7,
@@ -55,6 +60,11 @@ fn main() {
                     }
                 }
                 let t = Instant::now();
+                let plan = if fresh {
+                    Arc::new(CascadePlan::new(&params))
+                } else {
+                    plan.clone()
+                };
                 let (Ok(alice), Ok(mut bob)) = (
                     CascadeAlice::with_plan(&alice_key, plan.clone()),
                     CascadeBob::with_plan(bob_key, plan.clone()),
@@ -77,7 +87,8 @@ fn main() {
             }
             let total = (frames as usize * n) as f64;
             println!(
-                "{{\"schedule\":\"{schedule:?}\",\"n\":{n},\"qber\":{q},\"frames\":{frames},\"failed_frames\":{fails},\"f\":{:.4},\"rounds\":{:.1},\"mbit_per_s\":{:.2}}}",
+                "{{\"schedule\":\"{schedule:?}\",\"plan\":\"{}\",\"n\":{n},\"qber\":{q},\"frames\":{frames},\"failed_frames\":{fails},\"f\":{:.4},\"rounds\":{:.1},\"mbit_per_s\":{:.2}}}",
+                if fresh { "per frame" } else { "shared" },
                 leaked as f64 / (total * h2(q)),
                 rounds as f64 / frames as f64,
                 total / secs / 1e6

@@ -433,11 +433,15 @@ impl Perm {
             return Perm(None);
         }
         let master = master_perm_memo(master_len(n), seed, pass);
-        let fwd: Vec<u32> = master
-            .iter()
-            .copied()
-            .filter(|&v| (v as usize) < n)
-            .collect();
+        // Branch-free compaction of the values below n (a quarter of the
+        // values, at random, are not).
+        let mut fwd = vec![0u32; n + 1];
+        let mut pos = 0usize;
+        for &v in master.iter() {
+            fwd[pos.min(n)] = v;
+            pos += usize::from((v as usize) < n);
+        }
+        fwd.truncate(n);
         let mut inv = vec![0u32; n];
         for (pos, &orig) in fwd.iter().enumerate() {
             inv[orig as usize] = pos as u32;
@@ -514,19 +518,26 @@ impl CascadePlan {
                     return Vec::new();
                 }
                 let k = params.block_sizes[p];
-                let mut m = vec![vec![0u64; n.div_ceil(64)]; blocks];
+                let words = n.div_ceil(64);
+                let mut flat = vec![0u64; blocks * words];
                 let master = master_perm_memo(master_len(n), params.seed, p);
-                // Shuffled position `pos` counts the values below n seen so
-                // far: the same order as Perm::for_pass, without storing it.
-                for (pos, orig) in master
-                    .iter()
-                    .map(|&v| v as usize)
-                    .filter(|&v| v < n)
-                    .enumerate()
-                {
-                    m[pos / k][orig / 64] |= 1 << (orig % 64);
+                // The values below n in the shuffle's order are the pass's
+                // order (as in Perm::for_pass, without storing it); every k
+                // of them make a block. Branch-free in the value test: about
+                // a quarter of the values are skipped, at random.
+                let (mut at, mut left) = (0usize, k);
+                for &v in master.iter() {
+                    let v = v as usize;
+                    let keep = usize::from(v < n);
+                    if left == 0 && keep == 1 {
+                        at += words;
+                        left = k;
+                    }
+                    left -= keep;
+                    let i = v.min(n - 1);
+                    flat[at + i / 64] |= (keep as u64) << (i % 64);
                 }
-                m
+                flat.chunks_exact(words).map(<[u64]>::to_vec).collect()
             })
             .collect();
         Self {
