@@ -524,18 +524,35 @@ impl CascadePlan {
                 // The values below n in the shuffle's order are the pass's
                 // order (as in Perm::for_pass, without storing it); every k
                 // of them make a block. Branch-free in the value test: about
-                // a quarter of the values are skipped, at random.
+                // a quarter of the values are skipped, at random. The last
+                // block is what the others leave, so the scan stops where it
+                // begins (half way for the two-block passes of the
+                // Demystified schedules).
+                let last = (blocks - 1) * words;
                 let (mut at, mut left) = (0usize, k);
-                for &v in master.iter() {
+                for &v in master.iter().take(if blocks > 1 { usize::MAX } else { 0 }) {
                     let v = v as usize;
                     let keep = usize::from(v < n);
                     if left == 0 && keep == 1 {
                         at += words;
                         left = k;
+                        if at == last {
+                            break;
+                        }
                     }
                     left -= keep;
                     let i = v.min(n - 1);
                     flat[at + i / 64] |= (keep as u64) << (i % 64);
+                }
+                let (others, rest) = flat.split_at_mut(last);
+                for (w, out) in rest.iter_mut().enumerate() {
+                    let taken = others.iter().skip(w).step_by(words).fold(0, |a, x| a | x);
+                    let valid = if (w + 1) * 64 <= n {
+                        u64::MAX
+                    } else {
+                        (1u64 << (n % 64)) - 1
+                    };
+                    *out = !taken & valid;
                 }
                 flat.chunks_exact(words).map(<[u64]>::to_vec).collect()
             })
