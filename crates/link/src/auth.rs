@@ -40,8 +40,12 @@
 //! [`qkdnet_postproc::auth`], computed on the whole transcript), the channel
 //! fails and no key leaves either side. Until then a forged parity query
 //! can only make Alice disclose parities of a block that is going to be
-//! thrown away. Only this module makes [`Authenticated`] and
-//! [`Provisional`] messages.
+//! thrown away, which rests on an invariant the callers keep: a channel
+//! that failed is closed for good ([`AuthChannel::open`] refuses every later
+//! frame), and the blocks it had in flight are discarded, never resumed or
+//! re-run on another channel (`qkdnet node` starts a new session with new
+//! blocks; `qkdnet postproc` fails). Only this module makes
+//! [`Authenticated`] and [`Provisional`] messages.
 
 use std::collections::VecDeque;
 
@@ -266,6 +270,9 @@ pub struct AuthChannel {
     recv: Stream,
     send_seq: u64,
     recv_seq: u64,
+    /// Set by the first frame [`AuthChannel::open`] refuses: the provisional
+    /// frames before it will never be covered, so nothing more is accepted.
+    failed: bool,
 }
 
 impl std::fmt::Debug for AuthChannel {
@@ -303,6 +310,7 @@ impl AuthChannel {
             recv,
             send_seq: 0,
             recv_seq: 0,
+            failed: false,
         })
     }
 
@@ -381,6 +389,17 @@ impl AuthChannel {
     /// should close it): an attacker learns nothing but gets no second try
     /// at the same pad.
     pub fn open(&mut self, frame: &[u8]) -> Result<Opened, LinkError> {
+        if self.failed {
+            return Err(LinkError::Authentication(
+                "the channel refused an earlier frame; nothing more is accepted".into(),
+            ));
+        }
+        let r = self.open_frame(frame);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn open_frame(&mut self, frame: &[u8]) -> Result<Opened, LinkError> {
         if frame.len() < HEADER {
             return Err(LinkError::Malformed("frame shorter than its header".into()));
         }
@@ -550,6 +569,20 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_that_refused_a_frame_accepts_nothing_more() {
+        let (mut a, mut b) = pair();
+        let (f0, _) = a.seal(&[parities(0)]).expect("pads left");
+        let (f1, _) = a.seal(&[verified()]).expect("pads left");
+        // A forgery with the right number is refused only at the tag ...
+        b.open(&forged(0, &[parities(5)])).expect("no tag to check");
+        assert!(b.open(&f1).is_err());
+        // ... and afterwards even genuine frames are refused.
+        let (_, mut b2) = pair();
+        assert!(b2.open(&f1).is_err(), "out of order");
+        assert!(b2.open(&f0).is_err(), "refused after a failure");
+    }
+
+    #[test]
     fn only_parity_rounds_may_be_provisional() {
         let (_, mut b) = pair();
         let e = b.open(&forged(0, &[verified()])).expect_err("refused");
@@ -573,6 +606,7 @@ mod tests {
         let (mut f, _) = a.seal(&[verified()]).expect("pads left");
         f[8] = 7;
         assert!(matches!(b.open(&f), Err(LinkError::Malformed(_))));
+        let (_, mut b) = pair();
         assert!(matches!(b.open(&f[..5]), Err(LinkError::Malformed(_))));
     }
 

@@ -255,6 +255,13 @@ impl Endpoint {
             self.count(self.role.peer(), m.msg());
             self.dispatch(m)?;
         }
+        // A late message for a finished block (or one for a block that was
+        // refused at once) left a counter no refill will read.
+        let live: Vec<u64> = match &self.side {
+            Side::Alice { blocks, .. } => blocks.keys().copied().collect(),
+            Side::Bob { blocks } => blocks.keys().copied().collect(),
+        };
+        self.frames.retain(|b, _| live.contains(b));
         Ok(())
     }
 
