@@ -8,14 +8,17 @@
 //! meets variable `(i + shift) mod Z`. So no two checks of a layer share a
 //! variable, a layer's `Z` check updates are independent, and rotating the
 //! block's posteriors into a scratch row lines every check up with its lane.
-//! The update is then plain element-wise arithmetic over `[f32; Z]` rows —
-//! subtract, absolute value, two running minima, a sign XOR, a select — which
-//! the compiler turns into 16-lane AVX-512 (or 8-lane AVX2) code. Processing
+//! The update is then plain element-wise arithmetic over `[i16; Z]` rows of
+//! fixed-point LLRs (16 per unit, saturating) — subtract, absolute value,
+//! two running minima, a sign XOR, a select — which the compiler turns into
+//! 32-lane AVX-512 (or 16-lane AVX2) code. Processing
 //! the checks of a layer together is *exactly* the scalar layered schedule
 //! (check by check, in row order), because they touch disjoint variables; the
 //! test below holds the two bit-identical on random codes. The scalar decoder
 //! ran at 5–10 ns per edge and iteration, this one at a fraction of a
-//! nanosecond (BENCHMARKS.md).
+//! nanosecond (BENCHMARKS.md). 16-bit fixed point (an LLR of 1 is 16,
+//! saturating at ±32767) decodes the same frames in the same iterations as
+//! `f32` did (frame-error sweeps in BENCHMARKS.md) at twice the lanes.
 //!
 //! Early termination costs almost nothing: hard decisions pack into one `u64`
 //! per column block (`Z = 64`), and a layer's syndrome is the XOR of its
@@ -33,10 +36,17 @@
 /// Lifting factor: checks per layer, variables per column block, lanes.
 pub(crate) const LIFT: usize = 64;
 
-const SIGN: u32 = 0x8000_0000;
-/// Starting value of the running minima: finite, so a check of degree one
-/// yields a large message rather than an infinity that later turns to NaN.
-const MIN_START: f32 = 1.0e30;
+/// A log-likelihood ratio in fixed point: 16-bit, saturating, so a 512-bit
+/// vector holds 32 lanes (twice as many as `f32`). Callers scale LLRs by
+/// [`LLR_ONE`]; [`LLR_MAX`] stands for "known".
+pub(crate) type Llr = i16;
+/// The fixed-point value of an LLR of 1.
+pub(crate) const LLR_ONE: f32 = 16.0;
+/// Largest magnitude (symmetric: −[`LLR_MAX`] is the smallest value, so
+/// negating never overflows).
+pub(crate) const LLR_MAX: Llr = i16::MAX;
+/// Starting value of the running minima.
+const MIN_START: Llr = LLR_MAX;
 
 /// A quasi-cyclic parity-check matrix as its base matrix: layer `r` holds
 /// entries `start[r]..start[r + 1]` of `cols`/`shifts`.
@@ -76,23 +86,23 @@ const SPAN: usize = 4 * LIFT;
 /// Fixed-length runs compile to plain vector loads and stores, where a
 /// rotation done as two variable-length copies cost a `memcpy` call each.
 pub(crate) struct State {
-    post: Vec<f32>,
-    msg: Vec<f32>,
-    /// Sign bit per check (the syndrome bit moved to bit 31).
-    syn_sign: Vec<u32>,
+    post: Vec<Llr>,
+    msg: Vec<Llr>,
+    /// Per check: −1 (all ones) where the syndrome bit is 1, else 0.
+    syn_sign: Vec<Llr>,
     /// One `u64` of syndrome per layer.
     syn_words: Vec<u64>,
-    scratch: Vec<f32>,
+    scratch: Vec<Llr>,
     hard: Vec<u64>,
 }
 
 impl State {
     /// `llr` holds the channel LLRs (length `64 · column blocks`),
     /// `syn_words` the syndrome, one word per layer.
-    pub fn new(base: &Base<'_>, llr: &[f32], syn_words: Vec<u64>) -> Self {
+    pub fn new(base: &Base<'_>, llr: &[Llr], syn_words: Vec<u64>) -> Self {
         let syn_sign = syn_words
             .iter()
-            .flat_map(|&w| (0..LIFT).map(move |i| (((w >> i) & 1) as u32) << 31))
+            .flat_map(|&w| (0..LIFT).map(move |i| -(((w >> i) & 1) as Llr)))
             .collect();
         let mut post = Vec::with_capacity(llr.len() * 4);
         for block in llr.chunks_exact(LIFT) {
@@ -101,9 +111,9 @@ impl State {
             }
         }
         Self {
-            msg: vec![0.0; base.cols.len() * LIFT],
+            msg: vec![0; base.cols.len() * LIFT],
             hard: vec![0; llr.len() / LIFT],
-            scratch: vec![0.0; base.max_degree() * LIFT],
+            scratch: vec![0; base.max_degree() * LIFT],
             post,
             syn_sign,
             syn_words,
@@ -111,7 +121,7 @@ impl State {
     }
 
     /// The posteriors, one column block after another.
-    pub fn posteriors(&self) -> impl Iterator<Item = &[f32]> {
+    pub fn posteriors(&self) -> impl Iterator<Item = &[Llr]> {
         self.post.chunks_exact(SPAN).map(|b| &b[LIFT..2 * LIFT])
     }
 }
@@ -122,7 +132,7 @@ impl State {
 pub(crate) fn decode(
     base: &Base<'_>,
     st: &mut State,
-    scale: f32,
+    scale: Llr,
     max_iterations: usize,
 ) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
@@ -146,7 +156,7 @@ pub(crate) fn decode(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Base, State};
+    use super::{Base, Llr, State};
 
     /// A copy of [`super::decode_generic`] compiled with `$features`.
     macro_rules! vectorised {
@@ -155,7 +165,7 @@ mod x86 {
             pub(super) fn $name(
                 base: &Base<'_>,
                 st: &mut State,
-                scale: f32,
+                scale: Llr,
                 max_iterations: usize,
             ) -> Option<usize> {
                 super::decode_generic(base, st, scale, max_iterations)
@@ -172,7 +182,7 @@ mod x86 {
 pub(crate) fn decode_generic(
     base: &Base<'_>,
     st: &mut State,
-    scale: f32,
+    scale: Llr,
     max_iterations: usize,
 ) -> Option<usize> {
     if satisfied(base, st) {
@@ -189,7 +199,7 @@ pub(crate) fn decode_generic(
 
 /// One iteration: every layer in order.
 #[inline(always)]
-pub(crate) fn iterate(base: &Base<'_>, st: &mut State, scale: f32) {
+pub(crate) fn iterate(base: &Base<'_>, st: &mut State, scale: Llr) {
     const Z: usize = LIFT;
     let State {
         post,
@@ -202,21 +212,22 @@ pub(crate) fn iterate(base: &Base<'_>, st: &mut State, scale: f32) {
         let edges = base.layer(r);
         let mut min1 = [MIN_START; Z];
         let mut min2 = [MIN_START; Z];
-        let mut arg = [0u32; Z];
-        let mut sign = [0u32; Z];
+        let mut arg = [0 as Llr; Z];
+        let mut sign = [0 as Llr; Z];
         sign.copy_from_slice(&syn_sign[r * Z..(r + 1) * Z]);
         for (k, e) in edges.clone().enumerate() {
             let (c, s) = (base.cols[e] as usize, base.shifts[e] as usize % Z);
             // Lane i meets variable (i + s) mod Z of the block.
-            let p: &[f32; Z] = row_at(post, c * SPAN + Z + s);
-            let t: &mut [f32; Z] = row_mut(scratch, k);
-            let m: &[f32; Z] = row(msg, e);
-            let kk = k as u32;
+            let p: &[Llr; Z] = row_at(post, c * SPAN + Z + s);
+            let t: &mut [Llr; Z] = row_mut(scratch, k);
+            let m: &[Llr; Z] = row(msg, e);
+            let kk = k as Llr;
             for i in 0..Z {
-                let x = p[i] - m[i];
+                let x = clamp(p[i].saturating_sub(m[i]));
                 t[i] = x;
-                let a = f32::from_bits(x.to_bits() & !SIGN);
-                sign[i] ^= x.to_bits() & SIGN;
+                let a = x.abs();
+                // −1 where x < 0: the product of the signs, as a parity.
+                sign[i] ^= x >> 15;
                 let hi = if a > min1[i] { a } else { min1[i] };
                 min2[i] = if hi < min2[i] { hi } else { min2[i] };
                 arg[i] = if a < min1[i] { kk } else { arg[i] };
@@ -224,19 +235,25 @@ pub(crate) fn iterate(base: &Base<'_>, st: &mut State, scale: f32) {
             }
         }
         for i in 0..Z {
-            min1[i] *= scale;
-            min2[i] *= scale;
+            min1[i] = scaled(min1[i], scale);
+            min2[i] = scaled(min2[i], scale);
         }
         for (k, e) in edges.enumerate() {
             let (c, s) = (base.cols[e] as usize, base.shifts[e] as usize % Z);
-            let t: &mut [f32; Z] = row_mut(scratch, k);
-            let m: &mut [f32; Z] = row_mut(msg, e);
-            let kk = k as u32;
+            let t: &mut [Llr; Z] = row_mut(scratch, k);
+            let m: &mut [Llr; Z] = row_mut(msg, e);
+            let kk = k as Llr;
             for i in 0..Z {
-                let mag = if arg[i] == kk { min2[i] } else { min1[i] };
-                let rr = f32::from_bits(mag.to_bits() | (sign[i] ^ (t[i].to_bits() & SIGN)));
+                // A mask blend, not `if … { min2[i] } else { min1[i] }`:
+                // LLVM turns that into a select of two addresses and a
+                // 16-lane gather.
+                let second = -Llr::from(arg[i] == kk);
+                let mag = (min2[i] & second) | (min1[i] & !second);
+                // Negate where the other edges' signs multiply to −1.
+                let neg = sign[i] ^ (t[i] >> 15);
+                let rr = (mag ^ neg) - neg;
                 m[i] = rr;
-                t[i] += rr;
+                t[i] = clamp(t[i].saturating_add(rr));
             }
             let at = c * SPAN + s;
             for copy in 0..3 {
@@ -244,6 +261,20 @@ pub(crate) fn iterate(base: &Base<'_>, st: &mut State, scale: f32) {
             }
         }
     }
+}
+
+/// Keeps a value in `−LLR_MAX..=LLR_MAX` (saturating arithmetic can reach
+/// `i16::MIN`, whose magnitude does not fit).
+#[inline(always)]
+fn clamp(x: Llr) -> Llr {
+    if x < -LLR_MAX { -LLR_MAX } else { x }
+}
+
+/// `x · scale / 2^15`, rounded (the normalisation of min-sum; `scale` is a
+/// Q15 fraction, so the result never exceeds `x`).
+#[inline(always)]
+fn scaled(x: Llr, scale: Llr) -> Llr {
+    ((i32::from(x) * i32::from(scale) + (1 << 14)) >> 15) as Llr
 }
 
 /// Whether the hard decisions (sign bits of the posteriors) have the
@@ -262,28 +293,28 @@ pub(crate) fn satisfied(base: &Base<'_>, st: &mut State) -> bool {
 
 /// Bit `i` = sign bit of `block[i]`.
 #[inline(always)]
-pub(crate) fn hard_word(block: &[f32]) -> u64 {
+pub(crate) fn hard_word(block: &[Llr]) -> u64 {
     block
         .iter()
         .enumerate()
-        .fold(0u64, |w, (i, &x)| w | (u64::from(x.to_bits() >> 31) << i))
+        .fold(0u64, |w, (i, &x)| w | (u64::from(x < 0) << i))
 }
 
 // Every caller indexes whole rows inside its buffer (sized from the base
 // matrix in `State::new`), so the conversions to arrays cannot fail.
-fn row<const Z: usize>(v: &[f32], k: usize) -> &[f32; Z] {
+fn row<const Z: usize>(v: &[Llr], k: usize) -> &[Llr; Z] {
     row_at(v, k * Z)
 }
 
-fn row_mut<const Z: usize>(v: &mut [f32], k: usize) -> &mut [f32; Z] {
+fn row_mut<const Z: usize>(v: &mut [Llr], k: usize) -> &mut [Llr; Z] {
     row_at_mut(v, k * Z)
 }
 
-fn row_at<const Z: usize>(v: &[f32], at: usize) -> &[f32; Z] {
+fn row_at<const Z: usize>(v: &[Llr], at: usize) -> &[Llr; Z] {
     (&v[at..at + Z]).try_into().expect("row of Z lanes")
 }
 
-fn row_at_mut<const Z: usize>(v: &mut [f32], at: usize) -> &mut [f32; Z] {
+fn row_at_mut<const Z: usize>(v: &mut [Llr], at: usize) -> &mut [Llr; Z] {
     (&mut v[at..at + Z]).try_into().expect("row of Z lanes")
 }
 
@@ -294,8 +325,9 @@ mod tests {
     use rand_xoshiro::Xoshiro256PlusPlus;
 
     /// The scalar reference: check by check in row order (`r·Z + i`), each
-    /// check over its edges in layer order, messages kept per (entry, lane).
-    fn iterate_reference(base: &Base<'_>, st: &mut State, scale: f32) {
+    /// check over its edges in layer order, messages kept per (entry, lane),
+    /// in the same saturating 16-bit arithmetic.
+    fn iterate_reference(base: &Base<'_>, st: &mut State, scale: Llr) {
         let z = LIFT;
         for r in 0..base.layers() {
             let edges: Vec<usize> = base.layer(r).collect();
@@ -303,12 +335,14 @@ mod tests {
                 let var = |e: usize| base.cols[e] as usize * z + (i + base.shifts[e] as usize) % z;
                 let mut neg = st.syn_sign[r * z + i] != 0;
                 let (mut min1, mut min2, mut arg) = (MIN_START, MIN_START, 0usize);
-                let xs: Vec<f32> = edges
+                let xs: Vec<Llr> = edges
                     .iter()
                     .enumerate()
                     .map(|(k, &e)| {
-                        let x = get(&st.post, var(e)) - st.msg[e * z + i];
-                        neg ^= x.is_sign_negative();
+                        let x = get(&st.post, var(e))
+                            .saturating_sub(st.msg[e * z + i])
+                            .max(-LLR_MAX);
+                        neg ^= x < 0;
                         let a = x.abs();
                         if a < min1 {
                             min2 = min1;
@@ -321,24 +355,21 @@ mod tests {
                     })
                     .collect();
                 for (k, &e) in edges.iter().enumerate() {
-                    let mag = scale * if k == arg { min2 } else { min1 };
-                    let r = if neg ^ xs[k].is_sign_negative() {
-                        -mag
-                    } else {
-                        mag
-                    };
+                    let m = if k == arg { min2 } else { min1 };
+                    let mag = ((i32::from(m) * i32::from(scale) + (1 << 14)) >> 15) as Llr;
+                    let r = if neg ^ (xs[k] < 0) { -mag } else { mag };
                     st.msg[e * z + i] = r;
-                    set(&mut st.post, var(e), xs[k] + r);
+                    set(&mut st.post, var(e), xs[k].saturating_add(r).max(-LLR_MAX));
                 }
             }
         }
     }
 
     /// Variable `v`'s posterior in the four-copy layout.
-    fn get(post: &[f32], v: usize) -> f32 {
+    fn get(post: &[Llr], v: usize) -> Llr {
         post[v / LIFT * SPAN + LIFT + v % LIFT]
     }
-    fn set(post: &mut [f32], v: usize, x: f32) {
+    fn set(post: &mut [Llr], v: usize, x: Llr) {
         for copy in 0..4 {
             post[v / LIFT * SPAN + copy * LIFT + v % LIFT] = x;
         }
@@ -387,30 +418,30 @@ mod tests {
             let (nb, mb) = (12 + trial, 5 + trial / 2);
             let owned = random_base(&mut rng, nb, mb);
             let base = owned.base();
-            let post: Vec<f32> = (0..nb * LIFT)
+            let post: Vec<Llr> = (0..nb * LIFT)
                 .map(|_| match rng.next_u64() % 10 {
-                    0 => 0.0,
-                    1 => 1.0e4,
-                    _ => (rng.next_u64() % 2000) as f32 / 100.0 - 10.0,
+                    0 => 0,
+                    1 => LLR_MAX,
+                    2 => -LLR_MAX,
+                    _ => (rng.next_u64() % 400) as Llr - 200,
                 })
                 .collect();
             let syn: Vec<u64> = (0..mb).map(|_| rng.next_u64()).collect();
             let mut fast = State::new(&base, &post, syn.clone());
             let mut slow = State::new(&base, &post, syn);
             for _ in 0..5 {
-                iterate(&base, &mut fast, 0.8);
-                iterate_reference(&base, &mut slow, 0.8);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let flat = |st: &State| st.posteriors().flatten().copied().collect::<Vec<f32>>();
-                assert_eq!(bits(&flat(&fast)), bits(&flat(&slow)), "trial {trial}");
-                assert_eq!(bits(&fast.msg), bits(&slow.msg), "trial {trial}");
+                iterate(&base, &mut fast, 26214);
+                iterate_reference(&base, &mut slow, 26214);
+                let flat = |st: &State| st.posteriors().flatten().copied().collect::<Vec<Llr>>();
+                assert_eq!(flat(&fast), flat(&slow), "trial {trial}");
+                assert_eq!(fast.msg, slow.msg, "trial {trial}");
             }
             // The dispatched (vectorised) copy agrees with the portable one.
-            let now: Vec<f32> = fast.posteriors().flatten().copied().collect();
+            let now: Vec<Llr> = fast.posteriors().flatten().copied().collect();
             let mut a = State::new(&base, &now, fast.syn_words.clone());
             let mut b = State::new(&base, &now, fast.syn_words.clone());
-            let ra = decode(&base, &mut a, 0.8, 7);
-            let rb = decode_generic(&base, &mut b, 0.8, 7);
+            let ra = decode(&base, &mut a, 26214, 7);
+            let rb = decode_generic(&base, &mut b, 26214, 7);
             assert_eq!(ra, rb);
             assert_eq!(a.post, b.post);
         }
@@ -423,8 +454,8 @@ mod tests {
         let owned = random_base(&mut rng, nb, mb);
         let base = owned.base();
         let (cols, shifts) = (&owned.cols, &owned.shifts);
-        let post: Vec<f32> = (0..nb * LIFT)
-            .map(|_| if rng.random::<bool>() { -1.0 } else { 1.0 })
+        let post: Vec<Llr> = (0..nb * LIFT)
+            .map(|_| if rng.random::<bool>() { -16 } else { 16 })
             .collect();
         // The syndrome of the hard decisions, row by row.
         let syn: Vec<u64> = (0..mb)
@@ -432,7 +463,7 @@ mod tests {
                 (0..LIFT).fold(0u64, |w, i| {
                     let bit = base.layer(r).fold(false, |a, e| {
                         let v = cols[e] as usize * LIFT + (i + shifts[e] as usize) % LIFT;
-                        a ^ (post[v] < 0.0)
+                        a ^ (post[v] < 0)
                     });
                     w | (u64::from(bit) << i)
                 })

@@ -467,10 +467,8 @@ impl RateAdaptation {
     }
 }
 
-/// Normalisation of the min-sum check messages.
-const MIN_SUM_SCALE: f32 = 0.85;
-/// LLR magnitude for shortened (known) positions.
-const KNOWN_LLR: f32 = 1.0e4;
+/// Normalisation of the min-sum check messages: 0.85 in Q15.
+const MIN_SUM_SCALE: layered::Llr = 27853;
 
 fn decode_min_sum(
     ad: &RateAdaptation,
@@ -480,13 +478,15 @@ fn decode_min_sum(
     max_iterations: usize,
 ) -> Result<(BitVec, usize), LdpcError> {
     let code = &ad.code;
-    let llr0 = ((1.0 - qber) / qber).ln() as f32;
-    let mut post = vec![0f32; code.n];
+    // Channel LLR in fixed point, at least 1 (QBER just under 1/2).
+    let llr0 = ((((1.0 - qber) / qber).ln() as f32 * layered::LLR_ONE).round() as layered::Llr)
+        .clamp(1, layered::LLR_MAX);
+    let mut post = vec![0 as layered::Llr; code.n];
     for (i, &p) in ad.key_pos.iter().enumerate() {
         post[p as usize] = if key.get(i) { -llr0 } else { llr0 };
     }
     for &p in &ad.shortened {
-        post[p as usize] = KNOWN_LLR;
+        post[p as usize] = layered::LLR_MAX;
     }
     let base = code.base();
     let mut st = layered::State::new(&base, &post, syndrome.as_words().to_vec());
