@@ -424,6 +424,67 @@ fn master_len(n: usize) -> usize {
     n.next_power_of_two()
 }
 
+/// Memo of the bitmap of the values in the first half of a shuffle of `N`:
+/// `N/8` bytes per (N, seed, pass), a few dozen entries.
+static HALVES: std::sync::Mutex<Vec<HalfEntry>> = std::sync::Mutex::new(Vec::new());
+/// `(N, seed, pass)` and its first-half bitmap.
+type HalfEntry = ((usize, u64, usize), Arc<Vec<u64>>);
+const HALVES_MAX: usize = 64;
+
+/// Block 0's mask of a two-block pass with `k = ⌈n/2⌉`, written into `out`
+/// (`⌈n/64⌉` zeroed words): the first `k` values below `n` of `master`.
+/// Rather than scanning the shuffle, it takes the values below `n` of its
+/// first half from a memoised bitmap (a copy of `n/64` words) and then moves
+/// the boundary to exactly `k` values by scanning only the few entries
+/// around the middle (about `√n` of them), so a plan costs `O(n/64 + √n)`
+/// per such pass instead of `O(N)` random writes.
+fn first_half_mask(master: &[u32], n: usize, k: usize, seed: u64, pass: usize, out: &mut [u64]) {
+    let big_n = master.len();
+    let half = big_n / 2;
+    let key = (big_n, seed, pass);
+    let found = {
+        let memo = HALVES.lock().unwrap_or_else(|e| e.into_inner());
+        memo.iter()
+            .find(|(k2, _)| *k2 == key)
+            .map(|(_, v)| v.clone())
+    };
+    let bitmap = found.unwrap_or_else(|| {
+        let mut b = vec![0u64; big_n.div_ceil(64)];
+        for &v in &master[..half] {
+            b[v as usize / 64] |= 1 << (v % 64);
+        }
+        let b = Arc::new(b);
+        let mut memo = HALVES.lock().unwrap_or_else(|e| e.into_inner());
+        memo.push((key, b.clone()));
+        if memo.len() > HALVES_MAX {
+            memo.remove(0);
+        }
+        b
+    });
+    let words = out.len();
+    out.copy_from_slice(&bitmap[..words]);
+    if !n.is_multiple_of(64) {
+        out[words - 1] &= (1u64 << (n % 64)) - 1;
+    }
+    let mut have: usize = out.iter().map(|w| w.count_ones() as usize).sum();
+    // Too few: the next values below n after the middle join block 0.
+    for &v in master[half..].iter().filter(|&&v| (v as usize) < n) {
+        if have >= k {
+            break;
+        }
+        out[v as usize / 64] |= 1 << (v % 64);
+        have += 1;
+    }
+    // Too many: the last values below n before the middle leave it.
+    for &v in master[..half].iter().rev().filter(|&&v| (v as usize) < n) {
+        if have <= k {
+            break;
+        }
+        out[v as usize / 64] &= !(1 << (v % 64));
+        have -= 1;
+    }
+}
+
 impl Perm {
     /// Pass `pass`'s permutation of `n` bits (normative): the values below
     /// `n` of [`master_perm`]`(2^⌈log₂ n⌉, seed, pass)`, in order; the
@@ -529,8 +590,12 @@ impl CascadePlan {
                 // begins (half way for the two-block passes of the
                 // Demystified schedules).
                 let last = (blocks - 1) * words;
+                if blocks == 2 && k == n.div_ceil(2) {
+                    first_half_mask(&master, n, k, params.seed, p, &mut flat[..words]);
+                }
+                let scan = blocks > 1 && !(blocks == 2 && k == n.div_ceil(2));
                 let (mut at, mut left) = (0usize, k);
-                for &v in master.iter().take(if blocks > 1 { usize::MAX } else { 0 }) {
+                for &v in master.iter().take(if scan { usize::MAX } else { 0 }) {
                     let v = v as usize;
                     let keep = usize::from(v < n);
                     if left == 0 && keep == 1 {

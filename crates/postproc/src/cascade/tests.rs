@@ -90,7 +90,13 @@ fn permutations_are_shared_bijections() {
 /// streaming that shuffle, hold exactly the positions of each block.
 #[test]
 fn permutations_restrict_the_power_of_two_shuffle_and_masks_match_them() {
-    for n in [1000usize, 1024, 1025, 4097] {
+    // Several lengths, so that the first half of the 2^k shuffle holds both
+    // fewer and more than ⌈n/2⌉ values below n (both boundary fix-ups of
+    // the two-block masks), and powers of two (no fix-up).
+    for n in [1000usize, 1024, 1025, 4097]
+        .into_iter()
+        .chain((1500..1530).step_by(3))
+    {
         let master = master_perm(n.next_power_of_two(), 9, 2);
         let expect: Vec<usize> = master
             .iter()
