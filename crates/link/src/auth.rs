@@ -16,8 +16,9 @@
 //! message` each), so the messages of many blocks in flight share a frame.
 //! Sequence numbers are strictly consecutive, so replays, reordering and
 //! deletions are detected. Each direction hashes every frame it sends or
-//! receives (`direction byte ‖ header ‖ body`, one padded piece per frame,
-//! [`TranscriptHash`]) into a running transcript. A *tagged* frame (kind 1)
+//! receives into a running transcript ([`TranscriptHash`]) as two padded
+//! pieces, `direction byte ‖ header` and then the body; the header carries
+//! the body's length, so the pieces decode one way only. A *tagged* frame (kind 1)
 //! ends with the tag of the transcript since the previous tagged frame,
 //! itself included; a *provisional* frame (kind 0) has no tag and is
 //! covered by the next tagged frame of its direction.
@@ -61,6 +62,8 @@ pub const MAX_FRAME: usize = 160 << 20;
 pub const HEADER: usize = 13;
 /// Most provisional (untagged) frames in a row, per direction.
 pub const MAX_PROVISIONAL_RUN: u32 = 1 << 16;
+/// Offset of the kind byte in the header.
+const KIND_AT: usize = 8;
 const KIND_PROVISIONAL: u8 = 0;
 const KIND_TAGGED: u8 = 1;
 
@@ -248,13 +251,14 @@ impl Stream {
         Ok(pad)
     }
 
-    /// Hashes one frame (its header and body) into the transcript.
-    fn absorb(&mut self, dir: u8, header: &[u8], body: &[u8]) {
-        let mut piece = Vec::with_capacity(1 + header.len() + body.len());
-        piece.push(dir);
-        piece.extend_from_slice(header);
-        piece.extend_from_slice(body);
-        self.transcript.absorb_padded(&piece);
+    /// Hashes one frame (its header and body) into the transcript, without
+    /// copying the body.
+    fn absorb(&mut self, dir: u8, header: &[u8; HEADER], body: &[u8]) {
+        let mut head = [0u8; 1 + HEADER];
+        head[0] = dir;
+        head[1..].copy_from_slice(header);
+        self.transcript.absorb_padded(&head);
+        self.transcript.absorb_padded(body);
     }
 
     fn end_run(&mut self) {
@@ -361,16 +365,17 @@ impl AuthChannel {
             None
         };
         let seq = self.send_seq;
-        let mut frame = Vec::with_capacity(HEADER + body.len() + TAG_BYTES);
-        frame.extend_from_slice(&seq.to_le_bytes());
-        frame.push(if tagged {
+        let mut header = [0u8; HEADER];
+        header[..KIND_AT].copy_from_slice(&seq.to_le_bytes());
+        header[KIND_AT] = if tagged {
             KIND_TAGGED
         } else {
             KIND_PROVISIONAL
-        });
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        self.send
-            .absorb(self.role.direction_byte(), &frame[..HEADER], &body);
+        };
+        header[KIND_AT + 1..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        self.send.absorb(self.role.direction_byte(), &header, &body);
+        let mut frame = Vec::with_capacity(HEADER + body.len() + TAG_BYTES);
+        frame.extend_from_slice(&header);
         frame.extend_from_slice(&body);
         self.send_seq += 1;
         match pad {
@@ -420,7 +425,7 @@ impl AuthChannel {
                 self.recv_seq
             )));
         }
-        let tagged = header[8] == KIND_TAGGED;
+        let tagged = header[KIND_AT] == KIND_TAGGED;
         let len = total - HEADER - if tagged { TAG_BYTES } else { 0 };
         let body = &frame[HEADER..HEADER + len];
         self.recv_seq += 1;
@@ -437,14 +442,6 @@ impl AuthChannel {
                     "tag of frame {seq} does not verify (it covers the provisional frames before it)"
                 ))
             })?;
-            let msgs = decode_batch(body)?;
-            Ok(Opened {
-                tagged,
-                msgs: msgs
-                    .into_iter()
-                    .map(|m| Received::Authenticated(Authenticated(m)))
-                    .collect(),
-            })
         } else {
             if self.recv.run + 1 >= MAX_PROVISIONAL_RUN {
                 return Err(LinkError::Authentication(format!(
@@ -454,34 +451,38 @@ impl AuthChannel {
             }
             self.recv.absorb(dir, &header, body);
             self.recv.run += 1;
-            let msgs = decode_batch(body)?;
-            if let Some(m) = msgs.iter().find(|m| !may_travel_provisionally(m)) {
-                return Err(LinkError::Authentication(format!(
-                    "frame {seq}: {} may not travel in a provisional frame",
-                    m.name()
-                )));
-            }
-            Ok(Opened {
-                tagged,
-                msgs: msgs
-                    .into_iter()
-                    .map(|m| Received::Provisional(Provisional(m)))
-                    .collect(),
-            })
         }
+        let msgs = decode_batch(body)?;
+        if !tagged && let Some(m) = msgs.iter().find(|m| !may_travel_provisionally(m)) {
+            return Err(LinkError::Authentication(format!(
+                "frame {seq}: {} may not travel in a provisional frame",
+                m.name()
+            )));
+        }
+        let wrap = |m| {
+            if tagged {
+                Received::Authenticated(Authenticated(m))
+            } else {
+                Received::Provisional(Provisional(m))
+            }
+        };
+        Ok(Opened {
+            tagged,
+            msgs: msgs.into_iter().map(wrap).collect(),
+        })
     }
 }
 
 /// The whole frame's length from its header (for stream adapters): header,
 /// body and, for a tagged frame, the tag.
 pub fn frame_len(header: &[u8; HEADER]) -> Result<usize, LinkError> {
-    let tag = match header[8] {
+    let tag = match header[KIND_AT] {
         KIND_PROVISIONAL => 0,
         KIND_TAGGED => TAG_BYTES,
         k => return Err(LinkError::Malformed(format!("unknown frame kind {k}"))),
     };
     let mut len = [0u8; 4];
-    len.copy_from_slice(&header[9..13]);
+    len.copy_from_slice(&header[KIND_AT + 1..]);
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(LinkError::Malformed(format!(
@@ -604,7 +605,7 @@ mod tests {
         assert!(matches!(b.open(&f), Err(LinkError::Authentication(_))));
         let (mut a, mut b) = pair();
         let (mut f, _) = a.seal(&[verified()]).expect("pads left");
-        f[8] = 7;
+        f[KIND_AT] = 7;
         assert!(matches!(b.open(&f), Err(LinkError::Malformed(_))));
         let (_, mut b) = pair();
         assert!(matches!(b.open(&f[..5]), Err(LinkError::Malformed(_))));

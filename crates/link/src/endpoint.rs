@@ -229,7 +229,7 @@ impl Endpoint {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
             for chunk in batch.chunks(crate::auth::MAX_BATCH) {
-                let (frame, _tagged) = self.auth.seal(chunk)?;
+                let (frame, _) = self.auth.seal(chunk)?;
                 self.outbox.push_back(frame);
             }
         }
@@ -257,11 +257,11 @@ impl Endpoint {
         }
         // A late message for a finished block (or one for a block that was
         // refused at once) left a counter no refill will read.
-        let live: Vec<u64> = match &self.side {
-            Side::Alice { blocks, .. } => blocks.keys().copied().collect(),
-            Side::Bob { blocks } => blocks.keys().copied().collect(),
-        };
-        self.frames.retain(|b, _| live.contains(b));
+        let side = &self.side;
+        self.frames.retain(|b, _| match side {
+            Side::Alice { blocks, .. } => blocks.contains_key(b),
+            Side::Bob { blocks } => blocks.contains_key(b),
+        });
         Ok(())
     }
 

@@ -168,11 +168,9 @@ fn unequal_lengths_abort() {
     assert!(matches!(bob.poll_output(), Some(Event::Aborted { .. })));
 }
 
-/// Frame layout (see `qkdnet_link::auth`): seq (8), kind (1), len (4), body, tag (16) if tagged.
-const KIND_AT: usize = 8;
-
-#[test]
-fn an_altered_message_is_rejected_and_no_key_leaves() {
+/// Alice and Bob (default settings, the same pre-shared key) with one
+/// 20 000-bit offline block at QBER 2 % queued.
+fn one_offline_block() -> (Endpoint, Endpoint) {
     let cfg = ProtocolConfig::default();
     let key = psk(1);
     let mut alice = Endpoint::alice(cfg.clone(), &key, 1, None).unwrap();
@@ -180,6 +178,15 @@ fn an_altered_message_is_rejected_and_no_key_leaves() {
     let (a, b) = noisy_pair(20_000, 0.02, 3);
     alice.add_offline_block(0, a).unwrap();
     bob.start_offline_block(0, &b).unwrap();
+    (alice, bob)
+}
+
+/// Frame layout (see `qkdnet_link::auth`): seq (8), kind (1), len (4), body, tag (16) if tagged.
+const KIND_AT: usize = 8;
+
+#[test]
+fn an_altered_message_is_rejected_and_no_key_leaves() {
+    let (mut alice, mut bob) = one_offline_block();
     let mut n = 0;
     // flip one bit in the last body byte of Bob's second tagged frame
     let r = pump(&mut alice, &mut bob, &mut |f| {
@@ -207,13 +214,7 @@ fn an_altered_message_is_rejected_and_no_key_leaves() {
 /// and no key leaves either side.
 #[test]
 fn a_substituted_provisional_frame_is_caught_by_the_next_tag() {
-    let cfg = ProtocolConfig::default();
-    let key = psk(1);
-    let mut alice = Endpoint::alice(cfg.clone(), &key, 1, None).unwrap();
-    let mut bob = Endpoint::bob(cfg, &key, 2).unwrap();
-    let (a, b) = noisy_pair(20_000, 0.02, 3);
-    alice.add_offline_block(0, a).unwrap();
-    bob.start_offline_block(0, &b).unwrap();
+    let (mut alice, mut bob) = one_offline_block();
     let mut first: Option<Vec<u8>> = None;
     let mut swapped = false;
     let r = pump(&mut alice, &mut bob, &mut |f| {
@@ -242,13 +243,7 @@ fn a_substituted_provisional_frame_is_caught_by_the_next_tag() {
 
 #[test]
 fn replayed_or_dropped_frames_are_rejected() {
-    let cfg = ProtocolConfig::default();
-    let key = psk(1);
-    let mut alice = Endpoint::alice(cfg.clone(), &key, 1, None).unwrap();
-    let mut bob = Endpoint::bob(cfg, &key, 2).unwrap();
-    let (a, b) = noisy_pair(20_000, 0.02, 3);
-    alice.add_offline_block(0, a).unwrap();
-    bob.start_offline_block(0, &b).unwrap();
+    let (mut alice, mut bob) = one_offline_block();
     let first = bob.poll_transmit().unwrap();
     alice.handle_frame(&first).unwrap();
     let e = alice.handle_frame(&first).unwrap_err();

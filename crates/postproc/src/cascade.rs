@@ -380,18 +380,38 @@ fn master_perm(big_n: usize, seed: u64, pass: usize) -> Vec<u32> {
     fwd
 }
 
+/// A memoised shuffle of `0..N` and, made on first use, the bitmap of the
+/// values in its first half (for two-block passes, [`first_half_mask`]).
+struct Shuffle {
+    order: Vec<u32>,
+    first_half: OnceLock<Vec<u64>>,
+}
+
+impl Shuffle {
+    fn first_half(&self) -> &[u64] {
+        self.first_half.get_or_init(|| {
+            let mut b = vec![0u64; self.order.len().div_ceil(64)];
+            for &v in &self.order[..self.order.len() / 2] {
+                b[v as usize / 64] |= 1 << (v % 64);
+            }
+            b
+        })
+    }
+}
+
 /// Memo of [`master_perm`]: a pure function of its arguments, so sharing its
 /// results between plans (and between Alice and Bob in one process) changes
 /// nothing but speed. Least recently used entries go once the entries hold
 /// more than [`MEMO_MAX_ENTRIES`] indices in all.
 static MEMO: std::sync::Mutex<Vec<MemoEntry>> = std::sync::Mutex::new(Vec::new());
 /// `(N, seed, pass)` and its shuffle.
-type MemoEntry = ((usize, u64, usize), Arc<Vec<u32>>);
-/// Indices the memo keeps at most (4 bytes each: 256 MiB), enough for every
-/// shuffled pass of two frame sizes up to 2^21 bits.
+type MemoEntry = ((usize, u64, usize), Arc<Shuffle>);
+/// Indices the memo keeps at most (4 bytes each: 256 MiB, plus 1/32 of that
+/// for first-half bitmaps), enough for every shuffled pass of two frame
+/// sizes up to 2^21 bits.
 const MEMO_MAX_ENTRIES: usize = 1 << 26;
 
-fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Vec<u32>> {
+fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Shuffle> {
     let key = (big_n, seed, pass);
     // A poisoned lock only means another thread panicked while holding it;
     // the memo is still a valid cache, so carry on with it.
@@ -407,13 +427,18 @@ fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Vec<u32>> {
     }
     // Computed outside the lock (it takes tens of milliseconds); two threads
     // may both compute the same one, which is harmless.
-    let v = Arc::new(master_perm(big_n, seed, pass));
+    let v = Arc::new(Shuffle {
+        order: master_perm(big_n, seed, pass),
+        first_half: OnceLock::new(),
+    });
     let mut memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(v) = lookup(&mut memo) {
         return v;
     }
     memo.push((key, v.clone()));
-    while memo.iter().map(|(_, v)| v.len()).sum::<usize>() > MEMO_MAX_ENTRIES && memo.len() > 1 {
+    while memo.iter().map(|(_, v)| v.order.len()).sum::<usize>() > MEMO_MAX_ENTRIES
+        && memo.len() > 1
+    {
         memo.remove(0);
     }
     v
@@ -424,51 +449,24 @@ fn master_len(n: usize) -> usize {
     n.next_power_of_two()
 }
 
-/// Memo of the bitmap of the values in the first half of a shuffle of `N`:
-/// `N/8` bytes per (N, seed, pass), a few dozen entries.
-static HALVES: std::sync::Mutex<Vec<HalfEntry>> = std::sync::Mutex::new(Vec::new());
-/// `(N, seed, pass)` and its first-half bitmap.
-type HalfEntry = ((usize, u64, usize), Arc<Vec<u64>>);
-const HALVES_MAX: usize = 64;
-
 /// Block 0's mask of a two-block pass with `k = ⌈n/2⌉`, written into `out`
-/// (`⌈n/64⌉` zeroed words): the first `k` values below `n` of `master`.
+/// (`⌈n/64⌉` zeroed words): the first `k` values below `n` of the shuffle.
 /// Rather than scanning the shuffle, it takes the values below `n` of its
-/// first half from a memoised bitmap (a copy of `n/64` words) and then moves
-/// the boundary to exactly `k` values by scanning only the few entries
+/// first half from the memoised bitmap (a copy of `n/64` words) and then
+/// moves the boundary to exactly `k` values by scanning only the few entries
 /// around the middle (about `√n` of them), so a plan costs `O(n/64 + √n)`
 /// per such pass instead of `O(N)` random writes.
-fn first_half_mask(master: &[u32], n: usize, k: usize, seed: u64, pass: usize, out: &mut [u64]) {
-    let big_n = master.len();
-    let half = big_n / 2;
-    let key = (big_n, seed, pass);
-    let found = {
-        let memo = HALVES.lock().unwrap_or_else(|e| e.into_inner());
-        memo.iter()
-            .find(|(k2, _)| *k2 == key)
-            .map(|(_, v)| v.clone())
-    };
-    let bitmap = found.unwrap_or_else(|| {
-        let mut b = vec![0u64; big_n.div_ceil(64)];
-        for &v in &master[..half] {
-            b[v as usize / 64] |= 1 << (v % 64);
-        }
-        let b = Arc::new(b);
-        let mut memo = HALVES.lock().unwrap_or_else(|e| e.into_inner());
-        memo.push((key, b.clone()));
-        if memo.len() > HALVES_MAX {
-            memo.remove(0);
-        }
-        b
-    });
+fn first_half_mask(shuffle: &Shuffle, n: usize, k: usize, out: &mut [u64]) {
+    let order = &shuffle.order;
+    let half = order.len() / 2;
     let words = out.len();
-    out.copy_from_slice(&bitmap[..words]);
+    out.copy_from_slice(&shuffle.first_half()[..words]);
     if !n.is_multiple_of(64) {
         out[words - 1] &= (1u64 << (n % 64)) - 1;
     }
     let mut have: usize = out.iter().map(|w| w.count_ones() as usize).sum();
     // Too few: the next values below n after the middle join block 0.
-    for &v in master[half..].iter().filter(|&&v| (v as usize) < n) {
+    for &v in order[half..].iter().filter(|&&v| (v as usize) < n) {
         if have >= k {
             break;
         }
@@ -476,7 +474,7 @@ fn first_half_mask(master: &[u32], n: usize, k: usize, seed: u64, pass: usize, o
         have += 1;
     }
     // Too many: the last values below n before the middle leave it.
-    for &v in master[..half].iter().rev().filter(|&&v| (v as usize) < n) {
+    for &v in order[..half].iter().rev().filter(|&&v| (v as usize) < n) {
         if have <= k {
             break;
         }
@@ -494,6 +492,7 @@ impl Perm {
             return Perm(None);
         }
         let master = master_perm_memo(master_len(n), seed, pass);
+        let master = &master.order;
         // Branch-free compaction of the values below n (a quarter of the
         // values, at random, are not).
         let mut fwd = vec![0u32; n + 1];
@@ -581,33 +580,33 @@ impl CascadePlan {
                 let k = params.block_sizes[p];
                 let words = n.div_ceil(64);
                 let mut flat = vec![0u64; blocks * words];
-                let master = master_perm_memo(master_len(n), params.seed, p);
-                // The values below n in the shuffle's order are the pass's
-                // order (as in Perm::for_pass, without storing it); every k
-                // of them make a block. Branch-free in the value test: about
-                // a quarter of the values are skipped, at random. The last
-                // block is what the others leave, so the scan stops where it
-                // begins (half way for the two-block passes of the
-                // Demystified schedules).
+                let shuffle = master_perm_memo(master_len(n), params.seed, p);
+                // The last block is what the others leave (below), so only
+                // the others are built.
                 let last = (blocks - 1) * words;
                 if blocks == 2 && k == n.div_ceil(2) {
-                    first_half_mask(&master, n, k, params.seed, p, &mut flat[..words]);
-                }
-                let scan = blocks > 1 && !(blocks == 2 && k == n.div_ceil(2));
-                let (mut at, mut left) = (0usize, k);
-                for &v in master.iter().take(if scan { usize::MAX } else { 0 }) {
-                    let v = v as usize;
-                    let keep = usize::from(v < n);
-                    if left == 0 && keep == 1 {
-                        at += words;
-                        left = k;
-                        if at == last {
-                            break;
+                    first_half_mask(&shuffle, n, k, &mut flat[..words]);
+                } else if blocks > 1 {
+                    // The values below n in the shuffle's order are the
+                    // pass's order (as in Perm::for_pass, without storing
+                    // it); every k of them make a block. Branch-free in the
+                    // value test: about a quarter of the values are skipped,
+                    // at random. The scan stops where the last block begins.
+                    let (mut at, mut left) = (0usize, k);
+                    for &v in &shuffle.order {
+                        let v = v as usize;
+                        let keep = usize::from(v < n);
+                        if left == 0 && keep == 1 {
+                            at += words;
+                            left = k;
+                            if at == last {
+                                break;
+                            }
                         }
+                        left -= keep;
+                        let i = v.min(n - 1);
+                        flat[at + i / 64] |= (keep as u64) << (i % 64);
                     }
-                    left -= keep;
-                    let i = v.min(n - 1);
-                    flat[at + i / 64] |= (keep as u64) << (i % 64);
                 }
                 let (others, rest) = flat.split_at_mut(last);
                 for (w, out) in rest.iter_mut().enumerate() {
@@ -1301,11 +1300,12 @@ impl CascadeBob {
             // shuffled copy), so only its blocks' roots are known and the
             // block is all the walk below needs: take it from the masks
             // rather than making the permutation.
-            let q = match (&mut self.shuffled[p], self.plan.mask_block(p, i)) {
-                (None, Some(b)) if p > 0 => b * params.block_sizes[p],
-                (s, _) => {
+            let unsearched = p > 0 && self.shuffled[p].is_none();
+            let q = match unsearched.then(|| self.plan.mask_block(p, i)).flatten() {
+                Some(b) => b * params.block_sizes[p],
+                None => {
                     let q = self.plan.perm(p).pos(i);
-                    if let Some(s) = s {
+                    if let Some(s) = &mut self.shuffled[p] {
                         s.flip(q);
                     }
                     q

@@ -284,10 +284,15 @@ pub(crate) fn satisfied(base: &Base<'_>, st: &mut State) -> bool {
     for (h, block) in st.hard.iter_mut().zip(st.post.chunks_exact(SPAN)) {
         *h = hard_word(&block[LIFT..2 * LIFT]);
     }
-    (0..base.layers()).all(|r| {
-        base.layer(r).fold(st.syn_words[r], |acc, e| {
-            acc ^ st.hard[base.cols[e] as usize].rotate_right(base.shifts[e])
-        }) == 0
+    (0..base.layers()).all(|r| layer_syndrome(base, r, &st.hard) == st.syn_words[r])
+}
+
+/// Layer `r`'s 64 syndrome bits of a word given as one `u64` per column
+/// block: the XOR of its blocks rotated by their shifts.
+#[inline(always)]
+pub(crate) fn layer_syndrome(base: &Base<'_>, r: usize, word: &[u64]) -> u64 {
+    base.layer(r).fold(0, |acc, e| {
+        acc ^ word[base.cols[e] as usize].rotate_right(base.shifts[e])
     })
 }
 

@@ -272,15 +272,9 @@ impl LdpcCode {
                 got: word.len(),
             });
         }
-        let w = word.as_words();
-        let words = self
-            .start
-            .windows(2)
-            .map(|r| {
-                (r[0] as usize..r[1] as usize).fold(0u64, |acc, e| {
-                    acc ^ w[self.cols[e] as usize].rotate_right(self.shifts[e])
-                })
-            })
+        let base = self.base();
+        let words = (0..self.m / LIFT)
+            .map(|r| layered::layer_syndrome(&base, r, word.as_words()))
             .collect();
         // `m` is a whole number of 64-bit layers.
         BitVec::from_words(words, self.m).map_err(|_| LdpcError::InvalidParams("syndrome length"))
