@@ -780,33 +780,51 @@ impl CascadeAlice {
 /// and heap index `h` inside it (root 1, children `2h` and `2h + 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Node {
-    pass: usize,
-    b: usize,
-    h: usize,
-    start: usize,
-    end: usize,
+    // u32 fields (frames are below 2^29 bits, passes below 32): a node is
+    // 20 bytes, and the worklists move many of them.
+    pass: u32,
+    b: u32,
+    h: u32,
+    start: u32,
+    end: u32,
 }
 
 impl Node {
-    fn mid(self) -> usize {
-        self.start + (self.end - self.start) / 2
+    #[inline]
+    fn pass(self) -> usize {
+        self.pass as usize
     }
+    #[inline]
+    fn start(self) -> usize {
+        self.start as usize
+    }
+    #[inline]
+    fn end(self) -> usize {
+        self.end as usize
+    }
+    #[inline]
+    fn mid(self) -> usize {
+        self.start() + self.len() / 2
+    }
+    #[inline]
     fn left(self) -> Node {
         Node {
             h: 2 * self.h,
-            end: self.mid(),
+            end: self.mid() as u32,
             ..self
         }
     }
+    #[inline]
     fn right(self) -> Node {
         Node {
             h: 2 * self.h + 1,
-            start: self.mid(),
+            start: self.mid() as u32,
             ..self
         }
     }
+    #[inline]
     fn len(self) -> usize {
-        self.end - self.start
+        (self.end - self.start) as usize
     }
 }
 
@@ -871,8 +889,8 @@ impl Tree {
     #[inline]
     fn index(&self, n: Node) -> usize {
         match self.slots_log2 {
-            Some(l) => (n.b << l) | n.h,
-            None => n.h * self.blocks + n.b,
+            Some(l) => ((n.b as usize) << l) | n.h as usize,
+            None => n.h as usize * self.blocks + n.b as usize,
         }
     }
 
@@ -922,12 +940,13 @@ impl Tree {
 }
 
 fn root(pass: usize, b: usize, (start, end): (usize, usize)) -> Node {
+    // In range: pass < MAX_PASSES, and b, start, end ≤ n ≤ MAX_FRAME_BITS.
     Node {
-        pass,
-        b,
+        pass: pass as u32,
+        b: b as u32,
         h: 1,
-        start,
-        end,
+        start: start as u32,
+        end: end as u32,
     }
 }
 
@@ -1176,7 +1195,7 @@ impl CascadeBob {
 
     /// Records a newly known range; an odd one is queued on `queue`.
     fn learn(&mut self, node: Node, odd: bool, queue: Queue) {
-        let t = &mut self.trees[node.pass];
+        let t = &mut self.trees[node.pass()];
         t.set(node, KNOWN, true);
         t.set(node, ODD, odd);
         if odd {
@@ -1189,7 +1208,7 @@ impl CascadeBob {
     }
 
     fn resolve_left(&mut self, parent: Node, alice_left: bool) {
-        let t = &mut self.trees[parent.pass];
+        let t = &mut self.trees[parent.pass()];
         t.set(parent, ASKED, false);
         if !t.get(parent, KNOWN) {
             // Unreachable: only known nodes are asked about.
@@ -1199,7 +1218,7 @@ impl CascadeBob {
         // Bob's left parity is computed now, so the right one follows.
         let parent_odd = t.get(parent, ODD);
         let (l, r) = (parent.left(), parent.right());
-        let left_odd = alice_left != self.bob_parity(parent.pass, l.start, l.end);
+        let left_odd = alice_left != self.bob_parity(parent.pass(), l.start(), l.end());
         // Both halves odd under an even parent (a correction elsewhere
         // reached the parent while its query was in flight): they are
         // searched once everything else has settled, which leaks less than
@@ -1256,12 +1275,12 @@ impl CascadeBob {
     /// Binary search from `node` as far as known parities allow.
     fn descend(&mut self, mut node: Node) -> Result<(), CascadeError> {
         loop {
-            let t = &mut self.trees[node.pass];
+            let t = &mut self.trees[node.pass()];
             if !t.get(node, KNOWN) || !t.get(node, ODD) {
                 return Ok(());
             }
             if node.len() == 1 {
-                let orig = self.plan.perm(node.pass).orig(node.start);
+                let orig = self.plan.perm(node.pass()).orig(node.start());
                 return self.flip(orig);
             }
             let l = node.left();
@@ -1273,8 +1292,8 @@ impl CascadeBob {
                 t.set(node, ASKED, true);
                 self.next.push(ParityQuery::Range {
                     pass: node.pass as u16,
-                    start: l.start as u32,
-                    end: l.end as u32,
+                    start: l.start,
+                    end: l.end,
                 });
                 self.next_parents.push(node);
             }
