@@ -845,6 +845,9 @@ struct Tree {
     /// `Some(log2 of the slots per block)` for the block-major layout.
     slots_log2: Option<u32>,
     blocks: usize,
+    /// Node index = `b · stride_b + h · stride_h` (either layout, no branch).
+    stride_b: usize,
+    stride_h: usize,
     /// Words of (known, odd, asked), interleaved; missing words are zero.
     words: Vec<[u64; 3]>,
 }
@@ -861,6 +864,10 @@ impl std::fmt::Debug for Tree {
 const KNOWN: usize = 0;
 const ODD: usize = 1;
 const ASKED: usize = 2;
+/// [`Tree::flags`] bits.
+const F_KNOWN: u8 = 1 << KNOWN;
+const F_ODD: u8 = 1 << ODD;
+const F_ASKED: u8 = 1 << ASKED;
 
 impl Tree {
     fn new(blocks: usize, k: usize) -> Self {
@@ -868,6 +875,8 @@ impl Tree {
             return Self {
                 slots_log2: None,
                 blocks,
+                stride_b: 1,
+                stride_h: blocks,
                 words: Vec::new(),
             };
         }
@@ -882,42 +891,75 @@ impl Tree {
         Self {
             slots_log2: Some(slots_log2),
             blocks,
+            stride_b: 1 << slots_log2,
+            stride_h: 1,
             words: vec![[0; 3]; (blocks << slots_log2).div_ceil(64)],
         }
     }
 
     #[inline]
     fn index(&self, n: Node) -> usize {
-        match self.slots_log2 {
-            Some(l) => ((n.b as usize) << l) | n.h as usize,
-            None => n.h as usize * self.blocks + n.b as usize,
+        n.b as usize * self.stride_b + n.h as usize * self.stride_h
+    }
+
+    /// The node's bits: `KNOWN`, `ODD` and `ASKED` at bit positions 0, 1, 2
+    /// (all zero beyond the storage).
+    #[inline]
+    fn flags(&self, n: Node) -> u8 {
+        let i = self.index(n);
+        match self.words.get(i / 64) {
+            Some(w) => {
+                let s = i % 64;
+                (((w[KNOWN] >> s) & 1) | (((w[ODD] >> s) & 1) << 1) | (((w[ASKED] >> s) & 1) << 2))
+                    as u8
+            }
+            None => 0,
         }
     }
 
+    /// The storage word holding node index `i`, grown if needed.
     #[inline]
-    fn get(&self, n: Node, which: usize) -> bool {
-        let i = self.index(n);
-        self.words
-            .get(i / 64)
-            .is_some_and(|w| (w[which] >> (i % 64)) & 1 == 1)
-    }
-
-    #[inline]
-    fn set(&mut self, n: Node, which: usize, value: bool) {
-        let i = self.index(n);
+    fn word_mut(&mut self, i: usize) -> &mut [u64; 3] {
         if i / 64 >= self.words.len() {
-            if !value {
-                return;
-            }
             self.words.resize(i / 64 + 1, [0; 3]);
         }
+        &mut self.words[i / 64]
+    }
+
+    /// Marks `n` known, with disagreement `odd`.
+    #[inline]
+    fn learn(&mut self, n: Node, odd: bool) {
+        let i = self.index(n);
         let m = 1u64 << (i % 64);
-        let w = &mut self.words[i / 64][which];
-        if value {
-            *w |= m;
-        } else {
-            *w &= !m;
+        let w = self.word_mut(i);
+        w[KNOWN] |= m;
+        w[ODD] = (w[ODD] & !m) | (u64::from(odd) << (i % 64));
+    }
+
+    /// Sets or clears `n`'s asked bit.
+    #[inline]
+    fn set_asked(&mut self, n: Node, asked: bool) {
+        let i = self.index(n);
+        if !asked && i / 64 >= self.words.len() {
+            return;
         }
+        let s = i % 64;
+        let w = &mut self.word_mut(i)[ASKED];
+        *w = (*w & !(1 << s)) | (u64::from(asked) << s);
+    }
+
+    /// Toggles `n`'s disagreement if it is known: `Some(new odd)`, or
+    /// `None` for an unknown node.
+    #[inline]
+    fn toggle(&mut self, n: Node) -> Option<bool> {
+        let i = self.index(n);
+        let w = self.words.get_mut(i / 64)?;
+        let m = 1u64 << (i % 64);
+        if w[KNOWN] & m == 0 {
+            return None;
+        }
+        w[ODD] ^= m;
+        Some(w[ODD] & m != 0)
     }
 
     /// The node with tree index `i` (inverse of [`Tree::index`]), rebuilt
@@ -1195,9 +1237,7 @@ impl CascadeBob {
 
     /// Records a newly known range; an odd one is queued on `queue`.
     fn learn(&mut self, node: Node, odd: bool, queue: Queue) {
-        let t = &mut self.trees[node.pass()];
-        t.set(node, KNOWN, true);
-        t.set(node, ODD, odd);
+        self.trees[node.pass()].learn(node, odd);
         if odd {
             self.odd_count += 1;
             match queue {
@@ -1209,14 +1249,15 @@ impl CascadeBob {
 
     fn resolve_left(&mut self, parent: Node, alice_left: bool) {
         let t = &mut self.trees[parent.pass()];
-        t.set(parent, ASKED, false);
-        if !t.get(parent, KNOWN) {
+        t.set_asked(parent, false);
+        let flags = t.flags(parent);
+        if flags & F_KNOWN == 0 {
             // Unreachable: only known nodes are asked about.
             return;
         }
         // Parent's disagreement is current (corrections keep it in step),
         // Bob's left parity is computed now, so the right one follows.
-        let parent_odd = t.get(parent, ODD);
+        let parent_odd = flags & F_ODD != 0;
         let (l, r) = (parent.left(), parent.right());
         let left_odd = alice_left != self.bob_parity(parent.pass(), l.start(), l.end());
         // Both halves odd under an even parent (a correction elsewhere
@@ -1276,7 +1317,8 @@ impl CascadeBob {
     fn descend(&mut self, mut node: Node) -> Result<(), CascadeError> {
         loop {
             let t = &mut self.trees[node.pass()];
-            if !t.get(node, KNOWN) || !t.get(node, ODD) {
+            let flags = t.flags(node);
+            if flags & (F_KNOWN | F_ODD) != F_KNOWN | F_ODD {
                 return Ok(());
             }
             if node.len() == 1 {
@@ -1284,12 +1326,13 @@ impl CascadeBob {
                 return self.flip(orig);
             }
             let l = node.left();
-            if t.get(l, KNOWN) {
-                node = if t.get(l, ODD) { l } else { node.right() };
+            let left = t.flags(l);
+            if left & F_KNOWN != 0 {
+                node = if left & F_ODD != 0 { l } else { node.right() };
                 continue;
             }
-            if !t.get(node, ASKED) {
-                t.set(node, ASKED, true);
+            if flags & F_ASKED == 0 {
+                t.set_asked(node, true);
                 self.next.push(ParityQuery::Range {
                     pass: node.pass as u16,
                     start: l.start,
@@ -1335,11 +1378,9 @@ impl CascadeBob {
             let mut node = root(p, b, params.block_range(p, b));
             let mut deepest_odd = None;
             loop {
-                if !t.get(node, KNOWN) {
+                let Some(odd) = t.toggle(node) else {
                     break;
-                }
-                let odd = !t.get(node, ODD);
-                t.set(node, ODD, odd);
+                };
                 if odd {
                     self.odd_count += 1;
                     deepest_odd = Some(node);
