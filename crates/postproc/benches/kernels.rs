@@ -70,7 +70,7 @@ fn cascade(c: &mut Criterion) {
             };
             // Both parties in one thread; the plan (permutations) is shared
             // across frames as a link would do.
-            let plan = Arc::new(CascadePlan::new(&params));
+            let plan = Arc::new(CascadePlan::reusable(&params));
             g.throughput(Throughput::Elements(n as u64));
             g.bench_function(BenchmarkId::new(format!("{schedule:?}"), q), |b| {
                 b.iter(|| {

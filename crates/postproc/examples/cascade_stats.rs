@@ -1,14 +1,15 @@
 //! Measures Cascade's residual frame-error rate, efficiency f, rounds and
 //! single-core throughput (Alice and Bob in one thread, no network, one
-//! shared [`CascadePlan`] per parameter set) on
+//! shared [`CascadePlan::reusable`] per parameter set) on
 //! seeded random frames with i.i.d. errors.
 //!
 //! Usage: `cargo run --release -p qkdnet-postproc --example cascade_stats -- [frames] [n] [schedule] [q1,q2,…] [fresh]`
 //! (defaults: 200 frames of 10^4 bits, every schedule, QBER 0.5–11 %; a
 //! schedule is `original`, `demystified7` or `demystified8`). By default one
-//! plan is built before the clock starts and shared by all frames (its
+//! reusable plan is built before the clock starts and shared by all frames (its
 //! permutations are still made, and timed, when a frame first searches a
-//! pass); with `fresh`, every frame builds its own plan inside the timed
+//! pass); with `fresh`, every frame builds its own one-shot plan
+//! ([`CascadePlan::new`]) inside the timed
 //! region, as the link does per block (same seed, so the memoised shuffles
 //! are reused, as in a link session). Prints one JSON object per line:
 //! `mbit_per_s` for both parties on this one thread, and each party's own
@@ -56,7 +57,7 @@ fn main() {
                 eprintln!("bad params");
                 return;
             };
-            let plan = Arc::new(CascadePlan::new(&params));
+            let plan = Arc::new(CascadePlan::reusable(&params));
             for _ in 0..frames {
                 let alice_key = BitVec::random(n, &mut rng);
                 let mut bob_key = alice_key.clone();

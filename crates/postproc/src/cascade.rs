@@ -80,7 +80,7 @@ use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::bits::BitVec;
-use crate::gather::gather_bits;
+use crate::gather::{compact_bits, gather_bits};
 
 /// Largest supported frame, in bits (ranges are packed in 29-bit fields).
 pub const MAX_FRAME_BITS: usize = (1 << 29) - 1;
@@ -356,11 +356,46 @@ pub struct ParityReply {
     pub parities: BitVec,
 }
 
-/// Position maps of one pass: `fwd[pos]` = original index at shuffled
-/// position `pos`, `inv[i]` = shuffled position of original index `i`.
-/// `None` for the identity (first pass).
+/// One pass's permutation of `n` bits, read off its memoised `N`-element
+/// shuffle without materialising `n`-entry maps: `keep` marks the shuffle
+/// entries below `n` (the pass's order is the kept entries, in order) and
+/// `rank[w]` counts the kept entries before word `w` of `keep`. Shuffled
+/// position → original index is a select on `keep`, original index →
+/// shuffled position a rank of the shuffle's memoised inverse. `None` for
+/// the identity (first pass).
+///
+/// Per-plan maps (`fwd`/`inv` of `n` entries each, a random scatter to
+/// build and 8 bytes a bit of fresh memory) were about a fifth of
+/// `qkdnet postproc`'s time, more with the kernel zeroing their pages; this
+/// costs a sequential pass over the shuffle and `N/8 + N/16` bytes.
 #[derive(Debug, Clone)]
-struct Perm(Option<(Vec<u32>, Vec<u32>)>);
+struct Perm(Option<Kept>);
+
+#[derive(Clone)]
+struct Kept {
+    shuffle: Arc<Shuffle>,
+    /// `Some((fwd, inv))` in a [`CascadePlan::reusable`] plan: `fwd[pos]` =
+    /// original index at shuffled position `pos`, `inv[i]` = shuffled
+    /// position of original index `i`.
+    maps: Option<(Vec<u32>, Vec<u32>)>,
+    /// Word `w` of the keep bitmap and the rank before it, side by side so
+    /// that a rank is one cache access; one extra entry holds the total.
+    words: Vec<KeptWord>,
+}
+
+#[derive(Clone, Copy)]
+struct KeptWord {
+    keep: u64,
+    rank: u64,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("len", &self.shuffle.order.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// The `N`-bit permutation of pass `pass` (normative): a Fisher–Yates
 /// shuffle of `0..N` driven by Xoshiro256++ seeded with `seed LE ‖ pass LE ‖
@@ -381,13 +416,32 @@ fn master_perm(big_n: usize, seed: u64, pass: usize) -> Vec<u32> {
 }
 
 /// A memoised shuffle of `0..N` and, made on first use, the bitmap of the
-/// values in its first half (for two-block passes, [`first_half_mask`]).
+/// values in its first half (for two-block passes, [`first_half_mask`]) and
+/// its inverse (`inverse[v]` = the index of `v` in `order`, for Bob's
+/// corrections in searched passes).
 struct Shuffle {
     order: Vec<u32>,
     first_half: OnceLock<Vec<u64>>,
+    inverse: OnceLock<Vec<u32>>,
 }
 
 impl Shuffle {
+    fn inverse(&self) -> &[u32] {
+        self.inverse.get_or_init(|| {
+            let mut inv = vec![0u32; self.order.len()];
+            for (i, &v) in self.order.iter().enumerate() {
+                // N ≤ 2^32 (see master_perm), so i fits in u32.
+                inv[v as usize] = i as u32;
+            }
+            inv
+        })
+    }
+
+    /// Indices held (the shuffle and, once made, its inverse).
+    fn entries(&self) -> usize {
+        self.order.len() + self.inverse.get().map_or(0, Vec::len)
+    }
+
     fn first_half(&self) -> &[u64] {
         self.first_half.get_or_init(|| {
             let mut b = vec![0u64; self.order.len().div_ceil(64)];
@@ -406,9 +460,11 @@ impl Shuffle {
 static MEMO: std::sync::Mutex<Vec<MemoEntry>> = std::sync::Mutex::new(Vec::new());
 /// `(N, seed, pass)` and its shuffle.
 type MemoEntry = ((usize, u64, usize), Arc<Shuffle>);
-/// Indices the memo keeps at most (4 bytes each: 256 MiB, plus 1/32 of that
-/// for first-half bitmaps), enough for every shuffled pass of two frame
-/// sizes up to 2^21 bits.
+/// Indices the memo keeps at most, shuffles and inverses together (4 bytes
+/// each: 256 MiB, plus 1/32 of that for first-half bitmaps), enough for
+/// every shuffled pass of one frame size up to 2^21 bits with inverses, or of
+/// two without. Inverses are made after insertion, so the total can exceed
+/// this until the next insertion evicts.
 const MEMO_MAX_ENTRIES: usize = 1 << 26;
 
 fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Shuffle> {
@@ -430,14 +486,14 @@ fn master_perm_memo(big_n: usize, seed: u64, pass: usize) -> Arc<Shuffle> {
     let v = Arc::new(Shuffle {
         order: master_perm(big_n, seed, pass),
         first_half: OnceLock::new(),
+        inverse: OnceLock::new(),
     });
     let mut memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(v) = lookup(&mut memo) {
         return v;
     }
     memo.push((key, v.clone()));
-    while memo.iter().map(|(_, v)| v.order.len()).sum::<usize>() > MEMO_MAX_ENTRIES
-        && memo.len() > 1
+    while memo.iter().map(|(_, v)| v.entries()).sum::<usize>() > MEMO_MAX_ENTRIES && memo.len() > 1
     {
         memo.remove(0);
     }
@@ -487,45 +543,104 @@ impl Perm {
     /// Pass `pass`'s permutation of `n` bits (normative): the values below
     /// `n` of [`master_perm`]`(2^⌈log₂ n⌉, seed, pass)`, in order; the
     /// identity for pass 0.
-    fn for_pass(n: usize, seed: u64, pass: usize) -> Self {
+    fn for_pass(n: usize, seed: u64, pass: usize, maps: bool) -> Self {
         if pass == 0 {
             return Perm(None);
         }
-        let master = master_perm_memo(master_len(n), seed, pass);
-        let master = &master.order;
-        // Branch-free compaction of the values below n (a quarter of the
-        // values, at random, are not).
-        let mut fwd = vec![0u32; n + 1];
-        let mut pos = 0usize;
-        for &v in master.iter() {
-            fwd[pos.min(n)] = v;
-            pos += usize::from((v as usize) < n);
+        let shuffle = master_perm_memo(master_len(n), seed, pass);
+        let order = &shuffle.order;
+        let mut words = Vec::with_capacity(order.len().div_ceil(64) + 1);
+        let mut rank = 0u64;
+        for chunk in order.chunks(64) {
+            let keep = chunk.iter().enumerate().fold(0u64, |acc, (j, &v)| {
+                acc | (u64::from((v as usize) < n) << j)
+            });
+            words.push(KeptWord { keep, rank });
+            rank += u64::from(keep.count_ones());
         }
-        fwd.truncate(n);
-        let mut inv = vec![0u32; n];
-        for (pos, &orig) in fwd.iter().enumerate() {
-            inv[orig as usize] = pos as u32;
-        }
-        Perm(Some((fwd, inv)))
+        words.push(KeptWord { keep: 0, rank });
+        let maps = maps.then(|| {
+            // Branch-free compaction of the values below n.
+            let mut fwd = vec![0u32; n + 1];
+            let mut pos = 0usize;
+            for &v in order {
+                fwd[pos.min(n)] = v;
+                pos += usize::from((v as usize) < n);
+            }
+            fwd.truncate(n);
+            let mut inv = vec![0u32; n];
+            for (pos, &orig) in fwd.iter().enumerate() {
+                inv[orig as usize] = pos as u32;
+            }
+            (fwd, inv)
+        });
+        Perm(Some(Kept {
+            shuffle,
+            maps,
+            words,
+        }))
     }
+
+    /// The original index at shuffled position `pos` (`pos < n`).
     #[inline]
     fn orig(&self, pos: usize) -> usize {
-        match &self.0 {
-            None => pos,
-            Some((f, _)) => f[pos] as usize,
+        let Some(k) = &self.0 else {
+            return pos;
+        };
+        if let Some((fwd, _)) = &k.maps {
+            return fwd[pos] as usize;
         }
+        // The word holding the pos-th kept entry (the last with rank ≤ pos):
+        // start where an even spread of the kept entries would put it, then
+        // walk; the ranks stray from that by about √N/2 entries, a few
+        // words.
+        let last = k.words.len() - 2;
+        let total = k.words[last + 1].rank as usize;
+        let mut w = (pos as u128 * (last as u128 + 1) / total.max(1) as u128) as usize;
+        w = w.min(last);
+        while w > 0 && k.words[w].rank as usize > pos {
+            w -= 1;
+        }
+        while w < last && k.words[w + 1].rank as usize <= pos {
+            w += 1;
+        }
+        let mut bits = k.words[w].keep;
+        for _ in 0..pos - k.words[w].rank as usize {
+            bits &= bits - 1;
+        }
+        k.shuffle.order[w * 64 + bits.trailing_zeros() as usize] as usize
     }
+
+    /// The shuffled position of original index `orig` (`orig < n`).
     #[inline]
     fn pos(&self, orig: usize) -> usize {
-        match &self.0 {
-            None => orig,
-            Some((_, i)) => i[orig] as usize,
+        let Some(k) = &self.0 else {
+            return orig;
+        };
+        if let Some((_, inv)) = &k.maps {
+            return inv[orig] as usize;
         }
+        let i = k.shuffle.inverse()[orig] as usize;
+        let w = k.words[i / 64];
+        let below = w.keep & ((1u64 << (i % 64)) - 1);
+        w.rank as usize + below.count_ones() as usize
     }
+
+    /// `key` in this pass's order: the key read through the whole shuffle
+    /// (entries beyond `n` read unspecified bits), then compacted to the
+    /// kept entries.
     fn shuffle(&self, key: &BitVec) -> BitVec {
         match &self.0 {
             None => key.clone(),
-            Some((f, _)) => BitVec::from_words_truncate(gather_bits(key.as_words(), f), key.len()),
+            Some(Kept {
+                maps: Some((fwd, _)),
+                ..
+            }) => BitVec::from_words_truncate(gather_bits(key.as_words(), fwd), key.len()),
+            Some(k) => {
+                let all = gather_bits(key.as_words(), &k.shuffle.order);
+                let keep: Vec<u64> = k.words.iter().map(|w| w.keep).collect();
+                BitVec::from_words_truncate(compact_bits(&all, &keep), key.len())
+            }
         }
     }
 }
@@ -564,6 +679,9 @@ pub struct CascadePlan {
     /// `masks[p][b]`: the original positions of block `b` of pass `p`, for
     /// shuffled passes of at most [`MASK_MAX_BLOCKS`] blocks; empty otherwise.
     masks: Vec<Vec<Vec<u64>>>,
+    /// Whether permutations also get full position maps (see
+    /// [`CascadePlan::reusable`]).
+    maps: bool,
 }
 
 impl CascadePlan {
@@ -625,11 +743,26 @@ impl CascadePlan {
             params: params.clone(),
             perms: (0..params.passes()).map(|_| OnceLock::new()).collect(),
             masks,
+            maps: false,
+        }
+    }
+
+    /// A plan meant to serve many frames of the same length (fixed-size
+    /// hardware frames, benchmarks): each searched pass also gets full
+    /// `n`-entry position maps, which cost a random scatter and 8 bytes a
+    /// bit to build but make Bob's corrections and binary-search leaves one
+    /// lookup each instead of a rank or a select (Bob ~15 % faster once
+    /// built, measured at 10^6 bits). Same permutations, same results as
+    /// [`CascadePlan::new`], which suits a plan used once.
+    pub fn reusable(params: &CascadeParams) -> Self {
+        Self {
+            maps: true,
+            ..Self::new(params)
         }
     }
 
     fn perm(&self, p: usize) -> &Perm {
-        self.perms[p].get_or_init(|| Perm::for_pass(self.params.n, self.params.seed, p))
+        self.perms[p].get_or_init(|| Perm::for_pass(self.params.n, self.params.seed, p, self.maps))
     }
 
     /// Which block of pass `p` holds original bit `i`, from the masks (for
@@ -1377,10 +1510,7 @@ impl CascadeBob {
             let t = &mut self.trees[p];
             let mut node = root(p, b, params.block_range(p, b));
             let mut deepest_odd = None;
-            loop {
-                let Some(odd) = t.toggle(node) else {
-                    break;
-                };
+            while let Some(odd) = t.toggle(node) {
                 if odd {
                     self.odd_count += 1;
                     deepest_odd = Some(node);

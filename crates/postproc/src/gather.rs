@@ -46,12 +46,67 @@ pub(crate) fn gather_portable(key: &[u64], idx: &[u32]) -> Vec<u64> {
         .collect()
 }
 
+/// Bit compaction: the bits of `src` at the positions set in `keep`, in
+/// order, packed LSB-first (`keep`'s popcount bits; the last word's unused
+/// bits zero). `src` must have at least as many words as `keep`. This is
+/// how a Cascade pass drops the values of its `2^k`-element shuffle that lie
+/// beyond the frame. BMI2's `pext` does a word in one instruction; the
+/// portable loop walks the set bits.
+pub(crate) fn compact_bits(src: &[u64], keep: &[u64]) -> Vec<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("bmi2") {
+            // SAFETY: BMI2 was detected at run time just above; the callee
+            // only indexes slices (bounds-checked).
+            return unsafe { x86::compact_bmi2(src, keep) };
+        }
+    }
+    compact_with(src, keep, pext_portable)
+}
+
+/// The portable `pext`: the bits of `x` under `mask`, packed low.
+fn pext_portable(x: u64, mut mask: u64) -> u64 {
+    let (mut out, mut k) = (0u64, 0);
+    while mask != 0 {
+        let i = mask.trailing_zeros();
+        out |= ((x >> i) & 1) << k;
+        k += 1;
+        mask &= mask - 1;
+    }
+    out
+}
+
+/// [`compact_bits`] with a given word-level `pext`.
+#[inline(always)]
+fn compact_with(src: &[u64], keep: &[u64], pext: impl Fn(u64, u64) -> u64) -> Vec<u64> {
+    let total: usize = keep.iter().map(|w| w.count_ones() as usize).sum();
+    let mut out = vec![0u64; total.div_ceil(64) + 1];
+    let mut at = 0usize;
+    for (&x, &m) in src.iter().zip(keep) {
+        let bits = pext(x, m);
+        let (w, s) = (at / 64, at % 64);
+        out[w] |= bits << s;
+        if s != 0 {
+            out[w + 1] |= bits >> (64 - s);
+        }
+        at += m.count_ones() as usize;
+    }
+    out.truncate(total.div_ceil(64));
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{
         _mm512_and_si512, _mm512_i32gather_epi32, _mm512_loadu_si512, _mm512_min_epu32,
         _mm512_set1_epi32, _mm512_srli_epi32, _mm512_srlv_epi32, _mm512_test_epi32_mask,
     };
+
+    /// [`super::compact_bits`] with the `pext` instruction.
+    #[target_feature(enable = "bmi2")]
+    pub(super) fn compact_bmi2(src: &[u64], keep: &[u64]) -> Vec<u64> {
+        super::compact_with(src, keep, |x, m| core::arch::x86_64::_pext_u64(x, m))
+    }
 
     /// [`super::gather_bits`] sixteen bits at a time: each lane loads the
     /// 32-bit word holding its bit, shifts it down and tests bit 0.
@@ -118,6 +173,37 @@ mod tests {
                     gather_portable(&key, &idx),
                     "{len_bits} bits, {n_idx} indices"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_matches_bit_by_bit_definition() {
+        let mut r = Xoshiro256PlusPlus::seed_from_u64(8);
+        for words in [0usize, 1, 2, 3, 17, 1000] {
+            let src: Vec<u64> = (0..words).map(|_| r.next_u64()).collect();
+            for density in [0u64, 1, 2, 3] {
+                // density 0: empty masks; 3: full words; else random.
+                let keep: Vec<u64> = (0..words)
+                    .map(|_| match density {
+                        0 => 0,
+                        3 => u64::MAX,
+                        1 => r.next_u64() & r.next_u64(),
+                        _ => r.next_u64() | r.next_u64(),
+                    })
+                    .collect();
+                let mut expect = Vec::new();
+                for i in 0..words * 64 {
+                    if (keep[i / 64] >> (i % 64)) & 1 == 1 {
+                        expect.push((src[i / 64] >> (i % 64)) & 1 == 1);
+                    }
+                }
+                let mut want = vec![0u64; expect.len().div_ceil(64)];
+                for (j, &b) in expect.iter().enumerate() {
+                    want[j / 64] |= u64::from(b) << (j % 64);
+                }
+                assert_eq!(compact_bits(&src, &keep), want, "{words} words");
+                assert_eq!(compact_with(&src, &keep, pext_portable), want);
             }
         }
     }

@@ -66,9 +66,9 @@ fn schedules_match_papers() {
 
 #[test]
 fn permutations_are_shared_bijections() {
-    let a = Perm::for_pass(1000, 42, 3);
-    let b = Perm::for_pass(1000, 42, 3);
-    let c = Perm::for_pass(1000, 42, 4);
+    let a = Perm::for_pass(1000, 42, 3, false);
+    let b = Perm::for_pass(1000, 42, 3, false);
+    let c = Perm::for_pass(1000, 42, 4, false);
     let mut seen = vec![false; 1000];
     let mut moved = 0;
     for pos in 0..1000 {
@@ -81,7 +81,31 @@ fn permutations_are_shared_bijections() {
         }
     }
     assert!(moved > 900);
-    assert_eq!(Perm::for_pass(10, 42, 0).orig(7), 7);
+    assert_eq!(Perm::for_pass(10, 42, 0, false).orig(7), 7);
+}
+
+/// Both representations of a pass's permutation (rank/select over the
+/// memoised shuffle; full maps in a reusable plan) are the same bijection,
+/// and `shuffle` reads the key through it.
+#[test]
+fn lean_and_mapped_permutations_agree() {
+    let mut r = rng(51);
+    for n in [1usize, 2, 63, 64, 65, 1000, 1024, 1025, 4097, 70_001] {
+        let key = BitVec::random(n, &mut r);
+        for p in 1..4 {
+            let lean = Perm::for_pass(n, 5, p, false);
+            let mapped = Perm::for_pass(n, 5, p, true);
+            let shuffled = lean.shuffle(&key);
+            assert_eq!(shuffled, mapped.shuffle(&key), "n {n} pass {p}");
+            for pos in 0..n {
+                let o = lean.orig(pos);
+                assert_eq!(o, mapped.orig(pos), "n {n} pass {p} pos {pos}");
+                assert_eq!(lean.pos(o), pos);
+                assert_eq!(mapped.pos(o), pos);
+                assert_eq!(shuffled.get(pos), key.get(o));
+            }
+        }
+    }
 }
 
 /// The normative construction: the `n`-bit permutation is the `2^⌈log₂ n⌉`
@@ -103,7 +127,7 @@ fn permutations_restrict_the_power_of_two_shuffle_and_masks_match_them() {
             .map(|&v| v as usize)
             .filter(|&v| v < n)
             .collect();
-        let perm = Perm::for_pass(n, 9, 2);
+        let perm = Perm::for_pass(n, 9, 2, false);
         let got: Vec<usize> = (0..n).map(|pos| perm.orig(pos)).collect();
         assert_eq!(got, expect, "n = {n}");
         let params = CascadeParams::with_block_sizes(n, vec![64, n.div_ceil(2), n.div_ceil(3)], 9)
@@ -111,7 +135,7 @@ fn permutations_restrict_the_power_of_two_shuffle_and_masks_match_them() {
         let plan = CascadePlan::new(&params);
         for p in 1..3 {
             assert!(!plan.masks[p].is_empty(), "pass {p} has few blocks");
-            let perm = Perm::for_pass(n, 9, p);
+            let perm = Perm::for_pass(n, 9, p, false);
             let k = params.block_sizes[p];
             for orig in 0..n {
                 let b = perm.pos(orig) / k;
@@ -133,7 +157,7 @@ fn alice_parities_match_naive_reference() {
     let alice = CascadeAlice::new(&key, &params).expect("ok");
     let mut queries = vec![ParityQuery::Blocks { pass: 1 }];
     let mut expect = Vec::new();
-    let perm1 = Perm::for_pass(3001, 9, 1);
+    let perm1 = Perm::for_pass(3001, 9, 1, false);
     for b in 0..31 {
         let (s, e) = (b * 100, ((b + 1) * 100).min(3001));
         expect.push((s..e).fold(false, |a, pos| a ^ key.get(perm1.orig(pos))));
@@ -147,7 +171,7 @@ fn alice_parities_match_naive_reference() {
             start: s,
             end: e,
         });
-        let perm = Perm::for_pass(3001, 9, pass.into());
+        let perm = Perm::for_pass(3001, 9, pass.into(), false);
         expect.push((s..e).fold(false, |a, pos| a ^ key.get(perm.orig(pos as usize))));
     }
     let rep = alice
@@ -402,11 +426,13 @@ fn lying_alice_cannot_hang_or_crash_bob() {
     }
 }
 
+/// A reusable plan (full position maps, shared by frames) runs the same
+/// protocol as a one-shot plan per frame (rank/select over the shuffle).
 #[test]
 fn shared_plan_matches_fresh_plan() {
     let mut r = rng(55);
     let params = CascadeParams::new(Schedule::Demystified7, 5000, 0.04, 11).expect("valid");
-    let plan = Arc::new(CascadePlan::new(&params));
+    let plan = Arc::new(CascadePlan::reusable(&params));
     for _ in 0..3 {
         let alice_key = BitVec::random(5000, &mut r);
         let bob_key = noisy(&alice_key, 0.04, &mut r);
