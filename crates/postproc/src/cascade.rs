@@ -20,9 +20,12 @@
 //! the one of `N = 2^⌈log₂ n⌉` bits with the values `≥ n` left out, and the
 //! `N`-bit ones are memoised per (N, seed, pass) across plans, so a link that
 //! keeps one Cascade seed per session shuffles once per session, not per
-//! block. Within a plan a permutation is only materialised when its pass is
-//! searched; passes of a few large blocks keep bit masks of their blocks
-//! instead (a frame at QBER 2 % searches only its second pass).
+//! block. Within a one-shot plan ([`CascadePlan::new`], one per block) a
+//! pass's order is read off the shuffle through a bitmap of its kept entries
+//! (rank and select), built only when the pass is searched; a
+//! [`CascadePlan::reusable`] plan, shared by many frames, also builds full
+//! position maps. Passes of a few large blocks keep bit masks of their
+//! blocks instead (a frame at QBER 2 % searches only its second pass).
 //!
 //! BICONF is not implemented: the paper's recommended options (7) and (8)
 //! reach lower leakage with plain extra passes of half-frame blocks plus
