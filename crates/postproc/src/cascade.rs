@@ -359,45 +359,40 @@ pub struct ParityReply {
     pub parities: BitVec,
 }
 
-/// One pass's permutation of `n` bits, read off its memoised `N`-element
-/// shuffle without materialising `n`-entry maps: `keep` marks the shuffle
-/// entries below `n` (the pass's order is the kept entries, in order) and
-/// `rank[w]` counts the kept entries before word `w` of `keep`. Shuffled
-/// position → original index is a select on `keep`, original index →
-/// shuffled position a rank of the shuffle's memoised inverse. `None` for
-/// the identity (first pass).
+/// One pass's permutation of `n` bits. `Identity` for the first pass.
 ///
-/// Per-plan maps (`fwd`/`inv` of `n` entries each, a random scatter to
-/// build and 8 bytes a bit of fresh memory) were about a fifth of
-/// `qkdnet postproc`'s time, more with the kernel zeroing their pages; this
-/// costs a sequential pass over the shuffle and `N/8 + N/16` bytes.
+/// `Lean` (one-shot plans) reads the pass off its memoised `N`-element
+/// shuffle without `n`-entry maps: a bitmap marks the shuffle entries below
+/// `n` (the pass's order is the kept entries, in order), each word with the
+/// count of kept entries before it. Shuffled position → original index is a
+/// select on the bitmap; original index → shuffled position a rank of the
+/// shuffle's memoised inverse. Building it is one sequential pass over the
+/// shuffle and `N/4` bytes, where `n`-entry maps cost a random scatter and
+/// 8 bytes a bit of fresh memory (`perf` of `qkdnet postproc`: the maps'
+/// construction and the kernel zeroing their pages were over half its time).
+///
+/// `Mapped` ([`CascadePlan::reusable`] plans) holds `fwd[pos]` = original
+/// index at shuffled position `pos` and `inv[i]` = shuffled position of
+/// original index `i`: one lookup each, worth building once for many frames.
 #[derive(Debug, Clone)]
-struct Perm(Option<Kept>);
-
-#[derive(Clone)]
-struct Kept {
-    shuffle: Arc<Shuffle>,
-    /// `Some((fwd, inv))` in a [`CascadePlan::reusable`] plan: `fwd[pos]` =
-    /// original index at shuffled position `pos`, `inv[i]` = shuffled
-    /// position of original index `i`.
-    maps: Option<(Vec<u32>, Vec<u32>)>,
-    /// Word `w` of the keep bitmap and the rank before it, side by side so
-    /// that a rank is one cache access; one extra entry holds the total.
-    words: Vec<KeptWord>,
+enum Perm {
+    Identity,
+    Lean {
+        shuffle: Arc<Shuffle>,
+        /// Bitmap words with their ranks, side by side so that a rank is one
+        /// cache access; one extra entry holds the total.
+        words: Vec<KeptWord>,
+    },
+    Mapped {
+        fwd: Vec<u32>,
+        inv: Vec<u32>,
+    },
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct KeptWord {
     keep: u64,
     rank: u64,
-}
-
-impl std::fmt::Debug for Kept {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kept")
-            .field("len", &self.shuffle.order.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// The `N`-bit permutation of pass `pass` (normative): a Fisher–Yates
@@ -426,6 +421,14 @@ struct Shuffle {
     order: Vec<u32>,
     first_half: OnceLock<Vec<u64>>,
     inverse: OnceLock<Vec<u32>>,
+}
+
+impl std::fmt::Debug for Shuffle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shuffle")
+            .field("len", &self.order.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shuffle {
@@ -548,21 +551,11 @@ impl Perm {
     /// identity for pass 0.
     fn for_pass(n: usize, seed: u64, pass: usize, maps: bool) -> Self {
         if pass == 0 {
-            return Perm(None);
+            return Perm::Identity;
         }
         let shuffle = master_perm_memo(master_len(n), seed, pass);
         let order = &shuffle.order;
-        let mut words = Vec::with_capacity(order.len().div_ceil(64) + 1);
-        let mut rank = 0u64;
-        for chunk in order.chunks(64) {
-            let keep = chunk.iter().enumerate().fold(0u64, |acc, (j, &v)| {
-                acc | (u64::from((v as usize) < n) << j)
-            });
-            words.push(KeptWord { keep, rank });
-            rank += u64::from(keep.count_ones());
-        }
-        words.push(KeptWord { keep: 0, rank });
-        let maps = maps.then(|| {
+        if maps {
             // Branch-free compaction of the values below n.
             let mut fwd = vec![0u32; n + 1];
             let mut pos = 0usize;
@@ -575,76 +568,79 @@ impl Perm {
             for (pos, &orig) in fwd.iter().enumerate() {
                 inv[orig as usize] = pos as u32;
             }
-            (fwd, inv)
-        });
-        Perm(Some(Kept {
-            shuffle,
-            maps,
-            words,
-        }))
+            return Perm::Mapped { fwd, inv };
+        }
+        let mut words = Vec::with_capacity(order.len().div_ceil(64) + 1);
+        let mut rank = 0u64;
+        for chunk in order.chunks(64) {
+            let keep = chunk.iter().enumerate().fold(0u64, |acc, (j, &v)| {
+                acc | (u64::from((v as usize) < n) << j)
+            });
+            words.push(KeptWord { keep, rank });
+            rank += u64::from(keep.count_ones());
+        }
+        words.push(KeptWord { keep: 0, rank });
+        Perm::Lean { shuffle, words }
     }
 
     /// The original index at shuffled position `pos` (`pos < n`).
     #[inline]
     fn orig(&self, pos: usize) -> usize {
-        let Some(k) = &self.0 else {
-            return pos;
+        let (shuffle, words) = match self {
+            Perm::Identity => return pos,
+            Perm::Mapped { fwd, .. } => return fwd[pos] as usize,
+            Perm::Lean { shuffle, words } => (shuffle, words),
         };
-        if let Some((fwd, _)) = &k.maps {
-            return fwd[pos] as usize;
-        }
         // The word holding the pos-th kept entry (the last with rank ≤ pos):
         // start where an even spread of the kept entries would put it, then
         // walk; the ranks stray from that by about √N/2 entries, a few
         // words.
-        let last = k.words.len() - 2;
-        let total = k.words[last + 1].rank as usize;
+        let last = words.len() - 2;
+        let total = words[last + 1].rank as usize;
         let mut w = (pos as u128 * (last as u128 + 1) / total.max(1) as u128) as usize;
         w = w.min(last);
-        while w > 0 && k.words[w].rank as usize > pos {
+        while w > 0 && words[w].rank as usize > pos {
             w -= 1;
         }
-        while w < last && k.words[w + 1].rank as usize <= pos {
+        while w < last && words[w + 1].rank as usize <= pos {
             w += 1;
         }
-        let mut bits = k.words[w].keep;
-        for _ in 0..pos - k.words[w].rank as usize {
+        let mut bits = words[w].keep;
+        for _ in 0..pos - words[w].rank as usize {
             bits &= bits - 1;
         }
-        k.shuffle.order[w * 64 + bits.trailing_zeros() as usize] as usize
+        shuffle.order[w * 64 + bits.trailing_zeros() as usize] as usize
     }
 
     /// The shuffled position of original index `orig` (`orig < n`).
     #[inline]
     fn pos(&self, orig: usize) -> usize {
-        let Some(k) = &self.0 else {
-            return orig;
-        };
-        if let Some((_, inv)) = &k.maps {
-            return inv[orig] as usize;
-        }
-        let i = k.shuffle.inverse()[orig] as usize;
-        let w = k.words[i / 64];
-        let below = w.keep & ((1u64 << (i % 64)) - 1);
-        w.rank as usize + below.count_ones() as usize
-    }
-
-    /// `key` in this pass's order: the key read through the whole shuffle
-    /// (entries beyond `n` read unspecified bits), then compacted to the
-    /// kept entries.
-    fn shuffle(&self, key: &BitVec) -> BitVec {
-        match &self.0 {
-            None => key.clone(),
-            Some(Kept {
-                maps: Some((fwd, _)),
-                ..
-            }) => BitVec::from_words_truncate(gather_bits(key.as_words(), fwd), key.len()),
-            Some(k) => {
-                let all = gather_bits(key.as_words(), &k.shuffle.order);
-                let keep: Vec<u64> = k.words.iter().map(|w| w.keep).collect();
-                BitVec::from_words_truncate(compact_bits(&all, &keep), key.len())
+        match self {
+            Perm::Identity => orig,
+            Perm::Mapped { inv, .. } => inv[orig] as usize,
+            Perm::Lean { shuffle, words } => {
+                let i = shuffle.inverse()[orig] as usize;
+                let w = words[i / 64];
+                let below = w.keep & ((1u64 << (i % 64)) - 1);
+                w.rank as usize + below.count_ones() as usize
             }
         }
+    }
+
+    /// `key` in this pass's order (`Lean`: the key read through the whole
+    /// shuffle, entries beyond `n` reading unspecified bits, then compacted
+    /// to the kept entries).
+    fn shuffle(&self, key: &BitVec) -> BitVec {
+        let words = match self {
+            Perm::Identity => return key.clone(),
+            Perm::Mapped { fwd, .. } => gather_bits(key.as_words(), fwd),
+            Perm::Lean { shuffle, words } => {
+                let all = gather_bits(key.as_words(), &shuffle.order);
+                let keep: Vec<u64> = words.iter().map(|w| w.keep).collect();
+                compact_bits(&all, &keep)
+            }
+        };
+        BitVec::from_words_truncate(words, key.len())
     }
 }
 
@@ -754,8 +750,8 @@ impl CascadePlan {
     /// hardware frames, benchmarks): each searched pass also gets full
     /// `n`-entry position maps, which cost a random scatter and 8 bytes a
     /// bit to build but make Bob's corrections and binary-search leaves one
-    /// lookup each instead of a rank or a select (Bob ~15 % faster once
-    /// built, measured at 10^6 bits). Same permutations, same results as
+    /// lookup each instead of a rank or a select (Bob 15–23 % faster once
+    /// built, measured at 10^6 bits, BENCHMARKS.md "Session 8"). Same permutations, same results as
     /// [`CascadePlan::new`], which suits a plan used once.
     pub fn reusable(params: &CascadeParams) -> Self {
         Self {
