@@ -3,7 +3,7 @@
 //! carol at kme-b): a file with rekeys, standard input to standard output, and a
 //! listener that refuses a stream addressed to someone else.
 
-#[path = "../crates/apps/tests/common/mod.rs"]
+#[path = "apps_common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

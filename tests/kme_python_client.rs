@@ -4,7 +4,9 @@
 //!   the same keys by ID at KME B (dec_keys);
 //! - `qkdsec doctor` probes KME A as the master SAE, the slave being on KME B.
 //!
-//! Skips (printing `SKIPPED:`) only when pip cannot reach PyPI.
+//! Skips (printing `SKIPPED:`) only when pip cannot reach PyPI. The KMEs allow
+//! classical key exchange for these clients (OpenSSL 3.0 has no X25519MLKEM768);
+//! `classical_only_clients_are_refused_by_default` checks the default refuses them.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -53,6 +55,8 @@ store = "{me}.sqlite"
 ca = "pki/ca.pem"
 cert = "pki/kme-{me}.pem"
 key = "pki/kme-{me}.key"
+# The PyPI clients run on Python's ssl, i.e. OpenSSL 3.0 here: no ML-KEM yet.
+key_exchange = "allow-classical"
 [[peer]]
 kme_id = "{peer}"
 url = "https://127.0.0.1:{peer_port}"
@@ -230,7 +234,9 @@ fn etsi_qkd_014_client_round_trip() {
     assert_eq!(v["dec"], 200);
     assert_eq!(v["same"], true);
     assert_eq!(v["n"], 4);
-    assert_eq!(v["master_at_own_kme"], 401); // A delivered it to alice as master; only bob, at B, may take it
+    // A delivered it to alice as master; only bob, at B, may take it. Anyone else
+    // gets the answer for an unknown ID (no existence oracle).
+    assert_eq!(v["master_at_own_kme"], 400);
     assert_eq!(v["again"][0], 400);
     assert_eq!(
         v["again"][1],
@@ -311,13 +317,14 @@ fn qkdsec_doctor_probes() {
     // master's) certificate. In V1.1.1 "Get key with key IDs" (§5.4,
     // POST/GET /api/v1/keys/{master_SAE_ID}/dec_keys) is called by the slave SAE
     // at its own KME, and a key handed out by enc_keys goes to the slave SAE(s)
-    // named in that request and to nobody else, the KME answering 401
-    // Unauthorized to any other caller. Our KME does exactly that: 401.
+    // named in that request and to nobody else. V1.1.1 would answer 401
+    // Unauthorized to any other caller; our KME answers exactly as for an
+    // unknown key ID (400), so that the answer does not reveal which IDs exist.
     let r = probes["dec_keys_roundtrip"];
     assert_eq!(r["status"], "fail", "{r}");
     let summary = r["summary"].as_str().expect("summary");
     assert!(
-        summary.contains("HTTP 401: unauthorized: keys belong to another SAE pair"),
+        summary.contains("HTTP 400: one or more keys specified are not found on KME"),
         "{r}"
     );
 

@@ -103,7 +103,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     println!("qkdnet demo — simulated optics, real classical stack\n");
     super::net::describe(&topo);
-    let (prepared, mut children) = super::net::launch(&topo, &dir, None)?;
+    let (prepared, mut children) = super::net::launch(&topo, &dir, Default::default())?;
     let result = drive(&a, &topo, &prepared);
     let killed = launcher::stop_all(&prepared.record, &mut children, Duration::from_secs(5));
     match &result {

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use qkdnet_net::launcher::{self, NetRecord, Prepared};
+use qkdnet_kms::tls::KeyExchange;
+use qkdnet_net::launcher::{self, LaunchOptions, NetRecord, Prepared};
 use qkdnet_net::node::{NodeStatus, Role};
 use qkdnet_net::topology::{Topology, ValidTopology};
 
@@ -35,6 +36,11 @@ pub enum NetCommand {
         /// (stop them with `qkdnet net down`).
         #[arg(long, conflicts_with = "for")]
         detach: bool,
+        /// Let SAEs connect to the KMEs with classical (non-post-quantum) TLS key
+        /// exchange too, for clients whose TLS library has no X25519MLKEM768 yet
+        /// (curl and Python on OpenSSL 3.0). Default: hybrid post-quantum only.
+        #[arg(long)]
+        allow_classical_tls: bool,
     },
     /// Stop the network started in DIR.
     Down {
@@ -62,9 +68,18 @@ pub fn run(c: NetCommand) -> anyhow::Result<()> {
             base_port,
             r#for,
             detach,
+            allow_classical_tls,
         } => {
             let topo = Topology::from_file(&topology)?.validate()?;
-            up(&topo, &dir, base_port, r#for, detach)
+            let opts = LaunchOptions {
+                base_port,
+                sae_key_exchange: if allow_classical_tls {
+                    KeyExchange::AllowClassical
+                } else {
+                    KeyExchange::HybridOnly
+                },
+            };
+            up(&topo, &dir, opts, r#for, detach)
         }
         NetCommand::Down { dir } => {
             let (n, killed) = launcher::down(&dir)?;
@@ -99,9 +114,9 @@ pub fn describe(topo: &ValidTopology) {
 pub fn launch(
     topo: &ValidTopology,
     dir: &Path,
-    base_port: Option<u16>,
+    opts: LaunchOptions,
 ) -> anyhow::Result<(Prepared, Vec<std::process::Child>)> {
-    let mut prepared = launcher::prepare(topo, dir, base_port)?;
+    let mut prepared = launcher::prepare(topo, dir, opts)?;
     let exe = std::env::current_exe().context("locating the qkdnet executable")?;
     let children = launcher::start(&mut prepared, &exe, Duration::from_secs(30))?;
     Ok((prepared, children))
@@ -172,12 +187,12 @@ impl Progress {
 fn up(
     topo: &ValidTopology,
     dir: &Path,
-    base_port: Option<u16>,
+    opts: LaunchOptions,
     for_s: Option<f64>,
     detach: bool,
 ) -> anyhow::Result<()> {
     describe(topo);
-    let (prepared, mut children) = launch(topo, dir, base_port)?;
+    let (prepared, mut children) = launch(topo, dir, opts)?;
     let d = prepared.dir.display();
     println!("state: {d}  (applications: {d}/connect.json)");
     for n in &prepared.record.nodes {

@@ -1,7 +1,7 @@
 //! Errors of the applications.
 //!
 //! The variants separate what the user should do about a failure: fix the command
-//! (`InvalidInput`, `WrongRecipient`), fix the setup (`Kms`), retry later or ask the
+//! (`InvalidInput`, `WrongRecipient`), fix the setup (`Setup`), retry later or ask the
 //! KME's operator (`Client`), or distrust the file (`Format`, `Integrity`). An
 //! integrity failure never says more than where the file stopped making sense.
 //!
@@ -12,8 +12,8 @@
 //! peer misbehaved" apart from "the caller misused the API".
 
 use qkdnet_crypto::CryptoError;
-use qkdnet_kms::KmsError;
-use qkdnet_kms::client::ClientError;
+use qkdnet_etsi::EtsiError;
+use qkdnet_etsi::client::ClientError;
 
 /// Why sealing or opening failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum AppError {
     InvalidInput(String),
     /// Configuration or TLS set-up failed (connect file, certificates).
     #[error(transparent)]
-    Kms(#[from] KmsError),
+    Setup(#[from] EtsiError),
     /// The KME could not be reached or refused.
     #[error(transparent)]
     Client(#[from] ClientError),

@@ -31,7 +31,7 @@ use std::io::Read;
 
 use qkdnet_crypto::chunked::{NONCE_PREFIX_LEN, NoncePrefix};
 use qkdnet_crypto::hybrid::{MLKEM768_CT_LEN, MLKEM768_EK_LEN};
-use qkdnet_kms::ids::SaeId;
+use qkdnet_etsi::ids::SaeId;
 use serde::Serialize;
 use uuid::Uuid;
 

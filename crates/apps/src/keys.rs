@@ -14,8 +14,8 @@
 use qkdnet_crypto::hybrid::{KeyMaterial, combine_to_sm4_key};
 use qkdnet_crypto::sm3::{SM3_LEN, Sm3Digest};
 use qkdnet_crypto::{SecretBytes, Sm4Key};
-use qkdnet_kms::client::{EtsiClient, Key};
-use qkdnet_kms::ids::SaeId;
+use qkdnet_etsi::client::{EtsiClient, Key};
+use qkdnet_etsi::ids::SaeId;
 use uuid::Uuid;
 
 use crate::error::AppError;

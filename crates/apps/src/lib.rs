@@ -1,6 +1,6 @@
 //! Applications of qkdnet: what an SAE does with keys from its KME.
 //!
-//! The KME hands out keys (ETSI GS QKD 014, [`qkdnet_kms::client::EtsiClient`]);
+//! The KME hands out keys (ETSI GS QKD 014, [`qkdnet_etsi::client::EtsiClient`]);
 //! this crate turns them into protection for something a user cares about. The
 //! first application is the sealed file ([`mod@seal`]): a file encrypted for one SAE
 //! whose keys never travel with it; the second is the live stream ([`stream`]): a

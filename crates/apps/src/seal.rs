@@ -71,7 +71,7 @@ use qkdnet_crypto::hybrid::{
 use qkdnet_crypto::otp::one_time_pad;
 use qkdnet_crypto::sm3::{HmacSm3, SM3_LEN, Sm3Digest, sm3};
 use qkdnet_crypto::{SecretBytes, SharedSecret, Sm4Key};
-use qkdnet_kms::client::{EtsiClient, Key};
+use qkdnet_etsi::client::{EtsiClient, Key};
 use serde::Serialize;
 use uuid::Uuid;
 use zeroize::Zeroizing;

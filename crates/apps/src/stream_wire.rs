@@ -43,7 +43,7 @@
 //! | ack | total plaintext bytes (8) ‖ sequence number of the end frame (8) |
 
 use qkdnet_crypto::gcm::GCM_TAG_LEN;
-use qkdnet_kms::ids::SaeId;
+use qkdnet_etsi::ids::SaeId;
 use uuid::Uuid;
 
 use crate::error::StreamError;
@@ -57,7 +57,7 @@ pub const VERSION: u8 = 1;
 pub const STREAM_ID_LEN: usize = 16;
 /// Longest possible handshake.
 pub const MAX_HANDSHAKE_LEN: usize =
-    8 + 1 + 1 + 2 * (1 + qkdnet_kms::ids::MAX_ID_LEN) + 2 + STREAM_ID_LEN + 16;
+    8 + 1 + 1 + 2 * (1 + qkdnet_etsi::ids::MAX_ID_LEN) + 2 + STREAM_ID_LEN + 16;
 /// Bytes of a frame header: length, kind, sequence number.
 pub const FRAME_HEADER_LEN: usize = 4 + 1 + 8;
 /// Largest frame body (ciphertext and tag), the `length` field's maximum.

@@ -48,7 +48,7 @@ use qkdnet_kms::ids::{KmeId, SaeId};
 use qkdnet_kms::pki::Ca;
 use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_kms::testkeys::seeded_block;
-use qkdnet_kms::tls::client_config;
+use qkdnet_kms::tls::{KeyExchange, client_config};
 
 struct Args {
     levels: Vec<usize>,
@@ -218,6 +218,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ca: "-".into(),
                 cert: "-".into(),
                 key: "-".into(),
+                key_exchange: KeyExchange::HybridOnly,
             },
             limits,
             peer_timeout_ms: 10_000,
@@ -323,10 +324,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .enable_http1()
                     .build()
             };
-            let cm: HttpsClient =
-                Client::builder(TokioExecutor::new()).build(conn(client_config(&m, None)?));
-            let cs: HttpsClient =
-                Client::builder(TokioExecutor::new()).build(conn(client_config(&s, None)?));
+            let cm: HttpsClient = Client::builder(TokioExecutor::new()).build(conn(client_config(
+                &m,
+                ka.clone(),
+                KeyExchange::HybridOnly,
+            )?));
+            let cs: HttpsClient = Client::builder(TokioExecutor::new()).build(conn(client_config(
+                &s,
+                kb.clone(),
+                KeyExchange::HybridOnly,
+            )?));
             let enc = Arc::new(format!(
                 "https://127.0.0.1:{}/api/v1/keys/s{i}/enc_keys",
                 aa.port()

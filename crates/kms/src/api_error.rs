@@ -31,6 +31,12 @@ impl From<KmsError> for ApiError {
     }
 }
 
+impl From<qkdnet_etsi::EtsiError> for ApiError {
+    fn from(e: qkdnet_etsi::EtsiError) -> Self {
+        ApiError(e.into())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError(KmsError::Store(e))
@@ -74,11 +80,11 @@ pub fn status_and_message(e: &KmsError) -> (StatusCode, String) {
             "the peer KME could not confirm the keys; try again".into(),
         ),
         KmsError::Store(s) => match s {
-            StoreError::KeysNotFound => (S::BAD_REQUEST, KmsError::KeysNotFound.to_string()),
-            StoreError::NotAuthorized => (
-                S::UNAUTHORIZED,
-                "unauthorized: keys belong to another SAE pair".into(),
-            ),
+            // Keys of another SAE pair are answered exactly like unknown keys:
+            // a different answer would tell any SAE which key IDs exist.
+            StoreError::KeysNotFound | StoreError::NotAuthorized => {
+                (S::BAD_REQUEST, KmsError::KeysNotFound.to_string())
+            }
             StoreError::Exhausted { .. } => (S::SERVICE_UNAVAILABLE, s.to_string()),
             StoreError::UnitsUnavailable(_)
             | StoreError::RequestVoided
@@ -142,7 +148,7 @@ mod tests {
         assert_eq!(c(KmsError::KeysNotFound), 400);
         assert_eq!(c(KmsError::Store(StoreError::KeysNotFound)), 400);
         assert_eq!(c(KmsError::Unauthorized("x")), 401);
-        assert_eq!(c(KmsError::Store(StoreError::NotAuthorized)), 401);
+        assert_eq!(c(KmsError::Store(StoreError::NotAuthorized)), 400);
         assert_eq!(
             c(KmsError::Exhausted {
                 available: 0,

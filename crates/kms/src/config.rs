@@ -28,6 +28,7 @@
 //! ca = "pki/ca.pem"
 //! cert = "pki/kme-kme-a.pem"
 //! key = "pki/kme-kme-a.key"
+//! # key_exchange = "allow-classical"  # default "hybrid-only": X25519MLKEM768, TLS 1.3
 //!
 //! [limits]                         # all optional; these are the defaults
 //! key_size = 256
@@ -74,7 +75,7 @@ use crate::service::{Kme, KmeSettings};
 use crate::store::postgres::{PostgresOptions, PostgresStore, PostgresUrl, SchemaName};
 use crate::store::sqlite::{Durability, SqliteStore};
 use crate::store::{KeyStore, StoreError};
-use crate::tls::{TlsMaterial, server_config};
+use crate::tls::{KeyExchange, TlsMaterial, server_config};
 
 /// Synchronous mode of the SQLite store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
@@ -97,6 +98,12 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// This KME's private key (PEM).
     pub key: PathBuf,
+    /// Key exchange offered to SAEs: `hybrid-only` (X25519MLKEM768, TLS 1.3; the
+    /// default) or `allow-classical` (also X25519/P-256, for SAEs whose TLS library
+    /// has no ML-KEM, such as OpenSSL before 3.5). KME-to-KME connections are
+    /// always hybrid-only.
+    #[serde(default)]
+    pub key_exchange: KeyExchange,
 }
 
 /// A peer KME.
@@ -447,7 +454,11 @@ pub async fn launch_with_tls(
         Some(l) => l,
         None => tokio::net::TcpListener::bind(cfg.listen).await?,
     };
-    let server = serve(kme.clone(), server_config(&tls)?, listener)?;
+    let server = serve(
+        kme.clone(),
+        server_config(&tls, cfg.tls.key_exchange)?,
+        listener,
+    )?;
     let link_state = crate::relay::spawn_link_state(
         &kme,
         Duration::from_millis(cfg.link_state_interval_ms.max(50)),

@@ -76,3 +76,19 @@ pub enum KmsError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
+
+impl From<qkdnet_etsi::EtsiError> for KmsError {
+    fn from(e: qkdnet_etsi::EtsiError) -> Self {
+        use qkdnet_etsi::EtsiError as E;
+        match e {
+            E::InvalidId { what } => Self::InvalidId { what },
+            E::BadRequest(m) => Self::BadRequest(m),
+            E::SizeNotMultipleOf8 => Self::SizeNotMultipleOf8,
+            E::UnsupportedMandatoryExtension => Self::UnsupportedMandatoryExtension,
+            E::Config(m) => Self::Config(m),
+            E::Tls(m) => Self::Tls(m),
+            E::Io(e) => Self::Io(e),
+            other => Self::Config(other.to_string()),
+        }
+    }
+}

@@ -25,21 +25,19 @@
 //! | module | what |
 //! |---|---|
 //! | [`block`] | key blocks from the link layer, unit IDs, unit ownership |
-//! | [`ids`] | SAE and KME identifiers (validated newtypes) |
+//! | [`ids`] | SAE and KME identifiers (validated newtypes, from `qkdnet-etsi`) |
 //! | [`store`] | the [`store::KeyStore`] trait and its SQLite and PostgreSQL implementations |
-//! | [`etsi`] | ETSI GS QKD 014 JSON objects and their decoders |
+//! | [`etsi`] | ETSI GS QKD 014 JSON objects and their decoders (from `qkdnet-etsi`) |
 //! | [`error`] | domain errors |
 //! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |
 //! | [`service`] | the KME logic: status, enc_keys, dec_keys, peer reservation and void |
 //! | [`peer`] | the KME-to-KME protocol (modelled on ETSI GS QKD 020 `ext_keys`) |
 //! | [`relay`] | keys for SAEs on distant KMEs: hop-by-hop one-time-pad relay, link-state routing |
-//! | [`identity`] | SAE/KME identity from client certificates |
-//! | [`tls`] | rustls server and client configurations (mutual TLS) |
+//! | [`identity`] | SAE/KME identity from client certificates (from `qkdnet-etsi`) |
+//! | [`tls`] | the rustls server configuration (mutual TLS, X25519MLKEM768) |
 //! | [`server`] | the HTTPS server: routes, connection handling, OpenAPI document |
 //! | [`config`] | the TOML configuration of a standalone KME |
-//! | `https` | the HTTPS client transport shared by [`peer`] and [`client`] (bounded in time and size) |
-//! | [`client`] | the SAE side of ETSI GS QKD 014: [`client::EtsiClient`] |
-//! | [`connect`] | `connect.json`: each SAE's KME URL and TLS files, for applications |
+//! | [`client`], [`connect`] | the SAE side of ETSI GS QKD 014 and `connect.json` (from `qkdnet-etsi`) |
 //! | [`pki`] | a small CA for test networks (rcgen) |
 //! | [`mesh`] | in-process KME networks with test keys, for tests and benchmarks |
 //! | [`testkeys`] | seeded *test* key blocks, only when explicitly configured |
@@ -48,14 +46,8 @@
 
 pub mod api_error;
 pub mod block;
-pub mod client;
 pub mod config;
-pub mod connect;
 pub mod error;
-pub mod etsi;
-mod https;
-pub mod identity;
-pub mod ids;
 pub mod mesh;
 pub mod peer;
 pub mod pki;
@@ -65,6 +57,10 @@ pub mod service;
 pub mod store;
 pub mod testkeys;
 pub mod tls;
+
+// The client side lives in `qkdnet-etsi`; these paths keep their old names.
+pub use qkdnet_etsi::wire as etsi;
+pub use qkdnet_etsi::{client, connect, identity, ids};
 
 pub use block::KeyBlock;
 pub use error::KmsError;

@@ -82,7 +82,7 @@ pub fn sae_name(i: usize) -> String {
 }
 
 fn kme_id(i: usize) -> Result<KmeId, KmsError> {
-    KmeId::new(&kme_name(i))
+    Ok(KmeId::new(&kme_name(i))?)
 }
 
 static DIRS: AtomicU64 = AtomicU64::new(0);
@@ -154,6 +154,7 @@ impl Mesh {
                     ca: "unused".into(),
                     cert: "unused".into(),
                     key: "unused".into(),
+                    key_exchange: crate::tls::KeyExchange::default(),
                 },
                 limits: Limits::default(),
                 peer_timeout_ms: opts.peer_timeout_ms,
@@ -222,7 +223,12 @@ impl Mesh {
 
     /// An ETSI 014 client for `sae` at KME `at`.
     pub fn client(&self, sae: &str, at: usize, timeout: Duration) -> Result<EtsiClient, KmsError> {
-        EtsiClient::new(&self.url(at), &self.sae_tls(sae)?, timeout)
+        Ok(EtsiClient::new(
+            &self.url(at),
+            &kme_id(at)?,
+            &self.sae_tls(sae)?,
+            timeout,
+        )?)
     }
 
     /// Stops KME `i` (its store stays).

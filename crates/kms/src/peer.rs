@@ -27,10 +27,10 @@ use uuid::Uuid;
 
 use crate::api_error::PeerErrorBody;
 use crate::error::KmsError;
-use crate::https::HttpsClient;
 use crate::ids::{KmeId, SaeId};
 use crate::store::KeyLayout;
-use crate::tls::{TlsMaterial, client_config};
+use crate::tls::{KeyExchange, TlsMaterial, client_config};
+use qkdnet_etsi::https::HttpsClient;
 
 /// Path of the reservation endpoint.
 pub const EXT_KEYS_PATH: &str = "/api/v1/kme/ext_keys";
@@ -174,7 +174,7 @@ impl PeerClient {
         tls: &TlsMaterial,
         timeout: Duration,
     ) -> Result<Self, KmsError> {
-        let cfg = client_config(tls, Some(peer.clone()))?;
+        let cfg = client_config(tls, peer.clone(), KeyExchange::HybridOnly)?;
         let http = HttpsClient::new(
             &format!("peer {peer}"),
             base_url,

@@ -73,6 +73,11 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The CA's private key, PEM (zeroized on drop).
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
+    }
+
     /// Loads a CA from PEM text.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, KmsError> {
         let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
@@ -104,8 +109,15 @@ impl Ca {
         Self::from_pem(&cert, &key)
     }
 
-    /// Issues a certificate for an SAE or a KME. `sans` are DNS names or IP
-    /// addresses; empty means [`DEFAULT_SANS`].
+    /// Issues a certificate for an SAE or a KME.
+    ///
+    /// Each carries what its role needs and no more. An SAE certificate is a client
+    /// certificate only (extended key usage ClientAuth, the `sae:ID` URI and no host
+    /// names), so no client of the network accepts it from a server: an
+    /// application cannot pose as a KME. A KME certificate has ServerAuth (it
+    /// serves SAEs and peers) and ClientAuth (it calls its peers), the `kme:ID` URI
+    /// and the host names or addresses it serves on: `sans`, or [`DEFAULT_SANS`]
+    /// when empty. `sans` must be empty for an SAE.
     pub fn issue(&self, subject: &Identity, sans: &[String]) -> Result<Issued, KmsError> {
         let uri = match subject {
             Identity::Sae(id) => format!("{SAE_URI_PREFIX}{id}"),
@@ -117,19 +129,31 @@ impl Ca {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         params
             .subject_alt_names
             .push(SanType::URI(uri.as_str().try_into().map_err(pki_err)?));
-        let defaults: Vec<String> = DEFAULT_SANS.iter().map(|s| (*s).to_owned()).collect();
-        for s in if sans.is_empty() { &defaults[..] } else { sans } {
-            params.subject_alt_names.push(match s.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(s.as_str().try_into().map_err(pki_err)?),
-            });
+        match subject {
+            Identity::Sae(id) => {
+                if !sans.is_empty() {
+                    return Err(KmsError::Config(format!(
+                        "SAE {id}: an SAE certificate carries no host names (it never serves)"
+                    )));
+                }
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Identity::Kme(_) => {
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+                let defaults: Vec<String> = DEFAULT_SANS.iter().map(|s| (*s).to_owned()).collect();
+                for s in if sans.is_empty() { &defaults[..] } else { sans } {
+                    params.subject_alt_names.push(match s.parse::<IpAddr>() {
+                        Ok(ip) => SanType::IpAddress(ip),
+                        Err(_) => SanType::DnsName(s.as_str().try_into().map_err(pki_err)?),
+                    });
+                }
+            }
         }
         let key = KeyPair::generate().map_err(pki_err)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(pki_err)?;
@@ -212,6 +236,41 @@ mod tests {
         let der = CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).expect("PEM");
         assert_eq!(identity_from_cert(&der).expect("identity"), who);
         let ca2 = Ca::from_pem(ca.cert_pem(), &ca.key.serialize_pem()).expect("reload");
-        assert!(ca2.issue(&who, &["example.test".into()]).is_ok());
+        let kme = Identity::Kme(crate::ids::KmeId::new("a").expect("valid"));
+        assert!(ca2.issue(&kme, &["example.test".into()]).is_ok());
+        assert!(
+            ca2.issue(&who, &["example.test".into()]).is_err(),
+            "SAEs name no hosts"
+        );
+    }
+
+    #[test]
+    fn usages_follow_the_role() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let ca = Ca::generate("test CA").expect("CA");
+        let eku = |who: &Identity| {
+            let i = ca.issue(who, &[]).expect("issue");
+            let der = CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).expect("PEM");
+            let (_, c) = X509Certificate::from_der(&der).expect("X.509");
+            let e = c
+                .extended_key_usage()
+                .expect("EKU")
+                .expect("present")
+                .value
+                .clone();
+            let hosts = c
+                .subject_alternative_name()
+                .expect("SAN")
+                .expect("present")
+                .value
+                .general_names
+                .len()
+                - 1;
+            (e.server_auth, e.client_auth, hosts)
+        };
+        let sae = Identity::Sae(SaeId::new("alice").expect("valid"));
+        let kme = Identity::Kme(crate::ids::KmeId::new("a").expect("valid"));
+        assert_eq!(eku(&sae), (false, true, 0));
+        assert_eq!(eku(&kme), (true, true, DEFAULT_SANS.len()));
     }
 }

@@ -122,7 +122,7 @@ async fn status_reports_the_specs_fields() {
 }
 
 #[tokio::test]
-async fn wrong_sae_gets_401_with_a_json_body() {
+async fn another_pairs_keys_are_answered_like_unknown_ones() {
     let net = Net::start(2).await;
     let (alice, carol, eve) = (
         net.sae_client("alice"),
@@ -143,8 +143,13 @@ async fn wrong_sae_gets_401_with_a_json_body() {
             &key_ids_body(&ids),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(v["message"].is_string());
+    // Same status and body as an unknown ID: a 401 here would tell any SAE
+    // which key IDs exist (#18 finding 6).
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        v["message"],
+        "one or more keys specified are not found on KME"
+    );
     // The master's own certificate at the slave's KME (what qkdsec's round trip does).
     let (s, v) = alice
         .post(
@@ -152,7 +157,7 @@ async fn wrong_sae_gets_401_with_a_json_body() {
             &key_ids_body(&ids),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}"); // alice is not attached to B at all
     // qkdsec's round trip: the master asks its own KME for the key it was given
     // (with the slave's ID in the path, as in the specification's §6.4 example).
     let (s, v) = alice
@@ -161,7 +166,7 @@ async fn wrong_sae_gets_401_with_a_json_body() {
             &key_ids_body(&ids),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, _) = eve
         .get(&format!(
             "{}/api/v1/keys/alice/dec_keys?key_ID={}",
@@ -169,7 +174,7 @@ async fn wrong_sae_gets_401_with_a_json_body() {
             ids[0]
         ))
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(s, StatusCode::BAD_REQUEST);
     // eve (at A) cannot use B at all, nor claim the keys via a wrong master ID.
     let (s, _) = eve
         .get(&format!("{}/api/v1/keys/alice/status", net.url_b()))
@@ -182,7 +187,7 @@ async fn wrong_sae_gets_401_with_a_json_body() {
             &key_ids_body(&ids),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(s, StatusCode::BAD_REQUEST); // bob, with the wrong master: not found
     // A KME certificate cannot use the SAE API.
     let kb = net.client(&Identity::Kme(kme("kme-b")));
     let (s, v) = kb
@@ -371,11 +376,13 @@ async fn no_or_foreign_client_certificate_fails_the_handshake() {
         }
         r
     };
-    let cfg = rustls::ClientConfig::builder_with_provider(qkdnet_kms::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(qkdnet_kms::tls::provider(
+        qkdnet_kms::tls::KeyExchange::HybridOnly,
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let anon = Client::from_config(cfg);
     assert!(anon.raw(Method::GET, &url, None, Vec::new()).await.is_err());
     // A certificate from another CA, claiming to be alice.
@@ -658,7 +665,7 @@ async fn stocked_keys_are_served_once_and_survive_a_restart() {
             &key_ids_body(&[got[0].0.clone()]),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(s, StatusCode::BAD_REQUEST);
     // bob gets each of alice's keys, once, with the same bytes; eve's stay eve's.
     let bob = net.sae_client("bob");
     let dec = |master: &str, keys: &[(String, String)]| {
@@ -673,7 +680,11 @@ async fn stocked_keys_are_served_once_and_survive_a_restart() {
     let (s, _) = dec("alice", &got[..1]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "delivered twice");
     let (s, _) = dec("alice", &eve_keys).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "eve's keys under alice's name: not found"
+    );
     let (s, v) = dec("eve", &eve_keys).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(keys_of(&v), eve_keys);

@@ -13,12 +13,15 @@ use qkdnet_kms::pki::Ca;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// SAE `name`'s client to the KME at `url`, which must prove to be `kme-a`
+/// (URL of KME A) or `kme-b` (any other URL).
 fn sae_at(net: &Net, name: &str, url: &str) -> EtsiClient {
     let tls = net
         .ca
         .material(&Identity::Sae(sae(name)), &[])
         .expect("SAE certificate");
-    EtsiClient::new(url, &tls, TIMEOUT).expect("client")
+    let expected = if url == net.url_a() { "kme-a" } else { "kme-b" };
+    EtsiClient::new(url, &kme(expected), &tls, TIMEOUT).expect("client")
 }
 
 #[tokio::test]
@@ -63,7 +66,7 @@ async fn status_enc_keys_dec_keys_round_trip() {
 }
 
 #[tokio::test]
-async fn an_sae_not_named_as_slave_gets_401() {
+async fn an_sae_not_named_as_slave_is_told_the_keys_are_not_found() {
     let net = Net::start(2).await;
     let alice = sae_at(&net, "alice", &net.url_a());
     let carol = sae_at(&net, "carol", &net.url_b());
@@ -71,8 +74,11 @@ async fn an_sae_not_named_as_slave_gets_401() {
     let keys = alice.enc_keys("bob", 1, None).await.expect("enc_keys");
     let ids = [keys[0].id];
     match carol.dec_keys("alice", &ids).await {
-        Err(ClientError::Api { status: 401, .. }) => {}
-        other => panic!("expected 401, got {other:?}"),
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert_eq!(message, "one or more keys specified are not found on KME"),
+        other => panic!("expected 400, got {other:?}"),
     }
     // The refusal did not consume the key.
     let got = bob.dec_keys("alice", &ids).await.expect("dec_keys");
@@ -124,7 +130,7 @@ async fn unreachable_or_untrusted_kme_is_unavailable() {
     let tls = other
         .material(&Identity::Sae(sae("alice")), &[])
         .expect("cert");
-    let c = EtsiClient::new(&net.url_a(), &tls, TIMEOUT).expect("client");
+    let c = EtsiClient::new(&net.url_a(), &kme("kme-a"), &tls, TIMEOUT).expect("client");
     assert!(matches!(
         c.status("bob").await,
         Err(ClientError::Unavailable(_))
@@ -137,6 +143,7 @@ async fn unreachable_or_untrusted_kme_is_unavailable() {
     assert!(
         EtsiClient::new(
             &format!("http://127.0.0.1:{}", net.cfg_a.listen.port()),
+            &kme("kme-a"),
             &tls,
             TIMEOUT
         )
@@ -152,13 +159,17 @@ async fn connect_file_round_trip() {
     std::fs::create_dir_all(&pki).expect("pki dir");
     std::fs::write(pki.join("ca.pem"), net.ca.cert_pem()).expect("CA file");
     let mut saes = Vec::new();
-    for (name, node, url) in [("alice", "a", net.url_a()), ("bob", "b", net.url_b())] {
+    for (name, node, url) in [
+        ("alice", "kme-a", net.url_a()),
+        ("bob", "kme-b", net.url_b()),
+    ] {
         net.ca
             .issue_to_dir(&pki, &Identity::Sae(sae(name)), &[])
             .expect("issue");
         saes.push(SaeEntry {
             id: name.into(),
             node: node.into(),
+            kme: String::new(), // defaults to the node's name
             kme_url: url,
             cert: format!("pki/sae-{name}.pem").into(),
             key: format!("pki/sae-{name}.key").into(),
@@ -170,7 +181,8 @@ async fn connect_file_round_trip() {
     file.save(&path).expect("save");
     let loaded = ConnectFile::load(&path).expect("load");
     assert_eq!(loaded.saes.len(), 2);
-    assert_eq!(loaded.sae("bob").expect("bob").node, "b");
+    assert_eq!(loaded.sae("bob").expect("bob").node, "kme-b");
+    assert_eq!(loaded.sae("bob").expect("bob").kme, "kme-b");
     assert!(loaded.sae("alice").expect("alice").cert.is_absolute());
     // Saved relative, loaded resolved: the state directory can move.
     let text = std::fs::read_to_string(&path).expect("read");

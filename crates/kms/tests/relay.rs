@@ -74,7 +74,22 @@ async fn a_chain_relays_identical_keys_and_each_hop_spends_exactly_its_share() {
     assert_eq!(keys.len(), 3);
     let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
     // Nobody but the slave gets them, and not at another KME.
-    assert_eq!(dec(&mesh, 3, "spy-k3", "sae-k0", &ids).await.0, 401);
+    // Another SAE asking for them gets exactly the answer for unknown IDs (no
+    // existence oracle: #18 finding 6).
+    let spy = dec(&mesh, 3, "spy-k3", "sae-k0", &ids).await;
+    let unknown = dec(
+        &mesh,
+        3,
+        "spy-k3",
+        "sae-k0",
+        &["5a4b9c1e-6b1f-4f43-9d6a-3c2b1a0f9e8d".to_owned()],
+    )
+    .await;
+    assert_eq!(spy.0, 400);
+    assert_eq!(
+        spy, unknown,
+        "same status and body for another pair's key and an unknown ID"
+    );
     assert_eq!(dec(&mesh, 2, "sae-k2", "sae-k0", &ids).await.0, 400); // not held there
     let (st, got) = dec(&mesh, 3, "sae-k3", "sae-k0", &ids).await;
     assert_eq!(st, 200, "{got}");

@@ -29,6 +29,7 @@ use qkdnet_kms::connect::{ConnectFile, SaeEntry};
 use qkdnet_kms::etsi::Limits;
 use qkdnet_kms::identity::Identity;
 use qkdnet_kms::pki::Ca;
+use qkdnet_kms::tls::KeyExchange;
 use serde::{Deserialize, Serialize};
 
 use crate::NetError;
@@ -195,13 +196,23 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
     Ok(())
 }
 
+/// How [`prepare`] lays out a network.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaunchOptions {
+    /// First port of a contiguous range (3 per node); `None`: free ports.
+    pub base_port: Option<u16>,
+    /// Key exchange the KMEs offer to SAEs (KME-to-KME is always hybrid).
+    pub sae_key_exchange: KeyExchange,
+}
+
 /// Writes the state directory for `topo`: PKI, link secrets, node configs,
 /// `connect.json` and `net.json`. Refuses a directory whose network is running.
 pub fn prepare(
     topo: &ValidTopology,
     dir: &Path,
-    base_port: Option<u16>,
+    opts: LaunchOptions,
 ) -> Result<Prepared, NetError> {
+    let base_port = opts.base_port;
     std::fs::create_dir_all(dir)
         .map_err(|e| NetError::Config(format!("cannot create {}: {e}", dir.display())))?;
     let dir = dir.canonicalize()?;
@@ -318,6 +329,7 @@ pub fn prepare(
                     ca: ca_pem.clone(),
                     cert: cert.clone(),
                     key: key.clone(),
+                    key_exchange: opts.sae_key_exchange,
                 },
                 limits: Limits::default(),
                 peer_timeout_ms: 5000,
@@ -350,11 +362,11 @@ pub fn prepare(
     let mut connect = ConnectFile::default();
     for (s, k) in &topo.saes {
         let (cert, key) = (
-            sae_dir.join(format!("sae-{s}.pem")),
-            sae_dir.join(format!("sae-{s}.key")),
+            sae_dir.join(format!("{s}.pem")),
+            sae_dir.join(format!("{s}.key")),
         );
         if !cert.exists() {
-            let issued = ca.issue(&Identity::Sae(s.clone()), &sans)?;
+            let issued = ca.issue(&Identity::Sae(s.clone()), &[])?;
             std::fs::write(&cert, &issued.cert_pem)?;
             write_secret(&key, issued.key_pem.as_bytes())?;
         }
@@ -362,13 +374,16 @@ pub fn prepare(
         connect.saes.push(SaeEntry {
             id: s.to_string(),
             node: k.to_string(),
+            kme: k.to_string(),
             kme_url: kme_url(i),
             cert,
             key,
             ca: ca_pem.clone(),
         });
     }
-    connect.save(&dir.join("connect.json"))?;
+    connect
+        .save(&dir.join("connect.json"))
+        .map_err(qkdnet_kms::KmsError::from)?;
     let record = NetRecord {
         name: topo.meta.name.clone(),
         nodes: records,

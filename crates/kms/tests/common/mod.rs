@@ -21,7 +21,7 @@ use qkdnet_kms::identity::Identity;
 use qkdnet_kms::ids::{KmeId, SaeId};
 use qkdnet_kms::pki::Ca;
 use qkdnet_kms::testkeys::seeded_block;
-use qkdnet_kms::tls::{TlsMaterial, client_config};
+use qkdnet_kms::tls::{KeyExchange, TlsMaterial};
 use serde_json::Value;
 
 pub const SEED: u64 = 7;
@@ -110,6 +110,7 @@ fn config(
             ca: "unused".into(),
             cert: "unused".into(),
             key: "unused".into(),
+            key_exchange: qkdnet_kms::tls::KeyExchange::default(),
         },
         limits,
         peer_timeout_ms: 3000,
@@ -278,8 +279,18 @@ pub struct Client {
 }
 
 impl Client {
+    /// A raw client that accepts any server certificate of the CA (these tests
+    /// call several KMEs with one client and probe the servers' answers; the
+    /// production clients pin the expected KME, see `tls_identity.rs`).
     pub fn new(m: &TlsMaterial) -> Self {
-        Self::from_config(client_config(m, None).expect("client config"))
+        let p = qkdnet_kms::tls::provider(KeyExchange::HybridOnly);
+        let cfg = rustls::ClientConfig::builder_with_provider(p)
+            .with_protocol_versions(qkdnet_kms::tls::versions(KeyExchange::HybridOnly))
+            .expect("versions")
+            .with_root_certificates(m.roots().expect("roots"))
+            .with_client_auth_cert(m.chain().expect("chain"), m.key().expect("key"))
+            .expect("client config");
+        Self::from_config(cfg)
     }
 
     pub fn from_config(cfg: rustls::ClientConfig) -> Self {

@@ -1,5 +1,6 @@
 //! Sealed files end to end: two KMEs in-process, alice seals for bob, bob opens.
 
+#[path = "apps_common/mod.rs"]
 mod common;
 
 use common::*;
@@ -232,7 +233,7 @@ async fn only_the_recipient_opens() {
         matches!(&e, AppError::InvalidInput(m) if m.contains("carol")),
         "{e}"
     );
-    // A header rewritten to name carol: her KME refuses the keys (401).
+    // A header rewritten to name carol: her KME answers as for unknown keys (400).
     let (mut h, len) = read_header(&sealed).expect("header");
     h.recipient = qkdnet_kms::ids::SaeId::new("carol").expect("valid");
     let mut bytes = std::fs::read(&sealed).expect("sealed");
@@ -248,7 +249,7 @@ async fn only_the_recipient_opens() {
     .await
     .unwrap_err();
     assert!(
-        matches!(e, AppError::Client(ClientError::Api { status: 401, .. })),
+        matches!(e, AppError::Client(ClientError::Api { status: 400, .. })),
         "{e}"
     );
     assert_no_output(&net.dir, "m.out");

@@ -2,6 +2,7 @@
 //! through an in-memory man in the middle that tampers with, replays, drops and
 //! cuts frames.
 
+#[path = "apps_common/mod.rs"]
 mod common;
 
 use std::io::Cursor;
@@ -367,12 +368,13 @@ async fn a_third_sae_cannot_decrypt() {
         }
     );
     unconfirmed(&s);
-    // The handshake rewritten to name carol: her KME refuses bob's keys.
+    // The handshake rewritten to name carol: her KME refuses bob's keys (as
+    // unknown keys, 400: no existence oracle).
     let ((s, r), _) = attacked(&net, "carol", "carol", "c2.out", to_carol, fwd()).await;
     assert!(
         matches!(
             r,
-            Err(AppError::Client(ClientError::Api { status: 401, .. }))
+            Err(AppError::Client(ClientError::Api { status: 400, .. }))
         ),
         "{r:?}"
     );

@@ -12,7 +12,7 @@
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::error::KmsError;
+use crate::error::EtsiError;
 use crate::ids::{KmeId, SaeId};
 
 /// URI SAN prefix of an SAE certificate.
@@ -30,8 +30,8 @@ pub enum Identity {
 }
 
 /// Reads the identity from a DER certificate's `sae:`/`kme:` URI SAN.
-pub fn identity_from_cert(der: &[u8]) -> Result<Identity, KmsError> {
-    let bad = |m: &str| KmsError::Tls(format!("client certificate: {m}"));
+pub fn identity_from_cert(der: &[u8]) -> Result<Identity, EtsiError> {
+    let bad = |m: &str| EtsiError::Tls(format!("client certificate: {m}"));
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|_| bad("not a valid X.509 certificate"))?;
     let san = cert

@@ -109,6 +109,7 @@ impl Net {
             saes.push(SaeEntry {
                 id: name.into(),
                 node: node.into(),
+                kme: format!("kme-{node}"),
                 kme_url: format!("https://127.0.0.1:{port}"),
                 cert: format!("pki/sae-{name}.pem").into(),
                 key: format!("pki/sae-{name}.key").into(),

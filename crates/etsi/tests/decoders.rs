@@ -2,11 +2,11 @@
 //! arbitrary input, and validation accepts exactly the requests the limits allow.
 
 use proptest::prelude::*;
-use qkdnet_kms::error::KmsError;
-use qkdnet_kms::etsi::{
+use qkdnet_etsi::error::EtsiError;
+use qkdnet_etsi::identity::identity_from_cert;
+use qkdnet_etsi::wire::{
     KeyRequest, Limits, decode_key_ids, decode_key_request, parse_dec_query, parse_enc_query,
 };
-use qkdnet_kms::identity::identity_from_cert;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
@@ -57,7 +57,7 @@ proptest! {
         if let Ok(v) = r {
             prop_assert_eq!((u64::from(v.number), u64::from(v.size_bits)), (n, s));
         } else if n >= 1 && n <= u64::from(l.max_key_per_request) && s % 8 != 0 {
-            prop_assert!(matches!(r, Err(KmsError::SizeNotMultipleOf8)));
+            prop_assert!(matches!(r, Err(EtsiError::SizeNotMultipleOf8)));
         }
     }
 }

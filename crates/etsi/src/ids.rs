@@ -10,7 +10,7 @@ use core::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::KmsError;
+use crate::error::EtsiError;
 
 /// Longest accepted identifier, in bytes.
 pub const MAX_ID_LEN: usize = 64;
@@ -30,11 +30,11 @@ macro_rules! id_type {
 
         impl $name {
             #[doc = concat!("Parses a ", $what, " identifier.")]
-            pub fn new(s: &str) -> Result<Self, KmsError> {
+            pub fn new(s: &str) -> Result<Self, EtsiError> {
                 if valid_id(s) {
                     Ok(Self(s.to_owned()))
                 } else {
-                    Err(KmsError::InvalidId { what: $what })
+                    Err(EtsiError::InvalidId { what: $what })
                 }
             }
 

@@ -8,12 +8,14 @@
 //! [`EtsiClient::dec_keys`] (as slave SAE).
 //!
 //! Everything the KME answers is untrusted input: answers are bounded in size and
-//! time, key IDs are parsed with [`crate::etsi::parse_key_id`], keys are decoded
+//! time, key IDs are parsed with [`crate::wire::parse_key_id`], keys are decoded
 //! from base64 straight into zeroizing buffers, and the client checks that the KME
 //! gave what was asked for (the number of keys, their size, the requested IDs)
 //! before returning anything. Keys come back as [`Key`], whose `Debug` prints the
 //! ID and the length only. The KME's certificate is verified against the
-//! network's CA and the host name of the URL.
+//! network's CA and the host name of the URL, and must be the certificate of the
+//! KME the client expects (`kme:ID`): a fake KME holding any other certificate of
+//! the network (another SAE's, another node's KME) fails the handshake.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -25,13 +27,13 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::error::KmsError;
-use crate::etsi::{
+use crate::error::EtsiError;
+use crate::https::HttpsClient;
+use crate::ids::{KmeId, SaeId};
+use crate::tls::{KeyExchange, TlsMaterial, client_config};
+use crate::wire::{
     ErrorBody, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, Status, format_key_id, parse_key_id,
 };
-use crate::https::HttpsClient;
-use crate::ids::SaeId;
-use crate::tls::{TlsMaterial, client_config};
 
 /// Largest KME answer read, in bytes (1024 keys of 8192 bits in base64 fit with
 /// room to spare).
@@ -88,6 +90,7 @@ pub enum ClientError {
 #[derive(Clone)]
 pub struct EtsiClient {
     url: String,
+    kme: KmeId,
     http: HttpsClient,
 }
 
@@ -95,6 +98,7 @@ impl core::fmt::Debug for EtsiClient {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("EtsiClient")
             .field("kme_url", &self.url)
+            .field("kme", &self.kme)
             .finish_non_exhaustive()
     }
 }
@@ -106,16 +110,40 @@ fn sae_path(id: &str, what: &str) -> Result<String, ClientError> {
 }
 
 impl EtsiClient {
-    /// A client to the KME at `kme_url` (`https://host:port`), presenting the SAE
-    /// certificate of `tls` and trusting the CA of `tls`. Every call (connect, TLS,
-    /// request, answer) must complete within `timeout`.
-    pub fn new(kme_url: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Self, KmsError> {
-        let cfg = client_config(tls, None)?;
+    /// A client to KME `kme` at `kme_url` (`https://host:port`), presenting the SAE
+    /// certificate of `tls` and trusting the CA of `tls`. The server must prove to
+    /// be KME `kme` ([`crate::tls::client_config`]) and negotiate the hybrid
+    /// post-quantum key exchange. Every call (connect, TLS, request, answer) must
+    /// complete within `timeout`.
+    pub fn new(
+        kme_url: &str,
+        kme: &KmeId,
+        tls: &TlsMaterial,
+        timeout: Duration,
+    ) -> Result<Self, EtsiError> {
+        Self::with_key_exchange(kme_url, kme, tls, timeout, KeyExchange::default())
+    }
+
+    /// As [`EtsiClient::new`] with an explicit key-exchange policy.
+    pub fn with_key_exchange(
+        kme_url: &str,
+        kme: &KmeId,
+        tls: &TlsMaterial,
+        timeout: Duration,
+        kx: KeyExchange,
+    ) -> Result<Self, EtsiError> {
+        let cfg = client_config(tls, kme.clone(), kx)?;
         let http = HttpsClient::new("KME", kme_url, cfg, timeout, MAX_ANSWER_BYTES)?;
         Ok(Self {
             url: kme_url.trim_end_matches('/').to_owned(),
+            kme: kme.clone(),
             http,
         })
+    }
+
+    /// The KME this client talks to.
+    pub fn kme_id(&self) -> &KmeId {
+        &self.kme
     }
 
     /// The KME's base URL.
@@ -279,7 +307,7 @@ fn check_size(keys: &[Key], bits: u64) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etsi::KeyEntry;
+    use crate::wire::KeyEntry;
 
     fn container(entries: &[(&str, &str)]) -> KeyContainer {
         KeyContainer {

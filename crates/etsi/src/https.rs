@@ -1,5 +1,5 @@
-//! The one HTTPS client transport of the crate, shared by the KME-to-KME client
-//! ([`crate::peer`]) and the SAE-side ETSI GS QKD 014 client ([`crate::client`]).
+//! The one HTTPS client transport of qkdnet, shared by the SAE-side ETSI GS QKD
+//! 014 client ([`crate::client`]) and the KME-to-KME client (`qkdnet_kms::peer`).
 //!
 //! Both talk JSON over HTTP/1.1 with mutual TLS to a base URL, and both must treat
 //! the other end as untrusted: every call is bounded in time (connect, TLS, request
@@ -18,11 +18,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::ClientConfig;
 
-use crate::error::KmsError;
+use crate::error::EtsiError;
 
 /// A pooled HTTPS/1.1 client bound to one base URL.
 #[derive(Clone)]
-pub(crate) struct HttpsClient {
+pub struct HttpsClient {
     base: String,
     timeout: Duration,
     max_answer_bytes: usize,
@@ -32,20 +32,20 @@ pub(crate) struct HttpsClient {
 /// The call did not produce an answer (connection, TLS, timeout, oversized or
 /// unreadable answer). The text is for humans and never holds key material.
 #[derive(Debug)]
-pub(crate) struct TransportError(pub String);
+pub struct TransportError(pub String);
 
 impl HttpsClient {
     /// A client for `base_url` (`https://host:port`, anything else refused) with
     /// the TLS configuration `cfg`. `what` names the other end in error messages.
-    pub(crate) fn new(
+    pub fn new(
         what: &str,
         base_url: &str,
         cfg: ClientConfig,
         timeout: Duration,
         max_answer_bytes: usize,
-    ) -> Result<Self, KmsError> {
+    ) -> Result<Self, EtsiError> {
         if !base_url.starts_with("https://") {
-            return Err(KmsError::Config(format!(
+            return Err(EtsiError::Config(format!(
                 "{what}: URL must start with https:// (got {base_url:?})"
             )));
         }
@@ -67,7 +67,7 @@ impl HttpsClient {
 
     /// Sends `body` (JSON, if any) to `path` and returns the status and the whole
     /// answer body.
-    pub(crate) async fn call(
+    pub async fn call(
         &self,
         method: Method,
         path: &str,

@@ -11,10 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::KmsError;
+use crate::error::EtsiError;
 
 /// Limits a KME advertises in its Status object and enforces on requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +49,7 @@ impl Default for Limits {
 
 impl Limits {
     /// Checks that the limits are consistent with each other.
-    pub fn check(&self) -> Result<(), KmsError> {
+    pub fn check(&self) -> Result<(), EtsiError> {
         let ok = self.min_key_size >= 8
             && self.min_key_size.is_multiple_of(8)
             && self.max_key_size.is_multiple_of(8)
@@ -64,7 +63,7 @@ impl Limits {
         if ok {
             Ok(())
         } else {
-            Err(KmsError::Config(
+            Err(EtsiError::Config(
                 "limits: need 8 <= min_key_size <= key_size <= max_key_size <= 2^20 (multiples of 8), \
                  1 <= max_key_per_request <= 100000, max_key_count >= 1, max_body_bytes >= 1024"
                     .into(),
@@ -75,7 +74,8 @@ impl Limits {
 
 /// Status object (ETSI GS QKD 014 §6.1, Table 6).
 #[allow(non_snake_case)] // wire names are the specification's
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     /// KME ID of the KME answering.
     pub source_KME_ID: String,
@@ -107,7 +107,8 @@ pub struct Status {
 /// Key request (body of POST enc_keys, ETSI GS QKD 014 §6.2, Table 8). Every
 /// field is optional.
 #[allow(non_snake_case)]
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyRequest {
     /// Number of keys (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,17 +121,18 @@ pub struct KeyRequest {
     pub additional_slave_SAE_IDs: Option<Vec<String>>,
     /// Extensions the KME must support.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub extension_mandatory: Option<Vec<Map<String, Value>>>,
     /// Extensions the KME may ignore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub extension_optional: Option<Vec<Map<String, Value>>>,
 }
 
 /// One key in a key container (ETSI GS QKD 014 Table 11).
 #[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyEntry {
     /// Key ID (UUID).
     pub key_ID: String,
@@ -148,7 +150,8 @@ pub struct KeyEntry {
 /// The specification's table spells `Keys`, its example `keys`; qkdnet uses `keys`.
 ///
 /// No `Debug`: it holds key material.
-#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyContainer {
     /// The keys.
     pub keys: Vec<KeyEntry>,
@@ -168,7 +171,8 @@ impl Drop for KeyContainer {
 
 /// One key ID in a dec_keys request (ETSI GS QKD 014 Table 12).
 #[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyIdEntry {
     /// Key ID (UUID).
     pub key_ID: String,
@@ -179,7 +183,8 @@ pub struct KeyIdEntry {
 
 /// Key IDs (body of POST dec_keys, ETSI GS QKD 014 §6.3, Table 12).
 #[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyIds {
     /// The key IDs.
     pub key_IDs: Vec<KeyIdEntry>,
@@ -189,13 +194,14 @@ pub struct KeyIds {
 }
 
 /// Error object (ETSI GS QKD 014 Table 13), sent with every non-200 answer.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What went wrong.
     pub message: String,
     /// Further details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub details: Option<Vec<Map<String, Value>>>,
 }
 
@@ -234,24 +240,24 @@ pub enum Multipath {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidKeyIds(pub Vec<Uuid>);
 
-fn malformed(what: &str, e: serde_json::Error) -> KmsError {
+fn malformed(what: &str, e: serde_json::Error) -> EtsiError {
     // serde_json's messages name the field and position, never echo values at length.
-    KmsError::BadRequest(format!("malformed {what}: {e}"))
+    EtsiError::BadRequest(format!("malformed {what}: {e}"))
 }
 
 /// The specification's bodies are JSON objects; serde would also accept a JSON
 /// array for a struct, so anything not starting with `{` is refused first.
-fn require_object(body: &[u8], what: &str) -> Result<(), KmsError> {
+fn require_object(body: &[u8], what: &str) -> Result<(), EtsiError> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => Ok(()),
-        _ => Err(KmsError::BadRequest(format!(
+        _ => Err(EtsiError::BadRequest(format!(
             "malformed {what}: expected a JSON object"
         ))),
     }
 }
 
 /// Decodes the body of POST enc_keys. An empty body means all defaults.
-pub fn decode_key_request(body: &[u8]) -> Result<KeyRequest, KmsError> {
+pub fn decode_key_request(body: &[u8]) -> Result<KeyRequest, EtsiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(KeyRequest::default());
     }
@@ -260,17 +266,17 @@ pub fn decode_key_request(body: &[u8]) -> Result<KeyRequest, KmsError> {
 }
 
 /// Decodes the body of POST dec_keys.
-pub fn decode_key_ids(body: &[u8]) -> Result<KeyIds, KmsError> {
+pub fn decode_key_ids(body: &[u8]) -> Result<KeyIds, EtsiError> {
     require_object(body, "key IDs")?;
     serde_json::from_slice(body).map_err(|e| malformed("key IDs", e))
 }
 
 /// Parses a key ID: the canonical 36-character hyphenated UUID form only.
-pub fn parse_key_id(s: &str) -> Result<Uuid, KmsError> {
+pub fn parse_key_id(s: &str) -> Result<Uuid, EtsiError> {
     if s.len() != 36 {
-        return Err(KmsError::BadRequest("key_ID is not a UUID".into()));
+        return Err(EtsiError::BadRequest("key_ID is not a UUID".into()));
     }
-    Uuid::try_parse(s).map_err(|_| KmsError::BadRequest("key_ID is not a UUID".into()))
+    Uuid::try_parse(s).map_err(|_| EtsiError::BadRequest("key_ID is not a UUID".into()))
 }
 
 /// Formats a key ID (lower-case hyphenated).
@@ -280,7 +286,7 @@ pub fn format_key_id(id: &Uuid) -> String {
 
 impl KeyRequest {
     /// Applies defaults and checks every field against `limits`.
-    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyRequest, KmsError> {
+    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyRequest, EtsiError> {
         let mut multipath = Multipath::Single;
         for (list, mandatory) in [
             (&self.extension_mandatory, true),
@@ -289,7 +295,7 @@ impl KeyRequest {
             for (name, value) in list.iter().flatten().flatten() {
                 if name != MULTIPATH_EXTENSION {
                     if mandatory {
-                        return Err(KmsError::UnsupportedMandatoryExtension);
+                        return Err(EtsiError::UnsupportedMandatoryExtension);
                     }
                     continue;
                 }
@@ -301,7 +307,7 @@ impl KeyRequest {
                         }
                     }
                     _ => {
-                        return Err(KmsError::BadRequest(format!(
+                        return Err(EtsiError::BadRequest(format!(
                             "{MULTIPATH_EXTENSION} shall be 1 or 2"
                         )));
                     }
@@ -313,26 +319,26 @@ impl KeyRequest {
             .as_ref()
             .is_some_and(|v| !v.is_empty())
         {
-            return Err(KmsError::BadRequest(
+            return Err(EtsiError::BadRequest(
                 "additional_slave_SAE_IDs is not supported (max_SAE_ID_count is 0)".into(),
             ));
         }
         let number = self.number.unwrap_or(1);
         if number == 0 {
-            return Err(KmsError::BadRequest("number shall be at least 1".into()));
+            return Err(EtsiError::BadRequest("number shall be at least 1".into()));
         }
         if number > u64::from(limits.max_key_per_request) {
-            return Err(KmsError::BadRequest(format!(
+            return Err(EtsiError::BadRequest(format!(
                 "number exceeds max_key_per_request ({})",
                 limits.max_key_per_request
             )));
         }
         let size = self.size.unwrap_or(u64::from(limits.key_size));
         if !size.is_multiple_of(8) {
-            return Err(KmsError::SizeNotMultipleOf8);
+            return Err(EtsiError::SizeNotMultipleOf8);
         }
         if size < u64::from(limits.min_key_size) || size > u64::from(limits.max_key_size) {
-            return Err(KmsError::BadRequest(format!(
+            return Err(EtsiError::BadRequest(format!(
                 "size shall be between min_key_size ({}) and max_key_size ({})",
                 limits.min_key_size, limits.max_key_size
             )));
@@ -348,7 +354,7 @@ impl KeyRequest {
 
 impl KeyIds {
     /// Checks the key IDs: at least one, at most `max_key_per_request`, UUIDs, distinct.
-    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyIds, KmsError> {
+    pub fn validate(&self, limits: &Limits) -> Result<ValidKeyIds, EtsiError> {
         validate_ids(
             self.key_IDs.iter().map(|k| k.key_ID.as_str()),
             self.key_IDs.len(),
@@ -362,12 +368,12 @@ pub fn validate_ids<'a>(
     ids: impl Iterator<Item = &'a str>,
     count: usize,
     limits: &Limits,
-) -> Result<ValidKeyIds, KmsError> {
+) -> Result<ValidKeyIds, EtsiError> {
     if count == 0 {
-        return Err(KmsError::BadRequest("key_IDs shall not be empty".into()));
+        return Err(EtsiError::BadRequest("key_IDs shall not be empty".into()));
     }
     if count > limits.max_key_per_request as usize {
-        return Err(KmsError::BadRequest(format!(
+        return Err(EtsiError::BadRequest(format!(
             "more key_IDs than max_key_per_request ({})",
             limits.max_key_per_request
         )));
@@ -377,7 +383,7 @@ pub fn validate_ids<'a>(
     for s in ids {
         let id = parse_key_id(s)?;
         if !seen.insert(id) {
-            return Err(KmsError::BadRequest("key_IDs contains a duplicate".into()));
+            return Err(EtsiError::BadRequest("key_IDs contains a duplicate".into()));
         }
         out.push(id);
     }
@@ -385,26 +391,26 @@ pub fn validate_ids<'a>(
 }
 
 /// The query of GET enc_keys: only `number` and `size`, each at most once, decimal.
-pub fn parse_enc_query(query: Option<&str>) -> Result<KeyRequest, KmsError> {
+pub fn parse_enc_query(query: Option<&str>) -> Result<KeyRequest, EtsiError> {
     let mut req = KeyRequest::default();
     for (name, value) in query_pairs(query)? {
         let slot = match name {
             "number" => &mut req.number,
             "size" => &mut req.size,
             _ => {
-                return Err(KmsError::BadRequest(format!(
+                return Err(EtsiError::BadRequest(format!(
                     "unknown query parameter for enc_keys: {}",
                     clip(name)
                 )));
             }
         };
         if slot.is_some() {
-            return Err(KmsError::BadRequest(format!(
+            return Err(EtsiError::BadRequest(format!(
                 "query parameter {name} given twice"
             )));
         }
         let v: u64 = value.parse().map_err(|_| {
-            KmsError::BadRequest(format!(
+            EtsiError::BadRequest(format!(
                 "query parameter {name} is not a non-negative integer"
             ))
         })?;
@@ -414,22 +420,22 @@ pub fn parse_enc_query(query: Option<&str>) -> Result<KeyRequest, KmsError> {
 }
 
 /// The query of GET dec_keys: exactly one `key_ID`.
-pub fn parse_dec_query(query: Option<&str>) -> Result<String, KmsError> {
+pub fn parse_dec_query(query: Option<&str>) -> Result<String, EtsiError> {
     let mut id = None;
     for (name, value) in query_pairs(query)? {
         if name != "key_ID" {
-            return Err(KmsError::BadRequest(format!(
+            return Err(EtsiError::BadRequest(format!(
                 "unknown query parameter for dec_keys: {}",
                 clip(name)
             )));
         }
         if id.replace(value.to_owned()).is_some() {
-            return Err(KmsError::BadRequest(
+            return Err(EtsiError::BadRequest(
                 "GET dec_keys takes a single key_ID".into(),
             ));
         }
     }
-    id.ok_or_else(|| KmsError::BadRequest("GET dec_keys needs ?key_ID=".into()))
+    id.ok_or_else(|| EtsiError::BadRequest("GET dec_keys needs ?key_ID=".into()))
 }
 
 fn clip(s: &str) -> &str {
@@ -442,7 +448,7 @@ fn clip(s: &str) -> &str {
 
 /// Splits a query string into pairs. Values this API accepts (integers, UUIDs)
 /// never need percent-encoding, so a `%` is refused rather than decoded.
-fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, &str)>, KmsError> {
+fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, &str)>, EtsiError> {
     let Some(q) = query else {
         return Ok(Vec::new());
     };
@@ -450,9 +456,9 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, &str)>, KmsError> {
     for part in q.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = part
             .split_once('=')
-            .ok_or_else(|| KmsError::BadRequest("query parameter without a value".into()))?;
+            .ok_or_else(|| EtsiError::BadRequest("query parameter without a value".into()))?;
         if value.contains('%') || name.contains('%') {
-            return Err(KmsError::BadRequest(
+            return Err(EtsiError::BadRequest(
                 "percent-encoded query values are not accepted".into(),
             ));
         }
@@ -496,7 +502,7 @@ mod tests {
             .expect("json")
             .validate(&l)
             .unwrap_err();
-        assert!(matches!(e, KmsError::BadRequest(_)), "{e}");
+        assert!(matches!(e, EtsiError::BadRequest(_)), "{e}");
     }
 
     #[test]
@@ -506,7 +512,7 @@ mod tests {
             .expect("json")
             .validate(&l)
             .unwrap_err();
-        assert!(matches!(e, KmsError::SizeNotMultipleOf8));
+        assert!(matches!(e, EtsiError::SizeNotMultipleOf8));
         assert_eq!(e.to_string(), "size shall be a multiple of 8");
     }
 
@@ -520,7 +526,7 @@ mod tests {
             }
             .validate(&l)
             .unwrap_err();
-            assert!(matches!(e, KmsError::BadRequest(_)));
+            assert!(matches!(e, EtsiError::BadRequest(_)));
         }
     }
 
@@ -531,7 +537,7 @@ mod tests {
             .expect("json");
         assert!(matches!(
             r.validate(&l),
-            Err(KmsError::UnsupportedMandatoryExtension)
+            Err(EtsiError::UnsupportedMandatoryExtension)
         ));
         let r = decode_key_request(br#"{"extension_optional":[{"abc_x":1}]}"#).expect("json");
         assert!(r.validate(&l).is_ok());
@@ -563,11 +569,11 @@ mod tests {
             &br#"{"extension_mandatory":[{"qkdnet_multipath":3}]}"#[..],
             br#"{"extension_optional":[{"qkdnet_multipath":"two"}]}"#,
         ] {
-            assert!(matches!(mp(bad), Err(KmsError::BadRequest(_))));
+            assert!(matches!(mp(bad), Err(EtsiError::BadRequest(_))));
         }
         assert!(matches!(
             mp(br#"{"extension_mandatory":[{"qkdnet_multipath":2,"abc_x":1}]}"#),
-            Err(KmsError::UnsupportedMandatoryExtension)
+            Err(EtsiError::UnsupportedMandatoryExtension)
         ));
     }
 
@@ -581,7 +587,7 @@ mod tests {
             br#"{"number":"1"}"#,
         ] {
             assert!(
-                matches!(decode_key_request(b), Err(KmsError::BadRequest(_))),
+                matches!(decode_key_request(b), Err(EtsiError::BadRequest(_))),
                 "{:?}",
                 b
             );

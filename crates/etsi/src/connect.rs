@@ -6,7 +6,7 @@
 //! command line. The file is plain JSON:
 //!
 //! ```json
-//! {"saes": [{"id": "alice", "node": "a", "kme_url": "https://127.0.0.1:8443",
+//! {"saes": [{"id": "alice", "node": "a", "kme": "a", "kme_url": "https://127.0.0.1:8443",
 //!            "cert": "pki/sae-alice.pem", "key": "pki/sae-alice.key", "ca": "pki/ca.pem"}]}
 //! ```
 //!
@@ -23,9 +23,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::client::EtsiClient;
-use crate::error::KmsError;
+use crate::error::EtsiError;
 use crate::identity::Identity;
-use crate::ids::SaeId;
+use crate::ids::{KmeId, SaeId};
 use crate::tls::TlsMaterial;
 
 /// One SAE of the network: where its KME is and where its TLS identity lives.
@@ -35,6 +35,11 @@ pub struct SaeEntry {
     pub id: String,
     /// Name of the network node whose KME the SAE is attached to.
     pub node: String,
+    /// KME ID of that KME: the identity (`kme:ID`) its server certificate must
+    /// carry. Files written before this field existed omit it; it then defaults to
+    /// `node` (`qkdnet net up` names each node's KME after the node).
+    #[serde(default)]
+    pub kme: String,
     /// Base URL of that KME (`https://host:port`).
     pub kme_url: String,
     /// SAE certificate (PEM).
@@ -54,14 +59,17 @@ pub struct ConnectFile {
 
 impl ConnectFile {
     /// Reads `path`, checks it and resolves relative paths against its directory.
-    pub fn load(path: &Path) -> Result<Self, KmsError> {
-        let err = |m: String| KmsError::Config(format!("{}: {m}", path.display()));
+    pub fn load(path: &Path) -> Result<Self, EtsiError> {
+        let err = |m: String| EtsiError::Config(format!("{}: {m}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let mut f: ConnectFile =
             serde_json::from_str(&text).map_err(|e| err(format!("invalid connect file: {e}")))?;
         f.check().map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for s in &mut f.saes {
+            if s.kme.is_empty() {
+                s.kme.clone_from(&s.node);
+            }
             for p in [&mut s.cert, &mut s.key, &mut s.ca] {
                 if p.is_relative() {
                     *p = base.join(&*p);
@@ -75,6 +83,8 @@ impl ConnectFile {
         let mut seen = std::collections::HashSet::new();
         for s in &self.saes {
             SaeId::new(&s.id).map_err(|_| format!("{:?} is not a valid SAE ID", s.id))?;
+            let kme = if s.kme.is_empty() { &s.node } else { &s.kme };
+            KmeId::new(kme).map_err(|_| format!("SAE {}: {kme:?} is not a valid KME ID", s.id))?;
             if !seen.insert(s.id.as_str()) {
                 return Err(format!("SAE {} listed twice", s.id));
             }
@@ -90,8 +100,8 @@ impl ConnectFile {
 
     /// Writes the file (pretty JSON) atomically: a temporary file in the same
     /// directory, renamed over `path`. Paths are written as they are held.
-    pub fn save(&self, path: &Path) -> Result<(), KmsError> {
-        let err = |m: String| KmsError::Config(format!("{}: {m}", path.display()));
+    pub fn save(&self, path: &Path) -> Result<(), EtsiError> {
+        let err = |m: String| EtsiError::Config(format!("{}: {m}", path.display()));
         self.check().map_err(err)?;
         let mut text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
         text.push('\n');
@@ -110,10 +120,10 @@ impl ConnectFile {
     }
 
     /// The entry of SAE `id`; the error lists the SAEs the file knows.
-    pub fn sae(&self, id: &str) -> Result<&SaeEntry, KmsError> {
+    pub fn sae(&self, id: &str) -> Result<&SaeEntry, EtsiError> {
         self.saes.iter().find(|s| s.id == id).ok_or_else(|| {
             let known: Vec<&str> = self.saes.iter().map(|s| s.id.as_str()).collect();
-            KmsError::Config(format!(
+            EtsiError::Config(format!(
                 "no SAE {id:?} in the connect file (known: {})",
                 if known.is_empty() {
                     "none".to_owned()
@@ -125,21 +135,23 @@ impl ConnectFile {
     }
 
     /// An ETSI client for SAE `sae_id`: loads its certificate, key and CA, checks
-    /// that the certificate is that SAE's, and targets its KME.
-    pub fn client(&self, sae_id: &str, timeout: Duration) -> Result<EtsiClient, KmsError> {
+    /// that the certificate is that SAE's, and targets its KME, which must prove
+    /// to be KME `kme` in the TLS handshake.
+    pub fn client(&self, sae_id: &str, timeout: Duration) -> Result<EtsiClient, EtsiError> {
         let s = self.sae(sae_id)?;
         let tls = TlsMaterial::from_files(&s.ca, &s.cert, &s.key)?;
         match tls.own_identity()? {
             Identity::Sae(id) if id.as_str() == s.id => {}
             other => {
-                return Err(KmsError::Config(format!(
+                return Err(EtsiError::Config(format!(
                     "certificate {} is not SAE {}'s (it names {other:?})",
                     s.cert.display(),
                     s.id
                 )));
             }
         }
-        EtsiClient::new(&s.kme_url, &tls, timeout)
+        let kme = KmeId::new(if s.kme.is_empty() { &s.node } else { &s.kme })?;
+        EtsiClient::new(&s.kme_url, &kme, &tls, timeout)
     }
 }
 
@@ -163,6 +175,7 @@ mod tests {
         let entry = |id: &str, url: &str| SaeEntry {
             id: id.into(),
             node: "n".into(),
+            kme: String::new(),
             kme_url: url.into(),
             cert: "c".into(),
             key: "k".into(),
