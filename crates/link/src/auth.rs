@@ -56,7 +56,10 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::LinkError;
 use crate::msg::Msg;
 
-/// Largest frame body accepted (bounded memory per frame).
+/// Largest frame body accepted (bounded memory per frame). A header's length
+/// is unauthenticated until the whole frame has been checked, so stream
+/// adapters must not allocate it up front: `crate::tcp::read_frame` grows its
+/// buffer with the bytes that arrive.
 pub const MAX_FRAME: usize = 160 << 20;
 /// Header bytes before the body.
 pub const HEADER: usize = 13;
@@ -474,7 +477,9 @@ impl AuthChannel {
 }
 
 /// The whole frame's length from its header (for stream adapters): header,
-/// body and, for a tagged frame, the tag.
+/// body and, for a tagged frame, the tag. The length is the peer's claim,
+/// not yet authenticated: read the body incrementally rather than allocating
+/// it from this number (see `crate::tcp::read_frame`).
 pub fn frame_len(header: &[u8; HEADER]) -> Result<usize, LinkError> {
     let tag = match header[KIND_AT] {
         KIND_PROVISIONAL => 0,

@@ -2,6 +2,15 @@
 //!
 //! Blocking std sockets and one reader thread keep it small: the writer side
 //! drains `poll_transmit`, the reader feeds whole frames to `handle_frame`.
+//!
+//! **Memory before authentication.** A frame is authenticated only as a whole
+//! (its tag, or the next tagged frame's, comes after the body), so the length
+//! in a header is the peer's unverified claim, up to
+//! [`MAX_FRAME`](crate::auth::MAX_FRAME) bytes. The
+//! reader therefore never sizes a buffer from the header: it reserves at most
+//! [`INITIAL_FRAME_BYTES`] and grows the buffer as body bytes actually arrive
+//! (at most doubling what it holds), so a forged header costs the receiver
+//! about twice what the forger really sent, not what it announced.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,7 +19,16 @@ use std::sync::mpsc;
 use crate::LinkError;
 use crate::auth::{HEADER, frame_len};
 
+/// Bytes a frame buffer reserves before its body starts arriving (a bigger
+/// frame's buffer grows with the bytes received; module docs).
+pub const INITIAL_FRAME_BYTES: usize = 64 << 10;
+
 /// Reads one frame from a stream; `Ok(None)` on a clean end of stream.
+///
+/// Allocation follows the bytes received, never the length the header claims
+/// (module docs): a header announcing a [`MAX_FRAME`](crate::auth::MAX_FRAME)-byte body followed by
+/// a few bytes and the end of the stream is refused as truncated after
+/// reserving [`INITIAL_FRAME_BYTES`].
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, LinkError> {
     let mut header = [0u8; HEADER];
     match r.read_exact(&mut header) {
@@ -19,15 +37,23 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, LinkError> {
         Err(e) => return Err(e.into()),
     }
     let total = frame_len(&header)?;
-    let mut frame = vec![0u8; total];
-    frame[..HEADER].copy_from_slice(&header);
-    r.read_exact(&mut frame[HEADER..]).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            LinkError::Malformed("connection closed inside a frame".into())
-        } else {
-            e.into()
-        }
-    })?;
+    let mut frame = Vec::with_capacity(total.min(HEADER + INITIAL_FRAME_BYTES));
+    frame.extend_from_slice(&header);
+    while frame.len() < total {
+        // Grow by at most what is held (doubling), so the buffer stays within
+        // about twice the bytes the peer actually sent.
+        let start = frame.len();
+        let step = (total - start).min(start.max(INITIAL_FRAME_BYTES));
+        frame.reserve_exact(step);
+        frame.resize(start + step, 0);
+        r.read_exact(&mut frame[start..]).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                LinkError::Malformed("connection closed inside a frame".into())
+            } else {
+                e.into()
+            }
+        })?;
+    }
     Ok(Some(frame))
 }
 

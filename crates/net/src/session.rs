@@ -9,9 +9,44 @@
 //! * **quantum**: the emulated fibre carrying Bob's detections
 //!   ([`crate::quantum`]), preceded by Alice's hello naming the session.
 //!
-//! Hello (both kinds): `"QKDNET-LINK\x01"`, `u8` kind (1 classical, 2 quantum),
-//! `u64` session number (Alice's clock in ms when she opened it), 32-byte nonce,
-//! `u16` length and the link ID. Bob answers a classical hello with his own.
+//! **Handshake** (protocol version 2; all integers little-endian unless
+//! marked BE). Hello, both kinds: `"QKDNET-LINK\x02"` (magic and version),
+//! `u8` kind (1 classical, 2 quantum), `u64` session number (Alice's clock in
+//! ms when she opened it), 32-byte nonce, `u16` length and the link ID (1 to
+//! [`MAX_LINK_ID`] bytes): at most 55 + 128 bytes, read with a fixed-size
+//! head and a bounded tail. Then:
+//!
+//! ```text
+//! classical   A -> B  hello(classical, s, N_A)
+//!             B -> A  hello(classical, s, N_B)          N_B fresh from Bob
+//!             A -> B  P_A = HMAC-SM3(K, "qkdnet/link/hello/alice/v2" || T)
+//!             B -> A  P_B = HMAC-SM3(K, "qkdnet/link/hello/bob/v2"   || T)
+//!             ...     post-processing frames (qkdnet_link::tcp)
+//! quantum     A -> B  hello(quantum, s, N_A) || Q = HMAC-SM3(K, "qkdnet/link/hello/quantum/v2" || T)
+//!             ...     detection frames (crate::quantum)
+//!
+//! T = u32 BE len(link ID) || link ID || u64 BE s || N_A || N_B
+//! K = SM3 KDF (X9.63 form) of the bootstrap secret, info "qkdnet/link/hello-key/v2", 32 bytes
+//! ```
+//!
+//! Why: a connection to Bob's link port is anonymous until it proves it knows
+//! the link's bootstrap secret, and it must not disturb anything before then
+//! (security review: twenty forged hellos in twenty seconds used to stop a
+//! running link, because each one replaced the link's session). Bob checks
+//! `P_A` in constant time, and only then ends the link's previous session,
+//! answers with `P_B` and waits for the quantum connection, which he pairs
+//! only if its `Q` verifies for the same transcript. `N_B` is fresh, so a
+//! recorded handshake does not replay; the three labels keep each tag to its
+//! role, so Bob's `P_B` cannot be reflected as an Alice proof; and Bob sends
+//! `P_B` only to a peer that proved itself, so he is no tag oracle for
+//! strangers. Alice checks `P_B` before opening the quantum connection, so a
+//! fake Bob gets neither the fibre nor a session. `K` is derived under its
+//! own label, independent of the session pads below. The types follow the
+//! states: [`bob_reply`] gives a [`BobHandshake`], only
+//! [`BobHandshake::read_alice_proof`] gives a [`BobAuthenticated`], only its
+//! [`QuantumGate`] admits a [`QuantumStream`], and [`bob_session`] needs both.
+//! Limits on unauthenticated connections (how many, how long) are the link
+//! port's ([`crate::server`]).
 //!
 //! **Authentication keys.** Within a session the classical channel is
 //! authenticated by Wegman–Carter tags whose one-time pads are refilled from
@@ -36,6 +71,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use qkdnet_crypto::sm3::{HmacSm3, SM3_LEN};
 use qkdnet_link::block::{BlockReport, ProtocolConfig};
 use qkdnet_link::endpoint::{Endpoint, Event};
 use qkdnet_link::tcp::{BlockInput, Connection, Feed, drive_alice, drive_bob_live};
@@ -47,9 +83,18 @@ use zeroize::Zeroizing;
 use crate::NetError;
 use crate::quantum;
 
-const MAGIC: &[u8; 12] = b"QKDNET-LINK\x01";
-const KIND_CLASSICAL: u8 = 1;
-const KIND_QUANTUM: u8 = 2;
+/// Hello magic; the last byte is the handshake's protocol version.
+const MAGIC: &[u8; 12] = b"QKDNET-LINK\x02";
+/// Hello kind of a classical connection.
+pub const KIND_CLASSICAL: u8 = 1;
+/// Hello kind of a quantum connection.
+pub const KIND_QUANTUM: u8 = 2;
+/// Bytes of a handshake proof (an HMAC-SM3 tag; module docs).
+pub const PROOF_BYTES: usize = SM3_LEN;
+const HELLO_KEY_INFO: &[u8] = b"qkdnet/link/hello-key/v2";
+const LABEL_ALICE: &[u8] = b"qkdnet/link/hello/alice/v2";
+const LABEL_BOB: &[u8] = b"qkdnet/link/hello/bob/v2";
+const LABEL_QUANTUM: &[u8] = b"qkdnet/link/hello/quantum/v2";
 /// Bytes of per-session authentication pads derived from the bootstrap secret
 /// (32 768 tags per direction: enough for the first blocks of Cascade rounds,
 /// after which distilled key refills the pads).
@@ -60,7 +105,7 @@ pub const BLOCKS_PER_SESSION: u64 = 1_000_000;
 pub const MAX_LINK_ID: usize = 128;
 /// Shortest bootstrap secret accepted.
 pub const MIN_BOOTSTRAP_BYTES: usize = 32;
-/// How long a peer may take to send its hello.
+/// How long Alice waits for each of Bob's handshake messages.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything both ends of a link agree on, plus Alice's optics.
@@ -365,10 +410,16 @@ impl Hello {
         let mut head = [0u8; 12 + 1 + 8 + 32 + 2];
         r.read_exact(&mut head)
             .map_err(|e| NetError::Peer(format!("link hello: {e}")))?;
-        if &head[..12] != MAGIC {
+        if head[..11] != MAGIC[..11] {
             return Err(NetError::Peer(
                 "not a qkdnet link connection (bad hello magic)".into(),
             ));
+        }
+        if head[11] != MAGIC[11] {
+            return Err(NetError::Peer(format!(
+                "link hello: protocol version {}, this node speaks {} (upgrade both ends)",
+                head[11], MAGIC[11]
+            )));
         }
         let kind = head[12];
         if kind != KIND_CLASSICAL && kind != KIND_QUANTUM {
@@ -407,6 +458,63 @@ fn random_u64() -> Result<u64, NetError> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| NetError::Io(std::io::Error::other(e.to_string())))?;
     Ok(u64::from_le_bytes(b))
+}
+
+/// The link's handshake MAC key `K` (module docs), derived from the
+/// bootstrap secret. Secret: zeroized on drop, never printed.
+#[derive(Clone)]
+struct HelloKey(Zeroizing<[u8; 32]>);
+
+/// What the handshake's tags cover (`T` in the module docs).
+#[derive(Clone)]
+struct Transcript {
+    link_id: String,
+    session: u64,
+    nonce_alice: [u8; 32],
+    nonce_bob: [u8; 32],
+}
+
+impl HelloKey {
+    fn derive(bootstrap: &[u8]) -> Result<HelloKey, NetError> {
+        if bootstrap.len() < MIN_BOOTSTRAP_BYTES {
+            return Err(NetError::Config(format!(
+                "bootstrap secret shorter than {MIN_BOOTSTRAP_BYTES} bytes"
+            )));
+        }
+        let mut k = Zeroizing::new([0u8; 32]);
+        qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, HELLO_KEY_INFO, &mut k[..])
+            .map_err(|e| NetError::Link(format!("handshake key derivation: {e}")))?;
+        Ok(HelloKey(k))
+    }
+
+    fn mac(&self, label: &[u8], t: &Transcript) -> HmacSm3 {
+        let mut m = HmacSm3::new(&self.0[..]);
+        m.update(label);
+        // Link IDs are at most MAX_LINK_ID bytes (the decoder's bound).
+        m.update(&(t.link_id.len() as u32).to_be_bytes());
+        m.update(t.link_id.as_bytes());
+        m.update(&t.session.to_be_bytes());
+        m.update(&t.nonce_alice);
+        m.update(&t.nonce_bob);
+        m
+    }
+
+    fn tag(&self, label: &[u8], t: &Transcript) -> [u8; PROOF_BYTES] {
+        self.mac(label, t).finalize()
+    }
+
+    /// Whether `tag` is the tag of `label` over `t`, compared in constant time.
+    fn verifies(&self, label: &[u8], t: &Transcript, tag: &[u8; PROOF_BYTES]) -> bool {
+        self.mac(label, t).verify(tag).is_ok()
+    }
+}
+
+/// Reads one handshake proof (a fixed [`PROOF_BYTES`] bytes).
+pub fn read_proof(r: &mut impl Read) -> Result<[u8; PROOF_BYTES], NetError> {
+    let mut p = [0u8; PROOF_BYTES];
+    r.read_exact(&mut p)
+        .map_err(|e| NetError::Peer(format!("link handshake proof: {e}")))?;
+    Ok(p)
 }
 
 /// The session's initial authentication pads (see the module doc).
@@ -471,6 +579,7 @@ pub fn alice_session(
             p.link_id
         )));
     }
+    let hello_key = HelloKey::derive(&p.bootstrap)?;
     let session = now_ms();
     let nonce = random_nonce()?;
     let hello = Hello {
@@ -485,24 +594,39 @@ pub fn alice_session(
     classical.write_all(&hello.encode())?;
     classical.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let reply = Hello::read(&mut classical)?;
-    classical.set_read_timeout(None)?;
     if !reply.is_classical() || reply.link_id != p.link_id || reply.session != session {
         return Err(NetError::Peer(format!(
             "link {}: Bob answered for link '{}' session {}",
             p.link_id, reply.link_id, reply.session
         )));
     }
+    let transcript = Transcript {
+        link_id: p.link_id.clone(),
+        session,
+        nonce_alice: nonce,
+        nonce_bob: reply.nonce,
+    };
+    classical.write_all(&hello_key.tag(LABEL_ALICE, &transcript))?;
+    let bob_proof = read_proof(&mut classical)?;
+    if !hello_key.verifies(LABEL_BOB, &transcript, &bob_proof) {
+        return Err(NetError::Peer(format!(
+            "link {}: Bob's handshake proof does not verify (not the peer holding this link's secret)",
+            p.link_id
+        )));
+    }
+    classical.set_read_timeout(None)?;
     let key = session_key(&p.bootstrap, &p.link_id, session, &nonce, &reply.nonce)?;
 
     let mut quantum = TcpStream::connect_timeout(&peer, Duration::from_secs(3))?;
     stop.register(&quantum);
-    quantum.write_all(
-        &Hello {
-            kind: KIND_QUANTUM,
-            ..hello
-        }
-        .encode(),
-    )?;
+    let mut quantum_hello = Hello {
+        kind: KIND_QUANTUM,
+        ..hello
+    }
+    .encode();
+    quantum_hello.extend_from_slice(&hello_key.tag(LABEL_QUANTUM, &transcript));
+    quantum.write_all(&quantum_hello)?;
+    drop(hello_key);
 
     let seed = match p.seed {
         Some(s) => s,
@@ -620,51 +744,182 @@ pub fn alice_session(
     }
 }
 
-/// Bob's answer to Alice's classical hello; returns Bob's nonce for [`bob_session`].
+/// Bob's side of a classical handshake after his reply: the peer has proven
+/// nothing yet, so nothing may change on its account.
+pub struct BobHandshake {
+    hello: Hello,
+    nonce_bob: [u8; 32],
+    key: HelloKey,
+}
+
+/// A classical connection whose peer proved knowledge of the link's
+/// bootstrap secret ([`BobHandshake::read_alice_proof`] is the only way to
+/// make one).
+pub struct BobAuthenticated {
+    transcript: Transcript,
+    key: HelloKey,
+}
+
+/// Admits the quantum connection of one authenticated session: the hello must
+/// name the session and carry its quantum tag.
+#[derive(Clone)]
+pub struct QuantumGate {
+    transcript: Transcript,
+    key: HelloKey,
+}
+
+/// A quantum connection that passed its session's [`QuantumGate`].
+pub struct QuantumStream {
+    stream: TcpStream,
+    session: u64,
+    nonce_bob: [u8; 32],
+}
+
+/// Bob's answer to Alice's classical hello: his own hello with a fresh nonce.
+/// The hello must be a classical one for this link.
 pub fn bob_reply(
     p: &LinkParams,
-    classical: &mut TcpStream,
-    hello: &Hello,
-) -> Result<[u8; 32], NetError> {
-    let nonce = random_nonce()?;
-    classical.set_nodelay(true)?;
+    classical: &mut impl Write,
+    hello: Hello,
+) -> Result<BobHandshake, NetError> {
+    if !hello.is_classical() || hello.link_id != p.link_id {
+        return Err(NetError::Peer(format!(
+            "link {}: a classical handshake needs a classical hello for this link",
+            p.link_id
+        )));
+    }
+    let key = HelloKey::derive(&p.bootstrap)?;
+    let nonce_bob = random_nonce()?;
     classical.write_all(
         &Hello {
             kind: KIND_CLASSICAL,
             session: hello.session,
-            nonce,
+            nonce: nonce_bob,
             link_id: p.link_id.clone(),
         }
         .encode(),
     )?;
-    Ok(nonce)
+    classical.flush()?;
+    Ok(BobHandshake {
+        hello,
+        nonce_bob,
+        key,
+    })
 }
 
-/// Bob's side of one session, on a classical connection whose hello was read
-/// and answered ([`bob_reply`]). `quantum` is the session's quantum connection
-/// (matched by the caller on session number and Alice's nonce). Runs until
-/// Alice closes the emulated fibre and every block has ended, or the stop
-/// signal fires.
-#[allow(clippy::too_many_arguments)]
+impl BobHandshake {
+    /// The peer's hello.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Reads Alice's proof and checks it in constant time.
+    pub fn read_alice_proof(self, r: &mut impl Read) -> Result<BobAuthenticated, NetError> {
+        let proof = read_proof(r)?;
+        let transcript = Transcript {
+            link_id: self.hello.link_id,
+            session: self.hello.session,
+            nonce_alice: self.hello.nonce,
+            nonce_bob: self.nonce_bob,
+        };
+        if !self.key.verifies(LABEL_ALICE, &transcript, &proof) {
+            return Err(NetError::Peer(format!(
+                "link '{}': session handshake proof does not verify",
+                transcript.link_id
+            )));
+        }
+        Ok(BobAuthenticated {
+            transcript,
+            key: self.key,
+        })
+    }
+}
+
+impl BobAuthenticated {
+    /// The link.
+    pub fn link_id(&self) -> &str {
+        &self.transcript.link_id
+    }
+
+    /// The session number.
+    pub fn session(&self) -> u64 {
+        self.transcript.session
+    }
+
+    /// Sends Bob's proof to Alice.
+    pub fn send_proof(&self, w: &mut impl Write) -> Result<(), NetError> {
+        w.write_all(&self.key.tag(LABEL_BOB, &self.transcript))?;
+        w.flush()?;
+        Ok(())
+    }
+
+    /// The check this session's quantum connection must pass.
+    pub fn quantum_gate(&self) -> QuantumGate {
+        QuantumGate {
+            transcript: self.transcript.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl QuantumGate {
+    /// Admits `stream` if its hello names this session and `tag` is the
+    /// session's quantum tag (compared in constant time).
+    pub fn admit(
+        &self,
+        hello: &Hello,
+        tag: &[u8; PROOF_BYTES],
+        stream: TcpStream,
+    ) -> Result<QuantumStream, NetError> {
+        let t = &self.transcript;
+        if hello.kind != KIND_QUANTUM
+            || hello.link_id != t.link_id
+            || hello.session != t.session
+            || hello.nonce != t.nonce_alice
+            || !self.key.verifies(LABEL_QUANTUM, t, tag)
+        {
+            return Err(NetError::Peer(format!(
+                "link '{}': quantum connection does not authenticate for session {}",
+                t.link_id, t.session
+            )));
+        }
+        Ok(QuantumStream {
+            stream,
+            session: t.session,
+            nonce_bob: t.nonce_bob,
+        })
+    }
+}
+
+/// Bob's side of one session, on a classical connection whose handshake
+/// authenticated ([`BobHandshake::read_alice_proof`]) and the session's
+/// quantum connection ([`QuantumGate::admit`]). Runs until Alice closes the
+/// emulated fibre and every block has ended, or the stop signal fires.
 pub fn bob_session(
     p: &LinkParams,
+    auth: BobAuthenticated,
     classical: TcpStream,
-    hello: &Hello,
-    nonce: [u8; 32],
-    quantum: TcpStream,
+    quantum: QuantumStream,
     stop: &Arc<Stop>,
     stats: &Arc<LinkStats>,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<SessionEnd, NetError> {
+    let t = &auth.transcript;
+    if quantum.session != t.session || quantum.nonce_bob != t.nonce_bob || t.link_id != p.link_id {
+        return Err(NetError::Link(
+            "bob_session: the quantum connection is not this session's".into(),
+        ));
+    }
+    let quantum = quantum.stream;
     let block_gates = p.block_gates.max(1);
     stop.register(&classical);
     stop.register(&quantum);
     let key = session_key(
         &p.bootstrap,
         &p.link_id,
-        hello.session,
-        &hello.nonce,
-        &nonce,
+        t.session,
+        &t.nonce_alice,
+        &t.nonce_bob,
     )?;
     let seed = match p.seed {
         Some(s) => s.rotate_left(17) ^ 0xB0B,
@@ -674,7 +929,8 @@ pub fn bob_session(
     drop(key);
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.up.store(1, Ordering::Relaxed);
-    let session = hello.session;
+    let session = t.session;
+    drop(auth);
     // The emulated fibre is read on its own thread, so Bob keeps serving the
     // blocks in flight while the next block's detections are on their way.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<quantum::QuantumFrame, NetError>>(2);
@@ -740,4 +996,158 @@ pub fn bob_session(
         stats.set_error(&e.to_string());
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(secret: u8) -> LinkParams {
+        let link = qkdnet_optics::preset::get("metro-1ghz").expect("preset");
+        LinkParams {
+            link_id: "core-north".into(),
+            link,
+            eve: Eve::parse("none").expect("eve"),
+            proto: ProtocolConfig::default(),
+            block_gates: 1,
+            window: 1,
+            bootstrap: Arc::new(Zeroizing::new(vec![secret; 256])),
+            seed: Some(1),
+            pass: None,
+        }
+    }
+
+    fn alice_hello(session: u64) -> Hello {
+        Hello {
+            kind: KIND_CLASSICAL,
+            session,
+            nonce: [0xA1; 32],
+            link_id: "core-north".into(),
+        }
+    }
+
+    /// Bob's reply to `hello`, and the transcript both proofs cover.
+    fn handshake(p: &LinkParams, hello: Hello) -> (BobHandshake, Transcript) {
+        let mut wire = Vec::new();
+        let hs = bob_reply(p, &mut wire, hello.clone()).expect("reply");
+        let reply = Hello::read(&mut &wire[..]).expect("Bob's reply parses");
+        assert_eq!(reply.session, hello.session);
+        assert_eq!(reply.link_id, hello.link_id);
+        let t = Transcript {
+            link_id: hello.link_id,
+            session: hello.session,
+            nonce_alice: hello.nonce,
+            nonce_bob: reply.nonce,
+        };
+        (hs, t)
+    }
+
+    fn loopback() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        (a, b)
+    }
+
+    #[test]
+    fn alice_proof_authenticates_and_bob_proves_himself() {
+        let p = params(7);
+        let (hs, t) = handshake(&p, alice_hello(42));
+        let k = HelloKey::derive(&p.bootstrap).expect("key");
+        let auth = hs
+            .read_alice_proof(&mut &k.tag(LABEL_ALICE, &t)[..])
+            .expect("Alice's proof verifies");
+        assert_eq!((auth.link_id(), auth.session()), ("core-north", 42));
+        let mut bob_proof = Vec::new();
+        auth.send_proof(&mut bob_proof).expect("send");
+        let bob_proof: [u8; PROOF_BYTES] = bob_proof.try_into().expect("one proof");
+        assert!(k.verifies(LABEL_BOB, &t, &bob_proof));
+        assert!(!k.verifies(LABEL_ALICE, &t, &bob_proof));
+    }
+
+    #[test]
+    fn wrong_secret_reflected_or_replayed_proofs_are_refused() {
+        let p = params(7);
+        let k = HelloKey::derive(&p.bootstrap).expect("key");
+        let wrong = HelloKey::derive(&params(8).bootstrap).expect("key");
+        // A proof under another secret.
+        let (hs, t) = handshake(&p, alice_hello(42));
+        assert!(
+            hs.read_alice_proof(&mut &wrong.tag(LABEL_ALICE, &t)[..])
+                .is_err()
+        );
+        // Bob's own proof reflected back as Alice's.
+        let (hs, t) = handshake(&p, alice_hello(42));
+        assert!(hs.read_alice_proof(&mut &k.tag(LABEL_BOB, &t)[..]).is_err());
+        // A proof recorded from an earlier handshake: Bob's nonce is fresh.
+        let (_, old) = handshake(&p, alice_hello(42));
+        let (hs, _) = handshake(&p, alice_hello(42));
+        assert!(
+            hs.read_alice_proof(&mut &k.tag(LABEL_ALICE, &old)[..])
+                .is_err()
+        );
+        // A proof cut short.
+        let (hs, t) = handshake(&p, alice_hello(42));
+        assert!(
+            hs.read_alice_proof(&mut &k.tag(LABEL_ALICE, &t)[..31])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bob_answers_only_classical_hellos_for_his_link() {
+        let p = params(7);
+        let mut other = alice_hello(1);
+        other.link_id = "core-south".into();
+        assert!(bob_reply(&p, &mut Vec::new(), other).is_err());
+        let mut quantum = alice_hello(1);
+        quantum.kind = KIND_QUANTUM;
+        assert!(bob_reply(&p, &mut Vec::new(), quantum).is_err());
+    }
+
+    #[test]
+    fn the_quantum_connection_needs_its_sessions_tag() {
+        let p = params(7);
+        let k = HelloKey::derive(&p.bootstrap).expect("key");
+        let (hs, t) = handshake(&p, alice_hello(42));
+        let auth = hs
+            .read_alice_proof(&mut &k.tag(LABEL_ALICE, &t)[..])
+            .expect("auth");
+        let gate = auth.quantum_gate();
+        let q = Hello {
+            kind: KIND_QUANTUM,
+            ..alice_hello(42)
+        };
+        let (_keep, s) = loopback();
+        // Alice's classical proof is not a quantum tag.
+        assert!(gate.admit(&q, &k.tag(LABEL_ALICE, &t), s).is_err());
+        let (_keep, s) = loopback();
+        // Another session's hello with this session's tag.
+        let other = Hello {
+            session: 43,
+            ..q.clone()
+        };
+        assert!(gate.admit(&other, &k.tag(LABEL_QUANTUM, &t), s).is_err());
+        let (_keep, s) = loopback();
+        // A classical hello.
+        assert!(
+            gate.admit(&alice_hello(42), &k.tag(LABEL_QUANTUM, &t), s)
+                .is_err()
+        );
+        let (_keep, s) = loopback();
+        assert!(gate.admit(&q, &k.tag(LABEL_QUANTUM, &t), s).is_ok());
+    }
+
+    #[test]
+    fn a_hello_of_another_protocol_version_says_so() {
+        let mut wire = alice_hello(1).encode();
+        assert!(Hello::read(&mut &wire[..]).is_ok());
+        wire[11] = 1;
+        match Hello::read(&mut &wire[..]) {
+            Err(NetError::Peer(m)) => assert!(m.contains("protocol version 1"), "{m}"),
+            r => panic!("expected a version error, got {r:?}"),
+        }
+        wire[0] = b'X';
+        assert!(Hello::read(&mut &wire[..]).is_err());
+    }
 }
