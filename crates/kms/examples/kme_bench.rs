@@ -233,6 +233,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             relay_attempts: 3,
             stock_keys: args.stock,
             link_state_interval_ms: 1000,
+            connections: Default::default(),
         }
     };
     let a = launch_with_tls(

@@ -38,6 +38,13 @@
 //! max_key_count = 1000000
 //! max_body_bytes = 262144
 //!
+//! [connections]                    # all optional; these are the defaults
+//! max_connections = 4096           # all callers together
+//! max_connections_per_sae = 32
+//! max_connections_per_kme = 512
+//! body_timeout_ms = 10000          # a request body must arrive within this
+//! idle_timeout_ms = 120000         # silent connections are closed
+//!
 //! [[peer]]
 //! kme_id = "kme-b"
 //! url = "https://127.0.0.1:8444"
@@ -70,7 +77,7 @@ use crate::error::KmsError;
 use crate::etsi::Limits;
 use crate::ids::{KmeId, SaeId};
 use crate::peer::PeerClient;
-use crate::server::{ServerHandle, serve};
+use crate::server::{ServerHandle, serve_with};
 use crate::service::{Kme, KmeSettings};
 use crate::store::postgres::{PostgresOptions, PostgresStore, PostgresUrl, SchemaName};
 use crate::store::sqlite::{Durability, SqliteStore};
@@ -278,6 +285,9 @@ pub struct KmeConfig {
     /// How often the neighbours' link state (key available per link) is polled, ms.
     #[serde(default = "default_link_state_ms")]
     pub link_state_interval_ms: u64,
+    /// Connection limits and timeouts (`[connections]`).
+    #[serde(default)]
+    pub connections: crate::server::ConnectionLimits,
 }
 
 fn default_relay_attempts() -> u32 {
@@ -454,10 +464,11 @@ pub async fn launch_with_tls(
         Some(l) => l,
         None => tokio::net::TcpListener::bind(cfg.listen).await?,
     };
-    let server = serve(
+    let server = serve_with(
         kme.clone(),
         server_config(&tls, cfg.tls.key_exchange)?,
         listener,
+        cfg.connections,
     )?;
     let link_state = crate::relay::spawn_link_state(
         &kme,

@@ -166,6 +166,7 @@ impl Mesh {
                 relay_attempts: 3,
                 stock_keys: 0,
                 link_state_interval_ms: opts.link_state_interval_ms,
+                connections: Default::default(),
             });
             tls.push(ca.material(&Identity::Kme(kme_id(i)?), &[])?);
         }

@@ -57,11 +57,67 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 /// Longest time a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what clients may hold of a KME: connections and time.
+///
+/// A client that trickles its request, or simply keeps connections open, must not
+/// exhaust the KME for everyone else. Every connection counts against
+/// `max_connections` from accept; once its TLS handshake names the caller, also
+/// against that caller's `max_connections_per_sae` (SAEs) or
+/// `max_connections_per_kme` (peer KMEs, which multiplex relays). A connection
+/// over a limit is closed at once. A request body must arrive whole within
+/// `body_timeout_ms` (answered 400 otherwise), request headers within 10 s, and a
+/// connection with no traffic for `idle_timeout_ms` is closed (after any request
+/// in progress is answered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionLimits {
+    /// Open connections, all callers together.
+    pub max_connections: usize,
+    /// Open connections of one SAE.
+    pub max_connections_per_sae: usize,
+    /// Open connections of one peer KME.
+    pub max_connections_per_kme: usize,
+    /// Time to receive a whole request body, ms.
+    pub body_timeout_ms: u64,
+    /// Time without any traffic after which a connection is closed, ms.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_sae: 32,
+            max_connections_per_kme: 512,
+            body_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Checks that every limit is usable.
+    pub fn check(&self) -> Result<(), KmsError> {
+        if self.max_connections == 0
+            || self.max_connections_per_sae == 0
+            || self.max_connections_per_kme == 0
+            || self.body_timeout_ms == 0
+            || self.idle_timeout_ms == 0
+        {
+            return Err(KmsError::Config(
+                "connections: every limit and timeout must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 struct AppState {
     kme: Arc<Kme>,
+    body_timeout: Duration,
 }
 
 type Caller = Extension<Identity>;
@@ -75,6 +131,7 @@ async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    timeout: Duration,
 ) -> Result<axum::body::Bytes, ApiError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("");
@@ -85,22 +142,28 @@ async fn read_body(
             )));
         }
     }
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError(KmsError::BadRequest(format!(
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(ApiError(KmsError::BadRequest(format!(
             "request body unreadable or larger than {limit} bytes"
-        )))
-    })
+        )))),
+        Err(_) => Err(ApiError(KmsError::BadRequest(format!(
+            "request body not received within {} ms",
+            timeout.as_millis()
+        )))),
+    }
 }
 
 /// Reads a KME-to-KME JSON body of at most `limit` bytes; a malformed one is a
 /// 400 naming `what`.
 async fn read_json<T: serde::de::DeserializeOwned>(
+    s: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     what: &str,
 ) -> Result<T, ApiError> {
-    let bytes = read_body(headers, body, limit).await?;
+    let bytes = read_body(headers, body, limit, s.body_timeout).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError(KmsError::BadRequest(format!("malformed {what}: {e}"))))
 }
@@ -176,7 +239,13 @@ async fn enc_keys_post(
 ) -> Response {
     let r = async {
         let slave = path_id(p)?;
-        let bytes = read_body(&headers, body, s.kme.limits().max_body_bytes).await?;
+        let bytes = read_body(
+            &headers,
+            body,
+            s.kme.limits().max_body_bytes,
+            s.body_timeout,
+        )
+        .await?;
         let req = etsi::decode_key_request(&bytes)?;
         enc_keys(&s, &who, slave, req).await
     };
@@ -217,7 +286,13 @@ async fn dec_keys_post(
 ) -> Response {
     let r = async {
         let master = path_id(p)?;
-        let bytes = read_body(&headers, body, s.kme.limits().max_body_bytes).await?;
+        let bytes = read_body(
+            &headers,
+            body,
+            s.kme.limits().max_body_bytes,
+            s.body_timeout,
+        )
+        .await?;
         let ids = etsi::decode_key_ids(&bytes)?.validate(s.kme.limits())?;
         Ok::<_, ApiError>(ok_json(&s.kme.dec_keys(&who, &master, ids).await?))
     };
@@ -241,7 +316,7 @@ async fn ext_keys(
 ) -> Response {
     let r = async {
         let msg: ExtKeysReserve =
-            read_json(&headers, body, peer_body_limit(&s.kme), "reservation").await?;
+            read_json(&s, &headers, body, peer_body_limit(&s.kme), "reservation").await?;
         let request_id = msg.request_ID;
         s.kme.peer_reserve(&who, msg).await?;
         Ok::<_, ApiError>(ok_json(&ExtKeysAck {
@@ -259,7 +334,7 @@ async fn ext_keys_void(
     body: Body,
 ) -> Response {
     let r = async {
-        let msg: ExtKeysVoid = read_json(&headers, body, 4096, "void").await?;
+        let msg: ExtKeysVoid = read_json(&s, &headers, body, 4096, "void").await?;
         Ok::<_, ApiError>(ok_json(&s.kme.peer_void(&who, msg.request_ID).await?))
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
@@ -283,7 +358,7 @@ async fn relay(
 ) -> Response {
     let r = async {
         let msg: RelayForward =
-            read_json(&headers, body, relay_body_limit(&s.kme), "relay").await?;
+            read_json(&s, &headers, body, relay_body_limit(&s.kme), "relay").await?;
         let request_id = msg.request_ID;
         // Run to the end even if the caller goes away (as for enc_keys): a hop
         // abandoned halfway would leave its reservation pending until a restart.
@@ -307,7 +382,7 @@ async fn relay_void(
 ) -> Response {
     let r = async {
         let limit = crate::relay::MAX_ROUTE_LEN * 70 + 4096;
-        let msg: RelayVoid = read_json(&headers, body, limit, "relay void").await?;
+        let msg: RelayVoid = read_json(&s, &headers, body, limit, "relay void").await?;
         Ok::<_, ApiError>(ok_json(&s.kme.peer_relay_void(&who, msg).await?))
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
@@ -364,6 +439,13 @@ async fn bad_method() -> Response {
 
 /// The router (without TLS). Requests must carry an [`Identity`] extension.
 pub fn router(kme: Arc<Kme>) -> Router {
+    router_with(
+        kme,
+        Duration::from_millis(ConnectionLimits::default().body_timeout_ms),
+    )
+}
+
+fn router_with(kme: Arc<Kme>, body_timeout: Duration) -> Router {
     Router::new()
         .route("/api/v1/keys/{slave}/status", get(status))
         .route(
@@ -382,7 +464,7 @@ pub fn router(kme: Arc<Kme>) -> Router {
         .route(LSDB_PATH, get(link_state))
         .fallback(not_found)
         .method_not_allowed_fallback(bad_method)
-        .with_state(AppState { kme })
+        .with_state(AppState { kme, body_timeout })
 }
 
 /// A running HTTPS server. Dropping it (or [`ServerHandle::shutdown`]) stops the
@@ -418,15 +500,106 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Serves `kme` on `listener` with mutual TLS `tls`.
+/// Serves `kme` on `listener` with mutual TLS `tls` and the default
+/// [`ConnectionLimits`].
 pub fn serve(
     kme: Arc<Kme>,
     tls: Arc<ServerConfig>,
     listener: TcpListener,
 ) -> Result<ServerHandle, KmsError> {
+    serve_with(kme, tls, listener, ConnectionLimits::default())
+}
+
+/// Open connections: all together and per caller.
+struct Gate {
+    limits: ConnectionLimits,
+    open: std::sync::atomic::AtomicUsize,
+    per_caller: std::sync::Mutex<std::collections::HashMap<Identity, usize>>,
+    refusals: std::sync::atomic::AtomicU64,
+}
+
+/// One connection's place in the [`Gate`]; given back on drop.
+struct Ticket {
+    gate: Arc<Gate>,
+    caller: Option<Identity>,
+}
+
+impl Gate {
+    fn enter(self: &Arc<Self>) -> Option<Ticket> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let prev = self.open.fetch_add(1, SeqCst);
+        let t = Ticket {
+            gate: self.clone(),
+            caller: None,
+        };
+        (prev < self.limits.max_connections).then_some(t)
+    }
+
+    /// Counts the connection against `caller`'s own limit.
+    fn admit(&self, t: &mut Ticket, caller: &Identity) -> bool {
+        let cap = match caller {
+            Identity::Sae(_) => self.limits.max_connections_per_sae,
+            Identity::Kme(_) => self.limits.max_connections_per_kme,
+        };
+        let Ok(mut m) = self.per_caller.lock() else {
+            return false;
+        };
+        let n = m.entry(caller.clone()).or_insert(0);
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        t.caller = Some(caller.clone());
+        true
+    }
+
+    /// Logs refusals sparsely (1st, 2nd, 4th, 8th…): a flood must not flood the log.
+    fn refused(&self, why: &str, caller: Option<&Identity>) {
+        let n = self
+            .refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(refusals = n, ?caller, "connection closed: {why}");
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gate
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(c) = self.caller.take() {
+            if let Ok(mut m) = self.gate.per_caller.lock() {
+                if let Some(n) = m.get_mut(&c) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves `kme` on `listener` with mutual TLS `tls` within `limits`.
+pub fn serve_with(
+    kme: Arc<Kme>,
+    tls: Arc<ServerConfig>,
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> Result<ServerHandle, KmsError> {
+    limits.check()?;
     let local_addr = listener.local_addr()?;
-    let app = router(kme);
+    let app = router_with(kme, Duration::from_millis(limits.body_timeout_ms));
     let acceptor = TlsAcceptor::from(tls);
+    let gate = Arc::new(Gate {
+        limits,
+        open: std::sync::atomic::AtomicUsize::new(0),
+        per_caller: std::sync::Mutex::new(std::collections::HashMap::new()),
+        refusals: std::sync::atomic::AtomicU64::new(0),
+    });
     let (stop, mut stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -443,8 +616,13 @@ pub fn serve(
                             continue;
                         }
                     };
+                    let Some(ticket) = gate.enter() else {
+                        gate.refused("too many connections", None);
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
-                    conns.spawn(connection(acceptor.clone(), tcp, app.clone()));
+                    conns.spawn(connection(acceptor.clone(), tcp, app.clone(), ticket));
                     while conns.try_join_next().is_some() {}
                 }
             }
@@ -459,7 +637,12 @@ pub fn serve(
     })
 }
 
-async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, app: Router) {
+async fn connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    app: Router,
+    mut ticket: Ticket,
+) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -482,16 +665,126 @@ async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, app: Rout
         }
         None => return,
     };
+    let gate = ticket.gate.clone();
+    if !gate.admit(&mut ticket, &identity) {
+        gate.refused("too many connections of this caller", Some(&identity));
+        return;
+    }
+    let idle = Duration::from_millis(gate.limits.idle_timeout_ms);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(identity.clone());
         app.clone().oneshot(req)
     });
+    let (io, last) = Activity::wrap(tls);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(tls), svc);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "connection ended with an error");
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    // Close a connection that has been silent for `idle` (graceful: a request
+    // being served is answered first).
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep(idle / 4), if !closing => {
+                if last.elapsed() >= idle {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+    drop(ticket);
+}
+
+/// An I/O stream that records when bytes last moved in either direction.
+struct Activity<T> {
+    inner: T,
+    last: Arc<LastActivity>,
+}
+
+/// Time of the last read or write, in ms since the connection began.
+struct LastActivity {
+    start: std::time::Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl LastActivity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Duration {
+        let at = self.ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(at))
+    }
+}
+
+impl<T> Activity<T> {
+    fn wrap(inner: T) -> (Self, Arc<LastActivity>) {
+        let last = Arc::new(LastActivity {
+            start: std::time::Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        });
+        (
+            Self {
+                inner,
+                last: last.clone(),
+            },
+            last,
+        )
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.last.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

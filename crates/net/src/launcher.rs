@@ -341,6 +341,7 @@ pub fn prepare(
                 relay_attempts: 3,
                 stock_keys: qkdnet_kms::config::default_stock_keys(),
                 link_state_interval_ms: 1000,
+                connections: Default::default(),
             },
             links,
         };

@@ -142,6 +142,7 @@ fn config(
         relay_attempts: 3,
         stock_keys: 0,
         link_state_interval_ms: 1000,
+        connections: Default::default(),
     }
 }
 
