@@ -2,7 +2,9 @@
 //! `qkdnet kme serve` processes with certificates from `qkdnet pki`:
 //! - `etsi-qkd-014-client` gets keys at KME A (enc_keys, GET and POST forms) and
 //!   the same keys by ID at KME B (dec_keys);
-//! - `qkdsec doctor` probes KME A as the master SAE, the slave being on KME B.
+//! - `qkdsec doctor` probes KME A as the master SAE, the slave being on KME B;
+//! - `schemathesis` (`st run`) drives KME A from its served OpenAPI document and
+//!   finds no request the document and the server disagree on.
 //!
 //! Skips (printing `SKIPPED:`) only when pip cannot reach PyPI. The KMEs allow
 //! classical key exchange for these clients (OpenSSL 3.0 has no X25519MLKEM768);
@@ -46,7 +48,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(dir: &Path, me: &str, port: u16, peer: &str, peer_port: u16) -> PathBuf {
+fn config(dir: &Path, me: &str, port: u16, peer: (&str, u16), blocks: (u32, u32)) -> PathBuf {
+    let (blocks, block_bytes) = blocks;
+    let (peer, peer_port) = peer;
     let text = format!(
         r#"kme_id = "{me}"
 listen = "127.0.0.1:{port}"
@@ -71,8 +75,8 @@ kme = "kme-b"
 seeded = 2024
 peer = "{peer}"
 link = "a-b"
-blocks = 4
-block_bytes = 4096
+blocks = {blocks}
+block_bytes = {block_bytes}
 "#
     );
     let p = dir.join(format!("{me}.toml"));
@@ -166,6 +170,11 @@ impl Network {
     /// Issues the certificates and starts both KMEs; `name` keeps the
     /// directories of concurrent tests apart.
     fn start(name: &str) -> Self {
+        Self::start_with(name, (4, 4096))
+    }
+
+    /// [`Network::start`] with (count, bytes) test blocks per KME.
+    fn start_with(name: &str, blocks: (u32, u32)) -> Self {
         let dir = std::env::temp_dir().join(format!("qkdnet-kme-py-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -180,8 +189,8 @@ impl Network {
             qkdnet(&["pki", "issue", "--dir", &pki, flag, id]);
         }
         let (port_a, port_b) = (free_port(), free_port());
-        let a = serve(&config(&dir, "kme-a", port_a, "kme-b", port_b));
-        let b = serve(&config(&dir, "kme-b", port_b, "kme-a", port_a));
+        let a = serve(&config(&dir, "kme-a", port_a, ("kme-b", port_b), blocks));
+        let b = serve(&config(&dir, "kme-b", port_b, ("kme-a", port_a), blocks));
         Network {
             dir,
             pki,
@@ -340,5 +349,112 @@ fn qkdsec_doctor_probes() {
     assert_eq!(report["counts"]["fail"], 1, "{report}");
     assert_eq!(report["counts"]["warn"], 1, "{report}");
     assert_eq!(report["passed"], false);
+    net.remove();
+}
+
+/// Fetches KME A's served OpenAPI document and writes two copies: as served, and
+/// with the path IDs narrowed to the one pair whose keys exist (`bob`) and no
+/// mandatory multipath, so that every schema-valid status and enc_keys request is
+/// one the KME must accept.
+const FETCH_SCHEMA: &str = r#"
+import json, sys, requests
+pki, url, out = sys.argv[1], sys.argv[2], sys.argv[3]
+doc = requests.get(f"{url}/api/v1/openapi.json", cert=(f"{pki}/sae-alice.pem", f"{pki}/sae-alice.key"),
+                   verify=f"{pki}/ca.pem", timeout=30).json()
+json.dump(doc, open(f"{out}/served.json", "w"))
+for path, ops in doc["paths"].items():
+    for op in ops.values():
+        for p in op.get("parameters", []):
+            if p["in"] == "path":
+                p["schema"] = {"type": "string", "enum": ["bob"]}
+# Two KMEs have no two node-disjoint routes: a *mandatory* multipath request is
+# rightly answered 503 here, so this run asks for it only optionally.
+kr = doc["components"]["schemas"]["KeyRequest"]["properties"]
+kr["extension_mandatory"]["items"]["properties"]["qkdnet_multipath"]["enum"] = [1]
+json.dump(doc, open(f"{out}/pair.json", "w"))
+"#;
+
+/// `st run` against KME A as alice, bounded in examples; returns its output.
+fn schemathesis(net: &Network, schema: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(root().join(".venv/bin/st"))
+        .arg("run")
+        .arg(schema)
+        .args([
+            "--url",
+            &format!("https://localhost:{}", net.port_a),
+            "--request-cert",
+            &net.pki_file("sae-alice.pem"),
+            "--request-cert-key",
+            &net.pki_file("sae-alice.key"),
+            "--tls-verify",
+            &net.pki_file("ca.pem"),
+            "--max-examples",
+            "40",
+            "--checks",
+            "all",
+            "--generation-deterministic",
+            "--workers",
+            "1",
+            "--no-color",
+        ])
+        .args(extra)
+        .output()
+        .expect("run st");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Issue #18 finding 6: the served document is exactly as strict as the server.
+/// Two runs: (1) every operation, every check but "schema-valid data is
+/// accepted" (whether an SAE or a key ID *exists* is not a property of the
+/// schema); (2) status and enc_keys for the pair that has keys, with that check
+/// too, so a document looser than the server (the old `number` minimum 0, no
+/// size bounds) fails here.
+#[test]
+fn schemathesis_finds_no_disagreement_between_the_document_and_the_server() {
+    if let Err(why) = python_env() {
+        println!("SKIPPED: pip could not reach PyPI: {why}");
+        return;
+    }
+    // Enough test key that no generated request runs the pool dry (a 503).
+    let net = Network::start_with("schemathesis", (64, 1 << 17));
+    let out = Command::new(root().join(".venv/bin/python"))
+        .args([
+            "-c",
+            FETCH_SCHEMA,
+            &net.pki,
+            &format!("https://localhost:{}", net.port_a),
+            net.dir.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "fetching the document: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, text) = schemathesis(
+        &net,
+        &net.dir.join("served.json"),
+        &["--exclude-checks", "positive_data_acceptance"],
+    );
+    println!(
+        "{}",
+        text.lines().rev().take(6).collect::<Vec<_>>().join("\n")
+    );
+    assert!(ok, "schemathesis (all operations):\n{text}");
+    let (ok, text) = schemathesis(
+        &net,
+        &net.dir.join("pair.json"),
+        &["--include-path-regex", "(status|enc_keys)$"],
+    );
+    assert!(
+        ok,
+        "schemathesis (status, enc_keys, schema-valid accepted):\n{text}"
+    );
     net.remove();
 }

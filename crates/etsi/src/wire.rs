@@ -111,10 +111,18 @@ pub struct Status {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyRequest {
     /// Number of keys (default 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integral"
+    )]
     pub number: Option<u64>,
     /// Key size in bits (default `key_size`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integral"
+    )]
     pub size: Option<u64>,
     /// Additional slave SAEs (multicast); qkdnet advertises `max_SAE_ID_count: 0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +135,27 @@ pub struct KeyRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub extension_optional: Option<Vec<Map<String, Value>>>,
+}
+
+/// An optional non-negative integer as JSON Schema and ETSI's OpenAPI mean
+/// "integer": `2400` and `2400.0` alike (a number whose fraction is zero), but not
+/// `2400.5`, a negative number, a string, or anything beyond `u64`.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    let v = Option::<serde_json::Number>::deserialize(d)?;
+    let Some(n) = v else { return Ok(None) };
+    if let Some(u) = n.as_u64() {
+        return Ok(Some(u));
+    }
+    match n.as_f64() {
+        // 2^64 as f64 is exact; anything below it with no fraction fits a u64.
+        Some(f) if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
+            Ok(Some(f as u64))
+        }
+        _ => Err(D::Error::custom(format!(
+            "invalid value {n}, expected a non-negative integer"
+        ))),
+    }
 }
 
 /// One key in a key container (ETSI GS QKD 014 Table 11).
@@ -506,6 +535,14 @@ mod tests {
     }
 
     #[test]
+    fn integral_floats_are_integers() {
+        let r = decode_key_request(br#"{"number":2.0,"size":2400.0}"#).expect("integers");
+        assert_eq!((r.number, r.size), (Some(2), Some(2400)));
+        let r = decode_key_request(br#"{"number":null}"#).expect("null is absent");
+        assert_eq!(r.number, None);
+    }
+
+    #[test]
     fn size_not_multiple_of_8() {
         let l = Limits::default();
         let e = decode_key_request(br#"{"size":260}"#)
@@ -584,6 +621,8 @@ mod tests {
             b"[]",
             br#"{"number":-1}"#,
             br#"{"number":1.5}"#,
+            br#"{"number":-1.0}"#,
+            br#"{"number":1e300}"#,
             br#"{"number":"1"}"#,
         ] {
             assert!(

@@ -415,15 +415,103 @@ async fn link_state(State(s): State<AppState>, Extension(who): Caller) -> Respon
 )]
 struct ApiDoc;
 
-/// The OpenAPI document of the ETSI API, as JSON text.
-pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|_| "{}".to_owned())
+/// The OpenAPI document of the ETSI API for a KME with `limits`, as JSON text.
+///
+/// utoipa derives the structure from the code; the bounds that depend on the
+/// KME's configured limits, and the formats serde cannot express (UUIDs, the ID
+/// alphabet, base64), are then written in, so that the document accepts exactly
+/// what the server accepts: a schema-driven client (schemathesis, in the test
+/// suite) finds no request the document allows and the server refuses, nor the
+/// reverse.
+pub fn openapi_json(limits: &etsi::Limits) -> String {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    tighten(&mut doc, limits);
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".to_owned())
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+/// Writes the limits and formats into the generated document (see
+/// [`openapi_json`]).
+fn tighten(doc: &mut serde_json::Value, l: &etsi::Limits) {
+    use serde_json::json;
+    let number = json!({"minimum": 1, "maximum": l.max_key_per_request});
+    let size = json!({"minimum": l.min_key_size, "maximum": l.max_key_size, "multipleOf": 8});
+    let uuid = json!({"format": "uuid", "minLength": 36, "maxLength": 36});
+    let id = json!({"pattern": "^[A-Za-z0-9._-]{1,64}$", "minLength": 1, "maxLength": crate::ids::MAX_ID_LEN});
+    // `{"qkdnet_multipath": 1|2}`, the one extension this KME understands.
+    let multipath = json!({"type": "integer", "enum": [1, 2]});
+    let merge = |v: &mut serde_json::Value, extra: &serde_json::Value| {
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+    };
+    let schemas = &mut doc["components"]["schemas"];
+    let kr = &mut schemas["KeyRequest"]["properties"];
+    merge(&mut kr["number"], &number);
+    merge(&mut kr["size"], &size);
+    merge(&mut kr["additional_slave_SAE_IDs"], &json!({"maxItems": 0}));
+    kr["extension_mandatory"]["items"] = json!({
+        "type": "object",
+        "properties": {"qkdnet_multipath": multipath},
+        "additionalProperties": false
+    });
+    kr["extension_optional"]["items"] = json!({
+        "type": "object",
+        "properties": {"qkdnet_multipath": multipath}
+    });
+    merge(
+        &mut schemas["KeyIds"]["properties"]["key_IDs"],
+        &json!({"minItems": 1, "maxItems": l.max_key_per_request}),
+    );
+    merge(&mut schemas["KeyIdEntry"]["properties"]["key_ID"], &uuid);
+    merge(&mut schemas["KeyEntry"]["properties"]["key_ID"], &uuid);
+    merge(
+        &mut schemas["KeyEntry"]["properties"]["key"],
+        &json!({"contentEncoding": "base64"}),
+    );
+    for f in [
+        "source_KME_ID",
+        "target_KME_ID",
+        "master_SAE_ID",
+        "slave_SAE_ID",
+    ] {
+        merge(&mut schemas["Status"]["properties"][f], &id);
+    }
+    // An empty POST enc_keys body means "all defaults" (every field of the key
+    // request is optional).
+    let enc = &mut doc["paths"]["/api/v1/keys/{slave_SAE_ID}/enc_keys"]["post"]["requestBody"];
+    if enc.is_object() {
+        enc["required"] = json!(false);
+    }
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for op in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+        for m in op.values_mut() {
+            let Some(params) = m["parameters"].as_array_mut() else {
+                continue;
+            };
+            for p in params {
+                let extra = match (p["in"].as_str(), p["name"].as_str()) {
+                    (Some("path"), _) => &id,
+                    (Some("query"), Some("number")) => &number,
+                    (Some("query"), Some("size")) => &size,
+                    (Some("query"), Some("key_ID")) => &uuid,
+                    _ => continue,
+                };
+                merge(&mut p["schema"], extra);
+            }
+        }
+    }
+}
+
+async fn openapi(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_json(s.kme.limits()),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {

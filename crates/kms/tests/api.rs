@@ -563,6 +563,29 @@ async fn openapi_document_is_served() {
     }
     assert!(v["paths"]["/api/v1/keys/{slave_SAE_ID}/enc_keys"]["post"].is_object());
     assert!(v["components"]["schemas"]["Status"]["properties"]["max_SAE_ID_count"].is_object());
+    // The document is as strict as the server (#18 finding 6): this KME's limits,
+    // UUID key IDs, at least one key ID, the ID alphabet in paths.
+    let s = &v["components"]["schemas"];
+    let l = qkdnet_kms::etsi::Limits::default();
+    assert_eq!(s["KeyRequest"]["properties"]["number"]["minimum"], 1);
+    assert_eq!(
+        s["KeyRequest"]["properties"]["number"]["maximum"],
+        l.max_key_per_request
+    );
+    assert_eq!(
+        s["KeyRequest"]["properties"]["size"]["minimum"],
+        l.min_key_size
+    );
+    assert_eq!(
+        s["KeyRequest"]["properties"]["size"]["maximum"],
+        l.max_key_size
+    );
+    assert_eq!(s["KeyRequest"]["properties"]["size"]["multipleOf"], 8);
+    assert_eq!(s["KeyIds"]["properties"]["key_IDs"]["minItems"], 1);
+    assert_eq!(s["KeyIdEntry"]["properties"]["key_ID"]["format"], "uuid");
+    let get = &v["paths"]["/api/v1/keys/{master_SAE_ID}/dec_keys"]["get"]["parameters"];
+    assert_eq!(get[0]["schema"]["pattern"], "^[A-Za-z0-9._-]{1,64}$");
+    assert_eq!(get[1]["schema"]["format"], "uuid");
 }
 
 #[tokio::test]
