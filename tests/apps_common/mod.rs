@@ -39,6 +39,7 @@ fn kme_toml(id: &str, port: u16, peer: &str, peer_port: u16) -> String {
 listen = "127.0.0.1:{port}"
 store = "{id}.sqlite"
 peer_timeout_ms = 5000
+key_id_secret = "pki/key-ids.secret"
 
 [tls]
 ca = "pki/ca.pem"
@@ -76,6 +77,7 @@ impl Net {
         let _ = std::fs::remove_dir_all(&dir);
         let pki = dir.join("pki");
         let ca = Ca::init_dir(&pki, "qkdnet apps test CA").expect("CA");
+        qkdnet_kms::key_id::create_secret(&pki.join("key-ids.secret")).expect("key-ID secret");
         for k in ["kme-a", "kme-b"] {
             let id = KmeId::new(k).expect("KME ID");
             ca.issue_to_dir(&pki, &Identity::Kme(id), &[])

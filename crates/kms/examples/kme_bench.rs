@@ -234,6 +234,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             stock_keys: args.stock,
             link_state_interval_ms: 1000,
             connections: Default::default(),
+            key_id_secret: None,
         }
     };
     let a = launch_with_tls(

@@ -19,6 +19,7 @@
 //! kme_id = "kme-a"
 //! listen = "127.0.0.1:8443"
 //! store = "kme-a.sqlite"          # SQLite, WAL, synchronous=FULL
+//! key_id_secret = "pki/key-ids.secret" # 32 bytes shared by the network's KMEs: opaque key IDs
 //! # store_synchronous = "normal"  # only to compare; survives crashes, not power loss
 //! # or, instead of `store`:
 //! # store_url = "postgres://qkdnet@127.0.0.1:5432/qkdnet"
@@ -40,7 +41,7 @@
 //!
 //! [connections]                    # all optional; these are the defaults
 //! max_connections = 4096           # all callers together
-//! max_connections_per_sae = 32
+//! max_connections_per_sae = 64
 //! max_connections_per_kme = 512
 //! body_timeout_ms = 10000          # a request body must arrive within this
 //! idle_timeout_ms = 120000         # silent connections are closed
@@ -285,6 +286,12 @@ pub struct KmeConfig {
     /// How often the neighbours' link state (key available per link) is polled, ms.
     #[serde(default = "default_link_state_ms")]
     pub link_state_interval_ms: u64,
+    /// File holding the network's key-ID secret (32 bytes, shared by every KME of
+    /// the network): key IDs cross the ETSI API as opaque IDs
+    /// ([`crate::key_id`]). Without it SAEs see the structured unit IDs (and the
+    /// KME warns at start-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id_secret: Option<PathBuf>,
     /// Connection limits and timeouts (`[connections]`).
     #[serde(default)]
     pub connections: crate::server::ConnectionLimits,
@@ -357,7 +364,11 @@ impl KmeConfig {
             .map_err(|e| KmsError::Config(format!("cannot read {}: {e}", path.display())))?;
         let mut c = Self::from_toml(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.store, &mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key] {
+        let secret = c.key_id_secret.iter_mut();
+        for p in [&mut c.store, &mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key]
+            .into_iter()
+            .chain(secret)
+        {
             // An empty `store` means "PostgreSQL instead" and stays empty.
             if p.is_relative() && !path_is_empty(p) {
                 *p = base.join(&*p);
@@ -432,7 +443,19 @@ pub async fn launch_with_tls(
         .iter()
         .map(|p| PeerClient::new(p.kme_id.clone(), &p.url, &tls, timeout))
         .collect::<Result<Vec<_>, _>>()?;
+    let key_ids = match &cfg.key_id_secret {
+        Some(p) => crate::key_id::KeyIdCodec::opaque(&zeroize::Zeroizing::new(
+            crate::key_id::read_secret(p)?,
+        )),
+        None => {
+            tracing::warn!(
+                "no key_id_secret configured: SAEs see structured (predictable) key IDs"
+            );
+            crate::key_id::KeyIdCodec::Structured
+        }
+    };
     let settings = KmeSettings {
+        key_ids,
         id: cfg.kme_id.clone(),
         limits: cfg.limits,
         saes: cfg.sae_map()?,

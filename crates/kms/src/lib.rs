@@ -29,6 +29,7 @@
 //! | [`store`] | the [`store::KeyStore`] trait and its SQLite and PostgreSQL implementations |
 //! | [`etsi`] | ETSI GS QKD 014 JSON objects and their decoders (from `qkdnet-etsi`) |
 //! | [`error`] | domain errors |
+//! | [`key_id`] | opaque key IDs at the ETSI API (a keyed permutation of unit IDs) |
 //! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |
 //! | [`service`] | the KME logic: status, enc_keys, dec_keys, peer reservation and void |
 //! | [`peer`] | the KME-to-KME protocol (modelled on ETSI GS QKD 020 `ext_keys`) |
@@ -48,6 +49,7 @@ pub mod api_error;
 pub mod block;
 pub mod config;
 pub mod error;
+pub mod key_id;
 pub mod mesh;
 pub mod peer;
 pub mod pki;

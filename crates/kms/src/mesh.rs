@@ -103,6 +103,8 @@ impl Mesh {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let ca = Ca::generate("qkdnet mesh test CA")?;
+        let key_id_secret = dir.join("key-ids.secret");
+        crate::key_id::create_secret(&key_id_secret)?;
         let mut listeners = Vec::new();
         for _ in 0..n {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
@@ -166,6 +168,7 @@ impl Mesh {
                 relay_attempts: 3,
                 stock_keys: 0,
                 link_state_interval_ms: opts.link_state_interval_ms,
+                key_id_secret: Some(key_id_secret.clone()),
                 connections: Default::default(),
             });
             tls.push(ca.material(&Identity::Kme(kme_id(i)?), &[])?);

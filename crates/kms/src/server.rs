@@ -66,7 +66,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `max_connections` from accept; once its TLS handshake names the caller, also
 /// against that caller's `max_connections_per_sae` (SAEs) or
 /// `max_connections_per_kme` (peer KMEs, which multiplex relays). A connection
-/// over a limit is closed at once. A request body must arrive whole within
+/// over the global limit is closed at once; one over its caller's limit is
+/// answered 503 ("too many connections") and closed, so that the client learns
+/// why. A request body must arrive whole within
 /// `body_timeout_ms` (answered 400 otherwise), request headers within 10 s, and a
 /// connection with no traffic for `idle_timeout_ms` is closed (after any request
 /// in progress is answered).
@@ -89,7 +91,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
-            max_connections_per_sae: 32,
+            max_connections_per_sae: 64,
             max_connections_per_kme: 512,
             body_timeout_ms: 10_000,
             idle_timeout_ms: 120_000,
@@ -756,6 +758,24 @@ async fn connection(
     let gate = ticket.gate.clone();
     if !gate.admit(&mut ticket, &identity) {
         gate.refused("too many connections of this caller", Some(&identity));
+        let busy =
+            hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                let mut r = json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections from this caller; reuse or close one",
+                );
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                Ok::<_, std::convert::Infallible>(r)
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(tls), busy);
+        let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
         return;
     }
     let idle = Duration::from_millis(gate.limits.idle_timeout_ms);

@@ -57,6 +57,8 @@ use crate::store::{
 pub struct KmeSettings {
     /// This KME's ID.
     pub id: KmeId,
+    /// How key IDs cross the ETSI API ([`crate::key_id`]).
+    pub key_ids: crate::key_id::KeyIdCodec,
     /// Limits advertised and enforced.
     pub limits: Limits,
     /// Every SAE of the network this KME serves or reserves for, and its KME.
@@ -293,7 +295,10 @@ impl Kme {
         req: ValidKeyRequest,
     ) -> Result<KeyContainer, KmsError> {
         self.counters.enc_requests.fetch_add(1, Ordering::Relaxed);
-        let r = self.enc_keys_inner(caller, slave, req).await;
+        let r = self
+            .enc_keys_inner(caller, slave, req)
+            .await
+            .map(|c| self.external_ids(c));
         self.count(&r, &self.counters.keys_delivered_master);
         r
     }
@@ -542,6 +547,19 @@ async fn refill(
 }
 
 impl Kme {
+    /// The container as SAEs see it: each key ID through the key-ID permutation.
+    fn external_ids(&self, mut c: KeyContainer) -> KeyContainer {
+        if matches!(self.settings.key_ids, crate::key_id::KeyIdCodec::Structured) {
+            return c;
+        }
+        for k in &mut c.keys {
+            if let Ok(id) = crate::etsi::parse_key_id(&k.key_ID) {
+                k.key_ID = format_key_id(&self.settings.key_ids.external(id));
+            }
+        }
+        c
+    }
+
     /// ETSI 014 Get key with key IDs (slave side).
     pub async fn dec_keys(
         &self,
@@ -553,8 +571,15 @@ impl Kme {
         let r = async {
             let slave = self.local_sae(caller)?.clone();
             let master = SaeId::new(master)?;
-            let keys = self.store.take(slave, master, ids.0).await?;
-            Ok(delivered_container(keys))
+            // An ID no KME of this network issued is simply not found.
+            let ids = ids
+                .0
+                .iter()
+                .map(|&id| self.settings.key_ids.internal(id))
+                .collect::<Option<Vec<_>>>()
+                .ok_or(KmsError::KeysNotFound)?;
+            let keys = self.store.take(slave, master, ids).await?;
+            Ok(self.external_ids(delivered_container(keys)))
         }
         .await;
         self.count(&r, &self.counters.keys_delivered_slave);

@@ -119,9 +119,17 @@ async fn one_sae_cannot_take_every_connection() {
         assert!(status_ok(&mut s, "localhost").await);
         held.push(s);
     }
-    // alice's third connection is closed after the handshake, unserved…
+    // alice's third connection is answered 503 and closed, unserved…
     let mut third = connect(&net, "alice", port).await.expect("handshake");
-    assert!(!status_ok(&mut third, "localhost").await, "over the cap");
+    third
+        .write_all(b"GET /api/v1/keys/bob/status HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, closed) = read_to_close(&mut third).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("too many connections"), "{text}");
+    assert!(closed);
     // …while another SAE is still served.
     let mut eve = connect(&net, "eve", port).await.expect("connect");
     assert!(

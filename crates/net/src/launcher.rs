@@ -240,6 +240,12 @@ pub fn prepare(
     };
     let ca_pem = pki.join("ca.pem");
     let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    // The network's key-ID secret: every KME maps key IDs through it, so that
+    // SAEs see IDs nobody outside the KMEs can predict.
+    let key_id_secret = pki.join("key-ids.secret");
+    if !key_id_secret.exists() {
+        qkdnet_kms::key_id::create_secret(&key_id_secret)?;
+    }
 
     let links_dir = dir.join("links");
     std::fs::create_dir_all(&links_dir)?;
@@ -342,6 +348,7 @@ pub fn prepare(
                 stock_keys: qkdnet_kms::config::default_stock_keys(),
                 link_state_interval_ms: 1000,
                 connections: Default::default(),
+                key_id_secret: Some(key_id_secret.clone()),
             },
             links,
         };

@@ -143,6 +143,7 @@ fn config(
         stock_keys: 0,
         link_state_interval_ms: 1000,
         connections: Default::default(),
+        key_id_secret: None,
     }
 }
 
@@ -177,6 +178,11 @@ impl Net {
         );
         let mut cfg_a = config("kme-a", aa, dir.0.join("a.sqlite"), ("kme-b", ab), limits);
         let mut cfg_b = config("kme-b", ab, dir.0.join("b.sqlite"), ("kme-a", aa), limits);
+        // The network's key-ID secret: SAEs see opaque key IDs, as in `net up`.
+        let secret = dir.0.join("key-ids.secret");
+        qkdnet_kms::key_id::create_secret(&secret).expect("key-ID secret");
+        cfg_a.key_id_secret = Some(secret.clone());
+        cfg_b.key_id_secret = Some(secret);
         adjust(&mut cfg_a);
         adjust(&mut cfg_b);
         let tls_a = ca
