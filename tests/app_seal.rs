@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use qkdnet_apps::format::Mode;
+use qkdnet_apps::keycache::{DEFAULT_LIFETIME, KeyCache};
 use qkdnet_apps::seal::{OpenOptions, SealOptions, open, open_with, read_header, seal};
 use qkdnet_apps::{AppError, OpenReport, SealReport};
 use qkdnet_crypto::hybrid::MlKemDecapsulationKey;
-use qkdnet_kms::client::ClientError;
 
 /// Small chunks and rekey interval so that tests cross both boundaries.
 fn small() -> SealOptions {
@@ -77,7 +77,7 @@ async fn round_trips_empty_small_and_rekeyed_files() {
         );
         let o = bob_opens(&net, name).await.expect("open");
         assert_eq!(opened(&net, name), plain, "{name}");
-        assert_eq!(o, r, "{name}: both ends report the same");
+        assert_eq!(o.file, r, "{name}: both ends report the same");
         assert_eq!(r.key_bits_consumed, 256 * r.key_ids.len() as u64);
     }
     let (h, _) = read_header(&net.path("multi.sealed")).expect("header");
@@ -87,11 +87,8 @@ async fn round_trips_empty_small_and_rekeyed_files() {
     );
     let r = bob_opens(&net, "exact").await;
     assert!(
-        matches!(
-            r,
-            Err(AppError::Client(ClientError::Api { status: 400, .. }))
-        ),
-        "keys are delivered once: {r:?}"
+        matches!(r, Err(AppError::KeysUnavailable(_))),
+        "keys are delivered once (no key cache here): {r:?}"
     );
 }
 
@@ -109,11 +106,12 @@ async fn header_key_ids_are_the_ones_enc_keys_returned() {
         .await
         .expect("dec_keys");
     assert!(keys.iter().all(|k| k.material.len() == 32));
-    // ...after which they are spent: the file can no longer be opened, and no
-    // output appears.
+    // ...after which they are spent: without a key cache holding them the file
+    // can no longer be opened, the error says why, and no output appears.
     let e = bob_opens(&net, "f").await.unwrap_err();
     assert!(
-        matches!(e, AppError::Client(ClientError::Api { status: 400, .. })),
+        matches!(&e, AppError::KeysUnavailable(m) if m.contains("no longer has the keys")
+            && m.contains("already opened") && m.contains("no key cache")),
         "{e}"
     );
     assert_no_output(&net.dir, "f.out");
@@ -233,7 +231,8 @@ async fn only_the_recipient_opens() {
         matches!(&e, AppError::InvalidInput(m) if m.contains("carol")),
         "{e}"
     );
-    // A header rewritten to name carol: her KME answers as for unknown keys (400).
+    // A header rewritten to name carol: her KME answers as for unknown keys (400),
+    // and bob's keys are not touched.
     let (mut h, len) = read_header(&sealed).expect("header");
     h.recipient = qkdnet_kms::ids::SaeId::new("carol").expect("valid");
     let mut bytes = std::fs::read(&sealed).expect("sealed");
@@ -248,10 +247,7 @@ async fn only_the_recipient_opens() {
     )
     .await
     .unwrap_err();
-    assert!(
-        matches!(e, AppError::Client(ClientError::Api { status: 400, .. })),
-        "{e}"
-    );
+    assert!(matches!(e, AppError::KeysUnavailable(_)), "{e}");
     assert_no_output(&net.dir, "m.out");
     // bob still can.
     bob_opens(&net, "m").await.expect("bob opens");
@@ -273,7 +269,7 @@ async fn otp_mode_round_trip_and_tamper() {
     assert_eq!(r.key_bits_used, (14 + 32) * 8);
     let o = bob_opens(&net, "otp").await.expect("open");
     assert_eq!(opened(&net, "otp"), msg);
-    assert_eq!(o, r);
+    assert_eq!(o.file, r);
 
     let r = seal_for_bob(&net, "otp-empty", b"", &opts).await;
     assert_eq!(r.key_ids.len(), 1);
@@ -329,6 +325,7 @@ async fn hybrid_mode_needs_the_right_mlkem_key() {
     assert!(matches!(e, AppError::InvalidInput(_)), "{e}");
     let other = OpenOptions {
         mlkem_key: Some(MlKemDecapsulationKey::generate()),
+        ..OpenOptions::default()
     };
     let e = open_with(
         &bob,
@@ -344,6 +341,7 @@ async fn hybrid_mode_needs_the_right_mlkem_key() {
 
     let right = OpenOptions {
         mlkem_key: Some(MlKemDecapsulationKey::from_seed(&dk.to_seed())),
+        ..OpenOptions::default()
     };
     open_with(
         &bob,
@@ -461,6 +459,253 @@ async fn a_multi_mib_file_streams_with_default_chunks() {
     assert_eq!(r.chunks, 3 * 16 + 1);
     bob_opens(&net, "big").await.expect("open");
     assert!(opened(&net, "big") == plain);
+}
+
+/// bob's key cache in the test network, with entries living `lifetime`.
+fn bob_cache(net: &Net, lifetime: std::time::Duration) -> KeyCache {
+    KeyCache::with_tls_key_file(
+        net.path("keycache/bob"),
+        "bob",
+        &net.path("pki/sae-bob.key"),
+        lifetime,
+    )
+    .expect("key cache")
+}
+
+async fn bob_opens_cached(
+    net: &Net,
+    sealed: &str,
+    out: &str,
+    cache: KeyCache,
+) -> Result<OpenReport, AppError> {
+    open_with(
+        &net.client("bob"),
+        "bob",
+        &net.path(sealed),
+        &net.path(out),
+        &OpenOptions {
+            key_cache: Some(cache),
+            ..OpenOptions::default()
+        },
+    )
+    .await
+}
+
+/// Files in bob's key cache (entries only).
+fn cache_entries(net: &Net) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(net.path("keycache/bob")) {
+        Err(_) => Vec::new(),
+        Ok(d) => d
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "qkc"))
+            .collect(),
+    }
+}
+
+/// Issue #27 item 2: with a key cache, a file opens twice, and a tampered copy
+/// opened first does not cost the original its keys.
+#[tokio::test]
+async fn issue_27_a_cached_file_reopens_and_survives_a_tampered_copy_first() {
+    let net = Net::start().await;
+    let plain = data(10_000, 11);
+    let r = seal_for_bob(&net, "orig", &plain, &small()).await;
+    assert_eq!(r.key_ids.len(), 3);
+    let mut bytes = std::fs::read(net.path("orig.sealed")).expect("sealed");
+    let n = bytes.len();
+    bytes[n - 30] ^= 1; // in the last chunk
+    std::fs::write(net.path("copy.sealed"), &bytes).expect("write");
+
+    let e = bob_opens_cached(
+        &net,
+        "copy.sealed",
+        "copy.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .expect_err("the tampered copy must not open");
+    assert!(
+        matches!(&e, AppError::Integrity(m) if m.contains("segment 2")
+            && m.contains("stay in the key cache") && m.contains("7 days")),
+        "{e}"
+    );
+    assert_no_output(&net.dir, "copy.out");
+    assert_eq!(cache_entries(&net).len(), 3, "the keys were kept");
+
+    let o = bob_opens_cached(
+        &net,
+        "orig.sealed",
+        "orig.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .expect("the original opens after the tampered copy");
+    assert_eq!(opened(&net, "orig"), plain);
+    assert_eq!(o.file, r);
+    assert_eq!((o.keys_from_cache, o.keys_from_kme), (3, 0));
+    assert!(o.keys_cached_until.is_some());
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+
+    // Again (the KME no longer has the keys; the cache does).
+    std::fs::remove_file(net.path("orig.out")).expect("remove");
+    bob_opens_cached(
+        &net,
+        "orig.sealed",
+        "orig.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .expect("opens a second time");
+    assert_eq!(opened(&net, "orig"), plain);
+
+    // Discarding after a successful open: the entries go, and the next open says why it fails.
+    open_with(
+        &net.client("bob"),
+        "bob",
+        &net.path("orig.sealed"),
+        &net.path("orig.out"),
+        &OpenOptions {
+            key_cache: Some(bob_cache(&net, DEFAULT_LIFETIME)),
+            forget_keys: true,
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .expect("opens a third time");
+    assert!(cache_entries(&net).is_empty());
+    let e = bob_opens_cached(
+        &net,
+        "orig.sealed",
+        "orig.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AppError::KeysUnavailable(m) if m.contains("already opened")
+            && m.contains("no cached keys for it in")),
+        "{e}"
+    );
+}
+
+/// Entries expire (the lifetime is an option; the test moves the clock of the
+/// sweep forward instead of sleeping).
+#[tokio::test]
+async fn an_expired_cache_entry_is_gone() {
+    let net = Net::start().await;
+    let plain = data(3000, 12);
+    seal_for_bob(&net, "exp", &plain, &small()).await;
+    let hour = std::time::Duration::from_secs(3600);
+    let o = bob_opens_cached(&net, "exp.sealed", "exp.out", bob_cache(&net, hour))
+        .await
+        .expect("open");
+    assert_eq!(o.keys_from_kme, 1);
+    assert_eq!(cache_entries(&net).len(), 1);
+    let cache = bob_cache(&net, hour);
+    let now = std::time::SystemTime::now();
+    assert_eq!(cache.sweep(now).removed, 0, "not expired yet");
+    let swept = cache.sweep(now + 2 * hour);
+    assert_eq!(swept.removed, 1);
+    assert!(swept.warnings.is_empty(), "{:?}", swept.warnings);
+    assert!(cache_entries(&net).is_empty());
+    let e = bob_opens_cached(&net, "exp.sealed", "exp2.out", bob_cache(&net, hour))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, AppError::KeysUnavailable(m) if m.contains("no cached keys")),
+        "{e}"
+    );
+    assert_no_output(&net.dir, "exp2.out");
+}
+
+/// A tampered copy stores the keys it fetched before it fails; the cache file
+/// holds them encrypted (the raw key bytes appear nowhere in it), and a corrupted
+/// entry is reported, not used, and not deleted.
+#[tokio::test]
+async fn cache_entries_hold_no_key_bytes_in_clear_and_corruption_is_reported() {
+    let net = Net::start().await;
+    seal_for_bob(&net, "one", &data(500, 13), &SealOptions::default()).await;
+    // A key alice takes herself: the test knows its bytes.
+    let key = net
+        .client("alice")
+        .enc_keys("bob", 1, Some(256))
+        .await
+        .expect("enc_keys")
+        .pop()
+        .expect("one key");
+    // A copy of "one" whose header names that key instead.
+    let sealed = net.path("one.sealed");
+    let (mut h, len) = read_header(&sealed).expect("header");
+    h.key_ids = vec![key.id];
+    let mut forged = h.encode();
+    forged.extend_from_slice(&std::fs::read(&sealed).expect("sealed")[len as usize..]);
+    std::fs::write(net.path("forged.sealed"), &forged).expect("write");
+    let e = bob_opens_cached(
+        &net,
+        "forged.sealed",
+        "forged.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, AppError::Integrity(_)), "{e}");
+    let entries = cache_entries(&net);
+    assert_eq!(entries.len(), 1);
+    let stored = std::fs::read(&entries[0]).expect("entry");
+    assert!(
+        !stored
+            .windows(key.material.len())
+            .any(|w| w == &key.material[..]),
+        "raw key bytes in the cache file"
+    );
+    // Every 8-byte piece of the key is absent too.
+    for piece in key.material.chunks(8) {
+        assert!(!stored.windows(8).any(|w| w == piece), "key bytes in clear");
+    }
+
+    // Corrupt the entry: reported in the error, kept on disk.
+    let mut bad = stored.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    std::fs::write(&entries[0], &bad).expect("write");
+    let e = bob_opens_cached(
+        &net,
+        "forged.sealed",
+        "forged.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, AppError::KeysUnavailable(m) if m.contains("unreadable")),
+        "{e}"
+    );
+    assert!(entries[0].exists());
+    // A cache under another TLS key reads none of it, and says so.
+    let other = KeyCache::new(
+        net.path("keycache/bob"),
+        "bob",
+        b"another TLS key",
+        DEFAULT_LIFETIME,
+    )
+    .expect("cache");
+    std::fs::write(&entries[0], &stored).expect("restore");
+    let e = bob_opens_cached(&net, "forged.sealed", "forged.out", other)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, AppError::KeysUnavailable(m) if m.contains("another TLS key")),
+        "{e}"
+    );
+    // The right cache still has it (the integrity failure is the forged body's).
+    let e = bob_opens_cached(
+        &net,
+        "forged.sealed",
+        "forged.out",
+        bob_cache(&net, DEFAULT_LIFETIME),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, AppError::Integrity(_)), "{e}");
 }
 
 /// The futures can run on a multi-threaded runtime (`tokio::spawn`).

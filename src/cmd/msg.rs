@@ -18,7 +18,7 @@ use qkdnet_apps::seal::{DEFAULT_REKEY_BYTES, OpenOptions, Report, SealOptions};
 use qkdnet_apps::stream::{
     self, Output, ReceiveOptions, SendOptions, SenderConfig, StreamReport, receive,
 };
-use qkdnet_apps::{Mode, open_with, seal};
+use qkdnet_apps::{KeyCache, Mode, open_with, seal};
 use qkdnet_crypto::SecretKey;
 use qkdnet_crypto::hybrid::{MLKEM_SEED_LEN, MlKemDecapsulationKey, MlKemEncapsulationKey};
 use qkdnet_kms::client::EtsiClient;
@@ -29,14 +29,20 @@ use zeroize::Zeroizing;
 /// `msg` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MsgCommand {
-    /// Seal a file for another SAE with fresh QKD keys (only that SAE can open it, once).
+    /// Seal a file for another SAE with fresh QKD keys (only that SAE can open it).
     ///
     /// Example: qkdnet msg seal --connect state/connect.json --from alice --to bob --in report.pdf --out report.pdf.sealed
     Seal(SealArgs),
-    /// Open a sealed file addressed to this SAE (fetches its keys from the SAE's KME).
+    /// Open a sealed file addressed to this SAE (its keys come from the SAE's key
+    /// cache, or from its KME and are then kept in the cache for re-opening).
     ///
     /// Example: qkdnet msg open --connect state/connect.json --as bob --in report.pdf.sealed --out report.pdf
     Open(OpenArgs),
+    /// Delete a sealed file's keys from this SAE's key cache (the file can then no
+    /// longer be opened here), and expired entries.
+    ///
+    /// Example: qkdnet msg forget --connect state/connect.json --as bob --in report.pdf.sealed
+    Forget(ForgetArgs),
     /// Send a live stream (standard input or a file) to another SAE over TCP: SM4-GCM
     /// frames under QKD keys, rekeyed as it runs; succeeds once the receiver confirms.
     ///
@@ -113,11 +119,32 @@ pub struct SealArgs {
     json: bool,
 }
 
+/// Where the recipient's key cache is (`msg open`, `msg forget`).
+#[derive(Debug, Args)]
+pub struct KeyCacheArgs {
+    /// The SAE's key cache: keys fetched for sealed files, encrypted under a key
+    /// derived from the SAE's TLS private key [default: keycache/SAE next to the
+    /// connect file].
+    #[arg(long, value_name = "DIR")]
+    key_cache: Option<PathBuf>,
+}
+
 /// Arguments of `msg open`.
 #[derive(Debug, Args)]
 pub struct OpenArgs {
     #[command(flatten)]
     recipient: RecipientArgs,
+    #[command(flatten)]
+    cache: KeyCacheArgs,
+    /// How long the file's keys stay in the key cache for re-opening, counted from
+    /// when they were fetched: a number with s, m, h or d (expired entries are
+    /// deleted at every open).
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    keep: Duration,
+    /// Delete the file's keys from the key cache once it has opened (after a
+    /// failure they stay, so that an intact copy can still be opened).
+    #[arg(long)]
+    forget: bool,
     /// Sealed file.
     #[arg(long = "in", value_name = "FILE")]
     input: PathBuf,
@@ -130,6 +157,22 @@ pub struct OpenArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Arguments of `msg forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The connect file written by the network launcher.
+    #[arg(long, value_name = "connect.json")]
+    connect: PathBuf,
+    /// The SAE whose key cache to clean.
+    #[arg(long = "as", value_name = "SAE")]
+    as_sae: String,
+    #[command(flatten)]
+    cache: KeyCacheArgs,
+    /// Sealed files whose keys to delete (repeatable; none: only delete expired entries).
+    #[arg(long = "in", value_name = "FILE")]
+    input: Vec<PathBuf>,
 }
 
 /// Arguments of `msg send`.
@@ -218,25 +261,100 @@ pub fn run(cmd: MsgCommand) -> anyhow::Result<()> {
             print_report("sealed", &rep, &a.out, a.json)
         }
         MsgCommand::Open(a) => {
+            let r = &a.recipient;
             let opts = OpenOptions {
                 mlkem_key: a.mlkem_key.as_deref().map(read_private_key).transpose()?,
+                key_cache: Some(key_cache(&r.connect, &r.as_sae, &a.cache, a.keep)?),
+                forget_keys: a.forget,
             };
-            let client = a.recipient.client()?;
+            let client = r.client()?;
             let rep = runtime()?
-                .block_on(open_with(
-                    &client,
-                    &a.recipient.as_sae,
-                    &a.input,
-                    &a.out,
-                    &opts,
-                ))
+                .block_on(open_with(&client, &r.as_sae, &a.input, &a.out, &opts))
                 .with_context(|| format!("opening {}", a.input.display()))?;
-            print_report("opened", &rep, &a.out, a.json)
+            for w in &rep.warnings {
+                eprintln!("warning: {w}");
+            }
+            if a.json {
+                let mut v = serde_json::to_value(&rep)?;
+                v["output"] = serde_json::Value::String(a.out.display().to_string());
+                println!("{v}");
+                return Ok(());
+            }
+            print_report("opened", &rep.file, &a.out, false)?;
+            let kept = match rep.keys_cached_until {
+                Some(t) => format!(
+                    "kept in the key cache until Unix time {t} for re-opening \
+                     (qkdnet msg forget discards them)"
+                ),
+                None => "not kept".to_owned(),
+            };
+            println!(
+                "keys: {} from the key cache, {} from the KME; {kept}",
+                rep.keys_from_cache, rep.keys_from_kme
+            );
+            Ok(())
+        }
+        MsgCommand::Forget(a) => {
+            let cache = key_cache(&a.connect, &a.as_sae, &a.cache, Duration::ZERO)?;
+            let swept = cache.sweep(std::time::SystemTime::now());
+            for w in &swept.warnings {
+                eprintln!("warning: {w}");
+            }
+            let mut n = 0;
+            for f in &a.input {
+                n += cache
+                    .forget_file(f)
+                    .with_context(|| format!("forgetting the keys of {}", f.display()))?;
+            }
+            println!(
+                "deleted {n} cached keys of {} file(s) and {} expired entries from {}",
+                a.input.len(),
+                swept.removed,
+                cache.dir().display()
+            );
+            Ok(())
         }
         MsgCommand::Send(a) => send_stream(a),
         MsgCommand::Listen(a) => listen(a),
         MsgCommand::MlkemKeygen(a) => keygen(&a),
     }
+}
+
+/// The key cache of SAE `sae`: `--key-cache`, or `keycache/SAE` next to the
+/// connect file; its key is derived from the SAE's TLS private key.
+fn key_cache(
+    connect: &Path,
+    sae: &str,
+    a: &KeyCacheArgs,
+    lifetime: Duration,
+) -> anyhow::Result<KeyCache> {
+    let file = ConnectFile::load(connect)?;
+    let entry = file.sae(sae)?;
+    let dir = match &a.key_cache {
+        Some(d) => d.clone(),
+        None => KeyCache::default_dir(connect.parent().unwrap_or(Path::new(".")), sae),
+    };
+    Ok(KeyCache::with_tls_key_file(dir, sae, &entry.key, lifetime)?)
+}
+
+/// `90s`, `30m`, `12h`, `7d` (or a bare number of seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let mul: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 90s, 30m, 12h or 7d"))
 }
 
 fn client(connect: &Path, sae: &str, timeout_secs: u64) -> anyhow::Result<EtsiClient> {

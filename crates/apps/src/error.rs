@@ -2,7 +2,8 @@
 //!
 //! The variants separate what the user should do about a failure: fix the command
 //! (`InvalidInput`, `WrongRecipient`), fix the setup (`Setup`), retry later or ask the
-//! KME's operator (`Client`), or distrust the file (`Format`, `Integrity`). An
+//! KME's operator (`Client`), find out who else opened the file (`KeysUnavailable`),
+//! or distrust the file (`Format`, `Integrity`). An
 //! integrity failure never says more than where the file stopped making sense.
 //!
 //! Live streams have their own enum, [`StreamError`], because a connection fails in
@@ -36,6 +37,10 @@ pub enum AppError {
     /// do not match it. No plaintext was released.
     #[error("integrity check failed: {0}")]
     Integrity(String),
+    /// The KME no longer has (some of) a sealed file's keys and the key cache has
+    /// none either: the file was opened before, or another copy used its keys.
+    #[error("{0}")]
+    KeysUnavailable(String),
     /// The file is sealed for another SAE.
     #[error("the file is sealed for SAE {sealed_for}, not for {as_sae}")]
     WrongRecipient {

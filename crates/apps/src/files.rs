@@ -6,6 +6,15 @@
 //! only when the whole operation succeeded, so a failed open or an unauthenticated
 //! stream leaves no plaintext and an existing file untouched. Blocking file I/O
 //! runs on tokio's blocking pool ([`run_blocking`]).
+//!
+//! A process killed outright (SIGKILL, power loss) runs no destructor, so its
+//! temporary file stays behind. The temporary outputs of `msg open`
+//! ([`TempOutput::create_for_open`]) therefore carry a recognisable name,
+//! `.NAME.qkdnet-open-PID-RANDOM.tmp`, and [`remove_stale_open_outputs`] deletes
+//! those whose process is gone (Linux: no `/proc/PID`) at the start of the next
+//! open into the same directory. What such a file can hold is limited by
+//! [`crate::seal`]'s two passes: only plaintext of a file whose every chunk was
+//! already authenticated.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -72,8 +81,19 @@ pub(crate) struct TempOutput {
 }
 
 impl TempOutput {
-    /// Creates the temporary file next to `target`.
+    /// Creates the temporary file `.NAME.RANDOM.tmp` next to `target`.
     pub(crate) fn create(target: &Path) -> Result<Self, AppError> {
+        Self::create_named(target, "")
+    }
+
+    /// Creates the temporary file `.NAME.qkdnet-open-PID-RANDOM.tmp` next to
+    /// `target`, which [`remove_stale_open_outputs`] recognises once this process
+    /// is gone.
+    pub(crate) fn create_for_open(target: &Path) -> Result<Self, AppError> {
+        Self::create_named(target, &format!("{OPEN_TMP_MARK}{}-", std::process::id()))
+    }
+
+    fn create_named(target: &Path, tag: &str) -> Result<Self, AppError> {
         let name = target.file_name().ok_or_else(|| {
             AppError::InvalidInput(format!("{} is not a file path", target.display()))
         })?;
@@ -81,7 +101,7 @@ impl TempOutput {
         let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
-        tmp_name.push(format!(".{suffix}.tmp"));
+        tmp_name.push(format!(".{tag}{suffix}.tmp"));
         let tmp = target.with_file_name(tmp_name);
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create_new(true);
@@ -137,5 +157,111 @@ impl Drop for TempOutput {
         if !self.tmp.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// What marks a temporary output of `msg open` in its name (see the module docs).
+const OPEN_TMP_MARK: &str = "qkdnet-open-";
+
+/// The process ID in the name of a temporary output of `msg open`
+/// (`.NAME.qkdnet-open-PID-RANDOM.tmp`), if `name` is one.
+fn open_tmp_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, tail) = rest.rsplit_once(OPEN_TMP_MARK)?;
+    let (pid, random) = tail.split_once('-')?;
+    if random.len() != 12 || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` may still be running. Only Linux can tell (`/proc`);
+/// elsewhere, or without procfs, every process counts as running, so nothing is
+/// deleted.
+fn process_may_run(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if !cfg!(target_os = "linux") || !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Deletes the temporary outputs of `msg open` in `dir` left by processes that
+/// no longer run (killed before they could clean up). Returns the paths deleted;
+/// a file that cannot be deleted is reported in the error list, not fatal.
+pub(crate) fn remove_stale_open_outputs(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
+    let (mut removed, mut problems) = (Vec::new(), Vec::new());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (removed, problems); // the output's directory is checked by TempOutput
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(open_tmp_pid) else {
+            continue;
+        };
+        if process_may_run(pid) || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = e.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(err) => problems.push(format!(
+                "cannot delete the stale temporary output {}: {err}",
+                path.display()
+            )),
+        }
+    }
+    (removed, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_temporary_names_are_recognised() {
+        assert_eq!(
+            open_tmp_pid(".report.pdf.qkdnet-open-1234-0123456789ab.tmp"),
+            Some(1234)
+        );
+        // A target whose own name contains the mark.
+        assert_eq!(
+            open_tmp_pid(".a.qkdnet-open-1.qkdnet-open-77-0123456789ab.tmp"),
+            Some(77)
+        );
+        for other in [
+            "report.pdf.qkdnet-open-1234-0123456789ab.tmp",
+            ".report.pdf.0123456789ab.tmp",
+            ".report.pdf.qkdnet-open-x-0123456789ab.tmp",
+            ".report.pdf.qkdnet-open-12-0123.tmp",
+            ".report.pdf.qkdnet-open-12-0123456789zz.tmp",
+        ] {
+            assert_eq!(open_tmp_pid(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_outputs_of_gone_processes_are_removed() {
+        let dir = std::env::temp_dir().join(format!("qkdnet-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mine = TempOutput::create_for_open(&dir.join("out")).expect("temp");
+        // PIDs above the kernel's limit (4 194 304) never run.
+        let stale = dir.join(".out.qkdnet-open-4294967295-0123456789ab.tmp");
+        std::fs::write(&stale, b"x").expect("write");
+        let other = dir.join(".out.0123456789ab.tmp");
+        std::fs::write(&other, b"x").expect("write");
+        let (removed, problems) = remove_stale_open_outputs(&dir);
+        assert!(problems.is_empty(), "{problems:?}");
+        if cfg!(target_os = "linux") {
+            assert_eq!(removed, vec![stale.clone()]);
+            assert!(!stale.exists());
+        }
+        assert!(mine.tmp.exists(), "a running process's output stays");
+        assert!(other.exists(), "other temporary files stay");
+        drop(mine);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

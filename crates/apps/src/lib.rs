@@ -15,6 +15,7 @@
 //! |---|---|
 //! | [`mod@format`] | the sealed-file header: layout, encoding, bounded parser |
 //! | [`mod@seal`] | [`seal::seal`] and [`seal::open`]: modes qkd, hybrid, otp |
+//! | [`keycache`] | the recipient's encrypted cache of fetched keys: re-opening, and no key lost to a damaged copy |
 //! | [`stream`] | [`stream::send`] and [`stream::receive`]: live TCP streams, sans-IO core and tokio adapter |
 //! | [`stream_wire`] | the stream handshake and frames: layout, encoding, bounded decoders |
 //! | [`error`] | [`AppError`], [`StreamError`] |
@@ -29,6 +30,7 @@
 pub mod error;
 mod files;
 pub mod format;
+pub mod keycache;
 mod keys;
 pub mod seal;
 pub mod stream;
@@ -36,4 +38,5 @@ pub mod stream_wire;
 
 pub use error::{AppError, StreamError};
 pub use format::Mode;
+pub use keycache::KeyCache;
 pub use seal::{OpenOptions, OpenReport, SealOptions, SealReport, open, open_with, seal};

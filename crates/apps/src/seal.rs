@@ -51,17 +51,43 @@
 //! failed open leaves no plaintext, a failed seal no half-sealed file, and an
 //! existing output file is untouched unless the operation succeeds.
 //!
+//! Opening a chunked file takes **two passes** over it, so that no plaintext
+//! reaches the disk before the whole file is authenticated (issue #18, item 9): the
+//! first decrypts every chunk into a scratch buffer in memory and checks its tag,
+//! the end of every segment and the end of the file, and writes nothing; only then
+//! does the second read the file again (same open file handle), check every tag
+//! again (the file may have changed in between) and write the plaintext to the
+//! temporary file. A process killed at any moment (SIGKILL, power loss, which run
+//! no destructor) therefore leaves at most an empty temporary file, or one holding
+//! a prefix of a file that authenticated completely. Those files are named
+//! `.NAME.qkdnet-open-PID-RANDOM.tmp` and the next open into the same directory
+//! deletes them once process PID is gone (on Linux; elsewhere they stay, mode 0600).
+//! The price is reading and decrypting the file twice; memory stays one chunk.
+//! OTP messages (at most 64 KiB) are checked in memory before anything is written.
+//!
 //! # What the KME sees and what is spent
 //!
 //! Sealing first calls `status` (to check that the TLS certificate in use is the
 //! sender's and that enough keys are available), then `enc_keys` in batches.
+//! Keys fetched for a seal that then fails (say the input changed meanwhile) are
+//! lost.
+//!
 //! Opening checks everything it can locally (magic, version, ranges, recipient,
-//! the ML-KEM key) *before* `dec_keys`, because keys are delivered only once: a file
-//! that fails its integrity check afterwards has used up its keys. Keys fetched
-//! for a seal that then fails (say the input changed meanwhile) are lost too.
+//! the ML-KEM key) *before* asking for keys. The KME hands each key out only once,
+//! so opening with a key cache ([`OpenOptions::key_cache`], see
+//! [`crate::keycache`]; `qkdnet msg open` always uses one) looks there first, asks
+//! the KME (`status`, then `dec_keys` in batches) only for the keys it lacks, and
+//! stores each batch in the cache *before* using it. A copy that fails its
+//! integrity check thus leaves the keys in the cache for the intact original, and
+//! an opened file can be opened again until its entry expires or is forgotten
+//! ([`OpenOptions::forget_keys`]). Without a cache, a file opens once, and a
+//! damaged copy uses up the keys of the original. When the KME no longer has a
+//! key and the cache does not either, the error ([`AppError::KeysUnavailable`])
+//! says so.
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::time::SystemTime;
 
 use qkdnet_crypto::chunked::{ChunkOpener, ChunkSealer};
 use qkdnet_crypto::gcm::{GCM_TAG_LEN, GcmTag};
@@ -71,16 +97,20 @@ use qkdnet_crypto::hybrid::{
 use qkdnet_crypto::otp::one_time_pad;
 use qkdnet_crypto::sm3::{HmacSm3, SM3_LEN, Sm3Digest, sm3};
 use qkdnet_crypto::{SecretBytes, SharedSecret, Sm4Key};
-use qkdnet_etsi::client::{EtsiClient, Key};
+use qkdnet_etsi::client::{ClientError, EtsiClient, Key};
+use qkdnet_etsi::ids::SaeId;
 use serde::Serialize;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::error::AppError;
-use crate::files::{TempOutput, open_input, read_exactly, read_some, run_blocking};
+use crate::files::{
+    TempOutput, open_input, read_exactly, read_some, remove_stale_open_outputs, run_blocking,
+};
 use crate::format::{Header, MlKemFields, Mode, OTP_MAC_KEY_LEN};
+use crate::keycache::{KeyCache, unix_secs};
 use crate::keys::{
-    check_identity_and_pool, dec_keys, derive_sm4_key, enc_keys, qkd_secret, random_array, sae_id,
+    check_identity_and_pool, derive_sm4_key, enc_keys, qkd_secret, random_array, sae_id,
 };
 
 /// Default plaintext bytes per chunk.
@@ -119,11 +149,17 @@ impl Default for SealOptions {
     }
 }
 
-/// How to open (only hybrid files need anything).
+/// How to open.
 #[derive(Debug, Default)]
 pub struct OpenOptions {
     /// The recipient's ML-KEM-768 decapsulation key (hybrid files only).
     pub mlkem_key: Option<MlKemDecapsulationKey>,
+    /// Where to keep the file's keys (see the module documentation). Without one
+    /// the file can be opened only once, and a damaged copy uses up its keys.
+    pub key_cache: Option<KeyCache>,
+    /// Delete the file's keys from the cache once it has opened successfully
+    /// (they stay after a failure, whatever this says).
+    pub forget_keys: bool,
 }
 
 /// What a seal or open did. Holds no secret.
@@ -154,8 +190,25 @@ pub struct Report {
 
 /// Report of [`seal`].
 pub type SealReport = Report;
-/// Report of [`open`].
-pub type OpenReport = Report;
+
+/// Report of [`open`]: the file's [`Report`] and where its keys came from. Holds
+/// no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenReport {
+    /// The same report as the sender's.
+    #[serde(flatten)]
+    pub file: Report,
+    /// Keys found in the key cache.
+    pub keys_from_cache: u64,
+    /// Keys fetched from the KME (and stored in the cache first, if there is one).
+    pub keys_from_kme: u64,
+    /// Unix time (seconds) until which the file's keys stay in the key cache for
+    /// re-opening; `None` without a cache or after [`OpenOptions::forget_keys`].
+    pub keys_cached_until: Option<u64>,
+    /// Problems that did not stop the open (unreadable cache entries, a cache that
+    /// could not be written, stale files that could not be deleted).
+    pub warnings: Vec<String>,
+}
 
 /// Seals `input` for SAE `to` into `output`, with keys from `client` (which must
 /// present SAE `from`'s certificate). See the module documentation.
@@ -268,7 +321,7 @@ pub async fn open(
     open_with(client, as_sae, input, output, &OpenOptions::default()).await
 }
 
-/// [`open`] with options (the ML-KEM key of hybrid files).
+/// [`open`] with options (the ML-KEM key of hybrid files, the key cache).
 pub async fn open_with(
     client: &EtsiClient,
     as_sae: &str,
@@ -293,22 +346,32 @@ pub async fn open_with(
              (truncated or extended); no keys were used"
         )));
     }
+    if let Some(c) = &opts.key_cache {
+        if c.sae() != &me {
+            return Err(AppError::InvalidInput(format!(
+                "the key cache given is SAE {}'s, not {me}'s",
+                c.sae()
+            )));
+        }
+    }
     // Everything that can be checked without keys is checked before dec_keys,
     // which hands each key out only once.
     let mlkem = match &header.mlkem {
         None => None,
         Some(f) => Some(decapsulate(f, opts.mlkem_key.as_ref())?),
     };
-    let mut out = TempOutput::create(output)?;
-    let batch = check_identity_and_pool(client, &me, &header.sender, 0, header.key_bits).await?;
-    let keys = dec_keys(
-        client,
-        &header.sender,
-        &header.key_ids,
-        header.key_bits,
-        batch,
-    )
-    .await?;
+    let mut warnings = Vec::new();
+    let out_dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let (_, problems) = remove_stale_open_outputs(out_dir);
+    warnings.extend(problems);
+    let mut out = TempOutput::create_for_open(output)?;
+    let now = SystemTime::now();
+    let (keys, mut source) = file_keys(client, &me, &header, opts.key_cache.as_ref(), now).await?;
+    warnings.append(&mut source.warnings);
+    source.warnings = warnings;
     let body = match header.mode {
         Mode::Otp => Body::Otp(concat_keys(keys)),
         Mode::Qkd | Mode::Hybrid => {
@@ -321,22 +384,200 @@ pub async fn open_with(
         }
     };
     debug_assert_eq!(layout.keys as usize, header.key_ids.len());
-    let report = report(&header, raw.len() as u64);
-    run_blocking(move || {
+    let file = report(&header, raw.len() as u64);
+    let header = std::sync::Arc::new(header);
+    let h = std::sync::Arc::clone(&header);
+    let result = run_blocking(move || {
         match body {
-            Body::Otp(km) => open_otp(&header, &raw, km, &mut reader, &mut out)?,
-            Body::Chunks(ks) => open_chunks(&header, &raw, &ks, &mut reader, &mut out)?,
-        }
-        let mut probe = [0u8; 1];
-        if read_some(&mut reader, &mut probe, "reading the sealed file")? != 0 {
-            return Err(AppError::Integrity(
-                "data after the last chunk (the file was extended)".into(),
-            ));
+            Body::Otp(km) => open_otp(&h, &raw, km, &mut reader, &mut out)?,
+            Body::Chunks(ks) => {
+                // Pass 1: authenticate everything, write nothing.
+                chunks_pass(&h, &raw, &ks, &mut reader, None)?;
+                let body_start = raw.len() as u64;
+                reader
+                    .seek(SeekFrom::Start(body_start))
+                    .map_err(|e| AppError::io("rewinding the sealed file", e))?;
+                // Pass 2: authenticate again (the file may have changed) and write.
+                chunks_pass(&h, &raw, &ks, &mut reader, Some(&mut out)).map_err(|e| match e {
+                    AppError::Integrity(m) => AppError::Integrity(format!(
+                        "{m} (the file changed while it was being opened)"
+                    )),
+                    e => e,
+                })?;
+            }
         }
         out.commit()
     })
-    .await?;
-    Ok(report)
+    .await;
+    let cache = opts.key_cache.as_ref();
+    if let Err(e) = result {
+        return Err(match (e, cache, source.cached_until) {
+            (AppError::Integrity(m), Some(c), Some(until)) => AppError::Integrity(format!(
+                "{m}; no output was written. The keys of this file stay in the key cache \
+                 {} for {}, so an intact copy of it can still be opened",
+                c.dir().display(),
+                human_duration(until.saturating_sub(unix_secs(SystemTime::now())))
+            )),
+            (e, _, _) => e,
+        });
+    }
+    if let (Some(c), true) = (cache, opts.forget_keys) {
+        match c.forget(&header.sender, &header.key_ids) {
+            Ok(_) => source.cached_until = None,
+            Err(e) => source.warnings.push(format!(
+                "could not delete the file's keys from the key cache: {e}"
+            )),
+        }
+    }
+    Ok(OpenReport {
+        file,
+        keys_from_cache: source.from_cache,
+        keys_from_kme: source.from_kme,
+        keys_cached_until: source.cached_until,
+        warnings: source.warnings,
+    })
+}
+
+/// Where the keys of an open came from.
+#[derive(Debug, Default)]
+struct KeySource {
+    from_cache: u64,
+    from_kme: u64,
+    cached_until: Option<u64>,
+    warnings: Vec<String>,
+}
+
+/// The file's keys, in order: from the cache where it has them, the rest from the
+/// KME, each batch stored in the cache before it is used.
+async fn file_keys(
+    client: &EtsiClient,
+    me: &SaeId,
+    header: &Header,
+    cache: Option<&KeyCache>,
+    now: SystemTime,
+) -> Result<(Vec<Key>, KeySource), AppError> {
+    let ids = &header.key_ids;
+    let mut src = KeySource::default();
+    let mut unreadable = Vec::new();
+    let mut have: Vec<Option<Key>> = match cache {
+        None => ids.iter().map(|_| None).collect(),
+        Some(c) => {
+            let swept = c.sweep(now);
+            src.warnings.extend(swept.warnings);
+            let found = c.lookup(&header.sender, ids, now);
+            src.cached_until = found.expires;
+            unreadable = found.unreadable;
+            src.warnings
+                .extend(unreadable.iter().map(|w| format!("ignored: {w}")));
+            found.keys
+        }
+    };
+    src.from_cache = have.iter().filter(|k| k.is_some()).count() as u64;
+    let missing: Vec<usize> = (0..ids.len()).filter(|&i| have[i].is_none()).collect();
+    if !missing.is_empty() {
+        let batch = check_identity_and_pool(client, me, &header.sender, 0, header.key_bits).await?;
+        // `batch` is at most MAX_KEYS_PER_CALL, so it fits usize.
+        for part in missing.chunks(batch.max(1) as usize) {
+            let part_ids: Vec<Uuid> = part.iter().map(|&i| ids[i]).collect();
+            let got = match client.dec_keys(header.sender.as_str(), &part_ids).await {
+                Ok(k) => k,
+                Err(ClientError::Api {
+                    status: 400,
+                    message,
+                }) => {
+                    return Err(keys_unavailable(
+                        me,
+                        header,
+                        cache,
+                        &src,
+                        &unreadable,
+                        &message,
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(c) = cache {
+                match c.store(&header.sender, &got, now) {
+                    Ok(until) => {
+                        src.cached_until = Some(src.cached_until.map_or(until, |u| u.max(until)));
+                    }
+                    Err(e) => src.warnings.push(format!(
+                        "could not keep keys in the key cache {} ({e}): they are used now, \
+                         and lost if this open fails",
+                        c.dir().display()
+                    )),
+                }
+            }
+            src.from_kme += got.len() as u64;
+            // dec_keys returns exactly the IDs asked for, in that order (checked by
+            // the client); a mismatch leaves a slot empty, reported below.
+            for (&i, k) in part.iter().zip(got) {
+                if k.id == ids[i] {
+                    have[i] = Some(k);
+                }
+            }
+        }
+    }
+    let keys: Vec<Key> = have
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| AppError::Internal("the KME did not return every key asked for".into()))?;
+    let key_bytes = usize::from(header.key_bits / 8);
+    if keys.iter().any(|k| k.material.len() != key_bytes) {
+        return Err(AppError::Integrity(format!(
+            "the file's keys are not {} bits long as its header says (modified header?)",
+            header.key_bits
+        )));
+    }
+    Ok((keys, src))
+}
+
+/// The error for keys that neither the KME nor the cache has.
+fn keys_unavailable(
+    me: &SaeId,
+    h: &Header,
+    cache: Option<&KeyCache>,
+    src: &KeySource,
+    unreadable: &[String],
+    kme_said: &str,
+) -> AppError {
+    let n = h.key_ids.len();
+    let cache_note = match cache {
+        None => "no key cache was in use, so no copy of them is kept here".to_owned(),
+        Some(c) if src.from_cache == 0 => {
+            format!("no cached keys for it in {}", c.dir().display())
+        }
+        Some(c) => format!(
+            "the key cache {} holds {} of its {n} keys",
+            c.dir().display(),
+            src.from_cache
+        ),
+    };
+    let unreadable_note = match unreadable.first() {
+        None => String::new(),
+        Some(first) => format!(
+            "; {} cached key(s) of it are unreadable (corrupted, or the SAE's TLS key \
+             changed): {first}",
+            unreadable.len()
+        ),
+    };
+    AppError::KeysUnavailable(format!(
+        "SAE {me}'s KME no longer has the keys of this file from {} (it answered: {kme_said}): \
+         the file was already opened, here without a key cache or elsewhere, or its keys \
+         were used up by another copy of it, or they never reached this KME; {cache_note}\
+         {unreadable_note}",
+        h.sender
+    ))
+}
+
+/// "7 days", "5 hours", "12 minutes", "40 seconds" (rounded up).
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s > 2 * 86_400 => format!("{} days", s.div_ceil(86_400)),
+        s if s > 2 * 3600 => format!("{} hours", s.div_ceil(3600)),
+        s if s > 120 => format!("{} minutes", s.div_ceil(60)),
+        s => format!("{s} seconds"),
+    }
 }
 
 /// Reads the header of a sealed file (no KME involved), with its length in bytes.
@@ -505,12 +746,15 @@ fn seal_chunks(
     Ok(())
 }
 
-fn open_chunks(
+/// One pass over the chunks of a sealed body: every chunk is decrypted and its
+/// tag checked; with `out`, its plaintext is then written. Ends with the check
+/// that nothing follows the last chunk.
+fn chunks_pass(
     h: &Header,
     raw: &[u8],
     keys: &[Sm4Key],
     input: &mut impl Read,
-    out: &mut TempOutput,
+    mut out: Option<&mut TempOutput>,
 ) -> Result<(), AppError> {
     let digest = sm3(raw);
     let full = h.chunk_size as usize;
@@ -533,14 +777,24 @@ fn open_chunks(
             opener
                 .open_chunk(&aad, &mut buf[..], &tag)
                 .map_err(|_| forged(c))?;
-            out.write(&buf[..])?;
+            if let Some(o) = out.as_deref_mut() {
+                o.write(&buf[..])?;
+            }
         }
         let c = chunks - 1;
         let b = &mut buf[..last_len as usize];
         read_exactly(input, b, || cut(c))?;
         read_exactly(input, &mut tag, || cut(c))?;
         opener.open_last(&aad, b, &tag).map_err(|_| forged(c))?;
-        out.write(b)?;
+        if let Some(o) = out.as_deref_mut() {
+            o.write(b)?;
+        }
+    }
+    let mut probe = [0u8; 1];
+    if read_some(input, &mut probe, "reading the sealed file")? != 0 {
+        return Err(AppError::Integrity(
+            "data after the last chunk (the file was extended)".into(),
+        ));
     }
     Ok(())
 }
@@ -591,6 +845,12 @@ fn open_otp(
     mac.verify(&tag).map_err(|_| {
         AppError::Integrity("the OTP tag does not verify (modified or wrong keys)".into())
     })?;
+    let mut probe = [0u8; 1];
+    if read_some(input, &mut probe, "reading the sealed file")? != 0 {
+        return Err(AppError::Integrity(
+            "data after the tag (the file was extended)".into(),
+        ));
+    }
     one_time_pad(pad, &mut data)?;
     out.write(&data)
 }
