@@ -220,8 +220,10 @@ pub struct ListenArgs {
     /// whose keys this SAE's KME delivers).
     #[arg(long = "from", value_name = "SAE")]
     senders: Vec<String>,
-    /// Exit after the first stream, with its result (otherwise keep listening and
-    /// report failed streams on standard error).
+    /// Exit after the first stream that ends, with its result (otherwise keep
+    /// listening and report failed streams on standard error). With `--out FILE`
+    /// up to 16 streams are received at once, each bounded by the handshake
+    /// timeout until its sender is authenticated; with `--out -` one at a time.
     #[arg(long)]
     once: bool,
     /// Print reports as JSON (on standard error when the plaintext goes to standard output).
@@ -457,6 +459,9 @@ fn send_stream(a: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Streams `msg listen` receives at once when writing to a file.
+const MAX_PARALLEL_STREAMS: usize = 16;
+
 fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let output = if is_stdio(&a.out) {
         Output::Stdout
@@ -486,22 +491,46 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
             l.local_addr().context("listening address")?,
             a.recipient.as_sae
         );
+        // Streams to a file are received side by side, so that a connection
+        // that stalls (or never authenticates) does not hold up the others;
+        // standard output takes one stream at a time (two would interleave).
+        let parallel = match output {
+            Output::Stdout => 1,
+            Output::File(_) => MAX_PARALLEL_STREAMS,
+        };
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
+        let mut streams = tokio::task::JoinSet::new();
         loop {
-            let (conn, peer) = l.accept().await.context("accepting a connection")?;
-            let _ = conn.set_nodelay(true);
-            match receive(&client, &a.recipient.as_sae, conn, &output, &opts).await {
-                Ok(rep) => {
-                    report(stream_report("received", &rep, Some(peer), a.json)?);
-                    if a.once {
-                        return Ok(());
-                    }
+            tokio::select! {
+                acc = l.accept(), if permits.available_permits() > 0 => {
+                    let (conn, peer) = acc.context("accepting a connection")?;
+                    let _ = conn.set_nodelay(true);
+                    let permit = permits.clone().acquire_owned().await?;
+                    let (client, me, output, opts) =
+                        (client.clone(), a.recipient.as_sae.clone(), output.clone(), opts.clone());
+                    streams.spawn(async move {
+                        let r = receive(&client, &me, conn, &output, &opts).await;
+                        drop(permit);
+                        (peer, r)
+                    });
                 }
-                Err(e) => {
-                    let e = anyhow::Error::new(e).context(format!("stream from {peer}"));
-                    if a.once {
-                        return Err(e);
+                Some(done) = streams.join_next() => {
+                    let (peer, r) = done.context("stream task")?;
+                    match r {
+                        Ok(rep) => {
+                            report(stream_report("received", &rep, Some(peer), a.json)?);
+                            if a.once {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => {
+                            let e = anyhow::Error::new(e).context(format!("stream from {peer}"));
+                            if a.once {
+                                return Err(e);
+                            }
+                            eprintln!("error: {e:#}");
+                        }
                     }
-                    eprintln!("error: {e:#}");
                 }
             }
         }
