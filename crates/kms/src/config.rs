@@ -235,8 +235,10 @@ impl StoreChoice<'_> {
                 Arc::new(SqliteStore::open_keyed(path, *durability, master.as_ref())?)
             }
             StoreChoice::Postgres { url, schema } => {
-                let mut options = PostgresOptions::default();
-                options.master_key = master;
+                let options = PostgresOptions {
+                    master_key: master,
+                    ..Default::default()
+                };
                 Arc::new(PostgresStore::open(url, schema, options).await?)
             }
         })

@@ -454,7 +454,7 @@ fn encrypt_in_place(conn: &Connection, cipher: &UnitCipher) -> Result<(), StoreE
     for (bid, c) in rows {
         let mut data: Zeroizing<Vec<u8>> =
             Zeroizing::new(sel.query_row(params![bid, c], |r| r.get(0))?);
-        if data.len() % UNIT_BYTES != 0 {
+        if !data.len().is_multiple_of(UNIT_BYTES) {
             return Err(corrupt("chunk length"));
         }
         let first = u64_of(c)? * CHUNK_UNITS;
