@@ -27,6 +27,10 @@
 //! `--store-url postgres://…` puts both KMEs' stores on a PostgreSQL server instead
 //! (schemas `bench_<pid>_a` / `_b`, dropped at the end); `scripts/postgres.sh`
 //! starts a throwaway server and prints its URL.
+//!
+//! Both stores keep key material encrypted under a node master key, as `qkdnet
+//! net up` configures them; `--plaintext-store` leaves it in the clear, to
+//! measure what the encryption costs.
 #![allow(missing_docs)]
 
 #[global_allocator]
@@ -61,6 +65,7 @@ struct Args {
     store_url: Option<String>,
     stock: u32,
     warmup: f64,
+    plaintext_store: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -75,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
         store_url: None,
         stock: qkdnet_kms::config::default_stock_keys(),
         warmup: 0.0,
+        plaintext_store: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +105,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--with-dec" => a.with_dec = true,
+            "--plaintext-store" => a.plaintext_store = true,
             "--store-url" => a.store_url = Some(val()?),
             "--stock" => a.stock = val()?.parse().map_err(|_| "bad --stock")?,
             "--warmup" => {
@@ -176,6 +183,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let ca = Ca::generate("bench CA")?;
+    let master_key = (!args.plaintext_store).then(|| dir.join("master.key"));
+    if let Some(p) = &master_key {
+        qkdnet_kms::store::MasterKey::create_file(p)?;
+    }
     let pg: Option<PostgresUrl> = match &args.store_url {
         Some(u) => Some(u.parse().map_err(|e| format!("--store-url: {e}"))?),
         None => None,
@@ -235,6 +246,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             link_state_interval_ms: 1000,
             connections: Default::default(),
             key_id_secret: None,
+            store_key: master_key.clone(),
         }
     };
     let a = launch_with_tls(
@@ -443,6 +455,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "store": if pg.is_some() { "postgresql" } else { "sqlite" },
             "sqlite_synchronous": format!("{:?}", args.sync).to_lowercase(),
             "stock_keys": args.stock,
+            "store_encrypted": !args.plaintext_store,
             "warmup_seconds": args.warmup,
             "mode": if args.rate.is_some() { "open_loop" } else { "closed_loop" },
             "offered_keys_per_s": args.rate,

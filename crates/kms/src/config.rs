@@ -15,11 +15,21 @@
 //! configuration's `Debug` output never shows it, but the file itself should be
 //! readable only by the KME.
 //!
+//! `store_key` names the node master key file (32 random bytes, mode 0600; the
+//! KME refuses a file that group or others may read): every unit of key material
+//! in the store is encrypted under a key derived from it, so a copy of the
+//! database yields no keys ([`crate::store::cipher`]). A store written in the clear
+//! is encrypted when first opened with a key; a store encrypted under another key,
+//! or opened without one, is refused. Keep the key file apart from the store's
+//! backups: whoever holds both holds the keys. Without `store_key` the KME warns at
+//! start-up that key material is stored in the clear.
+//!
 //! ```toml
 //! kme_id = "kme-a"
 //! listen = "127.0.0.1:8443"
 //! store = "kme-a.sqlite"          # SQLite, WAL, synchronous=FULL
 //! key_id_secret = "pki/key-ids.secret" # 32 bytes shared by the network's KMEs: opaque key IDs
+//! store_key = "master.key"        # node master key (32 bytes, mode 0600): keys encrypted at rest
 //! # store_synchronous = "normal"  # only to compare; survives crashes, not power loss
 //! # or, instead of `store`:
 //! # store_url = "postgres://qkdnet@127.0.0.1:5432/qkdnet"
@@ -82,7 +92,7 @@ use crate::server::{ServerHandle, serve_with};
 use crate::service::{Kme, KmeSettings};
 use crate::store::postgres::{PostgresOptions, PostgresStore, PostgresUrl, SchemaName};
 use crate::store::sqlite::{Durability, SqliteStore};
-use crate::store::{KeyStore, StoreError};
+use crate::store::{KeyStore, MasterKey, StoreError};
 use crate::tls::{KeyExchange, TlsMaterial, server_config};
 
 /// Synchronous mode of the SQLite store.
@@ -217,14 +227,19 @@ pub enum StoreChoice<'a> {
 }
 
 impl StoreChoice<'_> {
-    /// Opens the store.
-    pub async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+    /// Opens the store, its key material encrypted under `master` if given (see
+    /// [`crate::store::cipher`]).
+    pub async fn open(&self, master: Option<MasterKey>) -> Result<Arc<dyn KeyStore>, StoreError> {
         Ok(match self {
             StoreChoice::Sqlite { path, durability } => {
-                Arc::new(SqliteStore::open_with(path, *durability)?)
+                Arc::new(SqliteStore::open_keyed(path, *durability, master.as_ref())?)
             }
             StoreChoice::Postgres { url, schema } => {
-                Arc::new(PostgresStore::open(url, schema, PostgresOptions::default()).await?)
+                let options = PostgresOptions {
+                    master_key: master,
+                    ..Default::default()
+                };
+                Arc::new(PostgresStore::open(url, schema, options).await?)
             }
         })
     }
@@ -292,6 +307,11 @@ pub struct KmeConfig {
     /// KME warns at start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id_secret: Option<PathBuf>,
+    /// File holding this node's master key (32 bytes, mode 0600): key material
+    /// in the store is encrypted under it ([`crate::store::cipher`]). Without it
+    /// the store keeps key material in the clear (and the KME warns at start-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_key: Option<PathBuf>,
     /// Connection limits and timeouts (`[connections]`).
     #[serde(default)]
     pub connections: crate::server::ConnectionLimits,
@@ -364,7 +384,7 @@ impl KmeConfig {
             .map_err(|e| KmsError::Config(format!("cannot read {}: {e}", path.display())))?;
         let mut c = Self::from_toml(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let secret = c.key_id_secret.iter_mut();
+        let secret = c.key_id_secret.iter_mut().chain(c.store_key.iter_mut());
         for p in [&mut c.store, &mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key]
             .into_iter()
             .chain(secret)
@@ -436,7 +456,12 @@ pub async fn launch_with_tls(
             )));
         }
     }
-    let store = cfg.store_choice()?.open().await?;
+    let master = cfg
+        .store_key
+        .as_deref()
+        .map(MasterKey::read_file)
+        .transpose()?;
+    let store = cfg.store_choice()?.open(master).await?;
     let timeout = Duration::from_millis(cfg.peer_timeout_ms.max(1));
     let peers = cfg
         .peers

@@ -105,6 +105,10 @@ impl Mesh {
         let ca = Ca::generate("qkdnet mesh test CA")?;
         let key_id_secret = dir.join("key-ids.secret");
         crate::key_id::create_secret(&key_id_secret)?;
+        // One master key file for every KME of the mesh (each store draws its
+        // own salt, so their ciphers differ anyway).
+        let master_key = dir.join("master.key");
+        crate::store::MasterKey::create_file(&master_key)?;
         let mut listeners = Vec::new();
         for _ in 0..n {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
@@ -169,6 +173,7 @@ impl Mesh {
                 stock_keys: 0,
                 link_state_interval_ms: opts.link_state_interval_ms,
                 key_id_secret: Some(key_id_secret.clone()),
+                store_key: Some(master_key.clone()),
                 connections: Default::default(),
             });
             tls.push(ca.material(&Identity::Kme(kme_id(i)?), &[])?);

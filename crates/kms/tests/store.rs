@@ -20,7 +20,9 @@ use common::{BLOCK_BYTES, Net, SEED, TempDir, key_ids_body, keys_of, kme, sae};
 use hyper::StatusCode;
 use qkdnet_kms::block::KeyBlock;
 use qkdnet_kms::etsi::Limits;
+use qkdnet_kms::store::MasterKey;
 use qkdnet_kms::store::postgres::{PostgresOptions, PostgresUrl, SchemaName};
+use qkdnet_kms::store::sqlite::Durability;
 use qkdnet_kms::store::{
     AcceptOutcome, Acceptance, IngestBatch, KeyStore, PostgresStore, Reservation, ReservedKey,
     SqliteStore, StoreError,
@@ -54,6 +56,9 @@ on_both_backends!(
     accept_take_spends_a_relay_hop_in_one_step,
     keys_of_several_units_keep_their_layout,
     units_return_in_any_order_and_keys_cross_blocks,
+    issue_18_item_8_a_copy_of_the_store_holds_no_key_material,
+    issue_18_item_8_another_master_key_or_none_is_refused,
+    issue_18_item_8_a_plaintext_store_is_encrypted_at_open_and_keeps_its_keys,
 );
 
 /// Where a test's stores live: files in a temporary directory, or schemas on the
@@ -104,21 +109,58 @@ impl Backend {
         Some(Backend::Postgres { url, prefix })
     }
 
+    /// Opens store `name`, its material encrypted under [`test_master_key`].
     async fn open(&self, name: &str) -> Arc<dyn KeyStore> {
-        match self {
-            Backend::Sqlite { dir, .. } => Arc::new(
-                SqliteStore::open(&dir.join(format!("{name}.sqlite"))).expect("open SQLite"),
-            ),
+        self.open_keyed(name, Some(test_master_key()))
+            .await
+            .expect("open store")
+    }
+
+    /// Opens store `name` with `master` (`None`: material in the clear).
+    async fn open_keyed(
+        &self,
+        name: &str,
+        master: Option<MasterKey>,
+    ) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(match self {
+            Backend::Sqlite { dir, .. } => Arc::new(SqliteStore::open_keyed(
+                &dir.join(format!("{name}.sqlite")),
+                Durability::Full,
+                master.as_ref(),
+            )?),
             Backend::Postgres { url, prefix } => {
                 let url: PostgresUrl = url.parse().expect("QKDNET_TEST_PG is a PostgreSQL URL");
                 let schema = SchemaName::new(&format!("{prefix}_{name}")).expect("schema");
                 let mut opts = PostgresOptions::default();
                 opts.pool_size = 4;
-                Arc::new(
-                    PostgresStore::open(&url, &schema, opts)
-                        .await
-                        .expect("open PostgreSQL"),
+                opts.master_key = master;
+                Arc::new(PostgresStore::open(&url, &schema, opts).await?)
+            }
+        })
+    }
+
+    /// What an attacker with a copy of closed store `name` reads: the SQLite
+    /// file and its WAL byte for byte, or PostgreSQL's raw `material` values.
+    async fn raw_bytes(&self, name: &str) -> Vec<u8> {
+        match self {
+            Backend::Sqlite { dir, .. } => {
+                let mut out = std::fs::read(dir.join(format!("{name}.sqlite"))).expect("file");
+                if let Ok(wal) = std::fs::read(dir.join(format!("{name}.sqlite-wal"))) {
+                    out.extend_from_slice(&wal);
+                }
+                out
+            }
+            Backend::Postgres { url, prefix } => {
+                let c = raw_pg(url).await;
+                c.query(
+                    &format!("SELECT material FROM \"{prefix}_{name}\".units"),
+                    &[],
                 )
+                .await
+                .expect("raw material")
+                .iter()
+                .flat_map(|r| r.get::<_, Vec<u8>>(0))
+                .collect()
             }
         }
     }
@@ -215,6 +257,166 @@ impl Backend {
             "store {name}: units outside pools / orphaned"
         );
     }
+}
+
+/// The master key of the store tests' stores.
+fn test_master_key() -> MasterKey {
+    MasterKey::from_bytes([0x5a; 32])
+}
+
+/// How many of the units of blocks `0..blocks` (as `me` stores them) have any
+/// 16 consecutive bytes of their material somewhere in `raw`.
+fn units_visible_in(raw: &[u8], me: &str, peer: &str, blocks: u64) -> usize {
+    let windows: HashSet<&[u8]> = raw.windows(16).collect();
+    (0..blocks)
+        .flat_map(|n| {
+            seeded_block(SEED, "ab", kme(peer), n, BLOCK_BYTES)
+                .cut(&kme(me))
+                .expect("valid block")
+        })
+        .filter(|u| u.material.windows(16).any(|w| windows.contains(w)))
+        .count()
+}
+
+/// Issue #18, item 8: a copy of a store (file, WAL, or the database's raw
+/// column values) taken while it holds keys, some delivered, shows no 16
+/// consecutive bytes of any unit's material.
+async fn issue_18_item_8_a_copy_of_the_store_holds_no_key_material(backend: Backend) {
+    let a = backend.open("a").await;
+    let b = backend.open("b").await;
+    fill_both(&*a, &*b, 2).await;
+    let r = reservation(8);
+    let keys = a.reserve(r.clone()).await.expect("reserve");
+    b.accept(acceptance("kme-a", &r, &keys))
+        .await
+        .expect("accept");
+    a.confirm(r.request_id).await.expect("confirm");
+    drop((a, b));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for (name, me, peer) in [("a", "kme-a", "kme-b"), ("b", "kme-b", "kme-a")] {
+        let raw = backend.raw_bytes(name).await;
+        assert!(raw.len() > BLOCK_BYTES, "the copy holds the ciphertext");
+        assert_eq!(
+            units_visible_in(&raw, me, peer, 2),
+            0,
+            "plaintext in store {name}"
+        );
+    }
+    // Reopened under the key, the keys still come out.
+    let b = backend.open("b").await;
+    let got = b
+        .take(
+            sae("bob"),
+            sae("alice"),
+            keys.iter().map(|k| k.layout.key_id).collect(),
+        )
+        .await
+        .expect("take");
+    for (k, g) in keys.iter().zip(&got) {
+        assert_eq!(k.material[..], g.material[..]);
+    }
+}
+
+/// Issue #18, item 8: an encrypted store opened with another master key, or
+/// with none, is refused with a clear error (and not changed).
+async fn issue_18_item_8_another_master_key_or_none_is_refused(backend: Backend) {
+    let a = backend.open("a").await;
+    fill(&*a, "kme-a", "kme-b", 1).await;
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let other = MasterKey::from_bytes([0xa5; 32]);
+    let Err(e) = backend.open_keyed("a", Some(other)).await else {
+        panic!("a store opened under another master key")
+    };
+    assert!(
+        e.to_string()
+            .contains("this store was encrypted under a different node master key"),
+        "{e}"
+    );
+    let Err(e) = backend.open_keyed("a", None).await else {
+        panic!("an encrypted store opened without a key")
+    };
+    assert!(e.to_string().contains("none is configured"), "{e}");
+    // The right key still opens it, and its keys are intact.
+    let a = backend.open("a").await;
+    let keys = a.reserve(reservation(4)).await.expect("reserve");
+    let block = seeded_block(SEED, "ab", kme("kme-b"), 0, BLOCK_BYTES)
+        .cut(&kme("kme-a"))
+        .expect("valid block");
+    let mine: Vec<_> = block.iter().filter(|u| u.mine).collect();
+    for (k, u) in keys.iter().zip(mine) {
+        assert_eq!(k.layout.key_id, u.id);
+        assert_eq!(k.material[..], u.material[..]);
+    }
+}
+
+/// Issue #18, item 8: a store written in the clear (no key, as before) is
+/// encrypted when opened with a key, and hands out the same keys as a twin
+/// store that stayed in the clear.
+async fn issue_18_item_8_a_plaintext_store_is_encrypted_at_open_and_keeps_its_keys(
+    backend: Backend,
+) {
+    for name in ["plain", "migrated"] {
+        let s = backend
+            .open_keyed(name, None)
+            .await
+            .expect("open in the clear");
+        fill(&*s, "kme-a", "kme-b", 2).await;
+        // Some keys already delivered before the migration.
+        let r = reservation(3);
+        s.reserve(r.clone()).await.expect("reserve");
+        s.confirm(r.request_id).await.expect("confirm");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let raw = backend.raw_bytes("migrated").await;
+    assert!(
+        units_visible_in(&raw, "kme-a", "kme-b", 2) > 0,
+        "a store in the clear shows its material (the check sees plaintext)"
+    );
+    let migrated = backend
+        .open_keyed("migrated", Some(test_master_key()))
+        .await
+        .expect("encrypt at open");
+    let plain = backend.open_keyed("plain", None).await.expect("reopen");
+    let r = reservation(40);
+    let want = plain.reserve(r.clone()).await.expect("reserve");
+    let got = migrated.reserve(r).await.expect("reserve");
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w.layout, g.layout);
+        assert_eq!(w.material[..], g.material[..], "same keys after encryption");
+    }
+    drop((migrated, plain));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let raw = backend.raw_bytes("migrated").await;
+    assert_eq!(
+        units_visible_in(&raw, "kme-a", "kme-b", 2),
+        0,
+        "plaintext left after encryption at open"
+    );
+    // Now encrypted: refused without the key.
+    assert!(backend.open_keyed("migrated", None).await.is_err());
+}
+
+/// Issue #18, item 8: a master key file that group or others may read is refused.
+#[test]
+fn issue_18_item_8_a_master_key_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::TempDir::new("master-key-mode");
+    let path = dir.0.join("master.key");
+    MasterKey::create_file(&path).expect("create");
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "created 0600");
+    MasterKey::read_file(&path).expect("0600 is accepted");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let e = MasterKey::read_file(&path).expect_err("0644 refused");
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+    assert!(e.to_string().contains("0644"), "{e}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&path, [1u8; 16]).expect("short key");
+    assert!(MasterKey::read_file(&path).is_err(), "wrong length refused");
+    // A second create never overwrites.
+    assert!(MasterKey::create_file(&path).is_err());
 }
 
 fn fnv32(s: &str) -> u32 {

@@ -11,7 +11,8 @@
 //! STATE/pki/                     the network's CA (ca.pem, ca.key) and SAE certificates
 //! STATE/links/LINK.key           bootstrap authentication secret of each link (0600)
 //! STATE/nodes/NODE/node.toml     the node's configuration
-//! STATE/nodes/NODE/keys.sqlite   its KME's durable key store
+//! STATE/nodes/NODE/keys.sqlite   its KME's durable key store (material encrypted)
+//! STATE/nodes/NODE/master.key    the node master key the store is encrypted under (0600)
 //! STATE/nodes/NODE/node.log      its output
 //! ```
 //!
@@ -279,6 +280,12 @@ pub fn prepare(
     for (i, id) in topo.nodes.iter().enumerate() {
         let nd = dir.join("nodes").join(id.as_str());
         std::fs::create_dir_all(&nd)?;
+        // The node master key: its KME's store keeps key material encrypted
+        // under it (kept on a restart, as the store is).
+        let master_key = nd.join("master.key");
+        if !master_key.exists() {
+            qkdnet_kms::store::MasterKey::create_file(&master_key)?;
+        }
         let (cert, key) = (nd.join("kme.pem"), nd.join("kme.key"));
         if !cert.exists() {
             let issued = ca.issue(&Identity::Kme(id.clone()), &sans)?;
@@ -349,6 +356,7 @@ pub fn prepare(
                 link_state_interval_ms: 1000,
                 connections: Default::default(),
                 key_id_secret: Some(key_id_secret.clone()),
+                store_key: Some(master_key),
             },
             links,
         };

@@ -21,7 +21,9 @@
 //! default) or [`PostgresStore`] (a database server, for a KME whose keys should live
 //! on one). Both make the same transitions (SQLite with a leaner schema tuned
 //! for its single writer, see [`sqlite`]); the tests in
-//! `tests/store.rs` run one body against each.
+//! `tests/store.rs` run one body against each. Both keep every unit's key
+//! material encrypted under the node master key when one is configured, see
+//! [`cipher`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,8 +34,11 @@ use zeroize::Zeroizing;
 use crate::block::KeyUnit;
 use crate::ids::{KmeId, SaeId};
 
+pub mod cipher;
 pub mod postgres;
 pub mod sqlite;
+
+pub use cipher::MasterKey;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -87,6 +92,10 @@ pub enum StoreError {
     /// The store has shut down.
     #[error("store closed")]
     Closed,
+    /// The store's encryption does not match the configured node master key
+    /// (another key, or none), see [`cipher`].
+    #[error("{0}")]
+    MasterKey(String),
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -52,7 +52,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -63,6 +63,7 @@ use tokio_postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction}
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
     PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome,
@@ -87,6 +88,10 @@ const MAX_SCHEMA_LEN: usize = 63;
 
 /// The tables, created in the KME's schema (the connection's `search_path`).
 /// `seq` and `ord` give units and keys the insertion order SQLite's rowid gives.
+/// `meta` holds the encryption record (`cipher`, `salt`, `check`, see
+/// [`super::cipher`]) of a store whose material is encrypted; a unit's material
+/// is then encrypted at position (`seq`, 0): `seq` values are drawn from the
+/// identity's sequence before the insert, so never reused.
 /// `units_free` has exactly the reservation query's predicate: with the earlier
 /// `(peer, mine, seq) WHERE key_id IS NULL`, the generic plan of the prepared
 /// reservation query walked the primary key from its start instead (EXPLAIN on a
@@ -113,6 +118,7 @@ CREATE TABLE IF NOT EXISTS pools(
 CREATE TABLE IF NOT EXISTS requests(
     request_id UUID PRIMARY KEY, role SMALLINT NOT NULL, peer TEXT NOT NULL, state SMALLINT NOT NULL,
     voided UUID[], created_ms BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BYTEA NOT NULL);
 ";
 
 /// Recomputes the pool counters from the units (at open), with the pools locked
@@ -235,7 +241,7 @@ impl<'de> Deserialize<'de> for SchemaName {
 }
 
 /// Tuning of the PostgreSQL store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PostgresOptions {
     /// Most connections open at once (at least 1). Transitions of one peer's pool
@@ -243,6 +249,10 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// Connect timeout used when the URL sets none.
     pub connect_timeout: Duration,
+    /// The node master key: key material is encrypted under it (a store in the
+    /// clear is encrypted at open); `None` keeps it in the clear and refuses an
+    /// encrypted store. See [`super::cipher`].
+    pub master_key: Option<MasterKey>,
 }
 
 impl Default for PostgresOptions {
@@ -250,6 +260,7 @@ impl Default for PostgresOptions {
         Self {
             pool_size: 8,
             connect_timeout: Duration::from_secs(10),
+            master_key: None,
         }
     }
 }
@@ -280,14 +291,27 @@ impl PostgresStore {
             set_search_path: format!("SET search_path TO {}", schema.quoted()),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(options.pool_size.max(1))),
+            cipher: OnceLock::new(),
         });
         let mut lease = pool.get().await?;
-        lease.setup(schema).await.map_err(|e| match e {
-            OpError::Store(e) => e,
-            OpError::Pg(e) => pg_backend(&e),
-            OpError::Retry => StoreError::Backend("schema setup interrupted".into()),
-        })?;
+        let cipher = lease
+            .setup(schema, options.master_key.as_ref())
+            .await
+            .map_err(|e| match e {
+                OpError::Store(e) => e,
+                OpError::Pg(e) => pg_backend(&e),
+                OpError::Retry => StoreError::Backend("schema setup interrupted".into()),
+            })?;
         drop(lease);
+        match cipher {
+            Some(c) => {
+                let _ = pool.cipher.set(c);
+            }
+            None => tracing::warn!(
+                schema = %schema,
+                "no node master key (store_key): key material is stored in the clear"
+            ),
+        }
         Ok(Self { pool })
     }
 
@@ -315,6 +339,8 @@ struct Pool {
     set_search_path: String,
     idle: Mutex<Vec<PgConn>>,
     permits: Arc<Semaphore>,
+    /// The unit cipher, set once at open if the store is encrypted.
+    cipher: OnceLock<UnitCipher>,
 }
 
 /// A connection and its prepared statements (named statements survive rollbacks).
@@ -410,6 +436,7 @@ impl Lease {
 
     /// Runs `op` in one transaction and commits it.
     async fn transact<O: Op>(&mut self, op: &O) -> Result<O::Out, OpError> {
+        let pool = self.pool.clone();
         let conn = self.conn()?;
         let isolation = if O::READ_ONLY {
             IsolationLevel::RepeatableRead
@@ -426,6 +453,7 @@ impl Lease {
         let mut cx = Ctx {
             tx,
             stmts: &mut conn.stmts,
+            cipher: pool.cipher.get(),
         };
         // On an error the transaction is dropped, which rolls it back.
         let out = op.run(&mut cx).await?;
@@ -433,7 +461,13 @@ impl Lease {
         Ok(out)
     }
 
-    async fn setup(&mut self, schema: &SchemaName) -> Result<(), OpError> {
+    /// Creates the tables, recounts the pools and checks (or, for a store in the
+    /// clear and a key, performs) the encryption, in one transaction.
+    async fn setup(
+        &mut self,
+        schema: &SchemaName,
+        master: Option<&MasterKey>,
+    ) -> Result<Option<UnitCipher>, OpError> {
         let conn = self.conn()?;
         let tx = conn.client.transaction().await?;
         // Two processes opening the same schema at once take turns.
@@ -446,8 +480,63 @@ impl Lease {
             .await?;
         tx.batch_execute(SCHEMA).await?;
         tx.batch_execute(RECOUNT).await?;
+        let mut meta = HashMap::new();
+        for row in tx.query("SELECT k, v FROM meta", &[]).await? {
+            meta.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);
+        }
+        let record = match meta.remove("cipher") {
+            None => None,
+            Some(name) if name == cipher::CIPHER_NAME.as_bytes() => {
+                match (meta.remove("salt"), meta.remove("check")) {
+                    (Some(salt), Some(check)) => Some(KeyRecord { salt, check }),
+                    _ => return Err(corrupt("encryption record incomplete").into()),
+                }
+            }
+            Some(name) => {
+                return Err(StoreError::MasterKey(format!(
+                    "the store is encrypted with {:?}, which this qkdnet does not know",
+                    String::from_utf8_lossy(&name)
+                ))
+                .into());
+            }
+        };
+        let what = format!("PostgreSQL schema {schema}");
+        let cipher = match cipher::plan(&what, record, master)? {
+            Plan::Plain => None,
+            Plan::Use(c) => Some(c),
+            Plan::Encrypt(c, record) => {
+                let rows = tx.query("SELECT seq, material FROM units", &[]).await?;
+                let mut seqs = Vec::with_capacity(rows.len());
+                let mut material = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let seq: i64 = row.try_get(0)?;
+                    let mut m = Zeroizing::new(row.try_get::<_, Vec<u8>>(1)?);
+                    if m.len() != UNIT_BYTES {
+                        return Err(corrupt("unit length").into());
+                    }
+                    c.apply(u64_of(seq)?, 0, &mut m);
+                    seqs.push(seq);
+                    material.push(m);
+                }
+                let refs: Vec<&[u8]> = material.iter().map(|m| &m[..]).collect();
+                tx.execute(
+                    "UPDATE units SET material = t.m
+                     FROM unnest($1::bigint[], $2::bytea[]) AS t(s, m) WHERE units.seq = t.s",
+                    &[&seqs, &refs],
+                )
+                .await?;
+                let name = cipher::CIPHER_NAME.as_bytes();
+                tx.execute(
+                    "INSERT INTO meta(k, v) VALUES ('cipher', $1), ('salt', $2), ('check', $3)",
+                    &[&name, &record.salt, &record.check],
+                )
+                .await?;
+                tracing::info!(%schema, units = seqs.len(), "key material encrypted under the node master key");
+                Some(c)
+            }
+        };
         tx.commit().await?;
-        Ok(())
+        Ok(cipher)
     }
 }
 
@@ -533,6 +622,8 @@ impl From<tokio_postgres::Error> for OpError {
 struct Ctx<'a> {
     tx: Transaction<'a>,
     stmts: &'a mut HashMap<&'static str, Statement>,
+    /// The store's unit cipher (`None`: material in the clear).
+    cipher: Option<&'a UnitCipher>,
 }
 
 type Params<'p> = [&'p (dyn ToSql + Sync)];
@@ -596,6 +687,14 @@ fn i32_of_size(size_bits: u32) -> Result<i32, StoreError> {
 
 fn u32_of_size(size_bits: i32) -> Result<u32, StoreError> {
     u32::try_from(size_bits).map_err(|_| StoreError::Backend("corrupt key size in store".into()))
+}
+
+fn u64_of(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt("negative value"))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!("corrupt key store: {what}"))
 }
 
 fn count_of(v: i64) -> u64 {
@@ -728,14 +827,36 @@ async fn ingest_op(cx: &mut Ctx<'_>, b: &IngestBatch) -> Result<u64, OpError> {
     .await?;
     let ids: Vec<Uuid> = b.units.iter().map(|u| u.id).collect();
     let mine: Vec<bool> = b.units.iter().map(|u| u.mine).collect();
-    let material: Vec<&[u8]> = b.units.iter().map(|u| &u.material[..]).collect();
+    // Each unit's `seq` is drawn first: it is the unit's place in the cipher.
+    let mut seqs: Vec<i64> = cx
+        .query(
+            "SELECT nextval(pg_get_serial_sequence('units', 'seq')) FROM generate_series(1, $1::bigint)",
+            &[&i64_of(n)?],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    seqs.sort_unstable();
+    if seqs.len() != b.units.len() {
+        return Err(StoreError::Backend("sequence returned too few values".into()).into());
+    }
+    let mut material: Vec<Zeroizing<[u8; UNIT_BYTES]>> =
+        b.units.iter().map(|u| u.material.clone()).collect();
+    if let Some(cipher) = cx.cipher {
+        for (m, seq) in material.iter_mut().zip(&seqs) {
+            cipher.apply(u64_of(*seq)?, 0, &mut m[..]);
+        }
+    }
+    let material: Vec<&[u8]> = material.iter().map(|m| &m[..]).collect();
     let inserted = cx
         .execute(
-            "INSERT INTO units(uid, peer, mine, material)
-             SELECT t.uid, $2, t.mine, t.material
-             FROM unnest($1::uuid[], $3::bool[], $4::bytea[]) WITH ORDINALITY AS t(uid, mine, material, i)
+            "INSERT INTO units(seq, uid, peer, mine, material) OVERRIDING SYSTEM VALUE
+             SELECT t.seq, t.uid, $2, t.mine, t.material
+             FROM unnest($5::bigint[], $1::uuid[], $3::bool[], $4::bytea[])
+                 WITH ORDINALITY AS t(seq, uid, mine, material, i)
              ORDER BY t.i",
-            &[&ids, &peer, &mine, &material],
+            &[&ids, &peer, &mine, &material, &seqs],
         )
         .await;
     match inserted {
@@ -833,8 +954,13 @@ async fn reserve_op(cx: &mut Ctx<'_>, r: &Reservation) -> Result<Vec<ReservedKey
             if m.len() != UNIT_BYTES {
                 return Err(StoreError::Backend("corrupt unit in store".into()).into());
             }
+            let seq = row.try_get::<_, i64>(0)?;
+            let at = material.len();
             material.extend_from_slice(m);
-            seqs.push(row.try_get::<_, i64>(0)?);
+            if let Some(cipher) = cx.cipher {
+                cipher.apply(u64_of(seq)?, 0, &mut material[at..]);
+            }
+            seqs.push(seq);
             unit_ids.push(row.try_get::<_, Uuid>(1)?);
             unit_keys.push(key_id);
             positions.push(pos as i32);
@@ -1308,7 +1434,7 @@ async fn take_op(
     }
     let units = cx
         .query(
-            "SELECT key_id, material FROM units WHERE key_id = ANY($1) ORDER BY key_id, pos",
+            "SELECT key_id, material, seq FROM units WHERE key_id = ANY($1) ORDER BY key_id, pos",
             &[&key_ids],
         )
         .await?;
@@ -1316,10 +1442,17 @@ async fn take_op(
     for row in &units {
         let kid: Uuid = row.try_get(0)?;
         let m: &[u8] = row.try_get(1)?;
-        material
+        if m.len() != UNIT_BYTES {
+            return Err(StoreError::Backend("corrupt unit in store".into()).into());
+        }
+        let out = material
             .entry(kid)
-            .or_insert_with(|| Zeroizing::new(Vec::new()))
-            .extend_from_slice(m);
+            .or_insert_with(|| Zeroizing::new(Vec::new()));
+        let at = out.len();
+        out.extend_from_slice(m);
+        if let Some(cipher) = cx.cipher {
+            cipher.apply(u64_of(row.try_get(2)?)?, 0, &mut out[at..]);
+        }
     }
     let mut out = Vec::with_capacity(key_ids.len());
     for (id, size) in key_ids.iter().zip(sizes) {

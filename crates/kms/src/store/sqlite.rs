@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
     PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome,
@@ -53,8 +54,9 @@ const REQ_STOCKED: i64 = 4;
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+/// Schema version kept in `PRAGMA user_version`. Version 4 added `meta` (the
+/// store's encryption record); a version 3 store is upgraded at open.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Units per row of key material (2 KiB: two rows fit in a 4 KiB page).
 const CHUNK_UNITS: u64 = 64;
@@ -80,7 +82,11 @@ const PRUNE_LIMIT: i64 = 4096;
 /// dec_keys for one of its keys at this (the master's) KME is answered "not
 /// authorised" instead of "not found", until the request is pruned. A request of
 /// 64 keys is then a handful of rows, where one row per key made every request
-/// hundreds of B-tree writes (see BENCHMARKS.md, KME).
+/// hundreds of B-tree writes (see BENCHMARKS.md, KME). `meta` holds the store's
+/// encryption record (`cipher`, `salt`, `check`: see [`super::cipher`]) when its
+/// material is encrypted; unit `i` of block `bid` is then encrypted at position
+/// (`bid`, `i`). `blocks` rows are never deleted, so a `bid` is never reused for
+/// other material (the cipher relies on it).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS blocks(
     bid INTEGER PRIMARY KEY, link_id TEXT NOT NULL, block_number INTEGER NOT NULL,
@@ -110,6 +116,7 @@ CREATE INDEX IF NOT EXISTS requests_state ON requests(state, created_ms);
 CREATE INDEX IF NOT EXISTS requests_stock ON requests(master, slave, size_bits) WHERE state = 4;
 CREATE TABLE IF NOT EXISTS pools(
     peer TEXT PRIMARY KEY, total INTEGER NOT NULL, mine_available INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
 ";
 
 /// Durability level of the SQLite store.
@@ -124,9 +131,24 @@ pub enum Durability {
     Normal,
 }
 
+/// The writer's connection and the store's unit cipher (`None`: material in the
+/// clear). Dereferences to the connection, so helpers that never touch material
+/// take a `&Connection`.
+pub(crate) struct Db {
+    conn: Connection,
+    cipher: Option<UnitCipher>,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
 trait Job: Send {
     /// Runs the operation inside the open transaction; `true` if it succeeded.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, conn: &Db) -> bool;
     /// Sends the result once the batch is committed (or failed).
     fn finish(self: Box<Self>, commit: Result<(), StoreError>);
 }
@@ -137,8 +159,8 @@ struct OpJob<T, F> {
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
-impl<T: Send, F: FnOnce(&Connection) -> Result<T, StoreError> + Send> Job for OpJob<T, F> {
-    fn run(&mut self, conn: &Connection) -> bool {
+impl<T: Send, F: FnOnce(&Db) -> Result<T, StoreError> + Send> Job for OpJob<T, F> {
+    fn run(&mut self, conn: &Db) -> bool {
         let Some(op) = self.op.take() else {
             return false;
         };
@@ -207,8 +229,21 @@ impl SqliteStore {
         Self::open_with(path, Durability::Full)
     }
 
-    /// Opens the store with the given durability.
+    /// Opens the store with the given durability, key material in the clear
+    /// (refused if the store is encrypted).
     pub fn open_with(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_keyed(path, durability, None)
+    }
+
+    /// Opens the store with the given durability; with `master`, key material is
+    /// encrypted under it (a store in the clear is encrypted now, in one
+    /// transaction), and a store encrypted under another key (or under one when
+    /// `master` is `None`) is refused. See [`super::cipher`].
+    pub fn open_keyed(
+        path: &Path,
+        durability: Durability,
+        master: Option<&MasterKey>,
+    ) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every statement of the operations stays prepared (rusqlite keeps 16 by
@@ -239,7 +274,7 @@ impl SqliteStore {
             [],
             |r| r.get(0),
         )?;
-        if version != SCHEMA_VERSION && !(version == 0 && tables == 0) {
+        if version != SCHEMA_VERSION && version != 3 && !(version == 0 && tables == 0) {
             return Err(StoreError::Backend(format!(
                 "{} has key-store schema {version}, this qkdnet uses {SCHEMA_VERSION}; \
                  a store of an older qkdnet cannot be opened (its layout differs): \
@@ -247,8 +282,51 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // Schema, version and encryption (a store in the clear is encrypted here
+        // when a key is configured) change in one transaction; pages freed meanwhile
+        // are zeroed (`secure_delete=ON`), so no plaintext is left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let setup = (|| -> Result<(Option<UnitCipher>, bool), StoreError> {
+            conn.execute_batch(SCHEMA)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            let record = key_record(&conn)?;
+            Ok(
+                match cipher::plan(&path.display().to_string(), record, master)? {
+                    Plan::Plain => (None, false),
+                    Plan::Use(c) => (Some(c), false),
+                    Plan::Encrypt(c, record) => {
+                        encrypt_in_place(&conn, &c)?;
+                        let mut ins = conn.prepare("INSERT INTO meta(k, v) VALUES (?1, ?2)")?;
+                        ins.execute(params!["cipher", cipher::CIPHER_NAME.as_bytes()])?;
+                        ins.execute(params!["salt", record.salt])?;
+                        ins.execute(params!["check", record.check])?;
+                        (Some(c), true)
+                    }
+                },
+            )
+        })();
+        let (cipher, migrated) = match setup {
+            Ok(v) => {
+                conn.execute_batch("COMMIT")?;
+                v
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        conn.pragma_update(None, "secure_delete", "FAST")?;
+        if migrated {
+            // The plaintext's pages are in the WAL until it is copied and cut.
+            let _: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            tracing::info!(store = %path.display(), "key material encrypted under the node master key");
+        } else if cipher.is_none() {
+            tracing::warn!(
+                store = %path.display(),
+                "no node master key (store_key): key material is stored in the clear"
+            );
+        }
         // Pool counters are maintained by every operation; recomputing them at open
         // makes them self-healing (one scan per start-up).
         conn.execute_batch(
@@ -273,7 +351,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         std::thread::Builder::new()
             .name("kms-sqlite".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(Db { conn, cipher }, rx))
             .map_err(|e| StoreError::Backend(format!("spawn writer thread: {e}")))?;
         Ok(Self {
             tx,
@@ -284,7 +362,7 @@ impl SqliteStore {
     fn submit<T, F>(&self, op: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(OpJob {
@@ -302,7 +380,7 @@ impl SqliteStore {
     }
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
+fn writer(conn: Db, rx: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -325,7 +403,7 @@ fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+fn run_batch(conn: &Db, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
     exec(conn, "BEGIN IMMEDIATE")?;
     let body = (|| -> Result<(), StoreError> {
         for job in batch.iter_mut() {
@@ -341,6 +419,51 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreE
         let _ = conn.execute_batch("ROLLBACK");
     }
     body
+}
+
+/// The store's encryption record, if its material is encrypted.
+fn key_record(conn: &Connection) -> Result<Option<KeyRecord>, StoreError> {
+    let mut get = conn.prepare("SELECT v FROM meta WHERE k = ?1")?;
+    let mut value = |k: &str| -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(get.query_row(params![k], |r| r.get(0)).optional()?)
+    };
+    let Some(name) = value("cipher")? else {
+        return Ok(None);
+    };
+    if name != cipher::CIPHER_NAME.as_bytes() {
+        return Err(StoreError::MasterKey(format!(
+            "the store is encrypted with {:?}, which this qkdnet does not know",
+            String::from_utf8_lossy(&name)
+        )));
+    }
+    match (value("salt")?, value("check")?) {
+        (Some(salt), Some(check)) => Ok(Some(KeyRecord { salt, check })),
+        _ => Err(corrupt("encryption record incomplete")),
+    }
+}
+
+/// Encrypts every chunk's units in place (a store in the clear gets a key).
+/// Units already delivered are zeros; encrypting them too is harmless.
+fn encrypt_in_place(conn: &Connection, cipher: &UnitCipher) -> Result<(), StoreError> {
+    let rows: Vec<(i64, i64)> = conn
+        .prepare("SELECT bid, c FROM chunks")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut sel = conn.prepare("SELECT data FROM chunks WHERE bid=?1 AND c=?2")?;
+    let mut upd = conn.prepare("UPDATE chunks SET data=?3 WHERE bid=?1 AND c=?2")?;
+    for (bid, c) in rows {
+        let mut data: Zeroizing<Vec<u8>> =
+            Zeroizing::new(sel.query_row(params![bid, c], |r| r.get(0))?);
+        if !data.len().is_multiple_of(UNIT_BYTES) {
+            return Err(corrupt("chunk length"));
+        }
+        let first = u64_of(c)? * CHUNK_UNITS;
+        for (k, unit) in data.chunks_mut(UNIT_BYTES).enumerate() {
+            cipher.apply(u64_of(bid)?, first + k as u64, unit);
+        }
+        upd.execute(params![bid, c, &data[..]])?;
+    }
+    Ok(())
 }
 
 /// Adds to a peer's pool counters.
@@ -633,7 +756,7 @@ fn in_chunk(i: u64) -> std::ops::Range<usize> {
 
 /// Appends the material of units `lo, lo + stride, …` (`n` of them) of `block`.
 fn read_units(
-    conn: &Connection,
+    conn: &Db,
     block: &Block,
     lo: u64,
     n: u64,
@@ -643,6 +766,7 @@ fn read_units(
         return Ok(());
     }
     let last = block.at(lo, n - 1);
+    let group = u64_of(block.bid)?;
     let mut sel = conn
         .prepare_cached("SELECT c, data FROM chunks WHERE bid=?1 AND c>=?2 AND c<=?3 ORDER BY c")?;
     let mut rows = sel.query(params![
@@ -658,7 +782,11 @@ fn read_units(
             let bytes = data
                 .get(in_chunk(next))
                 .ok_or_else(|| corrupt("short chunk"))?;
+            let at = out.len();
             out.extend_from_slice(bytes);
+            if let Some(cipher) = &conn.cipher {
+                cipher.apply(group, next, &mut out[at..]);
+            }
             next += block.stride;
         }
     }
@@ -868,7 +996,7 @@ fn duplicate(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn ingest_op(conn: &Connection, b: IngestBatch) -> Result<u64, StoreError> {
+fn ingest_op(conn: &Db, b: IngestBatch) -> Result<u64, StoreError> {
     let seen: Option<i64> = conn
         .prepare_cached("SELECT 1 FROM blocks WHERE link_id=?1 AND block_number=?2")?
         .query_row(params![b.link_id, i64_of(b.block_number)?], |r| r.get(0))
@@ -942,10 +1070,16 @@ fn ingest_op(conn: &Connection, b: IngestBatch) -> Result<u64, StoreError> {
         }
     }
     let mut ins = conn.prepare_cached("INSERT INTO chunks(bid, c, data) VALUES (?1,?2,?3)")?;
+    let group = u64_of(bid)?;
     for (c, units) in b.units.chunks(CHUNK_UNITS as usize).enumerate() {
         let mut data = Zeroizing::new(Vec::with_capacity(units.len() * UNIT_BYTES));
-        for u in units {
+        for (k, u) in units.iter().enumerate() {
+            let at = data.len();
             data.extend_from_slice(&u.material[..]);
+            if let Some(cipher) = &conn.cipher {
+                let i = c as u64 * CHUNK_UNITS + k as u64;
+                cipher.apply(group, i, &mut data[at..]);
+            }
         }
         ins.execute(params![bid, c as i64, &data[..]])?;
     }
@@ -1057,7 +1191,7 @@ fn set_state(conn: &Connection, rid: i64, state: i64) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn reserve_op(conn: &Connection, r: Reservation) -> Result<Vec<ReservedKey>, StoreError> {
+fn reserve_op(conn: &Db, r: Reservation) -> Result<Vec<ReservedKey>, StoreError> {
     if request_row(conn, &r.request_id)?.is_some() {
         return Err(StoreError::RequestConflict);
     }
@@ -1515,7 +1649,7 @@ fn holder(conn: &Connection, block: &Block, i: u64) -> Result<Option<(i64, u64)>
 /// holding `extents`: reads their bytes and deletes their units, run by run
 /// (consecutive keys make one run), and marks them in the `taken` bitmap.
 fn deliver_keys(
-    conn: &Connection,
+    conn: &Db,
     blocks: &mut Blocks,
     extents: &[Extent],
     taken: &mut Vec<u8>,
@@ -1559,7 +1693,7 @@ fn deliver_keys(
 }
 
 fn take_op(
-    conn: &Connection,
+    conn: &Db,
     caller: SaeId,
     master: SaeId,
     key_ids: Vec<Uuid>,
@@ -1751,7 +1885,7 @@ fn stock_count_op(
 }
 
 fn take_stock_op(
-    conn: &Connection,
+    conn: &Db,
     master: &SaeId,
     slave: &SaeId,
     size_bits: u32,
@@ -1840,7 +1974,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn pending(&self) -> StoreFuture<'_, Vec<PendingRequest>> {
-        self.submit(pending_op)
+        self.submit(|c| pending_op(c))
     }
 
     fn accept(&self, a: Acceptance) -> StoreFuture<'_, AcceptOutcome> {
@@ -1905,8 +2039,11 @@ mod tests {
         SaeId::new(s).expect("invariant: valid test ID")
     }
 
-    fn fresh() -> Connection {
-        let c = Connection::open_in_memory().expect("in-memory SQLite");
+    fn fresh() -> Db {
+        let c = Db {
+            conn: Connection::open_in_memory().expect("in-memory SQLite"),
+            cipher: None,
+        };
         c.execute_batch(SCHEMA).expect("schema");
         let block = seeded_block(1, "ab", kme("kme-b"), 0, 4096);
         let units = block.cut(&kme("kme-a")).expect("valid block");
@@ -1927,7 +2064,7 @@ mod tests {
         c
     }
 
-    fn reserve(c: &Connection, id: Uuid) -> Vec<ReservedKey> {
+    fn reserve(c: &Db, id: Uuid) -> Vec<ReservedKey> {
         reserve_op(
             c,
             Reservation {

@@ -144,6 +144,7 @@ fn config(
         link_state_interval_ms: 1000,
         connections: Default::default(),
         key_id_secret: None,
+        store_key: None,
     }
 }
 
@@ -183,6 +184,12 @@ impl Net {
         qkdnet_kms::key_id::create_secret(&secret).expect("key-ID secret");
         cfg_a.key_id_secret = Some(secret.clone());
         cfg_b.key_id_secret = Some(secret);
+        // Each node's master key: the stores keep key material encrypted.
+        for (cfg, name) in [(&mut cfg_a, "a.key"), (&mut cfg_b, "b.key")] {
+            let path = dir.0.join(name);
+            qkdnet_kms::store::MasterKey::create_file(&path).expect("master key");
+            cfg.store_key = Some(path);
+        }
         adjust(&mut cfg_a);
         adjust(&mut cfg_b);
         let tls_a = ca
