@@ -286,12 +286,17 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
     let text = String::from_utf8_lossy(&down.stdout);
     assert!(down.status.success());
     assert!(!text.contains("had to kill"), "{text}");
+    let record = NetRecord::load(&state).expect("net.json");
+    assert!(record.running().is_empty());
+    assert!(record.nodes.iter().all(|n| n.pid == 0), "dead PIDs dropped");
+    // #27 item 6: status of a stopped network says so and fails.
+    let st = qkdnet(&["net", "status", "--dir", s]);
+    let err = String::from_utf8_lossy(&st.stderr);
     assert!(
-        NetRecord::load(&state)
-            .expect("net.json")
-            .running()
-            .is_empty()
+        !st.status.success(),
+        "net status on a stopped network exited 0"
     );
+    assert!(err.contains("not running"), "{err}");
 }
 
 fn refused(dir: &Path, name: &str, topology: &str, extra: &[&str], expect: &str) {

@@ -320,6 +320,13 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
 
 fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
     let record = NetRecord::load(dir)?;
+    if record.running().is_empty() {
+        anyhow::bail!(
+            "the network in {} is not running (no node process is alive); start it with `qkdnet net up TOPOLOGY --dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
     let st = launcher::status(&record);
     if json {
         let v: Vec<_> = st
