@@ -141,23 +141,7 @@ pub fn read_secret(path: &std::path::Path) -> Result<[u8; KEY_ID_SECRET_LEN], cr
 /// Creates a key-ID secret file: 32 bytes from the operating system's CSPRNG,
 /// mode 0600, never overwriting an existing file.
 pub fn create_secret(path: &std::path::Path) -> Result<(), crate::KmsError> {
-    use std::io::Write;
-    let mut secret = zeroize::Zeroizing::new([0u8; KEY_ID_SECRET_LEN]);
-    getrandom::fill(&mut secret[..])
-        .map_err(|e| crate::KmsError::Config(format!("no randomness: {e}")))?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .map_err(|e| crate::KmsError::Config(format!("key-ID secret {}: {e}", path.display())))?;
-    f.write_all(&secret[..])?;
-    f.sync_all()?;
-    Ok(())
+    crate::pki::create_random_secret::<KEY_ID_SECRET_LEN>(path)
 }
 
 #[cfg(test)]

@@ -198,7 +198,7 @@ impl Ca {
 }
 
 /// Writes a file that must not exist yet; private files get mode 0600.
-fn write_new(path: &Path, data: &[u8], private: bool) -> Result<(), KmsError> {
+pub(crate) fn write_new(path: &Path, data: &[u8], private: bool) -> Result<(), KmsError> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -218,6 +218,15 @@ fn write_new(path: &Path, data: &[u8], private: bool) -> Result<(), KmsError> {
     f.write_all(data)?;
     f.sync_all()?;
     Ok(())
+}
+
+/// Creates a secret file of `N` bytes from the operating system's CSPRNG, mode
+/// 0600, never overwriting an existing file (key-ID secret, node master key).
+pub(crate) fn create_random_secret<const N: usize>(path: &Path) -> Result<(), KmsError> {
+    let mut secret = Zeroizing::new([0u8; N]);
+    getrandom::fill(&mut secret[..])
+        .map_err(|e| KmsError::Config(format!("no randomness: {e}")))?;
+    write_new(path, &secret[..], true)
 }
 
 #[cfg(test)]

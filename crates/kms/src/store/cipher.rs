@@ -106,23 +106,7 @@ impl MasterKey {
     /// Creates a master key file: 32 bytes from the operating system's CSPRNG,
     /// mode 0600, never overwriting an existing file.
     pub fn create_file(path: &Path) -> Result<(), crate::KmsError> {
-        use std::io::Write;
-        let mut key = Zeroizing::new([0u8; MASTER_KEY_LEN]);
-        getrandom::fill(&mut key[..])
-            .map_err(|e| crate::KmsError::Config(format!("no randomness: {e}")))?;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(path).map_err(|e| {
-            crate::KmsError::Config(format!("node master key {}: {e}", path.display()))
-        })?;
-        f.write_all(&key[..])?;
-        f.sync_all()?;
-        Ok(())
+        crate::pki::create_random_secret::<MASTER_KEY_LEN>(path)
     }
 }
 
