@@ -219,7 +219,7 @@ fn drive(
 fn farthest_pair(
     topo: &qkdnet_net::topology::ValidTopology,
 ) -> Option<(Vec<String>, String, String)> {
-    use qkdnet_kms::relay::{Graph, add_link, widest_shortest_path};
+    use qkdnet_kms::routing::{Graph, add_link, kme_route};
     let mut g = Graph::new();
     for l in &topo.links {
         add_link(&mut g, &l.a, &l.b);
@@ -227,7 +227,7 @@ fn farthest_pair(
     let mut best: Option<(Vec<String>, String, String)> = None;
     for (sa, na) in &topo.saes {
         for (sb, nb) in &topo.saes {
-            let Some(route) = widest_shortest_path(&g, na, nb, |_, _| Some(1)) else {
+            let Some(route) = kme_route(&g, na, nb, |_, _| Some(1)) else {
                 continue;
             };
             if route.len() > 2 && best.as_ref().is_none_or(|b| route.len() > b.0.len()) {

@@ -47,7 +47,7 @@ async fn serve(cfg: KmeConfig) -> anyhow::Result<()> {
              This material is NOT SECRET; never use it to protect anything.",
             t.blocks,
             t.peer,
-            qkdnet_kms::testkeys::test_link_id(&t.link)
+            t.link_id()
         );
     }
     let running = launch(&cfg, None)

@@ -304,8 +304,7 @@ pub fn run(cmd: MsgCommand) -> anyhow::Result<()> {
             }
             let mut n = 0;
             for f in &a.input {
-                n += cache
-                    .forget_file(f)
+                n += qkdnet_apps::seal::forget_sealed(&cache, f)
                     .with_context(|| format!("forgetting the keys of {}", f.display()))?;
             }
             println!(

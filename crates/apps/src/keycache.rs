@@ -448,19 +448,6 @@ impl KeyCache {
         }
         Ok(n)
     }
-
-    /// Deletes the cached keys of the sealed file `sealed` (read for its header
-    /// only); returns how many there were.
-    pub fn forget_file(&self, sealed: &Path) -> Result<u64, AppError> {
-        let (h, _) = crate::seal::read_header(sealed)?;
-        if h.recipient != self.sae {
-            return Err(AppError::WrongRecipient {
-                sealed_for: h.recipient.to_string(),
-                as_sae: self.sae.to_string(),
-            });
-        }
-        self.forget(&h.sender, &h.key_ids)
-    }
 }
 
 /// An entry's bytes (at most one byte more than [`MAX_ENTRY_LEN`], which the

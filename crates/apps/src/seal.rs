@@ -587,6 +587,19 @@ pub fn read_header(path: &Path) -> Result<(Header, u64), AppError> {
     Ok((h, raw.len() as u64))
 }
 
+/// Deletes from `cache` the keys of the sealed file `sealed` (read for its
+/// header only); returns how many there were.
+pub fn forget_sealed(cache: &KeyCache, sealed: &Path) -> Result<u64, AppError> {
+    let (h, _) = read_header(sealed)?;
+    if h.recipient != *cache.sae() {
+        return Err(AppError::WrongRecipient {
+            sealed_for: h.recipient.to_string(),
+            as_sae: cache.sae().to_string(),
+        });
+    }
+    cache.forget(&h.sender, &h.key_ids)
+}
+
 // ---- key handling ----
 
 /// Key material ready for the body.

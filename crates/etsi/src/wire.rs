@@ -243,6 +243,27 @@ pub struct ValidKeyRequest {
     pub size_bits: u32,
     /// Relay over node-disjoint paths (the `qkdnet_multipath` extension).
     pub multipath: Multipath,
+    /// The client's idempotency key (the `qkdnet_request_id` extension).
+    pub request_id: Option<ClientRequestId>,
+}
+
+/// Name of qkdnet's idempotency extension: `{"qkdnet_request_id": "<UUID>"}`.
+/// ETSI GS QKD 014 has no delivery acknowledgement, so an SAE whose enc_keys
+/// answer was lost (connection cut, KME restarted after committing) cannot tell
+/// whether keys were delivered. With this extension the SAE names the request;
+/// a retry with the same ID (same slave, number and size) within the KME's
+/// replay window returns the same keys, once. In `extension_mandatory` a KME
+/// that cannot honour it refuses the request; in `extension_optional` it may
+/// ignore it.
+pub const REQUEST_ID_EXTENSION: &str = "qkdnet_request_id";
+
+/// An SAE's idempotency key for one enc_keys request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRequestId {
+    /// The SAE's request ID.
+    pub id: Uuid,
+    /// From `extension_mandatory`: refuse rather than ignore.
+    pub mandatory: bool,
 }
 
 /// Name of qkdnet's extension parameter selecting multipath relay:
@@ -317,11 +338,32 @@ impl KeyRequest {
     /// Applies defaults and checks every field against `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<ValidKeyRequest, EtsiError> {
         let mut multipath = Multipath::Single;
+        let mut request_id: Option<ClientRequestId> = None;
         for (list, mandatory) in [
             (&self.extension_mandatory, true),
             (&self.extension_optional, false),
         ] {
             for (name, value) in list.iter().flatten().flatten() {
+                if name == REQUEST_ID_EXTENSION {
+                    let id = value
+                        .as_str()
+                        .and_then(|s| parse_key_id(s).ok())
+                        .ok_or_else(|| {
+                            EtsiError::BadRequest(format!(
+                                "{REQUEST_ID_EXTENSION} shall be a UUID string"
+                            ))
+                        })?;
+                    match request_id {
+                        Some(r) if r.id != id => {
+                            return Err(EtsiError::BadRequest(format!(
+                                "two different {REQUEST_ID_EXTENSION} values"
+                            )));
+                        }
+                        Some(r) if r.mandatory => {}
+                        _ => request_id = Some(ClientRequestId { id, mandatory }),
+                    }
+                    continue;
+                }
                 if name != MULTIPATH_EXTENSION {
                     if mandatory {
                         return Err(EtsiError::UnsupportedMandatoryExtension);
@@ -377,6 +419,7 @@ impl KeyRequest {
             number: number as u32,
             size_bits: size as u32,
             multipath,
+            request_id,
         })
     }
 }
@@ -513,6 +556,7 @@ mod tests {
                 number: 1,
                 size_bits: 256,
                 multipath: Multipath::Single,
+                request_id: None,
             }
         );
         let r = decode_key_request(br#"{"number":3,"size":512}"#)
@@ -525,6 +569,7 @@ mod tests {
                 number: 3,
                 size_bits: 512,
                 multipath: Multipath::Single,
+                request_id: None,
             }
         );
         let e = decode_key_request(br#"{"size":16384}"#)
@@ -578,6 +623,65 @@ mod tests {
         ));
         let r = decode_key_request(br#"{"extension_optional":[{"abc_x":1}]}"#).expect("json");
         assert!(r.validate(&l).is_ok());
+    }
+
+    #[test]
+    fn the_request_id_extension_is_understood() {
+        let l = Limits::default();
+        let id = "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f506";
+        let rid = |body: String| {
+            decode_key_request(body.as_bytes())
+                .expect("json")
+                .validate(&l)
+        };
+        let want = Uuid::try_parse(id).expect("uuid");
+        assert_eq!(
+            rid(format!(
+                r#"{{"extension_mandatory":[{{"qkdnet_request_id":"{id}"}}]}}"#
+            ))
+            .expect("valid")
+            .request_id,
+            Some(ClientRequestId {
+                id: want,
+                mandatory: true
+            })
+        );
+        assert_eq!(
+            rid(format!(
+                r#"{{"extension_optional":[{{"qkdnet_request_id":"{id}"}}]}}"#
+            ))
+            .expect("valid")
+            .request_id,
+            Some(ClientRequestId {
+                id: want,
+                mandatory: false
+            })
+        );
+        // Named in both lists: mandatory wins; two different IDs: refused.
+        assert_eq!(
+            rid(format!(
+                r#"{{"extension_mandatory":[{{"qkdnet_request_id":"{id}"}}],"extension_optional":[{{"qkdnet_request_id":"{id}"}}]}}"#
+            ))
+            .expect("valid")
+            .request_id
+            .map(|r| r.mandatory),
+            Some(true)
+        );
+        let other = "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f507";
+        assert!(rid(format!(
+            r#"{{"extension_mandatory":[{{"qkdnet_request_id":"{id}"}}],"extension_optional":[{{"qkdnet_request_id":"{other}"}}]}}"#
+        ))
+        .is_err());
+        for bad in [r#""not-a-uuid""#, "7", "null", r#"["x"]"#] {
+            assert!(
+                rid(format!(
+                    r#"{{"extension_optional":[{{"qkdnet_request_id":{bad}}}]}}"#
+                ))
+                .is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(rid("{}".into()).expect("valid").request_id, None);
     }
 
     #[test]

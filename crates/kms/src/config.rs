@@ -163,6 +163,13 @@ pub struct TestKeysConfig {
     pub block_bytes: usize,
 }
 
+impl TestKeysConfig {
+    /// The link ID the test blocks carry (always `TEST-…`).
+    pub fn link_id(&self) -> String {
+        crate::testkeys::test_link_id(&self.link)
+    }
+}
+
 fn default_test_link() -> String {
     "link".into()
 }
@@ -519,7 +526,7 @@ pub async fn launch_with_tls(
         cfg.connections,
     )?;
     let link_state = crate::relay::spawn_link_state(
-        &kme,
+        kme.relay(),
         Duration::from_millis(cfg.link_state_interval_ms.max(50)),
     );
     Ok(RunningKme {

@@ -31,33 +31,47 @@
 //! | [`error`] | domain errors |
 //! | [`key_id`] | opaque key IDs at the ETSI API (a keyed permutation of unit IDs) |
 //! | [`api_error`] | the one mapping from domain errors to ETSI status codes and bodies |
-//! | [`service`] | the KME logic: status, enc_keys, dec_keys, peer reservation and void |
-//! | [`peer`] | the KME-to-KME protocol (modelled on ETSI GS QKD 020 `ext_keys`) |
-//! | [`relay`] | keys for SAEs on distant KMEs: hop-by-hop one-time-pad relay, link-state routing |
+//! | [`clock`] | the wall clock, read in one place (store and link-state database get time passed in) |
+//! | [`kme_wire`] | KME-to-KME paths and JSON bodies (ext_keys, relay, void, link state) |
+//! | [`kme_core`] | what the neighbour protocol and the relay share: settings, store, peers, counters, background voids |
+//! | [`service`] | the KME ([`Kme`]): status, enc_keys, dec_keys, peer reservation and void, key stock |
+//! | [`peer`] | the KME-to-KME client (modelled on ETSI GS QKD 020 `ext_keys`) |
+//! | [`routing`] | the one widest-shortest-path search (relay and `qkdnet plan`) |
+//! | [`lsdb`] | the link-state database (pure; time passed in) |
+//! | [`relay`] | [`relay::Relay`]: keys for SAEs on distant KMEs, hop-by-hop one-time-pad relay |
 //! | [`identity`] | SAE/KME identity from client certificates (from `qkdnet-etsi`) |
 //! | [`tls`] | the rustls server configuration (mutual TLS, X25519MLKEM768) |
 //! | [`server`] | the HTTPS server: routes, connection handling, OpenAPI document |
 //! | [`config`] | the TOML configuration of a standalone KME |
 //! | [`client`], [`connect`] | the SAE side of ETSI GS QKD 014 and `connect.json` (from `qkdnet-etsi`) |
 //! | [`pki`] | a small CA for test networks (rcgen) |
-//! | [`mesh`] | in-process KME networks with test keys, for tests and benchmarks |
-//! | [`testkeys`] | seeded *test* key blocks, only when explicitly configured |
+//! | `mesh` | in-process KME networks with test keys, for tests and benchmarks (feature `test-util`) |
+//! | `testkeys` | seeded *test* key blocks, only when explicitly configured (public with feature `test-util`) |
 
 #![warn(missing_docs)]
 
 pub mod api_error;
 pub mod block;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod key_id;
+pub mod kme_core;
+pub mod kme_wire;
+pub mod lsdb;
+#[cfg(feature = "test-util")]
 pub mod mesh;
 pub mod peer;
 pub mod pki;
 pub mod relay;
+pub mod routing;
 pub mod server;
 pub mod service;
 pub mod store;
+#[cfg(feature = "test-util")]
 pub mod testkeys;
+#[cfg(not(feature = "test-util"))]
+mod testkeys;
 pub mod tls;
 
 // The client side lives in `qkdnet-etsi`; these paths keep their old names.

@@ -27,95 +27,16 @@ use uuid::Uuid;
 
 use crate::api_error::PeerErrorBody;
 use crate::error::KmsError;
-use crate::ids::{KmeId, SaeId};
-use crate::store::KeyLayout;
+use crate::ids::KmeId;
+use crate::kme_wire::{
+    EXT_KEYS_PATH, EXT_KEYS_VOID_PATH, ExtKeysAck, ExtKeysReserve, ExtKeysVoid, ExtKeysVoidReply,
+    RELAY_PATH, RELAY_VOID_PATH, RelayAck, RelayForward, RelayVoid,
+};
 use crate::tls::{KeyExchange, TlsMaterial, client_config};
 use qkdnet_etsi::https::HttpsClient;
 
-/// Path of the reservation endpoint.
-pub const EXT_KEYS_PATH: &str = "/api/v1/kme/ext_keys";
-/// Path of the void endpoint.
-pub const EXT_KEYS_VOID_PATH: &str = "/api/v1/kme/ext_keys/void";
-
 /// Largest peer answer read, in bytes.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
-
-/// One key of a reservation.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ExtKey {
-    /// Key ID (= first unit ID).
-    pub key_ID: Uuid,
-    /// Size in bits.
-    pub size: u32,
-    /// Units forming the key, in order.
-    pub unit_IDs: Vec<Uuid>,
-}
-
-/// A reservation: these keys go to `slave_SAE_ID`, reserved by `master_SAE_ID`.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ExtKeysReserve {
-    /// Request ID chosen by the reserving KME.
-    pub request_ID: Uuid,
-    /// Master SAE (attached to the reserving KME).
-    pub master_SAE_ID: SaeId,
-    /// Slave SAE (attached to the receiving KME).
-    pub slave_SAE_ID: SaeId,
-    /// The keys.
-    pub keys: Vec<ExtKey>,
-}
-
-/// Acknowledgement of a reservation.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ExtKeysAck {
-    /// The request acknowledged.
-    pub request_ID: Uuid,
-    /// Always `"ack"`.
-    pub status: String,
-}
-
-/// Void of a reservation.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ExtKeysVoid {
-    /// The request to void.
-    pub request_ID: Uuid,
-}
-
-/// Outcome of a void.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ExtKeysVoidReply {
-    /// The request voided.
-    pub request_ID: Uuid,
-    /// Whether the receiver had accepted the reservation.
-    pub was_accepted: bool,
-    /// Keys returned to the pool; keys of an accepted reservation not listed here
-    /// were already delivered to the slave SAE.
-    pub voided_key_IDs: Vec<Uuid>,
-}
-
-impl From<&KeyLayout> for ExtKey {
-    fn from(k: &KeyLayout) -> Self {
-        ExtKey {
-            key_ID: k.key_id,
-            size: k.size_bits,
-            unit_IDs: k.unit_ids.clone(),
-        }
-    }
-}
-
-impl From<ExtKey> for KeyLayout {
-    fn from(k: ExtKey) -> Self {
-        KeyLayout {
-            key_id: k.key_ID,
-            size_bits: k.size,
-            unit_ids: k.unit_IDs,
-        }
-    }
-}
 
 /// How a call to a peer failed.
 #[derive(Debug)]
@@ -262,8 +183,8 @@ impl PeerClient {
     }
 
     /// Sends a relay hop; `Ok` once the rest of the route acknowledged it.
-    pub async fn relay(&self, msg: &crate::relay::RelayForward) -> Result<(), PeerCallError> {
-        let ack: crate::relay::RelayAck = self.post(crate::relay::RELAY_PATH, msg).await?;
+    pub async fn relay(&self, msg: &RelayForward) -> Result<(), PeerCallError> {
+        let ack: RelayAck = self.post(RELAY_PATH, msg).await?;
         if ack.request_ID == msg.request_ID && ack.status == "ack" {
             Ok(())
         } else {
@@ -274,11 +195,8 @@ impl PeerClient {
     }
 
     /// Voids a relay hop (the peer passes the void on along the route).
-    pub async fn relay_void(
-        &self,
-        msg: &crate::relay::RelayVoid,
-    ) -> Result<ExtKeysVoidReply, PeerCallError> {
-        let r: ExtKeysVoidReply = self.post(crate::relay::RELAY_VOID_PATH, msg).await?;
+    pub async fn relay_void(&self, msg: &RelayVoid) -> Result<ExtKeysVoidReply, PeerCallError> {
+        let r: ExtKeysVoidReply = self.post(RELAY_VOID_PATH, msg).await?;
         if r.request_ID == msg.request_ID {
             Ok(r)
         } else {

@@ -71,28 +71,34 @@
 //! Link-state: every KME keeps a small database ([`LinkState`]) of how many units
 //! each KME of the network owns on each of its links, refreshed by polling its
 //! neighbours every `link_state_interval_ms` (`GET /api/v1/kme/lsdb`, merged by
-//! sequence number, entries older than [`STALE_AFTER`] ignored). A route is the
+//! sequence number, entries older than [`crate::lsdb::STALE_AFTER`] ignored). A route is the
 //! path with the fewest hops among links with enough key for the request, ties
 //! broken by the largest bottleneck (widest shortest path). Links whose state is
 //! unknown count as usable with an unknown (lowest) bottleneck; a neighbour that
 //! did not answer the last poll, a KME whose state went stale, and links that
 //! failed earlier in the same request are avoided.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::block::{KeyUnit, UNIT_BYTES, units_for_bits};
+use crate::clock::now_ms;
 use crate::error::KmsError;
 use crate::etsi::{KeyContainer, Multipath, ValidKeyRequest};
 use crate::ids::{KmeId, SaeId};
-use crate::peer::{ExtKey, ExtKeysVoidReply, PeerCallError};
-use crate::service::{Kme, VoidCall, container, now_ms};
+use crate::kme_core::{KmeCore, VoidCall, container, with_grace};
+use crate::kme_wire::{
+    ExtKeysVoidReply, LSDB_PATH, LinkAvail, LinkState, MAX_ROUTE_LEN, RelayForward, RelayKey,
+    RelayVoid,
+};
+use crate::lsdb::Lsdb;
+use crate::peer::PeerCallError;
+use crate::routing::{Graph, add_link, kme_route};
 use crate::store::{
     Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, ReservedKey, StoreError,
 };
@@ -100,108 +106,8 @@ use crate::store::{
 #[allow(unused_imports)] // for the doc link
 use crate::api_error::PeerErrorBody;
 
-/// Path of the relay endpoint.
-pub const RELAY_PATH: &str = "/api/v1/kme/relay";
-/// Path of the relay void endpoint.
-pub const RELAY_VOID_PATH: &str = "/api/v1/kme/relay/void";
-/// Path of the link-state endpoint.
-pub const LSDB_PATH: &str = "/api/v1/kme/lsdb";
-/// Longest route accepted (KMEs, both ends included).
-pub const MAX_ROUTE_LEN: usize = 256;
-/// Link state older than this is ignored, and its KME presumed down.
-pub const STALE_AFTER: Duration = Duration::from_secs(15);
-
 /// Hop number that names the slave-side request of the last KME.
 const FINAL_HOP: u32 = u32::MAX;
-
-/// One key of a relay message.
-#[allow(non_snake_case)]
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RelayKey {
-    /// The relayed key: its ID, size and the units of the first link that form
-    /// it (the last KME stores it under the same IDs).
-    pub key: ExtKey,
-    /// This hop's key: units of the link between sender and receiver, owned by
-    /// the sender. On the first hop it is the relayed key itself.
-    pub hop_key: ExtKey,
-    /// Base64 of key ⊕ hop key; absent on the first hop.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ciphertext: Option<String>,
-}
-
-impl std::fmt::Debug for RelayKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayKey")
-            .field("key", &self.key.key_ID)
-            .field("hop_key", &self.hop_key.key_ID)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A relay hop: `route[hop - 1]` sends to `route[hop]`.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RelayForward {
-    /// End-to-end request ID chosen by the origin KME.
-    pub request_ID: Uuid,
-    /// KMEs from the master's to the slave's.
-    pub route: Vec<KmeId>,
-    /// Index in `route` of the receiver (≥ 1).
-    pub hop: u32,
-    /// Master SAE (attached to `route[0]`).
-    pub master_SAE_ID: SaeId,
-    /// Slave SAE (attached to the last KME of `route`).
-    pub slave_SAE_ID: SaeId,
-    /// The keys.
-    pub keys: Vec<RelayKey>,
-    /// Multipath, second share: the IDs (one per key, in order) of the first
-    /// shares already waiting at the last KME, which stores the XOR of the two
-    /// under these IDs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub combine_with: Option<Vec<Uuid>>,
-}
-
-/// Void of a relay hop (travels on to the end of the route).
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RelayVoid {
-    /// End-to-end request ID.
-    pub request_ID: Uuid,
-    /// The route of the request.
-    pub route: Vec<KmeId>,
-    /// Index in `route` of the receiver (≥ 1).
-    pub hop: u32,
-}
-
-/// Acknowledgement of a relay hop: the keys wait at the end of the route.
-#[allow(non_snake_case)]
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RelayAck {
-    /// The request.
-    pub request_ID: Uuid,
-    /// Always `"ack"`.
-    pub status: String,
-}
-
-/// How many units one KME owns on one of its links.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LinkAvail {
-    /// The KME at the other end.
-    pub peer: KmeId,
-    /// Available units owned by the advertising KME.
-    pub units: u64,
-}
-
-/// One KME's link-state advertisement.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LinkState {
-    /// The advertising KME.
-    pub kme: KmeId,
-    /// Sequence number (the advertiser's clock, ms); newer replaces older.
-    pub seq: u64,
-    /// Its links.
-    pub links: Vec<LinkAvail>,
-}
 
 /// The request ID a hop uses in the stores of its two KMEs: distinct per hop so
 /// that a KME's incoming and outgoing hops of one relay never collide.
@@ -233,132 +139,42 @@ pub fn check_route(route: &[KmeId], hop: u32, me: &KmeId, caller: &KmeId) -> Res
     Ok(())
 }
 
-/// The network as an undirected graph of KMEs.
-pub type Graph = BTreeMap<KmeId, BTreeSet<KmeId>>;
-
-/// Adds the undirected link `a–b` to `g`.
-pub fn add_link(g: &mut Graph, a: &KmeId, b: &KmeId) {
-    if a != b {
-        g.entry(a.clone()).or_default().insert(b.clone());
-        g.entry(b.clone()).or_default().insert(a.clone());
-    }
-}
-
-/// The path from `from` to `to` with the fewest hops and, among those, the
-/// largest bottleneck. `weight(a, b)` is `None` for a link that cannot be used
-/// (in direction a → b), else its capacity. Deterministic: ties go to the KME
-/// that sorts first.
-pub fn widest_shortest_path(
+/// The relay's route decision: the widest shortest path ([`crate::routing`])
+/// from `me` to `target` over `usable` links with at least `need` units
+/// (`avail(a, b)`: units `a` owns towards `b`; unknown counts as usable with
+/// the lowest bottleneck), else over any usable link (its first short hop will
+/// answer "exhausted"). Returns the route and its bottleneck (0 if some hop's
+/// availability is unknown). Public so that the planner's agreement with the
+/// relay can be tested.
+pub fn choose_route(
     g: &Graph,
-    from: &KmeId,
-    to: &KmeId,
-    mut weight: impl FnMut(&KmeId, &KmeId) -> Option<u64>,
-) -> Option<Vec<KmeId>> {
-    if from == to {
-        return None;
-    }
-    let mut dist: HashMap<&KmeId, usize> = HashMap::new();
-    let mut best: HashMap<&KmeId, u64> = HashMap::new();
-    let mut parent: HashMap<&KmeId, &KmeId> = HashMap::new();
-    dist.insert(from, 0);
-    best.insert(from, u64::MAX);
-    let mut layer = vec![from];
-    let mut d = 0;
-    while !layer.is_empty() && !dist.contains_key(to) {
-        let mut next = Vec::new();
-        for &u in &layer {
-            let bu = best[u];
-            for v in g.get(u).into_iter().flatten() {
-                let Some(w) = weight(u, v) else { continue };
-                let b = bu.min(w);
-                match dist.get(v) {
-                    None => {
-                        dist.insert(v, d + 1);
-                        best.insert(v, b);
-                        parent.insert(v, u);
-                        next.push(v);
-                    }
-                    Some(&dv) if dv == d + 1 && b > best[v] => {
-                        best.insert(v, b);
-                        parent.insert(v, u);
-                    }
-                    Some(_) => {}
-                }
-            }
+    me: &KmeId,
+    target: &KmeId,
+    need: u64,
+    usable: impl Fn(&KmeId, &KmeId) -> bool,
+    avail: impl Fn(&KmeId, &KmeId) -> Option<u64>,
+) -> Option<(Vec<KmeId>, u64)> {
+    let strict = kme_route(g, me, target, |a, b| {
+        if !usable(a, b) {
+            return None;
         }
-        layer = next;
-        d += 1;
-    }
-    dist.get(to)?;
-    let mut path = vec![to.clone()];
-    let mut cur = to;
-    while let Some(&p) = parent.get(cur) {
-        path.push(p.clone());
-        cur = p;
-    }
-    path.reverse();
-    Some(path)
-}
-
-/// The link-state database of one KME.
-#[derive(Default)]
-pub(crate) struct Lsdb {
-    entries: HashMap<KmeId, (LinkState, Instant)>,
-    /// Neighbours whose last poll failed.
-    down: BTreeSet<KmeId>,
-}
-
-impl Lsdb {
-    fn merge(&mut self, states: Vec<LinkState>, me: &KmeId) {
-        let now = Instant::now();
-        for st in states {
-            if &st.kme == me {
-                continue;
-            }
-            match self.entries.get(&st.kme) {
-                Some((old, _)) if old.seq >= st.seq => {}
-                _ => {
-                    self.entries.insert(st.kme.clone(), (st, now));
-                }
-            }
+        match avail(a, b) {
+            Some(u) if u >= need => Some(u),
+            Some(_) => None,
+            None => Some(0),
         }
-    }
-
-    fn fresh(&self, kme: &KmeId) -> Option<&LinkState> {
-        self.entries
-            .get(kme)
-            .filter(|(_, at)| at.elapsed() < STALE_AFTER)
-            .map(|(s, _)| s)
-    }
-
-    /// A KME that advertised once but went quiet.
-    fn presumed_down(&self, kme: &KmeId) -> bool {
-        self.down.contains(kme)
-            || self
-                .entries
-                .get(kme)
-                .is_some_and(|(_, at)| at.elapsed() >= STALE_AFTER)
-    }
-
-    /// Units `from` owns on its link to `to`, if known.
-    fn avail(&self, from: &KmeId, to: &KmeId) -> Option<u64> {
-        self.fresh(from)?
-            .links
-            .iter()
-            .find(|l| &l.peer == to)
-            .map(|l| l.units)
-    }
-
-    fn snapshot(&self) -> Vec<LinkState> {
-        let mut v: Vec<LinkState> = self
-            .entries
-            .values()
-            .filter(|(_, at)| at.elapsed() < STALE_AFTER)
-            .map(|(s, _)| s.clone())
-            .collect();
-        v.sort_by(|a, b| a.kme.cmp(&b.kme));
-        v
-    }
+    });
+    let path = strict.or_else(|| {
+        kme_route(g, me, target, |a, b| {
+            usable(a, b).then(|| avail(a, b).unwrap_or(0))
+        })
+    })?;
+    let bottleneck = path
+        .windows(2)
+        .map(|w| avail(&w[0], &w[1]).unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    Some((path, bottleneck))
 }
 
 /// A peer call's failure as the relay failure of link `from → to` (or the
@@ -391,21 +207,37 @@ fn on_link(from: &KmeId, to: &KmeId) -> impl Fn(KmsError) -> KmsError {
     }
 }
 
-fn xor_into(dst: &mut [u8], src: &[u8]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d ^= s;
-    }
+/// `data ^= pad` with `qkdnet-crypto`'s one-time pad: a pad of another length is
+/// an error, never a silent truncation.
+fn otp(data: &mut [u8], pad: &[u8]) -> Result<(), KmsError> {
+    qkdnet_crypto::otp::one_time_pad(qkdnet_crypto::SecretBytes::from_slice(pad), data)
+        .map_err(|e| KmsError::BadRequest(format!("one-time pad: {e}")))
 }
 
-impl Kme {
+/// The trusted-node relay of one KME: routes, relay hops (origin, trusted node,
+/// last KME) and the link-state database.
+pub struct Relay {
+    core: Arc<KmeCore>,
+    lsdb: Mutex<Lsdb>,
+}
+
+impl Relay {
+    /// The relay over a KME's core (one per KME, held by [`crate::Kme`]).
+    pub(crate) fn new(core: Arc<KmeCore>) -> Relay {
+        Relay {
+            core,
+            lsdb: Mutex::new(Lsdb::default()),
+        }
+    }
+
     /// The network graph: the configured links plus this KME's own.
     fn graph(&self) -> Graph {
         let mut g = Graph::new();
-        for (a, b) in &self.settings.links {
+        for (a, b) in &self.core.settings.links {
             add_link(&mut g, a, b);
         }
-        for p in self.peers.keys() {
-            add_link(&mut g, &self.settings.id, p);
+        for p in self.core.peers.keys() {
+            add_link(&mut g, &self.core.settings.id, p);
         }
         g
     }
@@ -419,12 +251,12 @@ impl Kme {
         excluded: &BTreeSet<(KmeId, KmeId)>,
         avoid: &BTreeSet<KmeId>,
     ) -> Result<Option<(Vec<KmeId>, u64)>, KmsError> {
-        let me = self.settings.id.clone();
+        let me = self.core.settings.id.clone();
         let mut own = HashMap::new();
-        for p in self.peers.keys() {
+        for p in self.core.peers.keys() {
             own.insert(
                 p.clone(),
-                self.store.pool_counts(p.clone()).await?.mine_available,
+                self.core.store.pool_counts(p.clone()).await?.mine_available,
             );
         }
         let g = self.graph();
@@ -432,46 +264,22 @@ impl Kme {
             .lsdb
             .lock()
             .map_err(|_| KmsError::Config("link-state lock".into()))?;
+        let now = Instant::now();
         let usable = |a: &KmeId, b: &KmeId| {
             let blocked = excluded.contains(&(a.clone(), b.clone()))
                 || avoid.contains(b)
                 || (a == &me && lsdb.down.contains(b));
-            let reachable = b == target || b == &me || !lsdb.presumed_down(b);
+            let reachable = b == target || b == &me || !lsdb.presumed_down(b, now);
             !blocked && reachable
         };
         let avail = |a: &KmeId, b: &KmeId| {
             if a == &me {
                 own.get(b).copied()
             } else {
-                lsdb.avail(a, b)
+                lsdb.avail(a, b, now)
             }
         };
-        // With enough key on every known link; unknown links count as usable.
-        let strict = widest_shortest_path(&g, &me, target, |a, b| {
-            if !usable(a, b) {
-                return None;
-            }
-            match avail(a, b) {
-                Some(u) if u >= need => Some(u),
-                Some(_) => None,
-                None => Some(0),
-            }
-        });
-        // Else any live path: its first short hop will answer "exhausted".
-        let path = match strict {
-            Some(p) => Some(p),
-            None => widest_shortest_path(&g, &me, target, |a, b| {
-                usable(a, b).then(|| avail(a, b).unwrap_or(0))
-            }),
-        };
-        Ok(path.map(|p| {
-            let bottleneck = p
-                .windows(2)
-                .map(|w| avail(&w[0], &w[1]).unwrap_or(0))
-                .min()
-                .unwrap_or(0);
-            (p, bottleneck)
-        }))
+        Ok(choose_route(&g, &me, target, need, usable, avail))
     }
 
     /// enc_keys by relay: for a slave SAE on a KME that is not a neighbour, or
@@ -484,13 +292,14 @@ impl Kme {
         target: KmeId,
         req: ValidKeyRequest,
     ) -> Result<KeyContainer, KmsError> {
-        self.counters
+        self.core
+            .counters
             .relay_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let need = u64::from(units_for_bits(req.size_bits)) * u64::from(req.number);
         let mut excluded = BTreeSet::new();
         let mut last = None;
-        for _ in 0..self.settings.relay_attempts.max(1) {
+        for _ in 0..self.core.settings.relay_attempts.max(1) {
             let attempt = match req.multipath {
                 Multipath::Disjoint { mandatory } => {
                     match self.disjoint_routes(&target, need, &excluded).await? {
@@ -500,7 +309,7 @@ impl Kme {
                         None if mandatory => {
                             last = Some(KmsError::NoRoute(format!(
                                 "no two node-disjoint routes with key from KME {} to KME {target}",
-                                self.settings.id
+                                self.core.settings.id
                             )));
                             break;
                         }
@@ -536,13 +345,14 @@ impl Kme {
                 }
             }
         }
-        self.counters
+        self.core
+            .counters
             .relay_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(last.unwrap_or_else(|| {
             KmsError::NoRoute(format!(
                 "no route from KME {} to KME {target} (links down or out of key)",
-                self.settings.id
+                self.core.settings.id
             ))
         }))
     }
@@ -588,16 +398,16 @@ impl Kme {
                     .into_iter()
                     .zip(&second)
                     .map(|(mut a, b)| {
-                        xor_into(&mut a.material, &b.material);
-                        a
+                        otp(&mut a.material, &b.material)?;
+                        Ok(a)
                     })
-                    .collect();
+                    .collect::<Result<_, KmsError>>()?;
                 Ok(container(keys))
             }
             Err(e) => {
                 // Withdraw the first share from the far end.
-                if let Some(peer) = self.peers.get(&r1[1]) {
-                    self.spawn_void_call(
+                if let Some(peer) = self.core.peers.get(&r1[1]) {
+                    self.core.spawn_void_call(
                         peer.clone(),
                         PendingRequest {
                             request_id: hop_request_id(request1, 0),
@@ -627,16 +437,18 @@ impl Kme {
         req: &ValidKeyRequest,
         combine_with: Option<Vec<Uuid>>,
     ) -> Result<(Uuid, Vec<ReservedKey>), KmsError> {
-        let me = &self.settings.id;
+        let me = &self.core.settings.id;
         let first = &route[1];
         let fail = on_link(me, first);
         let peer = self
+            .core
             .peers
             .get(first)
             .ok_or_else(|| fail(KmsError::BadRequest("not a neighbour".into())))?;
         let request = Uuid::now_v7();
         let r0 = hop_request_id(request, 0);
         let reserved = self
+            .core
             .store
             .reserve(Reservation {
                 request_id: r0,
@@ -667,14 +479,14 @@ impl Kme {
         };
         match peer.relay(&msg).await {
             Ok(()) => {
-                self.store.confirm(r0).await?;
+                self.core.store.confirm(r0).await?;
                 self.count_relay_units(&reserved.iter().map(|k| &k.layout).collect::<Vec<_>>());
                 Ok((request, reserved))
             }
             Err(e) => {
                 let keys = reserved.iter().map(|k| k.layout.clone()).collect();
                 drop(reserved);
-                self.spawn_void_call(
+                self.core.spawn_void_call(
                     peer.clone(),
                     PendingRequest {
                         request_id: r0,
@@ -695,7 +507,8 @@ impl Kme {
 
     fn count_relay_units(&self, keys: &[&KeyLayout]) {
         let units: u64 = keys.iter().map(|k| k.unit_ids.len() as u64).sum();
-        self.counters
+        self.core
+            .counters
             .relay_units_sent
             .fetch_add(units, std::sync::atomic::Ordering::Relaxed);
     }
@@ -707,15 +520,15 @@ impl Kme {
         caller: &crate::identity::Identity,
         msg: RelayForward,
     ) -> Result<(), KmsError> {
-        let prev = self.peer_caller(caller)?;
-        let me = self.settings.id.clone();
+        let prev = self.core.peer_caller(caller)?;
+        let me = self.core.settings.id.clone();
         check_route(&msg.route, msg.hop, &me, &prev)?;
         let hop = msg.hop as usize;
         let (master, slave) = (msg.master_SAE_ID.clone(), msg.slave_SAE_ID.clone());
         let origin = &msg.route[0];
         let last = msg.route.last().unwrap_or(&me);
-        if self.settings.saes.get(&master) != Some(origin)
-            || self.settings.saes.get(&slave) != Some(last)
+        if self.core.settings.saes.get(&master) != Some(origin)
+            || self.core.settings.saes.get(&slave) != Some(last)
         {
             return Err(KmsError::BadRequest(
                 "the SAEs are not attached to the ends of the route".into(),
@@ -733,7 +546,7 @@ impl Kme {
             keys: msg.keys.iter().map(|k| k.hop_key.clone().into()).collect(),
             now_unix_ms: now_ms(),
         };
-        let hop_keys = crate::service::with_grace(|| self.store.accept_take(acceptance.clone()))
+        let hop_keys = with_grace(|| self.core.store.accept_take(acceptance.clone()))
             .await
             .map_err(|e| fail_in(e.into()))?;
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -749,7 +562,7 @@ impl Kme {
                         "ciphertext length differs from the key size".into(),
                     )));
                 }
-                xor_into(&mut material, &ct);
+                otp(&mut material, &ct).map_err(&fail_in)?;
             }
             keys.push((k.key.clone().into(), material));
         }
@@ -764,7 +577,8 @@ impl Kme {
             self.store_relayed(msg.request_ID, origin, &master, &slave, keys)
                 .await
                 .map_err(fail_in)?;
-            self.counters
+            self.core
+                .counters
                 .relay_delivered
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
@@ -772,12 +586,13 @@ impl Kme {
         // Pass on under the next link's key.
         let next = &msg.route[hop + 1];
         let fail_out = on_link(&me, next);
-        let peer = self
-            .peers
-            .get(next)
-            .ok_or_else(|| fail_out(KmsError::BadRequest("next hop is not a neighbour".into())))?;
+        let peer =
+            self.core.peers.get(next).ok_or_else(|| {
+                fail_out(KmsError::BadRequest("next hop is not a neighbour".into()))
+            })?;
         let out_req = hop_request_id(msg.request_ID, msg.hop);
         let pads = self
+            .core
             .store
             .reserve(Reservation {
                 request_id: out_req,
@@ -802,14 +617,14 @@ impl Kme {
                 .zip(&pads)
                 .map(|((layout, k), pad)| {
                     let mut ct = Zeroizing::new(k.to_vec());
-                    xor_into(&mut ct, &pad.material);
-                    RelayKey {
+                    otp(&mut ct, &pad.material).map_err(&fail_out)?;
+                    Ok(RelayKey {
                         key: layout.into(),
                         hop_key: (&pad.layout).into(),
                         ciphertext: Some(b64.encode(&ct[..])),
-                    }
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, KmsError>>()?,
         };
         drop(keys);
         match peer.relay(&fwd).await {
@@ -818,14 +633,15 @@ impl Kme {
                 // this KME stop before the confirm lands, the restart voids the
                 // request at the next KME, which answers "delivered", and the
                 // pads are discarded then.
-                let store = self.store.clone();
-                self.spawn_background(async move {
+                let store = self.core.store.clone();
+                self.core.spawn_background(async move {
                     if let Err(e) = store.confirm(out_req).await {
                         tracing::warn!(request_id = %out_req, error = %e, "could not confirm a relay hop");
                     }
                 });
                 self.count_relay_units(&pads.iter().map(|k| &k.layout).collect::<Vec<_>>());
-                self.counters
+                self.core
+                    .counters
                     .relay_forwarded
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
@@ -838,7 +654,7 @@ impl Kme {
                     .flat_map(|k| k.unit_ids.iter().copied())
                     .collect();
                 drop(pads);
-                self.spawn_void_call(
+                self.core.spawn_void_call(
                     peer.clone(),
                     PendingRequest {
                         request_id: out_req,
@@ -859,7 +675,7 @@ impl Kme {
 
     /// Checks the keys of a relay message; returns their (common) size in bits.
     fn check_relay_keys(&self, msg: &RelayForward) -> Result<u32, KmsError> {
-        let l = &self.settings.limits;
+        let l = &self.core.settings.limits;
         let Some(first) = msg.keys.first() else {
             return Err(KmsError::BadRequest("no keys".into()));
         };
@@ -906,6 +722,7 @@ impl Kme {
             ));
         }
         let firsts = self
+            .core
             .store
             .take(slave.clone(), master.clone(), ids.to_vec())
             .await?;
@@ -915,7 +732,7 @@ impl Kme {
                 return Err(KmsError::BadRequest("the two shares differ in size".into()));
             }
             let mut m = a.material;
-            xor_into(&mut m, &b);
+            otp(&mut m, &b)?;
             // The combined key keeps the first share's ID; its other units get
             // IDs derived from it (the first share's units are gone).
             let unit_ids = (0..layout.unit_ids.len() as u32)
@@ -962,7 +779,8 @@ impl Kme {
                 });
             }
         }
-        self.store
+        self.core
+            .store
             .ingest(IngestBatch {
                 peer: origin.clone(),
                 link_id: format!("relay/{request}"),
@@ -974,7 +792,8 @@ impl Kme {
                 capacity_units: u64::MAX,
             })
             .await?;
-        self.store
+        self.core
+            .store
             .accept(Acceptance {
                 request_id: hop_request_id(request, FINAL_HOP),
                 peer: origin.clone(),
@@ -993,29 +812,33 @@ impl Kme {
         caller: &crate::identity::Identity,
         msg: RelayVoid,
     ) -> Result<ExtKeysVoidReply, KmsError> {
-        let prev = self.peer_caller(caller)?;
-        let me = self.settings.id.clone();
+        let prev = self.core.peer_caller(caller)?;
+        let me = self.core.settings.id.clone();
         check_route(&msg.route, msg.hop, &me, &prev)?;
         let out = self
+            .core
             .store
-            .void(prev, hop_request_id(msg.request_ID, msg.hop - 1))
+            .void(prev, hop_request_id(msg.request_ID, msg.hop - 1), now_ms())
             .await?;
         let hop = msg.hop as usize;
         if hop + 1 == msg.route.len() {
             match self
+                .core
                 .store
                 .void(
                     msg.route[0].clone(),
                     hop_request_id(msg.request_ID, FINAL_HOP),
+                    now_ms(),
                 )
                 .await
             {
                 Ok(_) | Err(StoreError::RequestConflict) => {}
                 Err(e) => return Err(e.into()),
             }
-        } else if let Some(peer) = self.peers.get(&msg.route[hop + 1]) {
+        } else if let Some(peer) = self.core.peers.get(&msg.route[hop + 1]) {
             let out_req = hop_request_id(msg.request_ID, msg.hop);
             let pending = self
+                .core
                 .store
                 .pending()
                 .await?
@@ -1025,7 +848,7 @@ impl Kme {
                 .iter()
                 .flat_map(|p| p.keys.iter().flat_map(|k| k.unit_ids.iter().copied()))
                 .collect();
-            self.spawn_void_call(
+            self.core.spawn_void_call(
                 peer.clone(),
                 pending.unwrap_or(PendingRequest {
                     request_id: out_req,
@@ -1052,28 +875,28 @@ impl Kme {
         &self,
         caller: &crate::identity::Identity,
     ) -> Result<Vec<LinkState>, KmsError> {
-        self.peer_caller(caller)?;
+        self.core.peer_caller(caller)?;
         let own = self.own_link_state().await?;
         let mut v = self
             .lsdb
             .lock()
             .map_err(|_| KmsError::Config("link-state lock".into()))?
-            .snapshot();
+            .snapshot(Instant::now());
         v.push(own);
         Ok(v)
     }
 
     async fn own_link_state(&self) -> Result<LinkState, KmsError> {
         let mut links = Vec::new();
-        for p in self.peers.keys() {
+        for p in self.core.peers.keys() {
             links.push(LinkAvail {
                 peer: p.clone(),
-                units: self.store.pool_counts(p.clone()).await?.mine_available,
+                units: self.core.store.pool_counts(p.clone()).await?.mine_available,
             });
         }
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
         Ok(LinkState {
-            kme: self.settings.id.clone(),
+            kme: self.core.settings.id.clone(),
             seq: now_ms(),
             links,
         })
@@ -1082,7 +905,7 @@ impl Kme {
     /// Polls every neighbour's link-state database once and merges it.
     pub async fn poll_link_state(&self) {
         let mut set = tokio::task::JoinSet::new();
-        for p in self.peers.values() {
+        for p in self.core.peers.values() {
             let p = p.clone();
             set.spawn(async move {
                 let r: Result<Vec<LinkState>, PeerCallError> = p.get(LSDB_PATH).await;
@@ -1094,7 +917,7 @@ impl Kme {
             match r {
                 Ok(states) => {
                     db.down.remove(&peer);
-                    db.merge(states, &self.settings.id);
+                    db.merge(states, &self.core.settings.id, Instant::now());
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = ?e, "link-state poll failed");
@@ -1116,9 +939,9 @@ impl Kme {
     }
 }
 
-/// Polls the neighbours' link state every `every` until the KME is dropped.
-pub fn spawn_link_state(kme: &Arc<Kme>, every: Duration) -> tokio::task::JoinHandle<()> {
-    let weak: Weak<Kme> = Arc::downgrade(kme);
+/// Polls the neighbours' link state every `every` until the relay (its KME) is dropped.
+pub fn spawn_link_state(relay: &Arc<Relay>, every: Duration) -> tokio::task::JoinHandle<()> {
+    let weak: Weak<Relay> = Arc::downgrade(relay);
     tokio::spawn(async move {
         loop {
             match weak.upgrade() {
@@ -1129,8 +952,6 @@ pub fn spawn_link_state(kme: &Arc<Kme>, every: Duration) -> tokio::task::JoinHan
         }
     })
 }
-
-pub(crate) type SharedLsdb = Mutex<Lsdb>;
 
 #[cfg(test)]
 mod tests {
@@ -1169,10 +990,7 @@ mod tests {
     fn fewest_hops_first_then_widest() {
         let g = ring();
         let all = |_: &KmeId, _: &KmeId| Some(100);
-        assert_eq!(
-            names(widest_shortest_path(&g, &k("a"), &k("d"), all)),
-            ["a", "g", "d"]
-        );
+        assert_eq!(names(kme_route(&g, &k("a"), &k("d"), all)), ["a", "g", "d"]);
         // Without g, two 3-hop routes: the one with the larger bottleneck wins.
         let no_g = |x: &KmeId, y: &KmeId| {
             if x.as_str() == "g" || y.as_str() == "g" {
@@ -1184,12 +1002,12 @@ mod tests {
             }
         };
         assert_eq!(
-            names(widest_shortest_path(&g, &k("a"), &k("d"), no_g)),
+            names(kme_route(&g, &k("a"), &k("d"), no_g)),
             ["a", "e", "f", "d"]
         );
         // Everything cut: no route.
-        assert!(widest_shortest_path(&g, &k("a"), &k("d"), |_, _| None).is_none());
-        assert!(widest_shortest_path(&g, &k("a"), &k("a"), all).is_none());
+        assert!(kme_route(&g, &k("a"), &k("d"), |_, _| None).is_none());
+        assert!(kme_route(&g, &k("a"), &k("a"), all).is_none());
     }
 
     #[test]
@@ -1214,41 +1032,5 @@ mod tests {
         assert_eq!(ids.len(), 65);
         assert_ne!(hop_request_id(r, 0), hop_request_id(Uuid::from_u128(43), 0));
         assert_eq!(hop_request_id(r, 5), hop_request_id(r, 5));
-    }
-
-    #[test]
-    fn link_state_merges_newer_and_ages_out() {
-        let mut db = Lsdb::default();
-        let st = |seq, units| LinkState {
-            kme: k("b"),
-            seq,
-            links: vec![LinkAvail {
-                peer: k("c"),
-                units,
-            }],
-        };
-        db.merge(vec![st(10, 5)], &k("a"));
-        db.merge(vec![st(9, 1)], &k("a")); // older: ignored
-        assert_eq!(db.avail(&k("b"), &k("c")), Some(5));
-        db.merge(vec![st(11, 7)], &k("a"));
-        assert_eq!(db.avail(&k("b"), &k("c")), Some(7));
-        assert_eq!(db.avail(&k("c"), &k("b")), None);
-        db.merge(
-            vec![LinkState {
-                kme: k("a"),
-                seq: 99,
-                links: vec![],
-            }],
-            &k("a"),
-        ); // own entry from a peer: ignored
-        assert!(db.fresh(&k("a")).is_none());
-        assert!(!db.presumed_down(&k("b")));
-        if let Some((_, at)) = db.entries.get_mut(&k("b")) {
-            *at = Instant::now()
-                .checked_sub(STALE_AFTER + Duration::from_secs(1))
-                .unwrap_or(*at);
-        }
-        assert!(db.presumed_down(&k("b")));
-        assert_eq!(db.avail(&k("b"), &k("c")), None);
     }
 }

@@ -47,8 +47,10 @@ use crate::etsi::{
     parse_dec_query, parse_enc_query, validate_ids,
 };
 use crate::identity::{Identity, identity_from_cert};
-use crate::peer::{EXT_KEYS_PATH, EXT_KEYS_VOID_PATH, ExtKeysAck, ExtKeysReserve, ExtKeysVoid};
-use crate::relay::{LSDB_PATH, RELAY_PATH, RELAY_VOID_PATH, RelayAck, RelayForward, RelayVoid};
+use crate::kme_wire::{
+    EXT_KEYS_PATH, EXT_KEYS_VOID_PATH, ExtKeysAck, ExtKeysReserve, ExtKeysVoid, LSDB_PATH,
+    MAX_ROUTE_LEN, RELAY_PATH, RELAY_VOID_PATH, RelayAck, RelayForward, RelayVoid,
+};
 use crate::service::Kme;
 
 /// Path of the OpenAPI document.
@@ -349,7 +351,7 @@ fn relay_body_limit(kme: &Kme) -> usize {
     let units = crate::block::units_for_bits(l.max_key_size) as usize;
     (l.max_key_per_request as usize)
         .saturating_mul(256 + units * 80 + (l.max_key_size as usize / 8) * 4 / 3)
-        .saturating_add(crate::relay::MAX_ROUTE_LEN * 70 + 4096)
+        .saturating_add(MAX_ROUTE_LEN * 70 + 4096)
 }
 
 async fn relay(
@@ -365,7 +367,7 @@ async fn relay(
         // Run to the end even if the caller goes away (as for enc_keys): a hop
         // abandoned halfway would leave its reservation pending until a restart.
         let kme = s.kme.clone();
-        tokio::spawn(async move { kme.peer_relay(&who, msg).await })
+        tokio::spawn(async move { kme.relay().peer_relay(&who, msg).await })
             .await
             .map_err(|_| ApiError(KmsError::PeerUnavailable("relay task failed".into())))??;
         Ok::<_, ApiError>(ok_json(&RelayAck {
@@ -383,15 +385,15 @@ async fn relay_void(
     body: Body,
 ) -> Response {
     let r = async {
-        let limit = crate::relay::MAX_ROUTE_LEN * 70 + 4096;
+        let limit = MAX_ROUTE_LEN * 70 + 4096;
         let msg: RelayVoid = read_json(&s, &headers, body, limit, "relay void").await?;
-        Ok::<_, ApiError>(ok_json(&s.kme.peer_relay_void(&who, msg).await?))
+        Ok::<_, ApiError>(ok_json(&s.kme.relay().peer_relay_void(&who, msg).await?))
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn link_state(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    match s.kme.link_state(&who).await {
+    match s.kme.relay().link_state(&who).await {
         Ok(v) => ok_json(&v),
         Err(e) => ApiError(e).into_response(),
     }

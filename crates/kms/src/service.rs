@@ -33,107 +33,37 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use base64::Engine;
-use tokio::task::JoinSet;
+use crate::clock::now_ms;
+
 use uuid::Uuid;
 
 use crate::block::{KeyBlock, units_for_bits};
 use crate::error::KmsError;
-use crate::etsi::{
-    KeyContainer, KeyEntry, Limits, Status, ValidKeyIds, ValidKeyRequest, format_key_id,
-};
+use crate::etsi::{KeyContainer, Limits, Status, ValidKeyIds, ValidKeyRequest, format_key_id};
 use crate::identity::Identity;
 use crate::ids::{KmeId, SaeId};
-use crate::peer::{ExtKeysReserve, ExtKeysVoidReply, PeerCallError, PeerClient};
+use crate::kme_core::{KmeCore, VoidCall, container, delivered_container, void_until_settled};
+pub use crate::kme_core::{KmeCounters, KmeSettings};
+use crate::kme_wire::{ExtKeysReserve, ExtKeysVoidReply};
+use crate::peer::{PeerCallError, PeerClient};
+use crate::relay::Relay;
 use crate::store::{
-    AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
-    Reservation, ReservedKey, StoreError,
+    AcceptOutcome, Acceptance, IngestBatch, KeyLayout, KeyStore, PendingRequest, Reservation,
+    ReservedKey, StoreError,
 };
-
-/// Static settings of a KME.
-#[derive(Debug, Clone)]
-pub struct KmeSettings {
-    /// This KME's ID.
-    pub id: KmeId,
-    /// How key IDs cross the ETSI API ([`crate::key_id`]).
-    pub key_ids: crate::key_id::KeyIdCodec,
-    /// Limits advertised and enforced.
-    pub limits: Limits,
-    /// Every SAE of the network this KME serves or reserves for, and its KME.
-    pub saes: HashMap<SaeId, KmeId>,
-    /// Attempts to get a peer's acknowledgement before giving up on a request.
-    pub peer_attempts: u32,
-    /// Every KME-to-KME link of the network, for routing relayed keys (this
-    /// KME's own links are always included).
-    pub links: Vec<(KmeId, KmeId)>,
-    /// Routes tried for one relayed request before giving up.
-    pub relay_attempts: u32,
-    /// Keys kept in stock per (master SAE, neighbour slave SAE, key size) once the
-    /// pair has asked for keys; 0 turns key stock off (see the module docs).
-    pub stock_keys: u32,
-}
-
-/// Now, Unix milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// How long the slave side waits for units its link has not delivered yet.
-const UNIT_ARRIVAL_GRACE: Duration = Duration::from_millis(2500);
-
-/// Request counters of a KME (for the node's metrics endpoint).
-#[derive(Debug, Default)]
-pub struct KmeCounters {
-    /// enc_keys calls.
-    pub enc_requests: AtomicU64,
-    /// dec_keys calls.
-    pub dec_requests: AtomicU64,
-    /// Keys handed to master SAEs.
-    pub keys_delivered_master: AtomicU64,
-    /// Keys handed to slave SAEs.
-    pub keys_delivered_slave: AtomicU64,
-    /// enc_keys and dec_keys calls that failed.
-    pub errors: AtomicU64,
-    /// enc_keys calls relayed over trusted nodes (this KME the origin).
-    pub relay_requests: AtomicU64,
-    /// Relayed requests that failed on every route tried.
-    pub relay_failures: AtomicU64,
-    /// Relays passed on by this KME as a trusted node.
-    pub relay_forwarded: AtomicU64,
-    /// Relays that ended here (keys stored for a local slave SAE).
-    pub relay_delivered: AtomicU64,
-    /// 256-bit units of link key this KME sent for relays (first-hop keys and
-    /// one-time pads), on acknowledged hops.
-    pub relay_units_sent: AtomicU64,
-}
 
 /// A key management entity.
 pub struct Kme {
-    pub(crate) settings: KmeSettings,
-    pub(crate) store: Arc<dyn KeyStore>,
-    pub(crate) peers: HashMap<KmeId, PeerClient>,
-    background: Mutex<JoinSet<()>>,
+    core: Arc<KmeCore>,
+    relay: Arc<Relay>,
     /// SAE pairs (and key sizes) whose stock is being refilled now.
     refilling: Arc<Mutex<std::collections::HashSet<StockKey>>>,
-    pub(crate) counters: KmeCounters,
-    pub(crate) lsdb: crate::relay::SharedLsdb,
 }
 
 /// A stock: (master SAE, slave SAE, key size in bits).
 type StockKey = (SaeId, SaeId, u32);
-
-/// How a void reaches the peer: the neighbour API or the relay API.
-pub(crate) enum VoidCall {
-    /// `ext_keys/void`.
-    Ext,
-    /// `relay/void` (travels on along the route).
-    Relay(crate::relay::RelayVoid),
-}
 
 impl Kme {
     /// A KME over `store`, reaching its peers through `peers`.
@@ -147,20 +77,28 @@ impl Kme {
         if peers.contains_key(&settings.id) {
             return Err(KmsError::Config("a KME cannot be its own peer".into()));
         }
+        let core = Arc::new(KmeCore::new(settings, store, peers));
         Ok(Self {
-            settings,
-            store,
-            peers,
-            background: Mutex::new(JoinSet::new()),
+            relay: Arc::new(Relay::new(core.clone())),
+            core,
             refilling: Arc::default(),
-            counters: KmeCounters::default(),
-            lsdb: Default::default(),
         })
     }
 
     /// Request counters.
     pub fn counters(&self) -> &KmeCounters {
-        &self.counters
+        &self.core.counters
+    }
+
+    /// The trusted-node relay of this KME (its peer API and link-state database).
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Waits (bounded by `timeout`) until no background task is outstanding
+    /// (voids, stock refills). For tests and orderly shutdown.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        self.core.settle(timeout).await
     }
 
     fn count(&self, r: &Result<KeyContainer, KmsError>, delivered: &AtomicU64) {
@@ -169,33 +107,36 @@ impl Kme {
                 delivered.fetch_add(c.keys.len() as u64, Ordering::Relaxed);
             }
             Err(_) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.core.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     /// This KME's ID.
     pub fn id(&self) -> &KmeId {
-        &self.settings.id
+        &self.core.settings.id
     }
 
     /// The limits.
     pub fn limits(&self) -> &Limits {
-        &self.settings.limits
+        &self.core.settings.limits
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
-        &self.store
+        &self.core.store
     }
 
     fn capacity_units(&self) -> u64 {
         // Each peer's pool holds units of both owners; max_key_count counts keys of
         // default size that this KME's masters can draw.
-        self.settings
+        self.core
+            .settings
             .limits
             .max_key_count
-            .saturating_mul(u64::from(units_for_bits(self.settings.limits.key_size)))
+            .saturating_mul(u64::from(units_for_bits(
+                self.core.settings.limits.key_size,
+            )))
             .saturating_mul(2)
     }
 
@@ -203,10 +144,10 @@ impl Kme {
     /// Returns the number of 256-bit units stored. A block number seen before on
     /// the same link is refused.
     pub async fn ingest(&self, block: KeyBlock) -> Result<u64, KmsError> {
-        if !self.peers.contains_key(&block.peer_kme) {
+        if !self.core.peers.contains_key(&block.peer_kme) {
             return Err(KmsError::InvalidBlock("peer_kme is not a configured peer"));
         }
-        let units = block.cut(&self.settings.id)?;
+        let units = block.cut(&self.core.settings.id)?;
         let batch = IngestBatch {
             peer: block.peer_kme.clone(),
             link_id: block.link_id.clone(),
@@ -217,12 +158,14 @@ impl Kme {
             units,
             capacity_units: self.capacity_units(),
         };
-        Ok(self.store.ingest(batch).await?)
+        Ok(self.core.store.ingest(batch).await?)
     }
 
     fn local_sae<'a>(&self, caller: &'a Identity) -> Result<&'a SaeId, KmsError> {
         match caller {
-            Identity::Sae(s) if self.settings.saes.get(s) == Some(&self.settings.id) => Ok(s),
+            Identity::Sae(s) if self.core.settings.saes.get(s) == Some(&self.core.settings.id) => {
+                Ok(s)
+            }
             Identity::Sae(_) => Err(KmsError::Unauthorized("SAE is not attached to this KME")),
             Identity::Kme(_) => Err(KmsError::Unauthorized(
                 "a KME certificate cannot use the SAE API",
@@ -235,16 +178,17 @@ impl Kme {
     fn slave_kme(&self, slave: &str) -> Result<(SaeId, KmeId, Option<&PeerClient>), KmsError> {
         let slave = SaeId::new(slave)?;
         let kme = self
+            .core
             .settings
             .saes
             .get(&slave)
             .ok_or_else(|| KmsError::BadRequest("unknown slave_SAE_ID".into()))?;
-        if kme == &self.settings.id {
+        if kme == &self.core.settings.id {
             return Err(KmsError::BadRequest(
                 "slave SAE is attached to this KME; keys are only shared across a QKD link".into(),
             ));
         }
-        Ok((slave, kme.clone(), self.peers.get(kme)))
+        Ok((slave, kme.clone(), self.core.peers.get(kme)))
     }
 
     /// ETSI 014 Get status.
@@ -253,26 +197,28 @@ impl Kme {
         let (slave, target, peer) = self.slave_kme(slave)?;
         // A neighbour: this KME's own units of the link; further away: the
         // bottleneck of the route a relay would take now.
-        let l = &self.settings.limits;
+        let l = &self.core.settings.limits;
         let units = match peer {
             Some(p) => {
                 let stock = if self.stocking() {
-                    self.store
+                    self.core
+                        .store
                         .stock_count(master.clone(), slave.clone(), l.key_size)
                         .await?
                 } else {
                     0
                 };
-                self.store
+                self.core
+                    .store
                     .pool_counts(p.peer().clone())
                     .await?
                     .mine_available
                     .saturating_add(stock.saturating_mul(u64::from(units_for_bits(l.key_size))))
             }
-            None => self.relay_stored_units(&target).await?.1,
+            None => self.relay.relay_stored_units(&target).await?.1,
         };
         Ok(Status {
-            source_KME_ID: self.settings.id.to_string(),
+            source_KME_ID: self.core.settings.id.to_string(),
             target_KME_ID: target.to_string(),
             master_SAE_ID: master.to_string(),
             slave_SAE_ID: slave.to_string(),
@@ -294,12 +240,15 @@ impl Kme {
         slave: &str,
         req: ValidKeyRequest,
     ) -> Result<KeyContainer, KmsError> {
-        self.counters.enc_requests.fetch_add(1, Ordering::Relaxed);
+        self.core
+            .counters
+            .enc_requests
+            .fetch_add(1, Ordering::Relaxed);
         let r = self
             .enc_keys_inner(caller, slave, req)
             .await
             .map(|c| self.external_ids(c));
-        self.count(&r, &self.counters.keys_delivered_master);
+        self.count(&r, &self.core.counters.keys_delivered_master);
         r
     }
 
@@ -313,19 +262,26 @@ impl Kme {
         let (slave, target, peer) = self.slave_kme(slave)?;
         let peer = match peer {
             Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
-            _ => return self.relay_enc(master, slave, target, req).await,
+            _ => return self.relay.relay_enc(master, slave, target, req).await,
         };
         // Stock is kept for the default key size only, so a pair holds one stock
         // whatever sizes it asks for; a failed stock lookup falls back to the
         // direct path.
-        if self.stocking() && req.size_bits == self.settings.limits.key_size {
+        if self.stocking() && req.size_bits == self.core.settings.limits.key_size {
             let taken = self
+                .core
                 .store
-                .take_stock(master.clone(), slave.clone(), req.size_bits, req.number)
+                .take_stock(
+                    master.clone(),
+                    slave.clone(),
+                    req.size_bits,
+                    req.number,
+                    now_ms(),
+                )
                 .await;
             match taken {
                 Ok((stocked, left)) => {
-                    if left < u64::from(self.settings.stock_keys.div_ceil(2)) {
+                    if left < u64::from(self.core.settings.stock_keys.div_ceil(2)) {
                         self.refill_stock(peer, &master, &slave, req.size_bits);
                     }
                     if let Some(keys) = stocked {
@@ -352,22 +308,27 @@ impl Kme {
         size_bits: u32,
     ) -> Result<Vec<ReservedKey>, KmsError> {
         let parts = (master, slave, number, size_bits);
-        let (request_id, reserved) =
-            acknowledged_reservation(&self.store, peer, self.settings.peer_attempts, parts)
-                .await
-                .map_err(|(e, job)| {
-                    if let Some((p, discard)) = job {
-                        self.spawn_void_call(peer.clone(), p, discard, VoidCall::Ext);
-                    }
-                    e
-                })?;
-        self.store.confirm(request_id).await?;
+        let (request_id, reserved) = acknowledged_reservation(
+            &self.core.store,
+            peer,
+            self.core.settings.peer_attempts,
+            parts,
+        )
+        .await
+        .map_err(|(e, job)| {
+            if let Some((p, discard)) = job {
+                self.core
+                    .spawn_void_call(peer.clone(), p, discard, VoidCall::Ext);
+            }
+            e
+        })?;
+        self.core.store.confirm(request_id).await?;
         Ok(reserved)
     }
 
     /// Whether this KME keeps key stock (configured, and its store can).
     fn stocking(&self) -> bool {
-        self.settings.stock_keys > 0 && self.store.keeps_stock()
+        self.core.settings.stock_keys > 0 && self.core.store.keeps_stock()
     }
 
     /// Starts a background refill of the stock of (`master`, `slave`, `size_bits`)
@@ -383,15 +344,15 @@ impl Kme {
             Err(_) => return,
         }
         let task = refill(
-            self.store.clone(),
+            self.core.store.clone(),
             peer.clone(),
             self.refilling.clone(),
             key,
-            self.settings.stock_keys,
-            self.settings.limits.max_key_per_request,
-            self.settings.peer_attempts,
+            self.core.settings.stock_keys,
+            self.core.settings.limits.max_key_per_request,
+            self.core.settings.peer_attempts,
         );
-        self.spawn_background(task);
+        self.core.spawn_background(task);
     }
 }
 
@@ -549,12 +510,15 @@ async fn refill(
 impl Kme {
     /// The container as SAEs see it: each key ID through the key-ID permutation.
     fn external_ids(&self, mut c: KeyContainer) -> KeyContainer {
-        if matches!(self.settings.key_ids, crate::key_id::KeyIdCodec::Structured) {
+        if matches!(
+            self.core.settings.key_ids,
+            crate::key_id::KeyIdCodec::Structured
+        ) {
             return c;
         }
         for k in &mut c.keys {
             if let Ok(id) = crate::etsi::parse_key_id(&k.key_ID) {
-                k.key_ID = format_key_id(&self.settings.key_ids.external(id));
+                k.key_ID = format_key_id(&self.core.settings.key_ids.external(id));
             }
         }
         c
@@ -567,7 +531,10 @@ impl Kme {
         master: &str,
         ids: ValidKeyIds,
     ) -> Result<KeyContainer, KmsError> {
-        self.counters.dec_requests.fetch_add(1, Ordering::Relaxed);
+        self.core
+            .counters
+            .dec_requests
+            .fetch_add(1, Ordering::Relaxed);
         let r = async {
             let slave = self.local_sae(caller)?.clone();
             let master = SaeId::new(master)?;
@@ -575,24 +542,15 @@ impl Kme {
             let ids = ids
                 .0
                 .iter()
-                .map(|&id| self.settings.key_ids.internal(id))
+                .map(|&id| self.core.settings.key_ids.internal(id))
                 .collect::<Option<Vec<_>>>()
                 .ok_or(KmsError::KeysNotFound)?;
-            let keys = self.store.take(slave, master, ids).await?;
+            let keys = self.core.store.take(slave, master, ids).await?;
             Ok(self.external_ids(delivered_container(keys)))
         }
         .await;
-        self.count(&r, &self.counters.keys_delivered_slave);
+        self.count(&r, &self.core.counters.keys_delivered_slave);
         r
-    }
-
-    pub(crate) fn peer_caller(&self, caller: &Identity) -> Result<KmeId, KmsError> {
-        match caller {
-            Identity::Kme(k) if self.peers.contains_key(k) => Ok(k.clone()),
-            _ => Err(KmsError::Unauthorized(
-                "only a peer KME may call the KME-to-KME API",
-            )),
-        }
     }
 
     /// Peer side of a reservation: accept the keys for the named slave SAE.
@@ -601,18 +559,18 @@ impl Kme {
         caller: &Identity,
         msg: ExtKeysReserve,
     ) -> Result<AcceptOutcome, KmsError> {
-        let peer = self.peer_caller(caller)?;
-        if self.settings.saes.get(&msg.slave_SAE_ID) != Some(&self.settings.id) {
+        let peer = self.core.peer_caller(caller)?;
+        if self.core.settings.saes.get(&msg.slave_SAE_ID) != Some(&self.core.settings.id) {
             return Err(KmsError::BadRequest(
                 "slave_SAE_ID is not attached to this KME".into(),
             ));
         }
-        if self.settings.saes.get(&msg.master_SAE_ID) != Some(&peer) {
+        if self.core.settings.saes.get(&msg.master_SAE_ID) != Some(&peer) {
             return Err(KmsError::BadRequest(
                 "master_SAE_ID is not attached to the calling KME".into(),
             ));
         }
-        if msg.keys.len() > self.settings.limits.max_key_per_request as usize {
+        if msg.keys.len() > self.core.settings.limits.max_key_per_request as usize {
             return Err(KmsError::BadRequest(
                 "more keys than max_key_per_request".into(),
             ));
@@ -625,15 +583,7 @@ impl Kme {
             keys: msg.keys.into_iter().map(Into::into).collect(),
             now_unix_ms: now_ms(),
         };
-        Ok(self.accept_with_grace(acceptance).await?)
-    }
-
-    /// [`KeyStore::accept`], waiting a little for units not delivered yet.
-    pub(crate) async fn accept_with_grace(
-        &self,
-        acceptance: Acceptance,
-    ) -> Result<AcceptOutcome, StoreError> {
-        with_grace(|| self.store.accept(acceptance.clone())).await
+        Ok(self.core.accept_with_grace(acceptance).await?)
     }
 
     /// Peer side of a void.
@@ -642,8 +592,8 @@ impl Kme {
         caller: &Identity,
         request_id: Uuid,
     ) -> Result<ExtKeysVoidReply, KmsError> {
-        let peer = self.peer_caller(caller)?;
-        let out = self.store.void(peer, request_id).await?;
+        let peer = self.core.peer_caller(caller)?;
+        let out = self.core.store.void(peer, request_id, now_ms()).await?;
         Ok(ExtKeysVoidReply {
             request_ID: request_id,
             was_accepted: out.was_accepted,
@@ -654,161 +604,19 @@ impl Kme {
     /// Voids, at their peers, the requests a previous run left pending. Call once at
     /// start-up; runs in the background until every peer has answered.
     pub async fn recover(&self) -> Result<usize, KmsError> {
-        let pending = self.store.pending().await?;
+        let pending = self.core.store.pending().await?;
         let n = pending.len();
         for p in pending {
-            match self.peers.get(&p.peer) {
-                Some(client) => self.spawn_void_call(client.clone(), p, Vec::new(), VoidCall::Ext),
+            match self.core.peers.get(&p.peer) {
+                Some(client) => {
+                    self.core
+                        .spawn_void_call(client.clone(), p, Vec::new(), VoidCall::Ext)
+                }
                 None => {
                     tracing::warn!(peer = %p.peer, request_id = %p.request_id, "pending request for an unconfigured peer")
                 }
             }
         }
         Ok(n)
-    }
-
-    pub(crate) fn spawn_void_call(
-        &self,
-        peer: PeerClient,
-        p: PendingRequest,
-        extra_discard: Vec<Uuid>,
-        call: VoidCall,
-    ) {
-        let store = self.store.clone();
-        self.spawn_background(void_until_settled(store, peer, p, extra_discard, call));
-    }
-
-    /// Runs `task` in the background; [`Kme::settle`] waits for it.
-    pub(crate) fn spawn_background(
-        &self,
-        task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        match self.background.lock() {
-            Ok(mut set) => {
-                // Reap finished tasks so the set does not grow without bound.
-                while set.try_join_next().is_some() {}
-                set.spawn(task);
-            }
-            Err(poisoned) => {
-                poisoned.into_inner().spawn(task);
-            }
-        }
-    }
-
-    /// Waits (bounded by `timeout`) until no background void is outstanding.
-    /// For tests and orderly shutdown.
-    pub async fn settle(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let busy = match self.background.lock() {
-                Ok(mut set) => {
-                    while set.try_join_next().is_some() {}
-                    !set.is_empty()
-                }
-                Err(_) => false,
-            };
-            if !busy {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// Runs a store operation that names a peer's units, retrying a little while
-/// they have not arrived yet: the two ends of a QKD link hand a block to their
-/// KMEs a moment apart (the last protocol message is in flight), so units the
-/// peer already has may not be here yet, and refusing would make the peer
-/// discard them.
-pub(crate) async fn with_grace<'a, T, F>(mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> crate::store::StoreFuture<'a, T>,
-{
-    let mut delay = Duration::from_millis(50);
-    let mut waited = Duration::ZERO;
-    loop {
-        match op().await {
-            Err(StoreError::UnitsUnavailable(_)) if waited < UNIT_ARRIVAL_GRACE => {
-                tokio::time::sleep(delay).await;
-                waited += delay;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
-            r => return r,
-        }
-    }
-}
-
-/// Voids `p` at the peer until it answers, then releases the units: keys the peer
-/// delivered (or never held) are discarded, the rest return to the pool.
-async fn void_until_settled(
-    store: Arc<dyn KeyStore>,
-    peer: PeerClient,
-    p: PendingRequest,
-    extra_discard: Vec<Uuid>,
-    call: VoidCall,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let reply = loop {
-        let r = match &call {
-            VoidCall::Ext => peer.void(p.request_id).await,
-            VoidCall::Relay(v) => peer.relay_void(v).await,
-        };
-        match r {
-            Ok(r) => break r,
-            Err(e) => {
-                tracing::debug!(request_id = %p.request_id, error = ?e, "void not answered yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    };
-    let mut discard = extra_discard;
-    if reply.was_accepted {
-        for k in &p.keys {
-            if !reply.voided_key_IDs.contains(&k.key_id) {
-                discard.extend(k.unit_ids.iter().copied());
-            }
-        }
-    }
-    if p.keys.is_empty() {
-        return; // a void passed on along a relay route, with nothing held here
-    }
-    if let Err(e) = store.release(p.request_id, discard).await {
-        tracing::warn!(request_id = %p.request_id, error = %e, "could not release voided request");
-    }
-}
-
-pub(crate) fn container(keys: Vec<ReservedKey>) -> KeyContainer {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    KeyContainer {
-        keys: keys
-            .iter()
-            .map(|k| KeyEntry {
-                key_ID: format_key_id(&k.layout.key_id),
-                key_ID_extension: None,
-                key: b64.encode(&k.material[..]),
-                key_extension: None,
-            })
-            .collect(),
-        key_container_extension: None,
-    }
-}
-
-fn delivered_container(keys: Vec<DeliveredKey>) -> KeyContainer {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    KeyContainer {
-        keys: keys
-            .iter()
-            .map(|k| KeyEntry {
-                key_ID: format_key_id(&k.key_id),
-                key_ID_extension: None,
-                key: b64.encode(&k.material[..]),
-                key_extension: None,
-            })
-            .collect(),
-        key_container_extension: None,
     }
 }

@@ -21,6 +21,7 @@ use hyper::StatusCode;
 use qkdnet_kms::block::KeyBlock;
 use qkdnet_kms::etsi::Limits;
 use qkdnet_kms::store::MasterKey;
+
 use qkdnet_kms::store::postgres::{PostgresOptions, PostgresUrl, SchemaName};
 use qkdnet_kms::store::sqlite::Durability;
 use qkdnet_kms::store::{
@@ -29,6 +30,11 @@ use qkdnet_kms::store::{
 };
 use qkdnet_kms::testkeys::seeded_block;
 use uuid::Uuid;
+
+/// The wall clock, as the KME passes it into the store.
+fn now() -> u64 {
+    qkdnet_kms::clock::now_ms()
+}
 
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -574,13 +580,16 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backe
         b.take(sae("bob"), sae("alice"), vec![ids[0]]).await,
         Err(StoreError::KeysNotFound)
     ));
-    let v1 = b.void(kme("kme-a"), rid).await.expect("void");
+    let v1 = b.void(kme("kme-a"), rid, now()).await.expect("void");
     assert!(v1.was_accepted);
     assert_eq!(
         v1.voided_keys.iter().copied().collect::<HashSet<_>>(),
         ids[1..].iter().copied().collect()
     );
-    assert_eq!(b.void(kme("kme-a"), rid).await.expect("void again"), v1);
+    assert_eq!(
+        b.void(kme("kme-a"), rid, now()).await.expect("void again"),
+        v1
+    );
     assert!(matches!(
         b.accept(acc).await,
         Err(StoreError::RequestVoided)
@@ -594,7 +603,7 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backe
     let r2 = reservation(1);
     let rid2 = r2.request_id;
     let k2 = a.reserve(r2.clone()).await.expect("reserve");
-    let v = b.void(kme("kme-a"), rid2).await.expect("void first");
+    let v = b.void(kme("kme-a"), rid2, now()).await.expect("void first");
     assert!(!v.was_accepted);
     assert!(matches!(
         b.accept(acceptance("kme-a", &r2, &k2)).await,
@@ -636,7 +645,7 @@ async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backe
     ));
     // A request ID a peer used for a void cannot be reused by another peer.
     assert!(matches!(
-        b.void(kme("kme-c"), rid2).await,
+        b.void(kme("kme-c"), rid2, now()).await,
         Err(StoreError::RequestConflict)
     ));
     // Capacity is enforced per pool.
@@ -679,7 +688,10 @@ async fn accept_take_spends_a_relay_hop_in_one_step(backend: Backend) {
     let after = b.pool_counts(kme("kme-a")).await.expect("counts");
     assert_eq!(before.total_units - after.total_units, 2);
     assert!(b.accept_take(acc).await.is_err(), "a hop key is spent once");
-    let v = b.void(kme("kme-a"), r.request_id).await.expect("void");
+    let v = b
+        .void(kme("kme-a"), r.request_id, now())
+        .await
+        .expect("void");
     assert!(v.was_accepted && v.voided_keys.is_empty(), "{v:?}");
     a.confirm(r.request_id).await.expect("confirm");
     // Units the peer never had: refused, and nothing accepted.
@@ -738,7 +750,10 @@ async fn keys_of_several_units_keep_their_layout(backend: Backend) {
         .await
         .expect("take the middle key");
     assert_eq!(&got[0].material[..], &keys[1].material[..]);
-    let v = b.void(kme("kme-a"), r.request_id).await.expect("void");
+    let v = b
+        .void(kme("kme-a"), r.request_id, now())
+        .await
+        .expect("void");
     assert_eq!(
         v.voided_keys.iter().copied().collect::<HashSet<_>>(),
         HashSet::from([keys[0].layout.key_id, keys[2].layout.key_id])
@@ -777,7 +792,7 @@ async fn units_return_in_any_order_and_keys_cross_blocks(backend: Backend) {
     }
     let (r1, k1) = &rs[1];
     assert!(
-        !b.void(kme("kme-a"), r1.request_id)
+        !b.void(kme("kme-a"), r1.request_id, now())
             .await
             .expect("void")
             .was_accepted
@@ -1018,7 +1033,9 @@ async fn concurrent_transitions_never_hand_a_unit_twice(backend: Backend) {
                 racers.spawn(async move {
                     (
                         99,
-                        b.void(kme("kme-a"), rid).await.map(|v| v.voided_keys.len()),
+                        b.void(kme("kme-a"), rid, now())
+                            .await
+                            .map(|v| v.voided_keys.len()),
                     )
                 });
             }
@@ -1097,7 +1114,7 @@ async fn crash_child() {
                     loop {
                         let n = 1 + (w + i) % 2;
                         let Ok((Some(got), _)) =
-                            a.take_stock(sae("alice"), sae("bob"), 256, n).await
+                            a.take_stock(sae("alice"), sae("bob"), 256, n, now()).await
                         else {
                             break;
                         };
@@ -1133,7 +1150,7 @@ async fn crash_child() {
                     return;
                 }
                 if give_up || early_void {
-                    let Ok(v) = b.void(kme("kme-a"), rid).await else {
+                    let Ok(v) = b.void(kme("kme-a"), rid, now()).await else {
                         return;
                     };
                     if a.release(rid, Vec::new()).await.is_err() || v.voided_keys.len() > keys.len()
@@ -1224,7 +1241,10 @@ async fn run_and_kill(backend: &Backend, kill_after: usize) -> Seen {
 async fn recover(a: &dyn KeyStore, b: &dyn KeyStore) -> usize {
     let pending = a.pending().await.expect("pending");
     for p in &pending {
-        let reply = b.void(kme("kme-a"), p.request_id).await.expect("void");
+        let reply = b
+            .void(kme("kme-a"), p.request_id, now())
+            .await
+            .expect("void");
         let mut discard = Vec::new();
         if reply.was_accepted {
             for k in &p.keys {

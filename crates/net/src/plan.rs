@@ -28,8 +28,9 @@
 //!   a request of `n` bits consumes `n` bits from the pool of every link on its
 //!   route (direct neighbours: `h = 1`).
 //! - **Routing** (link-state, deterministic). Each demand has a *primary* route:
-//!   fewest hops, ties broken by the larger bottleneck model rate, then by link
-//!   order in the file. A request tries the primary route, then the demand's
+//!   fewest hops, ties broken by the larger bottleneck model rate, then by node
+//!   name order (the one search of `qkdnet_kms::routing`, which the relay
+//!   uses too, so the planner predicts the routes the network takes). A request tries the primary route, then the demand's
 //!   cached detour; if neither has `n` bits on every hop, the planner computes
 //!   a new detour from the current pool levels: fewest hops over links holding
 //!   at least `n` bits, ties broken by the larger bottleneck pool (widest
@@ -60,6 +61,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use qkdnet_kms::routing::Router;
 
 use crate::NetError;
 use crate::topology::{ValidLink, ValidTopology};
@@ -585,192 +588,6 @@ impl PartialOrd for Event {
     }
 }
 
-/// One direction of the route search: breadth-first labels from one end.
-struct Side {
-    hops: Vec<u32>,
-    width: Vec<f64>,
-    pred: Vec<u32>,
-    touched: Vec<u32>,
-    frontier: Vec<u32>,
-    next: Vec<u32>,
-}
-
-const UNSEEN: u32 = u32::MAX;
-
-impl Side {
-    fn new(n: usize) -> Side {
-        Side {
-            hops: vec![UNSEEN; n],
-            width: vec![0.0; n],
-            pred: vec![UNSEEN; n],
-            touched: Vec::new(),
-            frontier: Vec::new(),
-            next: Vec::new(),
-        }
-    }
-
-    fn start(&mut self, at: usize) {
-        for &v in &self.touched {
-            self.hops[v as usize] = UNSEEN;
-        }
-        self.touched.clear();
-        self.frontier.clear();
-        self.hops[at] = 0;
-        self.width[at] = f64::INFINITY;
-        self.touched.push(at as u32);
-        self.frontier.push(at as u32);
-    }
-
-    /// Labels the next layer: nodes one hop further over links whose width
-    /// is at least `need`, each with the largest smallest width of a
-    /// fewest-hop path (final, because the whole previous layer is done).
-    fn expand(&mut self, adj: &[Vec<(u32, u32)>], need: f64, width: &mut impl FnMut(usize) -> f64) {
-        self.next.clear();
-        for &u in &self.frontier {
-            let u = u as usize;
-            let h = self.hops[u] + 1;
-            for &(l, v) in &adj[u] {
-                let v = v as usize;
-                if self.hops[v] < h {
-                    continue;
-                }
-                let w = width(l as usize);
-                if w < need {
-                    continue;
-                }
-                let w = w.min(self.width[u]);
-                if self.hops[v] == UNSEEN {
-                    self.hops[v] = h;
-                    self.width[v] = w;
-                    self.pred[v] = l;
-                    self.touched.push(v as u32);
-                    self.next.push(v as u32);
-                } else if w > self.width[v] {
-                    self.width[v] = w;
-                    self.pred[v] = l;
-                }
-            }
-        }
-        std::mem::swap(&mut self.frontier, &mut self.next);
-    }
-
-    /// The links leaving the labelled nodes (after the search ran out).
-    fn cut(&self, adj: &[Vec<(u32, u32)>]) -> Vec<u32> {
-        let mut cut = Vec::new();
-        for &u in &self.touched {
-            for &(l, v) in &adj[u as usize] {
-                if self.hops[v as usize] == UNSEEN {
-                    cut.push(l);
-                }
-            }
-        }
-        cut
-    }
-
-    /// Links from `v` back to this side's start, nearest `v` first.
-    fn walk(&self, mut v: usize, ends: &[(u32, u32)], out: &mut Vec<u32>) {
-        while self.hops[v] != 0 {
-            // Invariant: a labelled node other than the start has a pred
-            // link, one of whose ends is `v`.
-            let l = self.pred[v];
-            out.push(l);
-            let (a, b) = ends[l as usize];
-            v = if a as usize == v { b } else { a } as usize;
-        }
-    }
-}
-
-/// The route search, its scratch reused across searches.
-struct Search {
-    /// (link, other end) per node, in link order.
-    adj: Vec<Vec<(u32, u32)>>,
-    /// Ends of each link.
-    ends: Vec<(u32, u32)>,
-    /// Links of a primary route found short (scratch of [`serve`]).
-    short: Vec<u32>,
-    from: Side,
-    to: Side,
-}
-
-impl Search {
-    fn new(net: &PlanNetwork) -> Search {
-        let n = net.nodes.len();
-        let mut adj = vec![Vec::new(); n];
-        for (i, l) in net.links.iter().enumerate() {
-            adj[l.a].push((i as u32, l.b as u32));
-            adj[l.b].push((i as u32, l.a as u32));
-        }
-        Search {
-            adj,
-            ends: net.links.iter().map(|l| (l.a as u32, l.b as u32)).collect(),
-            short: Vec::new(),
-            from: Side::new(n),
-            to: Side::new(n),
-        }
-    }
-
-    /// Fewest hops from `src` to `dst` over links whose `width(link)` is at
-    /// least `need`; among those, the largest smallest width (ties: the
-    /// first found). `Ok(route)`, links from `src` to `dst`, or `Err(cut)`:
-    /// the links leaving the part of the network reachable from one end.
-    ///
-    /// Bidirectional breadth-first search, a whole layer at a time from the
-    /// end with the smaller frontier. The first layer that reaches nodes
-    /// labelled from the other end holds, at the same position, a node of
-    /// every fewest-hop path (a path of L ≤ kf + kb hops has its node kf hops
-    /// from `src` labelled from both ends), so the best of those nodes gives
-    /// the route. A failed search stops as soon as either end runs out:
-    /// when a far region is cut off, the search costs that region's size.
-    fn route(
-        &mut self,
-        src: usize,
-        dst: usize,
-        need: f64,
-        mut width: impl FnMut(usize) -> f64,
-    ) -> Result<Vec<u32>, Vec<u32>> {
-        self.from.start(src);
-        self.to.start(dst);
-        loop {
-            if self.from.frontier.is_empty() {
-                return Err(self.from.cut(&self.adj));
-            }
-            if self.to.frontier.is_empty() {
-                return Err(self.to.cut(&self.adj));
-            }
-            let forward = self.from.frontier.len() <= self.to.frontier.len();
-            let (side, other) = if forward {
-                (&mut self.from, &self.to)
-            } else {
-                (&mut self.to, &self.from)
-            };
-            side.expand(&self.adj, need, &mut width);
-            let mut best: Option<(u32, f64, usize)> = None;
-            for &v in &side.frontier {
-                let v = v as usize;
-                if other.hops[v] == UNSEEN {
-                    continue;
-                }
-                let len = side.hops[v] + other.hops[v];
-                let w = side.width[v].min(other.width[v]);
-                let better = match best {
-                    None => true,
-                    Some((bl, bw, _)) => len < bl || (len == bl && w > bw),
-                };
-                if better {
-                    best = Some((len, w, v));
-                }
-            }
-            if let Some((len, _, v)) = best {
-                let mut route = Vec::with_capacity(len as usize);
-                self.from.walk(v, &self.ends, &mut route);
-                route.reverse();
-                self.to.walk(v, &self.ends, &mut route);
-                return Ok(route);
-            }
-        }
-    }
-}
-
 /// Runs the planner over `net` with `demands` (checked here; errors name the
 /// demand at fault by its position in the list and its SAEs).
 pub fn plan(
@@ -779,9 +596,6 @@ pub fn plan(
     opts: &PlanOptions,
 ) -> Result<PlanReport, NetError> {
     opts.check()?;
-    if net.nodes.len() >= UNSEEN as usize || net.links.len() >= UNSEEN as usize {
-        return Err(NetError::Config("too many nodes or links".into()));
-    }
     for l in &net.links {
         l.source.check(&l.id)?;
         if l.a >= net.nodes.len() || l.b >= net.nodes.len() || l.a == l.b {
@@ -795,7 +609,11 @@ pub fn plan(
         return Err(NetError::Config("no demand to plan for".into()));
     }
     let cap = opts.pool_capacity_bits;
-    let mut search = Search::new(net);
+    let ends: Vec<(usize, usize)> = net.links.iter().map(|l| (l.a, l.b)).collect();
+    let mut search = Search {
+        router: Router::new(&net.nodes, &ends).map_err(|e| NetError::Config(e.to_string()))?,
+        short: Vec::new(),
+    };
     let mut pools: Vec<Pool> = net
         .links
         .iter()
@@ -854,16 +672,17 @@ pub fn plan(
             return bad(format!("interval_s must be > 0, got {interval}"));
         }
         // Primary route: fewest hops, then the largest bottleneck model rate.
-        let primary =
-            match search.route(from_node, to_node, 0.0, |l| net.links[l].source.mean_bps()) {
-                Ok(r) => r,
-                Err(_) => {
-                    return bad(format!(
-                        "no chain of QKD links joins node '{}' to node '{}'",
-                        net.nodes[from_node], net.nodes[to_node]
-                    ));
-                }
-            };
+        let primary = match search.router.route(from_node, to_node, 0.0, |l, _, _| {
+            net.links[l].source.mean_bps()
+        }) {
+            Ok(r) => r,
+            Err(_) => {
+                return bad(format!(
+                    "no chain of QKD links joins node '{}' to node '{}'",
+                    net.nodes[from_node], net.nodes[to_node]
+                ));
+            }
+        };
         if end > start {
             request_count += ((end - start) / interval).ceil();
         }
@@ -1093,6 +912,13 @@ fn consume(route: &[u32], need: f64, pools: &mut [Pool]) {
     }
 }
 
+/// The route search and the scratch of [`serve`].
+struct Search {
+    router: Router,
+    /// Links of a primary route found short.
+    short: Vec<u32>,
+}
+
 /// One request of `need` bits at time `t`.
 fn serve(d: &mut Demand, need: f64, t: f64, cap: f64, pools: &mut [Pool], search: &mut Search) {
     if need <= 0.0 {
@@ -1123,7 +949,11 @@ fn serve(d: &mut Demand, need: f64, t: f64, cap: f64, pools: &mut [Pool], search
     if !still_cut {
         if d.detour.is_empty() || !can_serve(&d.detour, need, t, cap, pools) {
             d.detour.clear();
-            match search.route(d.from_node, d.to_node, slack, |l| pools[l].advance(t, cap)) {
+            match search
+                .router
+                .route(d.from_node, d.to_node, slack, |l, _, _| {
+                    pools[l].advance(t, cap)
+                }) {
                 Ok(r) => {
                     d.detour = r;
                     d.blocked_need = f64::INFINITY;

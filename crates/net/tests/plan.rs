@@ -426,3 +426,88 @@ fn shipped_topologies_have_the_promised_shape() {
         .count();
     assert_eq!(metros, 20);
 }
+
+/// The planner predicts the routes the relay takes (issue #19): on a grid where
+/// most pairs have several equally short, equally wide routes (and a few
+/// narrower links break some ties by width), the planner's primary route and
+/// the relay's route decision agree for every pair of nodes. Node names are
+/// listed out of name order so that numbering cannot hide a disagreement.
+#[test]
+fn planner_and_relay_choose_the_same_route_for_every_pair() {
+    use qkdnet_kms::ids::KmeId;
+    use qkdnet_kms::relay::choose_route;
+    use qkdnet_kms::routing::{Graph, add_link};
+
+    // A 4 × 4 grid, nodes named so that their index order is not name order.
+    let names: Vec<String> = (0..16).map(|i| format!("n{:02}", (i * 7) % 16)).collect();
+    let name = |r: usize, c: usize| names[r * 4 + c].as_str();
+    let mut links: Vec<(&str, &str, f64)> = Vec::new();
+    for r in 0..4 {
+        for c in 0..4 {
+            // Two narrower links: their pairs must avoid them when a tie allows.
+            let bps = |a: &str, b: &str| {
+                if (a, b) == (name(1, 1), name(1, 2)) || (a, b) == (name(2, 0), name(3, 0)) {
+                    500.0
+                } else {
+                    1000.0
+                }
+            };
+            if c + 1 < 4 {
+                links.push((name(r, c), name(r, c + 1), bps(name(r, c), name(r, c + 1))));
+            }
+            if r + 1 < 4 {
+                links.push((name(r, c), name(r + 1, c), bps(name(r, c), name(r + 1, c))));
+            }
+        }
+    }
+    let node_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let net = network(&node_refs, &links);
+    let demands = qkdnet_net::plan::default_demands(&net, 1.0);
+    let report = plan(&net, &demands, &opts(10.0)).expect("plan");
+    assert_eq!(report.demands.len(), 16 * 15 / 2);
+
+    let kme = |s: &str| KmeId::new(s).expect("valid");
+    let mut g = Graph::new();
+    let mut rate = BTreeMap::new();
+    for &(a, b, bps) in &links {
+        add_link(&mut g, &kme(a), &kme(b));
+        rate.insert((kme(a), kme(b)), bps as u64);
+        rate.insert((kme(b), kme(a)), bps as u64);
+    }
+    let mut ties = 0;
+    for d in &report.demands {
+        // The planner's primary route as nodes.
+        let mut at = d.from_node.clone();
+        let mut planned = vec![at.clone()];
+        for id in &d.primary_route {
+            let l = links
+                .iter()
+                .find(|l| format!("{}-{}", l.0, l.1) == *id)
+                .expect("link");
+            at = if l.0 == at {
+                l.1.to_string()
+            } else {
+                l.0.to_string()
+            };
+            planned.push(at.clone());
+        }
+        let (relayed, _) = choose_route(
+            &g,
+            &kme(&d.from_node),
+            &kme(&d.to_node),
+            1,
+            |_, _| true,
+            |a, b| rate.get(&(a.clone(), b.clone())).copied(),
+        )
+        .expect("a route");
+        let relayed: Vec<String> = relayed.iter().map(ToString::to_string).collect();
+        assert_eq!(planned, relayed, "{} → {}", d.from_node, d.to_node);
+        // Grid pairs not on one row or column have several shortest routes.
+        let pos = |n: &str| names.iter().position(|m| m == n).expect("node");
+        let (p, q) = (pos(&d.from_node), pos(&d.to_node));
+        if p / 4 != q / 4 && p % 4 != q % 4 {
+            ties += 1;
+        }
+    }
+    assert!(ties > 16 * 15 / 4, "most pairs have ties ({ties})");
+}

@@ -35,74 +35,18 @@ use crate::block::KeyUnit;
 use crate::ids::{KmeId, SaeId};
 
 pub mod cipher;
+mod error;
 pub mod postgres;
 pub mod sqlite;
 
 pub use cipher::MasterKey;
+pub use error::StoreError;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future returned by [`KeyStore`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-/// Why the store refused or failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// This (link ID, block number) was ingested before.
-    #[error("block already ingested")]
-    DuplicateBlock,
-    /// Ingesting the block would exceed the pool's capacity.
-    #[error("pool full: capacity {capacity_units} units")]
-    PoolFull {
-        /// Capacity in units.
-        capacity_units: u64,
-    },
-    /// Too few available units.
-    #[error("not enough key material: {available} units available, {requested} needed")]
-    Exhausted {
-        /// Units available.
-        available: u64,
-        /// Units needed.
-        requested: u64,
-    },
-    /// One or more key IDs are unknown (or not deliverable) here.
-    #[error("one or more keys not found")]
-    KeysNotFound,
-    /// The keys exist but belong to another SAE pair.
-    #[error("keys belong to another SAE pair")]
-    NotAuthorized,
-    /// A peer's reservation names units this store does not hold as available.
-    #[error("{} unit(s) unknown or unavailable", .0.len())]
-    UnitsUnavailable(Vec<Uuid>),
-    /// The request was voided before; it cannot be accepted any more.
-    #[error("request was voided")]
-    RequestVoided,
-    /// A request ID is reused with different content, or is unknown to an operation
-    /// that needs it.
-    #[error("request ID conflict or unknown request")]
-    RequestConflict,
-    /// A peer's key layout is inconsistent (key ID, size and units do not match).
-    #[error("invalid key layout: {0}")]
-    InvalidLayout(&'static str),
-    /// The storage backend failed.
-    #[error("storage backend: {0}")]
-    Backend(String),
-    /// The store has shut down.
-    #[error("store closed")]
-    Closed,
-    /// The store's encryption does not match the configured node master key
-    /// (another key, or none), see [`cipher`].
-    #[error("{0}")]
-    MasterKey(String),
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Backend(e.to_string())
-    }
-}
 
 /// A block's units, ready to be stored.
 pub struct IngestBatch {
@@ -250,7 +194,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// arrival; one commit instead of two on the relay's critical path).
     fn accept_take(&self, a: Acceptance) -> StoreFuture<'_, Vec<DeliveredKey>>;
     /// Slave side: voids a peer's request (idempotent; leaves a tombstone).
-    fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome>;
+    fn void(&self, peer: KmeId, request_id: Uuid, now_unix_ms: u64)
+    -> StoreFuture<'_, VoidOutcome>;
     /// Slave side: delivers keys to `caller`, who must be the slave of each key,
     /// whose master must be `master`. All or nothing.
     fn take(
@@ -281,8 +226,9 @@ pub trait KeyStore: Send + Sync + 'static {
         slave: SaeId,
         size_bits: u32,
         number: u32,
+        now_unix_ms: u64,
     ) -> StoreFuture<'_, (Option<Vec<DeliveredKey>>, u64)> {
-        let _ = (master, slave, size_bits, number);
+        let _ = (master, slave, size_bits, number, now_unix_ms);
         Box::pin(async { Ok((None, 0)) })
     }
     /// Master side: keys of `size_bits` in the stock of (`master`, `slave`).

@@ -1256,7 +1256,7 @@ async fn accept_op(cx: &mut Ctx<'_>, a: &Acceptance) -> Result<AcceptOutcome, Op
     Ok(AcceptOutcome::Accepted)
 }
 
-struct Void(KmeId, Uuid);
+struct Void(KmeId, Uuid, u64);
 
 impl Op for Void {
     type Out = VoidOutcome;
@@ -1264,17 +1264,22 @@ impl Op for Void {
         &'c self,
         cx: &'c mut Ctx<'_>,
     ) -> impl Future<Output = Result<VoidOutcome, OpError>> + Send + 'c {
-        void_op(cx, self.0.as_str(), &self.1)
+        void_op(cx, self.0.as_str(), &self.1, self.2)
     }
 }
 
-async fn void_op(cx: &mut Ctx<'_>, peer: &str, rid: &Uuid) -> Result<VoidOutcome, OpError> {
+async fn void_op(
+    cx: &mut Ctx<'_>,
+    peer: &str,
+    rid: &Uuid,
+    now_unix_ms: u64,
+) -> Result<VoidOutcome, OpError> {
     lock_pool(cx, peer).await?;
     match request_row(cx, rid).await? {
         None => {
             cx.execute(
-                "INSERT INTO requests(request_id, role, peer, state, voided, created_ms) VALUES ($1,$2,$3,$4,NULL,0)",
-                &[rid, &ROLE_SLAVE, &peer, &REQ_VOIDED],
+                "INSERT INTO requests(request_id, role, peer, state, voided, created_ms) VALUES ($1,$2,$3,$4,NULL,$5)",
+                &[rid, &ROLE_SLAVE, &peer, &REQ_VOIDED, &i64_of(now_unix_ms)?],
             )
             .await?;
             Ok(VoidOutcome {
@@ -1518,8 +1523,13 @@ impl KeyStore for PostgresStore {
         self.submit(AcceptTake(a))
     }
 
-    fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome> {
-        self.submit(Void(peer, request_id))
+    fn void(
+        &self,
+        peer: KmeId,
+        request_id: Uuid,
+        now_unix_ms: u64,
+    ) -> StoreFuture<'_, VoidOutcome> {
+        self.submit(Void(peer, request_id, now_unix_ms))
     }
 
     fn take(

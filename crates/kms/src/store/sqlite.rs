@@ -39,7 +39,6 @@ use super::{
 };
 use crate::block::{KeyUnit, UNIT_BYTES, decode_unit_id, link_tag, unit_id_tagged, units_for_bits};
 use crate::ids::{KmeId, SaeId};
-use crate::service::now_ms;
 
 const ROLE_MASTER: i64 = 0;
 const ROLE_SLAVE: i64 = 1;
@@ -1093,7 +1092,7 @@ fn ingest_op(conn: &Db, b: IngestBatch) -> Result<u64, StoreError> {
         free_insert(conn, &block, mine, side, count)?;
     }
     bump(conn, b.peer.as_str(), i64_of(n)?, i64_of(mine_units)?)?;
-    prune_op(conn, now_ms())?;
+    prune_op(conn, b.created_unix_ms)?;
     Ok(n)
 }
 
@@ -1167,6 +1166,7 @@ fn insert_request(
     peer: &str,
     state: i64,
     (master, slave, size_bits): (&str, &str, u32),
+    now_unix_ms: u64,
 ) -> Result<i64, StoreError> {
     conn.prepare_cached(
         "INSERT INTO requests(request_id, role, peer, state, master, slave, size_bits, created_ms)
@@ -1180,7 +1180,7 @@ fn insert_request(
         master,
         slave,
         size_bits,
-        i64_of(now_ms())?
+        i64_of(now_unix_ms)?
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -1225,6 +1225,7 @@ fn reserve_op(conn: &Db, r: Reservation) -> Result<Vec<ReservedKey>, StoreError>
         r.peer.as_str(),
         REQ_PENDING,
         (r.master.as_str(), r.slave.as_str(), r.size_bits),
+        r.now_unix_ms,
     )?;
     let mut blocks = Blocks::default();
     let mut material = Zeroizing::new(Vec::with_capacity(need as usize * UNIT_BYTES));
@@ -1432,6 +1433,7 @@ fn accept_op(conn: &Connection, a: Acceptance) -> Result<AcceptOutcome, StoreErr
         a.peer.as_str(),
         REQ_ACCEPTED,
         (a.master.as_str(), a.slave.as_str(), size_bits),
+        a.now_unix_ms,
     )?;
     // Only the peer's own units of this pool, still free; a unit that does not
     // match changes nothing and is reported (the savepoint then rolls back).
@@ -1525,7 +1527,12 @@ fn bit(bits: &[u8], k: usize) -> bool {
     bits.get(k / 8).is_some_and(|b| b >> (k % 8) & 1 == 1)
 }
 
-fn void_op(conn: &Connection, peer: KmeId, request_id: Uuid) -> Result<VoidOutcome, StoreError> {
+fn void_op(
+    conn: &Connection,
+    peer: KmeId,
+    request_id: Uuid,
+    now_unix_ms: u64,
+) -> Result<VoidOutcome, StoreError> {
     let row = match request_row(conn, &request_id)? {
         None => {
             insert_request(
@@ -1535,6 +1542,7 @@ fn void_op(conn: &Connection, peer: KmeId, request_id: Uuid) -> Result<VoidOutco
                 peer.as_str(),
                 REQ_VOIDED,
                 ("", "", 0),
+                now_unix_ms,
             )?;
             return Ok(VoidOutcome {
                 was_accepted: false,
@@ -1890,6 +1898,7 @@ fn take_stock_op(
     slave: &SaeId,
     size_bits: u32,
     number: u32,
+    now_unix_ms: u64,
 ) -> Result<(Option<Vec<DeliveredKey>>, u64), StoreError> {
     let per_key = u64::from(units_for_bits(size_bits).max(1));
     let mut reqs = stocked(conn, master, slave, size_bits)?;
@@ -1934,7 +1943,7 @@ fn take_stock_op(
                 req.rid,
                 &req.taken[..],
                 REQ_DELIVERED,
-                i64_of(now_ms())?
+                i64_of(now_unix_ms)?
             ])?;
         } else {
             conn.prepare_cached("UPDATE requests SET taken=?2 WHERE rid=?1")?
@@ -1990,8 +1999,13 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    fn void(&self, peer: KmeId, request_id: Uuid) -> StoreFuture<'_, VoidOutcome> {
-        self.submit(move |c| void_op(c, peer, request_id))
+    fn void(
+        &self,
+        peer: KmeId,
+        request_id: Uuid,
+        now_unix_ms: u64,
+    ) -> StoreFuture<'_, VoidOutcome> {
+        self.submit(move |c| void_op(c, peer, request_id, now_unix_ms))
     }
 
     fn take(
@@ -2017,8 +2031,9 @@ impl KeyStore for SqliteStore {
         slave: SaeId,
         size_bits: u32,
         number: u32,
+        now_unix_ms: u64,
     ) -> StoreFuture<'_, (Option<Vec<DeliveredKey>>, u64)> {
-        self.submit(move |c| take_stock_op(c, &master, &slave, size_bits, number))
+        self.submit(move |c| take_stock_op(c, &master, &slave, size_bits, number, now_unix_ms))
     }
 
     fn stock_count(&self, master: SaeId, slave: SaeId, size_bits: u32) -> StoreFuture<'_, u64> {
@@ -2074,7 +2089,7 @@ mod tests {
                 slave: sae("bob"),
                 number: 2,
                 size_bits: 256,
-                now_unix_ms: 0,
+                now_unix_ms: crate::clock::now_ms(),
             },
         )
         .expect("reserve")
@@ -2091,16 +2106,16 @@ mod tests {
         let keys = reserve(&c, done);
         confirm_op(&c, done).expect("confirm");
         reserve(&c, pending);
-        void_op(&c, kme("kme-b"), tomb).expect("tombstone");
+        void_op(&c, kme("kme-b"), tomb, crate::clock::now_ms()).expect("tombstone");
         let counts = counts_op(&c, &kme("kme-b")).expect("counts");
         // Within retention nothing goes, and the master still knows whose key it was.
-        prune_op(&c, now_ms()).expect("prune");
+        prune_op(&c, crate::clock::now_ms()).expect("prune");
         assert_eq!(rows(&c, "SELECT count(*) FROM requests"), 3);
         assert!(matches!(
             take_op(&c, sae("bob"), sae("alice"), vec![keys[0].layout.key_id]),
             Err(StoreError::NotAuthorized)
         ));
-        prune_op(&c, now_ms() + RETENTION_MS + 60_000).expect("prune");
+        prune_op(&c, crate::clock::now_ms() + RETENTION_MS + 60_000).expect("prune");
         assert_eq!(
             rows(&c, "SELECT count(*) FROM requests"),
             1,
