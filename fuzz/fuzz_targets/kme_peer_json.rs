@@ -1,12 +1,11 @@
-//! KME-to-KME bodies (`qkdnet_kms::peer`, `qkdnet_kms::relay`): `ExtKeysReserve`,
+//! KME-to-KME bodies (`qkdnet_kms::kme_wire`): `ExtKeysReserve`,
 //! `ExtKeysVoid`, `RelayForward`, `RelayVoid` and link-state lists as the server
 //! and its peers decode them with `serde_json::from_slice`. Any bytes give a
 //! message or an error, never a panic; a message decoded serialises to JSON
 //! that decodes to the same message.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use qkdnet_kms::peer::{ExtKeysReserve, ExtKeysVoid};
-use qkdnet_kms::relay::{LinkState, RelayForward, RelayVoid};
+use qkdnet_kms::kme_wire::{ExtKeysReserve, ExtKeysVoid, LinkState, RelayForward, RelayVoid};
 use qkdnet_kms::store::KeyLayout;
 
 fuzz_target!(|data: &[u8]| {

@@ -62,6 +62,10 @@ pub(crate) async fn check_identity_and_pool(
     Ok(u64::from(st.max_key_per_request).clamp(1, MAX_KEYS_PER_CALL))
 }
 
+/// Attempts per enc_keys call: a call whose answer was lost is retried under
+/// the same idempotency key, and the KME hands over the same keys (once).
+const ENC_KEYS_ATTEMPTS: u32 = 3;
+
 /// `n` new keys of `key_bits` bits shared with `recipient` (this SAE is the
 /// master), in calls of at most `batch` keys.
 pub(crate) async fn enc_keys(
@@ -76,7 +80,12 @@ pub(crate) async fn enc_keys(
         let k = (n - keys.len() as u64).min(batch.max(1));
         keys.extend(
             client
-                .enc_keys(recipient.as_str(), k, Some(u64::from(key_bits)))
+                .enc_keys_retrying(
+                    recipient.as_str(),
+                    k,
+                    Some(u64::from(key_bits)),
+                    ENC_KEYS_ATTEMPTS,
+                )
                 .await?,
         );
     }

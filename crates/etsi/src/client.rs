@@ -32,7 +32,8 @@ use crate::https::HttpsClient;
 use crate::ids::{KmeId, SaeId};
 use crate::tls::{KeyExchange, TlsMaterial, client_config};
 use crate::wire::{
-    ErrorBody, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, Status, format_key_id, parse_key_id,
+    ErrorBody, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, REQUEST_ID_EXTENSION, Status,
+    format_key_id, parse_key_id,
 };
 
 /// Largest KME answer read, in bytes (1024 keys of 8192 bits in base64 fit with
@@ -191,6 +192,49 @@ impl EtsiClient {
         number: u64,
         size_bits: Option<u64>,
     ) -> Result<Vec<Key>, ClientError> {
+        self.enc_keys_as(slave_sae, number, size_bits, None).await
+    }
+
+    /// [`EtsiClient::enc_keys`] that survives a lost answer: the request carries
+    /// a fresh idempotency key (the `qkdnet_request_id` extension, optional) and
+    /// is retried, up to `attempts` times in all, when no answer came or the KME
+    /// said to retry (503). A qkdnet KME answers a retry with the keys of the
+    /// first attempt if it delivered them, once; other KMEs ignore the extension
+    /// (the keys of an unanswered attempt are then lost, as without it).
+    pub async fn enc_keys_retrying(
+        &self,
+        slave_sae: &str,
+        number: u64,
+        size_bits: Option<u64>,
+        attempts: u32,
+    ) -> Result<Vec<Key>, ClientError> {
+        let id = Uuid::new_v4();
+        let mut delay = Duration::from_millis(200);
+        let mut left = attempts.max(1);
+        loop {
+            left -= 1;
+            match self
+                .enc_keys_as(slave_sae, number, size_bits, Some(id))
+                .await
+            {
+                Err(ClientError::Unavailable(_) | ClientError::Api { status: 503, .. })
+                    if left > 0 =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn enc_keys_as(
+        &self,
+        slave_sae: &str,
+        number: u64,
+        size_bits: Option<u64>,
+        request_id: Option<Uuid>,
+    ) -> Result<Vec<Key>, ClientError> {
         let path = sae_path(slave_sae, "enc_keys")?;
         if number == 0 {
             return Err(ClientError::InvalidRequest(
@@ -205,6 +249,14 @@ impl EtsiClient {
         let req = KeyRequest {
             number: Some(number),
             size: size_bits,
+            extension_optional: request_id.map(|id| {
+                let mut ext = serde_json::Map::new();
+                ext.insert(
+                    REQUEST_ID_EXTENSION.into(),
+                    serde_json::Value::String(format_key_id(&id)),
+                );
+                vec![ext]
+            }),
             ..KeyRequest::default()
         };
         let body = serde_json::to_vec(&req)

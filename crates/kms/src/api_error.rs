@@ -70,7 +70,7 @@ pub fn status_and_message(e: &KmsError) -> (StatusCode, String) {
         | KmsError::KeysNotFound => (S::BAD_REQUEST, e.to_string()),
         KmsError::Unauthorized(why) => (S::UNAUTHORIZED, format!("unauthorized: {why}")),
         KmsError::Exhausted { .. } => (S::SERVICE_UNAVAILABLE, e.to_string()),
-        KmsError::NoRoute(m) => (S::SERVICE_UNAVAILABLE, m.clone()),
+        KmsError::NoRoute(m) | KmsError::RetryLater(m) => (S::SERVICE_UNAVAILABLE, m.clone()),
         KmsError::RelayFailed { link, reason } => (
             S::SERVICE_UNAVAILABLE,
             format!("key relay failed on link {}-{}: {reason}", link.0, link.1),

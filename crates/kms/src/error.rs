@@ -60,6 +60,10 @@ pub enum KmsError {
         /// Why.
         reason: String,
     },
+    /// The request cannot be served now but may be on a retry (an earlier
+    /// request with the same idempotency key is still in progress).
+    #[error("{0}")]
+    RetryLater(String),
     /// No route to the slave SAE's KME (links down or out of key).
     #[error("{0}")]
     NoRoute(String),

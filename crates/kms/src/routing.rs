@@ -88,7 +88,9 @@ impl Side {
                     width(l as usize, u, v)
                 };
                 // A NaN width compares as neither: refused like a narrow one.
-                if w.partial_cmp(&need).is_none_or(|o| o == std::cmp::Ordering::Less) {
+                if w.partial_cmp(&need)
+                    .is_none_or(|o| o == std::cmp::Ordering::Less)
+                {
                     continue;
                 }
                 let w = w.min(self.width[u]);

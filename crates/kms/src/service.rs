@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use crate::block::{KeyBlock, units_for_bits};
 use crate::error::KmsError;
+use crate::etsi::REQUEST_ID_EXTENSION;
 use crate::etsi::{KeyContainer, Limits, Status, ValidKeyIds, ValidKeyRequest, format_key_id};
 use crate::identity::Identity;
 use crate::ids::{KmeId, SaeId};
@@ -50,8 +51,8 @@ use crate::kme_wire::{ExtKeysReserve, ExtKeysVoidReply};
 use crate::peer::{PeerCallError, PeerClient};
 use crate::relay::Relay;
 use crate::store::{
-    AcceptOutcome, Acceptance, IngestBatch, KeyLayout, KeyStore, PendingRequest, Reservation,
-    ReservedKey, StoreError,
+    AcceptOutcome, Acceptance, IngestBatch, KeyLayout, KeyStore, PendingRequest, Replay,
+    ReplayRequest, Reservation, ReservedKey, StoreError,
 };
 
 /// A key management entity.
@@ -260,10 +261,66 @@ impl Kme {
     ) -> Result<KeyContainer, KmsError> {
         let master = self.local_sae(caller)?.clone();
         let (slave, target, peer) = self.slave_kme(slave)?;
+        let single = req.multipath == crate::etsi::Multipath::Single;
+        // The idempotency extension: neighbours' keys, on a store that keeps
+        // answered requests; otherwise refused when mandatory, else ignored.
+        let replayable = peer.is_some() && single && self.core.store.keeps_replies();
+        let idem = match req.request_id {
+            Some(r) if replayable => Some(client_request_id(&master, r.id)),
+            Some(r) if r.mandatory => return Err(KmsError::UnsupportedMandatoryExtension),
+            _ => None,
+        };
+        if let Some(request_id) = idem {
+            let replay = self
+                .core
+                .store
+                .replay(ReplayRequest {
+                    request_id,
+                    master: master.clone(),
+                    slave: slave.clone(),
+                    size_bits: req.size_bits,
+                    number: req.number,
+                    now_unix_ms: now_ms(),
+                })
+                .await?;
+            match replay {
+                Replay::Unknown => {}
+                Replay::Keys(keys) => return Ok(delivered_container(keys)),
+                Replay::InProgress => {
+                    return Err(KmsError::RetryLater(format!(
+                        "an earlier request with this {REQUEST_ID_EXTENSION} is still in progress; retry"
+                    )));
+                }
+                Replay::Spent => {
+                    return Err(KmsError::BadRequest(format!(
+                        "this {REQUEST_ID_EXTENSION} was answered and replayed already, voided, or is past the replay window"
+                    )));
+                }
+                Replay::Mismatch => {
+                    return Err(KmsError::BadRequest(format!(
+                        "this {REQUEST_ID_EXTENSION} names another request (SAE pair, size or number)"
+                    )));
+                }
+            }
+        }
         let peer = match peer {
-            Some(p) if req.multipath == crate::etsi::Multipath::Single => p,
+            Some(p) if single => p,
             _ => return self.relay.relay_enc(master, slave, target, req).await,
         };
+        if let Some(request_id) = idem {
+            // Not from the stock: the store keeps this request's own keys for the replay.
+            return self
+                .reserve_at_peer(
+                    peer,
+                    master,
+                    slave,
+                    req.number,
+                    req.size_bits,
+                    Some(request_id),
+                )
+                .await
+                .map(container);
+        }
         // Stock is kept for the default key size only, so a pair holds one stock
         // whatever sizes it asks for; a failed stock lookup falls back to the
         // direct path.
@@ -291,7 +348,7 @@ impl Kme {
                 Err(e) => tracing::warn!(error = %e, "key stock unavailable; direct path"),
             }
         }
-        self.reserve_at_peer(peer, master, slave, req.number, req.size_bits)
+        self.reserve_at_peer(peer, master, slave, req.number, req.size_bits, None)
             .await
             .map(container)
     }
@@ -306,6 +363,7 @@ impl Kme {
         slave: SaeId,
         number: u32,
         size_bits: u32,
+        replayable: Option<Uuid>,
     ) -> Result<Vec<ReservedKey>, KmsError> {
         let parts = (master, slave, number, size_bits);
         let (request_id, reserved) = acknowledged_reservation(
@@ -313,6 +371,7 @@ impl Kme {
             peer,
             self.core.settings.peer_attempts,
             parts,
+            replayable,
         )
         .await
         .map_err(|(e, job)| {
@@ -322,7 +381,10 @@ impl Kme {
             }
             e
         })?;
-        self.core.store.confirm(request_id).await?;
+        match replayable {
+            Some(_) => self.core.store.answer(request_id).await?,
+            None => self.core.store.confirm(request_id).await?,
+        }
         Ok(reserved)
     }
 
@@ -364,13 +426,25 @@ type VoidJob = (PendingRequest, Vec<Uuid>);
 /// up to `attempts` times; the request is left pending for the caller to confirm
 /// or stock. If the peer refused or never answered, the error comes with the
 /// void the caller must run (in the background) for the pending reservation.
+/// The store's request ID for an SAE's idempotency key: distinct per master SAE
+/// (two SAEs choosing the same key never meet), the same on every retry.
+fn client_request_id(master: &SaeId, id: Uuid) -> Uuid {
+    let mut h = qkdnet_crypto::sm3::Sm3Hasher::new();
+    h.update(b"qkdnet/kms/client-request/v1");
+    h.update(&(master.as_str().len() as u64).to_be_bytes());
+    h.update(master.as_str().as_bytes());
+    h.update(id.as_bytes());
+    crate::block::uuid_v8(&h.finalize())
+}
+
 async fn acknowledged_reservation(
     store: &Arc<dyn KeyStore>,
     peer: &PeerClient,
     attempts: u32,
     (master, slave, number, size_bits): (SaeId, SaeId, u32, u32),
+    request_id: Option<Uuid>,
 ) -> Result<(Uuid, Vec<ReservedKey>), (KmsError, Option<VoidJob>)> {
-    let request_id = Uuid::now_v7();
+    let request_id = request_id.unwrap_or_else(Uuid::now_v7);
     let reserved = store
         .reserve(Reservation {
             request_id,
@@ -477,7 +551,7 @@ async fn refill(
             return;
         };
         let parts = (master.clone(), slave.clone(), number, size_bits);
-        match acknowledged_reservation(&store, &peer, attempts, parts).await {
+        match acknowledged_reservation(&store, &peer, attempts, parts, None).await {
             Ok((request_id, keys)) => {
                 let layouts: Vec<KeyLayout> = keys.iter().map(|k| k.layout.clone()).collect();
                 drop(keys);

@@ -712,3 +712,69 @@ async fn stocked_keys_are_served_once_and_survive_a_restart() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(keys_of(&v), eve_keys);
 }
+
+/// Finding 5 of issue #18: ETSI 014 has no delivery acknowledgement, so an
+/// answer lost after the KME's durable commit (connection cut, KME killed)
+/// used to lose the keys. With the `qkdnet_request_id` extension the SAE's
+/// retry gets the same keys — even after a restart of its KME — and only once.
+#[tokio::test]
+async fn a_retry_with_the_same_request_id_gets_the_same_keys_once() {
+    let mut net = Net::start(4).await;
+    let url = format!("{}/api/v1/keys/bob/enc_keys", net.url_a());
+    let rid = "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f506";
+    let body = json!({"number": 2, "extension_mandatory": [{"qkdnet_request_id": rid}]});
+    let (s, v) = net.sae_client("alice").post(&url, &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let first = keys_of(&v);
+    assert_eq!(first.len(), 2);
+    // The answer is lost and KME A restarts before the SAE retries.
+    net.restart_a().await;
+    let alice = net.sae_client("alice");
+    let (s, v) = alice.post(&url, &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), first, "the retry gets the same keys");
+    // Once: a third try is refused and draws nothing.
+    let (s, v) = alice.post(&url, &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("replayed already")),
+        "{v}"
+    );
+    // The same ID for another request: refused.
+    let other = json!({"number": 3, "extension_optional": [{"qkdnet_request_id": rid}]});
+    let (s, v) = alice.post(&url, &other).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Another ID: new keys. Without the extension: new keys too.
+    let fresh = json!({"number": 2, "extension_optional": [{"qkdnet_request_id": "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f507"}]});
+    let (s, v) = alice.post(&url, &fresh).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let second = keys_of(&v);
+    let ids: HashSet<_> = first
+        .iter()
+        .chain(&second)
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    // The slave gets each key once, as always.
+    let all: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|(i, _)| i.clone())
+        .collect();
+    let bob = net.sae_client("bob");
+    let dec = format!("{}/api/v1/keys/alice/dec_keys", net.url_b());
+    let (s, v) = bob.post(&dec, &key_ids_body(&all)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        keys_of(&v),
+        first.into_iter().chain(second).collect::<Vec<_>>()
+    );
+    let (s, _) = bob.post(&dec, &key_ids_body(&all)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A malformed ID is a bad request.
+    let bad = json!({"extension_optional": [{"qkdnet_request_id": "nope"}]});
+    let (s, _) = alice.post(&url, &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}

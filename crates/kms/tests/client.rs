@@ -215,3 +215,38 @@ async fn connect_file_round_trip() {
         .to_string();
     assert!(e.contains("missing.json"), "{e}");
 }
+
+/// `enc_keys_retrying` names its request (the `qkdnet_request_id` extension),
+/// gets keys like `enc_keys`, and gives up after its attempts when the KME keeps
+/// answering 503 (here: its peer is down, so nothing can be confirmed).
+#[tokio::test]
+async fn enc_keys_retrying_gets_keys_and_gives_up_on_a_lasting_failure() {
+    let mut net = Net::start(4).await;
+    let alice = sae_at(&net, "alice", &net.url_a());
+    let bob = sae_at(&net, "bob", &net.url_b());
+    let keys = alice
+        .enc_keys_retrying("bob", 2, Some(256), 3)
+        .await
+        .expect("enc_keys");
+    let ids: Vec<_> = keys.iter().map(|k| k.id).collect();
+    let got = bob.dec_keys("alice", &ids).await.expect("dec_keys");
+    assert!(got.iter().zip(&keys).all(|(g, k)| g.material == k.material));
+    let before = alice.status("bob").await.expect("status").stored_key_count;
+    net.stop_b().await;
+    match alice.enc_keys_retrying("bob", 1, None, 2).await {
+        Err(ClientError::Api { status: 503, .. }) => {}
+        other => panic!("expected 503 after the retries, got {other:?}"),
+    }
+    net.start_b().await;
+    // The voids settle in the background; no key was handed out.
+    let alice = sae_at(&net, "alice", &net.url_a());
+    let mut after = 0;
+    for _ in 0..100 {
+        after = alice.status("bob").await.expect("status").stored_key_count;
+        if after == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after, before, "the failed attempts' keys return to the pool");
+}

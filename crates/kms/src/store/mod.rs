@@ -45,6 +45,55 @@ pub use error::StoreError;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// How long an answered request's keys are kept for a replay, counted from the
+/// reservation (ms).
+pub const REPLAY_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// A replay asked for by an SAE's retry.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// The store's request ID (derived from the SAE's idempotency key).
+    pub request_id: Uuid,
+    /// Master SAE retrying.
+    pub master: SaeId,
+    /// Slave SAE it names.
+    pub slave: SaeId,
+    /// Key size it asks for.
+    pub size_bits: u32,
+    /// Number of keys it asks for.
+    pub number: u32,
+    /// Now (Unix ms).
+    pub now_unix_ms: u64,
+}
+
+/// What the store knows of a request an SAE retries.
+#[non_exhaustive]
+pub enum Replay {
+    /// No such request: serve it as a new one (under this request ID).
+    Unknown,
+    /// Answered before: the same keys, now deleted here.
+    Keys(Vec<DeliveredKey>),
+    /// Reserved but not answered yet (in progress, or left by a crash until the
+    /// background void settles it): retry later.
+    InProgress,
+    /// Replayed once already, voided, or past the replay window.
+    Spent,
+    /// The ID was used for another SAE pair, key size or number of keys.
+    Mismatch,
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replay::Unknown => f.write_str("Unknown"),
+            Replay::Keys(k) => write!(f, "Keys({} keys)", k.len()),
+            Replay::InProgress => f.write_str("InProgress"),
+            Replay::Spent => f.write_str("Spent"),
+            Replay::Mismatch => f.write_str("Mismatch"),
+        }
+    }
+}
+
 /// A boxed future returned by [`KeyStore`] methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -209,6 +258,29 @@ pub trait KeyStore: Send + Sync + 'static {
     /// methods below are those of a store that does not.
     fn keeps_stock(&self) -> bool {
         false
+    }
+
+    /// Whether this store keeps answered requests for one replay (the ETSI
+    /// extension `qkdnet_request_id`: a retry after a lost answer gets the same
+    /// keys, once). SQLite does; PostgreSQL does not yet.
+    fn keeps_replies(&self) -> bool {
+        false
+    }
+
+    /// Master side, instead of [`KeyStore::confirm`]: the peer acknowledged
+    /// `request_id` and its keys go to the master SAE now; keep them (encrypted
+    /// at rest like every unit) for one [`KeyStore::replay`] until
+    /// [`REPLAY_WINDOW_MS`] after the reservation, then delete them.
+    fn answer(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
+        let _ = request_id;
+        Box::pin(async { Err(StoreError::Backend("this store keeps no replies".into())) })
+    }
+
+    /// The keys of an answered master-side request, once, if `master` reserved
+    /// it for `slave` with that key size and number; see [`Replay`].
+    fn replay(&self, r: ReplayRequest) -> StoreFuture<'_, Replay> {
+        let _ = r;
+        Box::pin(async { Err(StoreError::Backend("this store keeps no replies".into())) })
     }
     /// Master side: the peer acknowledged the pending request, whose keys are
     /// kept as *stock* for later enc_keys of the same SAE pair and key size

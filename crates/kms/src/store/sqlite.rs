@@ -35,7 +35,8 @@ use zeroize::Zeroizing;
 use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
-    PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome,
+    PoolCounts, REPLAY_WINDOW_MS, Replay, ReplayRequest, Reservation, ReservedKey, StoreError,
+    StoreFuture, VoidOutcome,
 };
 use crate::block::{KeyUnit, UNIT_BYTES, decode_unit_id, link_tag, unit_id_tagged, units_for_bits};
 use crate::ids::{KmeId, SaeId};
@@ -49,6 +50,9 @@ const REQ_DELIVERED: i64 = 3;
 /// Master side: acknowledged by the peer, keys kept for later enc_keys (the
 /// value is written out in `stocked` and in the `requests_stock` index).
 const REQ_STOCKED: i64 = 4;
+/// Master side: delivered to the master SAE, keys kept for one replay of the
+/// request (the `qkdnet_request_id` extension) until [`REPLAY_WINDOW_MS`].
+const REQ_ANSWERED: i64 = 5;
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -1098,7 +1102,109 @@ fn ingest_op(conn: &Db, b: IngestBatch) -> Result<u64, StoreError> {
 
 /// Forgets finished requests older than [`RETENTION_MS`] (and the master's
 /// records of which keys they delivered), at most [`PRUNE_LIMIT`] per call.
+/// Keeps an acknowledged request's keys for one replay (see [`REQ_ANSWERED`]).
+fn answer_op(conn: &Connection, request_id: Uuid) -> Result<(), StoreError> {
+    let req = master_pending(conn, &request_id)?;
+    conn.prepare_cached("UPDATE requests SET state=?2 WHERE rid=?1")?
+        .execute(params![req.rid, REQ_ANSWERED])?;
+    Ok(())
+}
+
+fn replay_op(conn: &Db, r: ReplayRequest) -> Result<Replay, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT rid, role, peer, state, master, slave, size_bits, created_ms FROM requests WHERE request_id=?1",
+        )?
+        .query_row(params![&r.request_id.as_bytes()[..]], |x| {
+            Ok((
+                x.get::<_, i64>(0)?,
+                x.get::<_, i64>(1)?,
+                x.get::<_, String>(2)?,
+                x.get::<_, i64>(3)?,
+                x.get::<_, String>(4)?,
+                x.get::<_, String>(5)?,
+                x.get::<_, u32>(6)?,
+                x.get::<_, i64>(7)?,
+            ))
+        })
+        .optional()?;
+    let Some((rid, role, peer, state, master, slave, size_bits, created_ms)) = row else {
+        return Ok(Replay::Unknown);
+    };
+    if role != ROLE_MASTER
+        || master != r.master.as_str()
+        || slave != r.slave.as_str()
+        || size_bits != r.size_bits
+    {
+        return Ok(Replay::Mismatch);
+    }
+    let extents = held_of(conn, rid)?;
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    let units: u64 = extents.iter().map(|e| e.n).sum();
+    if state == REQ_PENDING {
+        return Ok(Replay::InProgress);
+    }
+    if state != REQ_ANSWERED {
+        return Ok(Replay::Spent);
+    }
+    if units / per_key != u64::from(r.number) {
+        return Ok(Replay::Mismatch);
+    }
+    if u64_of(created_ms)?.saturating_add(REPLAY_WINDOW_MS) < r.now_unix_ms {
+        expire_answered(conn, rid, &peer, &extents, r.now_unix_ms)?;
+        return Ok(Replay::Spent);
+    }
+    let all: Vec<u64> = (0..u64::from(r.number)).collect();
+    let mut taken = Vec::new();
+    let keys = deliver_keys(
+        conn,
+        &mut Blocks::default(),
+        &extents,
+        &mut taken,
+        &all,
+        size_bits,
+    )?;
+    bump(conn, &peer, -i64_of(units)?, 0)?;
+    conn.prepare_cached("UPDATE requests SET state=?2, created_ms=?3 WHERE rid=?1")?
+        .execute(params![rid, REQ_DELIVERED, i64_of(r.now_unix_ms)?])?;
+    Ok(Replay::Keys(keys))
+}
+
+/// Deletes the kept keys of an answered request (its replay window is over).
+fn expire_answered(
+    conn: &Connection,
+    rid: i64,
+    peer: &str,
+    extents: &[Extent],
+    now: u64,
+) -> Result<(), StoreError> {
+    let mut blocks = Blocks::default();
+    let mut n = 0;
+    for e in extents {
+        consume(conn, &blocks.get(conn, e.bid)?, e.lo, e.n)?;
+        n += e.n;
+    }
+    bump(conn, peer, -i64_of(n)?, 0)?;
+    conn.prepare_cached("UPDATE requests SET state=?2, created_ms=?3 WHERE rid=?1")?
+        .execute(params![rid, REQ_DELIVERED, i64_of(now)?])?;
+    Ok(())
+}
+
 fn prune_op(conn: &Connection, now: u64) -> Result<(), StoreError> {
+    // Answered requests past their replay window lose their kept keys first.
+    let cutoff = i64_of(now.saturating_sub(REPLAY_WINDOW_MS))?;
+    let answered: Vec<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT rid, peer FROM requests WHERE state = ?1 AND created_ms < ?2 LIMIT ?3",
+        )?
+        .query_map(params![REQ_ANSWERED, cutoff, PRUNE_LIMIT], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (rid, peer) in answered {
+        let extents = held_of(conn, rid)?;
+        expire_answered(conn, rid, &peer, &extents, now)?;
+    }
     let cutoff = i64_of(now.saturating_sub(RETENTION_MS))?;
     let old: Vec<i64> = conn
         .prepare_cached(
@@ -1181,7 +1287,16 @@ fn insert_request(
         slave,
         size_bits,
         i64_of(now_unix_ms)?
-    ])?;
+    ])
+    .map_err(|e| match e {
+        // The request ID exists already (a concurrent retry of an idempotent request).
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::RequestConflict
+        }
+        e => e.into(),
+    })?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -2021,6 +2136,18 @@ impl KeyStore for SqliteStore {
         true
     }
 
+    fn keeps_replies(&self) -> bool {
+        true
+    }
+
+    fn answer(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
+        self.submit(move |c| answer_op(c, request_id))
+    }
+
+    fn replay(&self, r: ReplayRequest) -> StoreFuture<'_, Replay> {
+        self.submit(move |c| replay_op(c, r))
+    }
+
     fn stock(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
         self.submit(move |c| stock_op(c, request_id))
     }
@@ -2097,6 +2224,79 @@ mod tests {
 
     fn rows(c: &Connection, sql: &str) -> i64 {
         c.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    fn replay(c: &Db, id: Uuid, number: u32, size_bits: u32, now: u64) -> Replay {
+        replay_op(
+            c,
+            ReplayRequest {
+                request_id: id,
+                master: sae("alice"),
+                slave: sae("bob"),
+                size_bits,
+                number,
+                now_unix_ms: now,
+            },
+        )
+        .expect("replay")
+    }
+
+    #[test]
+    fn an_answered_request_replays_its_keys_once_within_the_window() {
+        let c = fresh();
+        let now = crate::clock::now_ms();
+        let (id, pending, unknown) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let before = counts_op(&c, &kme("kme-b")).expect("counts");
+        let keys = reserve(&c, id);
+        assert!(matches!(replay(&c, id, 2, 256, now), Replay::InProgress));
+        answer_op(&c, id).expect("answer");
+        assert!(matches!(replay(&c, unknown, 2, 256, now), Replay::Unknown));
+        assert!(matches!(replay(&c, id, 3, 256, now), Replay::Mismatch));
+        assert!(matches!(replay(&c, id, 1, 512, now), Replay::Mismatch));
+        let Replay::Keys(again) = replay(&c, id, 2, 256, now) else {
+            panic!("the answered keys");
+        };
+        assert_eq!(again.len(), 2);
+        for (a, k) in again.iter().zip(&keys) {
+            assert_eq!(a.key_id, k.layout.key_id);
+            assert_eq!(a.material[..], k.material[..]);
+        }
+        assert!(matches!(replay(&c, id, 2, 256, now), Replay::Spent));
+        // The replayed units are gone from the pool's total, like confirmed ones.
+        let after = counts_op(&c, &kme("kme-b")).expect("counts");
+        assert_eq!(after.total_units, before.total_units - 2);
+        assert_eq!(after.mine_available, before.mine_available - 2);
+        // Past the window: the kept keys are deleted (on replay or by pruning).
+        let late = reserve(&c, pending);
+        drop(late);
+        answer_op(&c, pending).expect("answer");
+        assert!(matches!(
+            replay(&c, pending, 2, 256, now + REPLAY_WINDOW_MS + 60_000),
+            Replay::Spent
+        ));
+        let expired = Uuid::now_v7();
+        reserve(&c, expired);
+        answer_op(&c, expired).expect("answer");
+        prune_op(&c, now + REPLAY_WINDOW_MS + 60_000).expect("prune");
+        assert!(matches!(replay(&c, expired, 2, 256, now), Replay::Spent));
+        let end = counts_op(&c, &kme("kme-b")).expect("counts");
+        assert_eq!(end.total_units, before.total_units - 6);
+        // A second reservation under an existing request ID is a conflict.
+        assert!(matches!(
+            reserve_op(
+                &c,
+                Reservation {
+                    request_id: id,
+                    peer: kme("kme-b"),
+                    master: sae("alice"),
+                    slave: sae("bob"),
+                    number: 1,
+                    size_bits: 256,
+                    now_unix_ms: now,
+                },
+            ),
+            Err(StoreError::RequestConflict)
+        ));
     }
 
     #[test]
