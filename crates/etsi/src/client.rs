@@ -320,8 +320,9 @@ impl EtsiClient {
     }
 }
 
-/// Decodes every entry of a key container: canonical UUID, padded base64.
-fn decode_keys(c: &KeyContainer) -> Result<Vec<Key>, ClientError> {
+/// Decodes every entry of a key container: canonical UUID, padded base64, every
+/// ID distinct (what enc_keys and dec_keys check before anything else).
+pub fn decode_keys(c: &KeyContainer) -> Result<Vec<Key>, ClientError> {
     let mut seen = HashSet::new();
     c.keys
         .iter()

@@ -62,9 +62,7 @@ impl ConnectFile {
     pub fn load(path: &Path) -> Result<Self, EtsiError> {
         let err = |m: String| EtsiError::Config(format!("{}: {m}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let mut f: ConnectFile =
-            serde_json::from_str(&text).map_err(|e| err(format!("invalid connect file: {e}")))?;
-        f.check().map_err(err)?;
+        let mut f = Self::parse(&text).map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for s in &mut f.saes {
             if s.kme.is_empty() {
@@ -76,6 +74,14 @@ impl ConnectFile {
                 }
             }
         }
+        Ok(f)
+    }
+
+    /// Parses and checks the JSON text of a connect file (paths left as written).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: ConnectFile =
+            serde_json::from_str(text).map_err(|e| format!("invalid connect file: {e}"))?;
+        f.check()?;
         Ok(f)
     }
 
