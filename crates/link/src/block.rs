@@ -36,8 +36,8 @@
 //! itself corrected, so it would be biased by which frames survived. There a
 //! frame that fails still aborts the block.
 
+use qkdnet_optics::entropy::{efficiency, h2};
 use qkdnet_optics::keyrate::finite::{self, DecoyCounts};
-use qkdnet_optics::keyrate::h2;
 use qkdnet_optics::record::{AliceRecord, Basis, Clicks, Detection};
 use qkdnet_postproc::bits::BitVec;
 use qkdnet_postproc::cascade::{CascadeAlice, CascadeBob, CascadeParams, Schedule};
@@ -128,14 +128,11 @@ pub struct BlockReport {
 }
 
 impl BlockReport {
-    /// Reconciliation efficiency f = leaked / (n·h(QBER)) (∞ at QBER 0 with leakage).
-    pub fn efficiency_f(&self) -> f64 {
-        let ideal = self.input_bits as f64 * h2(self.qber);
-        if ideal > 0.0 {
-            self.leaked_bits as f64 / ideal
-        } else {
-            f64::INFINITY
-        }
+    /// Reconciliation efficiency f = leaked / (n·h(QBER))
+    /// ([`qkdnet_optics::entropy::efficiency`]); `None` where it is undefined
+    /// (no key bits, or QBER 0).
+    pub fn efficiency_f(&self) -> Option<f64> {
+        efficiency(self.leaked_bits, self.input_bits, self.qber)
     }
 }
 

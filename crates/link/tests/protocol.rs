@@ -89,22 +89,16 @@ fn offline_blocks_give_identical_keys_across_qber_and_cascade_schedules() {
         for q in [0.005, 0.02, 0.05] {
             let (a, b, auth) = offline(1_000_000, q, reconciler);
             let (ka, kb, r) = keys(a, b);
+            let f = r.efficiency_f().expect("key bits at QBER > 0");
             println!(
-                "{reconciler:?} q {q}: in {} leaked {} f {:.3} final {} auth {auth}",
-                r.input_bits,
-                r.leaked_bits,
-                r.efficiency_f(),
-                r.final_key_bits
+                "{reconciler:?} q {q}: in {} leaked {} f {f:.3} final {} auth {auth}",
+                r.input_bits, r.leaked_bits, r.final_key_bits
             );
             assert_eq!(ka, kb);
             assert!(!ka.is_empty());
             assert!(r.verified);
             assert!((r.qber - q).abs() < 0.01);
-            assert!(
-                r.efficiency_f() < 1.5,
-                "{reconciler:?} f = {}",
-                r.efficiency_f()
-            );
+            assert!(f < 1.5, "{reconciler:?} f = {f}");
             assert!(auth > 0);
             // Cascade's parity rounds travel in provisional frames: the
             // block spends a handful of tags per direction (here: both
@@ -125,7 +119,7 @@ fn offline_ldpc_block_gives_identical_keys() {
         let (a, b, auth) = offline(120_000, q, Reconciler::Ldpc);
         let (ka, kb, r) = keys(a, b);
         println!(
-            "Ldpc q {q}: in {} leaked {} f {:.3} final {} auth {auth}",
+            "Ldpc q {q}: in {} leaked {} f {:?} final {} auth {auth}",
             r.input_bits,
             r.leaked_bits,
             r.efficiency_f(),
@@ -390,7 +384,7 @@ fn simulated_link_ldpc_blocks_distil_identical_keys() {
         };
         let (ka, kb, rb) = keys(Some(a), Some(b));
         println!(
-            "block {}: frames {} dropped {} leaked {} f {:.3} final {}",
+            "block {}: frames {} dropped {} leaked {} f {:?} final {}",
             rb.block,
             rb.rounds,
             rb.frames_discarded,
