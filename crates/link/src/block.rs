@@ -259,8 +259,7 @@ fn ldpc_adaptation(
         }
         None => table[table.len() - 1].1,
     } + 0.1;
-    RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed)
-        .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
+    RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed).map_err(LinkError::from)
 }
 
 /// The message, if it may drive a block in the way it arrived: anything
@@ -297,9 +296,7 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
         )));
     }
     if failed.is_empty() {
-        return key
-            .slice(0, frames * frame_len)
-            .map_err(|e| LinkError::Protocol(e.to_string()));
+        return key.slice(0, frames * frame_len).map_err(LinkError::from);
     }
     let mut out = BitVec::zeros(0);
     let mut skip = failed.iter().peekable();
@@ -308,9 +305,7 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
             skip.next();
             continue;
         }
-        let part = key
-            .slice(f * frame_len, (f + 1) * frame_len)
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let part = key.slice(f * frame_len, (f + 1) * frame_len)?;
         out.append(&part);
     }
     Ok(out)
@@ -326,8 +321,7 @@ fn secret_length(
 ) -> Result<(i64, f64), LinkError> {
     match stats {
         Stats::Decoy(c) => {
-            let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)
-                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+            let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)?;
             // The bound is for all the block's key bits (the counts); when fewer
             // go on (LDPC keeps whole frames and drops the tail), each dropped
             // bit can carry at most one bit of the min-entropy:
@@ -362,7 +356,7 @@ fn decoy_counts(
     test_errors: &[u64],
 ) -> Result<DecoyCounts, LinkError> {
     if cfg.classes.len() != 3 {
-        return Err(LinkError::Protocol(format!(
+        return Err(LinkError::Usage(format!(
             "decoy-state estimation needs three intensity classes, the link has {}",
             cfg.classes.len()
         )));
@@ -637,7 +631,8 @@ impl AliceBlock {
                     ));
                 }
                 if sifted.key.is_empty() {
-                    return Err(LinkError::Protocol("no key bits in this block".into()));
+                    // not the peer's doing: no detection of this block fell in the key basis
+                    return Ok(self.abort("no key bits in this block".into(), true));
                 }
                 // go / no-go before spending reconciliation: predicted leakage f = 1.2
                 let predicted = (1.2 * sifted.key.len() as f64 * h2(qber_for_codes(est))) as u64;
@@ -689,31 +684,21 @@ impl AliceBlock {
                         let frames = sifted.key.len() / ad.key_len();
                         let mut syndromes = Vec::with_capacity(frames);
                         for f in 0..frames {
-                            let part = sifted
-                                .key
-                                .slice(f * ad.key_len(), (f + 1) * ad.key_len())
-                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                            syndromes.push(
-                                ad.encode(&part, rng)
-                                    .map_err(|e| LinkError::Protocol(e.to_string()))?,
-                            );
+                            let part =
+                                sifted.key.slice(f * ad.key_len(), (f + 1) * ad.key_len())?;
+                            syndromes.push(ad.encode(&part, rng)?);
                         }
                         report.rounds = frames as u64;
                         out.push(Msg::Syndromes { block, syndromes });
                         // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
                         let keep = frames * ad.key_len();
                         report.input_bits = keep as u64;
-                        let key = sifted
-                            .key
-                            .slice(0, keep)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let key = sifted.key.slice(0, keep)?;
                         (None, key)
                     }
                     r => {
-                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        let c = CascadeAlice::new(&sifted.key, &params)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)?;
+                        let c = CascadeAlice::new(&sifted.key, &params)?;
                         (Some(c), sifted.key)
                     }
                 };
@@ -735,9 +720,7 @@ impl AliceBlock {
                 Msg::Parities { request, .. },
                 _,
             ) => {
-                let reply = c
-                    .answer(&request)
-                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
+                let reply = c.answer(&request).map_err(LinkError::PeerCascade)?;
                 self.state = AliceState::Reconciling {
                     key,
                     stats,
@@ -788,12 +771,10 @@ impl AliceBlock {
                 }
                 report.leaked_bits = leaked_bits;
                 report.qber = corrected as f64 / key.len().max(1) as f64;
-                let tag_bits = verify::tag_bits_for(cfg.eps_cor, key.len())
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let tag_bits = verify::tag_bits_for(cfg.eps_cor, key.len())?;
                 let mut vk = [0u8; 16];
                 rng.fill_bytes(&mut vk);
-                let tag = verify::verify_tag(verify::VerifyKey::from_bytes(vk), &key, tag_bits)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let tag = verify::verify_tag(verify::VerifyKey::from_bytes(vk), &key, tag_bits)?;
                 report.verify_bits = u64::from(tag_bits);
                 let (l, phi) = secret_length(
                     cfg,
@@ -823,8 +804,7 @@ impl AliceBlock {
                     pa_seed: seed.clone(),
                 }];
                 // amplify now; the key is released only when Bob confirms verification
-                let amplified = pa::toeplitz_hash(&seed, &key, l)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let amplified = pa::toeplitz_hash(&seed, &key, l)?;
                 report.final_key_bits = l as u64;
                 self.state = AliceState::AwaitVerified {
                     key: amplified,
@@ -1044,12 +1024,8 @@ impl BobBlock {
             return Ok((vec![Msg::Parities { block, request }], None));
         }
         let (leaked, rounds) = (c.leaked_bits(), c.rounds());
-        let key = c
-            .into_key()
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let corrected = key
-            .hamming_distance(&original)
-            .map_err(|e| LinkError::Protocol(e.to_string()))? as u64;
+        let key = c.into_key()?;
+        let corrected = key.hamming_distance(&original)? as u64;
         Ok(self.finish_reconciliation(
             key,
             stats,
@@ -1180,10 +1156,7 @@ impl BobBlock {
                     Reconciler::Ldpc => {
                         let ad = ldpc_adaptation(cfg, q, seed)?;
                         let keep = sifted.key.len() / ad.key_len() * ad.key_len();
-                        let key = sifted
-                            .key
-                            .slice(0, keep)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let key = sifted.key.slice(0, keep)?;
                         let report = BlockReport {
                             input_bits: keep as u64,
                             ..report
@@ -1200,11 +1173,9 @@ impl BobBlock {
                         Ok((vec![], None))
                     }
                     r => {
-                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)?;
                         let original = sifted.key.clone();
-                        let c = CascadeBob::new(sifted.key, &params)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let c = CascadeBob::new(sifted.key, &params)?;
                         self.cascade_step(Box::new(c), original, stats, report, q)
                     }
                 }
@@ -1218,8 +1189,7 @@ impl BobBlock {
                 },
                 Msg::ParityAnswers { reply, .. },
             ) => {
-                c.handle_reply(&reply)
-                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
+                c.handle_reply(&reply).map_err(LinkError::PeerCascade)?;
                 self.cascade_step(c, original, stats, report, q)
             }
             (
@@ -1245,27 +1215,18 @@ impl BobBlock {
                 let mut out = BitVec::zeros(0);
                 let mut failed = Vec::new();
                 for (f, s) in syndromes.iter().enumerate() {
-                    let part = key
-                        .slice(f * ad.key_len(), (f + 1) * ad.key_len())
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                    let part = key.slice(f * ad.key_len(), (f + 1) * ad.key_len())?;
                     match ad.decode(&part, q, s, 200) {
                         Ok(dec) => out.append(&dec),
                         Err(_) if may_drop => failed.push(f as u32),
-                        Err(e) => {
-                            return Err(LinkError::Protocol(format!(
-                                "LDPC frame {f} did not decode: {e}"
-                            )));
-                        }
+                        Err(source) => return Err(LinkError::LdpcFrame { frame: f, source }),
                     }
                 }
                 if out.is_empty() {
                     return Ok(self.abort("no LDPC frame of the block decoded".into(), true));
                 }
                 let kept = drop_frames(&key, ad.key_len(), &failed)?;
-                let corrected = out
-                    .hamming_distance(&kept)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?
-                    as u64;
+                let corrected = out.hamming_distance(&kept)? as u64;
                 // Every syndrome counts, dropped frames' too, and in record mode
                 // the public list of failed frames (at most one bit per frame).
                 let leaked =
@@ -1298,11 +1259,13 @@ impl BobBlock {
                     ..
                 },
             ) => {
-                let mine =
-                    verify::verify_tag(verify::VerifyKey::from_bytes(verify_key), &key, tag_bits)
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                let theirs = verify::VerifyTag::new(tag_bits, tag)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                // Alice chose the tag length: a length no tag can have is hers to answer for.
+                let theirs = verify::VerifyTag::new(tag_bits, tag).map_err(LinkError::PeerTag)?;
+                let mine = verify::verify_tag(
+                    verify::VerifyKey::from_bytes(verify_key),
+                    &key,
+                    theirs.bits(),
+                )?;
                 report.verify_bits = u64::from(tag_bits);
                 if !mine.matches(&theirs) {
                     report.verified = false;
@@ -1334,8 +1297,7 @@ impl BobBlock {
                         "Alice asked for {key_bits} secret bits; Bob's estimate allows {l}"
                     )));
                 }
-                let amplified = pa::toeplitz_hash(&pa_seed, &key, key_bits as usize)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let amplified = pa::toeplitz_hash(&pa_seed, &key, key_bits as usize)?;
                 report.verified = true;
                 report.final_key_bits = key_bits;
                 self.state = BobState::Done;
@@ -1372,17 +1334,49 @@ mod tests {
         }
     }
 
+    /// #19: a failure of this side's own computation is not reported as
+    /// the peer's protocol error, and it keeps the kernel's error.
     #[test]
-    fn key_bits_dropped_after_estimation_come_off_the_secret_length() {
-        let cfg = ProtocolConfig::default();
-        // Counts of a 25 km metro block (signal, decoy, vacuum), 1 % test errors.
+    fn local_failures_keep_their_layer_and_are_not_blamed_on_the_peer() {
+        let cfg = ProtocolConfig {
+            ldpc_frame: 1000,
+            ..Default::default()
+        };
+        let e = ldpc_adaptation(&cfg, 0.02, 1).expect_err("no code of 1000 bits");
+        assert!(matches!(e, LinkError::Ldpc(_)), "{e:?}");
+        // decoy-state estimation with intensities the bounds refuse (μ2 > μ1)
         let c = DecoyCounts {
+            mu: [0.1, 0.5, 0.0002],
+            ..metro_counts()
+        };
+        let e = secret_length(&cfg, &Stats::Decoy(c), 1000, 0, 0).expect_err("μ2 > μ1");
+        assert!(matches!(e, LinkError::Estimation(_)), "{e:?}");
+        // record mode without the link's three intensity classes: a bad option
+        let s = Sifted {
+            key: BitVec::zeros(0),
+            classes_key: vec![],
+            test: BitVec::zeros(0),
+            classes_test: vec![],
+        };
+        let e = decoy_counts(&ProtocolConfig::default(), &s, &[]).expect_err("no classes");
+        assert!(matches!(e, LinkError::Usage(_)), "{e:?}");
+    }
+
+    /// Counts of a 25 km metro block (signal, decoy, vacuum), 1 % test errors.
+    fn metro_counts() -> DecoyCounts {
+        DecoyCounts {
             mu: [0.5, 0.1, 0.0002],
             p: [0.8, 0.15, 0.05],
             n_key: [3.0e6, 2.0e5, 300.0],
             n_test: [3.0e5, 2.0e4, 30.0],
             m_test: [3.0e3, 400.0, 15.0],
-        };
+        }
+    }
+
+    #[test]
+    fn key_bits_dropped_after_estimation_come_off_the_secret_length() {
+        let cfg = ProtocolConfig::default();
+        let c = metro_counts();
         let total: f64 = c.n_key.iter().sum();
         let stats = Stats::Decoy(c);
         let (full, phi) = secret_length(&cfg, &stats, total as u64, 0, 100_000).expect("bound");
