@@ -982,7 +982,7 @@ fn alice_confirm(
         &stats,
         key.len() as u64,
         corrected,
-        leaked_bits + u64::from(tag_bits),
+        leaked_bits.saturating_add(u64::from(tag_bits)),
     )?;
     report.phase_error = phi;
     if l <= 0 {
@@ -1130,7 +1130,8 @@ impl BobBlock {
         let sample = if cfg.qber_hint.is_some() {
             0
         } else {
-            ((n as f64 * cfg.sample_fraction).ceil() as u64).clamp(1.min(n), n / 2)
+            // at least one bit where the block can spare it (n ≥ 2), never more than half
+            ((n as f64 * cfg.sample_fraction).ceil() as u64).clamp(1.min(n / 2), n / 2)
         };
         let seed = rng.next_u64();
         let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
@@ -1301,12 +1302,16 @@ fn bob_estimate(
     cfg: &ProtocolConfig,
 ) -> Result<Next<BobState>, LinkError> {
     let BobSifted { sifted, offline } = sifted;
-    let total: u64 = errors.iter().sum();
-    if total > sifted.test.len() as u64 || errors.len() > 3 {
+    // Alice's counts are hers to get right; a sum past u64 is as wrong as one past the sample.
+    let total = errors
+        .iter()
+        .try_fold(0u64, |t, &e| t.checked_add(e))
+        .filter(|&t| t <= sifted.test.len() as u64 && errors.len() <= 3);
+    let Some(total) = total else {
         return Err(LinkError::Protocol(
             "Alice reported more errors than disclosed bits".into(),
         ));
-    }
+    };
     let stats = if offline {
         Stats::Offline {
             sample: sifted.test.len() as u64,
