@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use qkdnet_optics::detection::LinkPhysics;
 use qkdnet_optics::device::{Channel, Eve, LinkConfig};
+use qkdnet_optics::entropy::efficiency;
 use qkdnet_optics::keyrate::{Evaluator, KeyRatePoint, Model, ModelOptions};
 use qkdnet_optics::preset;
 use qkdnet_optics::record::BobWriter;
@@ -599,7 +600,6 @@ fn run_link(a: RunArgs) -> anyhow::Result<()> {
     .and_then(|mut ev| ev.at_link(&link))
     .map(|p| p.key_rate_bps)
     .unwrap_or(0.0);
-    let ideal = run.sifted_bits as f64 * qkdnet_optics::keyrate::h2(run.qber);
     let report = RunReport {
         preset: link.name.clone(),
         distance_km: a.distance,
@@ -608,7 +608,8 @@ fn run_link(a: RunArgs) -> anyhow::Result<()> {
         reconciler: a.reconciler.clone(),
         block_gates,
         link_seconds,
-        efficiency_f: (ideal > 0.0 && run.blocks_ok > 0).then(|| run.leaked_bits as f64 / ideal),
+        efficiency_f: efficiency(run.leaked_bits, run.sifted_bits, run.qber)
+            .filter(|_| run.blocks_ok > 0),
         secret_key_bps,
         model: "finite (Lim et al. 2014), the preset's intensities, block = measured sifted bits per block",
         model_key_bps,

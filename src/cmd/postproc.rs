@@ -14,6 +14,7 @@ use qkdnet_link::endpoint::{Endpoint, Event};
 use qkdnet_link::msg::Reconciler;
 use qkdnet_link::sifted;
 use qkdnet_link::tcp::{BlockInput, Connection, drive_alice, drive_bob};
+use qkdnet_optics::entropy::efficiency;
 use qkdnet_postproc::bits::BitVec;
 
 /// Arguments of `qkdnet postproc`.
@@ -67,7 +68,8 @@ pub struct PostprocReport {
     qber: f64,
     disclosed_bits: u64,
     leaked_bits: u64,
-    efficiency_f: f64,
+    /// `None` (JSON null) where f is undefined: no key bits, or QBER 0.
+    efficiency_f: Option<f64>,
     verified: bool,
     final_key_bits: u64,
     auth_key_bits_used: u64,
@@ -257,12 +259,7 @@ pub fn run(a: PostprocArgs) -> anyhow::Result<()> {
     };
     rep.disclosed_bits = bob.reports.iter().map(|r| r.disclosed_bits).sum();
     rep.leaked_bits = bob.reports.iter().map(|r| r.leaked_bits).sum();
-    let ideal = key_bits as f64 * qkdnet_optics::keyrate::h2(rep.qber);
-    rep.efficiency_f = if ideal > 0.0 {
-        rep.leaked_bits as f64 / ideal
-    } else {
-        0.0
-    };
+    rep.efficiency_f = efficiency(rep.leaked_bits, key_bits, rep.qber);
     rep.verified =
         !bob.reports.is_empty() && bob.reports.iter().all(|r| r.verified) && alice.key == bob.key;
     rep.final_key_bits = 8 * bob.key.len() as u64;
@@ -293,11 +290,13 @@ pub fn run(a: PostprocArgs) -> anyhow::Result<()> {
             println!("  aborted: {r}");
         }
         println!(
-            "QBER {:.3} %, disclosed {} bits for estimation, leaked {} bits in reconciliation (f = {:.3})",
+            "QBER {:.3} %, disclosed {} bits for estimation, leaked {} bits in reconciliation (f = {})",
             rep.qber * 100.0,
             rep.disclosed_bits,
             rep.leaked_bits,
             rep.efficiency_f
+                .map(|f| format!("{f:.3}"))
+                .unwrap_or_else(|| "-".into())
         );
         println!(
             "verified: {}; final key {} bits; authentication used {} bits; net {} bits",

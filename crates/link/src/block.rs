@@ -2,16 +2,26 @@
 //! verification, privacy amplification. Pure state machines: a message in,
 //! messages out, randomness from the caller's generator.
 //!
-//! Each side is an enum of explicit states; a message that does not fit the
-//! current state aborts the block (the peer misbehaved), it is never ignored.
-//! The key leaves through [`DistilledKey`], whose constructor needs a
-//! [`proof::Verified`] (made only where the verification tags matched) and a
-//! [`proof::Amplified`] (made only by privacy amplification); messages reach
-//! this module only as [`Received`] values: [`Authenticated`], or
-//! provisional Cascade parity rounds that the peer's next tag covers (see
-//! [`crate::auth`]); every message that moves a block towards key arrives
-//! authenticated. So a key cannot be emitted without authentication,
-//! verification and amplification having happened.
+//! Each side is an enum of explicit states. `step` pairs the state with the
+//! message and hands the pair to one transition function (`alice_sift_record`,
+//! `estimate`, `alice_confirm`, `bob_estimate`, `bob_confirm`, ...), which
+//! consumes the state and returns the next one, or the block's end, as a
+//! `Next`. A message that does not fit the current state aborts the block
+//! (the peer misbehaved), it is never ignored; so does any error of a
+//! transition, whose [`crate::LinkError`] says whether the peer or this side's
+//! own computation failed.
+//!
+//! The key leaves through [`DistilledKey`], whose only constructor takes a
+//! `Verified` and an `Amplified`. Each is made in one private module and
+//! nowhere else: `Verified` by `verification` (Bob: his tag of his key
+//! matched Alice's; Alice: Bob's authenticated word that it did), and
+//! `Amplified`, which holds the amplified key itself, by `amplification`
+//! (the Toeplitz hash). Alice's state between amplification and Bob's verdict
+//! holds her `Amplified`. Messages reach this module only as [`Received`]
+//! values: [`Authenticated`], or provisional Cascade parity rounds that the
+//! peer's next tag covers (see [`crate::auth`]); every message that moves a
+//! block towards key arrives authenticated. So a key cannot be emitted
+//! without authentication, verification and amplification having happened.
 //!
 //! Two sources of sifted bits share everything after sifting:
 //! - **record mode**: Bob announces detections and bases, Alice answers bases
@@ -36,11 +46,11 @@
 //! itself corrected, so it would be biased by which frames survived. There a
 //! frame that fails still aborts the block.
 
+use qkdnet_optics::entropy::{efficiency, h2};
 use qkdnet_optics::keyrate::finite::{self, DecoyCounts};
-use qkdnet_optics::keyrate::h2;
 use qkdnet_optics::record::{AliceRecord, Basis, Clicks, Detection};
 use qkdnet_postproc::bits::BitVec;
-use qkdnet_postproc::cascade::{CascadeAlice, CascadeBob, CascadeParams, Schedule};
+use qkdnet_postproc::cascade::{CascadeAlice, CascadeBob, CascadeParams, ParityRequest, Schedule};
 use qkdnet_postproc::ldpc::RateAdaptation;
 use qkdnet_postproc::{pa, verify};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -51,15 +61,67 @@ use crate::LinkError;
 use crate::auth::{Authenticated, Received, may_travel_provisionally};
 use crate::msg::{Msg, Reconciler};
 
-/// Proof values: zero-sized, constructible only inside this module's steps.
-pub mod proof {
-    /// The reconciled keys of both sides hashed to the same verification tag.
+/// The only code that makes a [`Verified`](verification::Verified): the
+/// comparison of verification tags.
+mod verification {
+    use qkdnet_postproc::bits::BitVec;
+    use qkdnet_postproc::verify::{self, VerifyKey, VerifyTag};
+
+    use crate::LinkError;
+
+    /// Proof that the reconciled keys of both ends hashed to the same
+    /// verification tag. Zero-sized; its field is private to this module.
     #[derive(Debug)]
-    pub struct Verified(pub(super) ());
-    /// The key went through privacy amplification to the estimated length.
-    #[derive(Debug)]
-    pub struct Amplified(pub(super) ());
+    pub(super) struct Verified(());
+
+    /// Bob on `Confirm`: hashes his reconciled key with Alice's verification
+    /// key and compares the result with her tag in constant time. `None`
+    /// when they differ; an error when her tag length is out of range (her
+    /// fault) or his tag cannot be computed.
+    pub(super) fn check_tag(
+        key: &BitVec,
+        verify_key: [u8; 16],
+        tag_bits: u32,
+        tag: u128,
+    ) -> Result<Option<Verified>, LinkError> {
+        let theirs = VerifyTag::new(tag_bits, tag).map_err(LinkError::PeerTag)?;
+        let mine = verify::verify_tag(VerifyKey::from_bytes(verify_key), key, theirs.bits())?;
+        Ok(mine.matches(&theirs).then_some(Verified(())))
+    }
+
+    /// Alice on `Verified`: Bob's verdict on the comparison. The message
+    /// reaches a block only authenticated (it may not travel provisionally,
+    /// see `checked`), so his word is as good as his comparison.
+    pub(super) fn confirmed_by_bob(ok: bool) -> Option<Verified> {
+        ok.then_some(Verified(()))
+    }
 }
+
+/// The only code that makes an [`Amplified`](amplification::Amplified):
+/// privacy amplification.
+mod amplification {
+    use qkdnet_postproc::bits::BitVec;
+    use qkdnet_postproc::pa::{self, PaError};
+
+    /// A key out of privacy amplification: it holds the Toeplitz hash's
+    /// output, and nothing outside this module can put other bits in one.
+    pub(super) struct Amplified(BitVec);
+
+    impl Amplified {
+        /// The amplified key.
+        pub(super) fn key(&self) -> &BitVec {
+            &self.0
+        }
+    }
+
+    /// Hashes `key` down to `len` bits with the Toeplitz matrix of `seed`.
+    pub(super) fn amplify(seed: &BitVec, key: &BitVec, len: usize) -> Result<Amplified, PaError> {
+        pa::toeplitz_hash(seed, key, len).map(Amplified)
+    }
+}
+
+use amplification::Amplified;
+use verification::Verified;
 
 /// Protocol settings both ends must share.
 #[derive(Debug, Clone)]
@@ -128,14 +190,11 @@ pub struct BlockReport {
 }
 
 impl BlockReport {
-    /// Reconciliation efficiency f = leaked / (n·h(QBER)) (∞ at QBER 0 with leakage).
-    pub fn efficiency_f(&self) -> f64 {
-        let ideal = self.input_bits as f64 * h2(self.qber);
-        if ideal > 0.0 {
-            self.leaked_bits as f64 / ideal
-        } else {
-            f64::INFINITY
-        }
+    /// Reconciliation efficiency f = leaked / (n·h(QBER))
+    /// ([`qkdnet_optics::entropy::efficiency`]); `None` where it is undefined
+    /// (no key bits, or QBER 0).
+    pub fn efficiency_f(&self) -> Option<f64> {
+        efficiency(self.leaked_bits, self.input_bits, self.qber)
     }
 }
 
@@ -158,11 +217,12 @@ impl std::fmt::Debug for DistilledKey {
 }
 
 impl DistilledKey {
-    fn new(block: u64, key: &BitVec, _v: proof::Verified, _a: proof::Amplified) -> DistilledKey {
+    /// The only way to make one: from a verification's proof and an amplified key.
+    fn new(block: u64, _verified: Verified, key: Amplified) -> DistilledKey {
         DistilledKey {
             block,
-            bytes: Zeroizing::new(key.to_bytes()),
-            bits: key.len() as u64,
+            bytes: Zeroizing::new(key.key().to_bytes()),
+            bits: key.key().len() as u64,
         }
     }
     /// Key length in bits.
@@ -215,6 +275,39 @@ struct Sifted {
     classes_test: Vec<u8>,
 }
 
+impl Sifted {
+    fn empty() -> Sifted {
+        Sifted {
+            key: BitVec::zeros(0),
+            classes_key: vec![],
+            test: BitVec::zeros(0),
+            classes_test: vec![],
+        }
+    }
+
+    /// Offline mode: the key and the disclosed sample, one intensity class.
+    fn offline(key: BitVec, test: BitVec) -> Sifted {
+        Sifted {
+            classes_key: vec![0; key.len()],
+            classes_test: vec![0; test.len()],
+            key,
+            test,
+        }
+    }
+
+    /// Files a bit both sides measured in the same basis: X-basis bits are
+    /// disclosed to count errors, Z-basis bits form the key.
+    fn push(&mut self, x_basis: bool, bit: bool, class: u8) {
+        if x_basis {
+            self.test.push(bit);
+            self.classes_test.push(class);
+        } else {
+            self.key.push(bit);
+            self.classes_key.push(class);
+        }
+    }
+}
+
 fn bits_from(iter: impl Iterator<Item = bool>) -> BitVec {
     let mut v = BitVec::zeros(0);
     for b in iter {
@@ -262,8 +355,7 @@ fn ldpc_adaptation(
         }
         None => table[table.len() - 1].1,
     } + 0.1;
-    RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed)
-        .map_err(|e| LinkError::Protocol(format!("LDPC: {e}")))
+    RateAdaptation::for_qber(cfg.ldpc_frame, q, f.min(2.0), 0.1, seed).map_err(LinkError::from)
 }
 
 /// The message, if it may drive a block in the way it arrived: anything
@@ -300,9 +392,7 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
         )));
     }
     if failed.is_empty() {
-        return key
-            .slice(0, frames * frame_len)
-            .map_err(|e| LinkError::Protocol(e.to_string()));
+        return key.slice(0, frames * frame_len).map_err(LinkError::from);
     }
     let mut out = BitVec::zeros(0);
     let mut skip = failed.iter().peekable();
@@ -311,9 +401,7 @@ fn drop_frames(key: &BitVec, frame_len: usize, failed: &[u32]) -> Result<BitVec,
             skip.next();
             continue;
         }
-        let part = key
-            .slice(f * frame_len, (f + 1) * frame_len)
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let part = key.slice(f * frame_len, (f + 1) * frame_len)?;
         out.append(&part);
     }
     Ok(out)
@@ -329,8 +417,7 @@ fn secret_length(
 ) -> Result<(i64, f64), LinkError> {
     match stats {
         Stats::Decoy(c) => {
-            let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)
-                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+            let est = finite::key_length(c, cfg.eps_sec, cfg.eps_cor, leaked as f64)?;
             // The bound is for all the block's key bits (the counts); when fewer
             // go on (LDPC keeps whole frames and drops the tail), each dropped
             // bit can carry at most one bit of the min-entropy:
@@ -365,7 +452,7 @@ fn decoy_counts(
     test_errors: &[u64],
 ) -> Result<DecoyCounts, LinkError> {
     if cfg.classes.len() != 3 {
-        return Err(LinkError::Protocol(format!(
+        return Err(LinkError::Usage(format!(
             "decoy-state estimation needs three intensity classes, the link has {}",
             cfg.classes.len()
         )));
@@ -410,24 +497,105 @@ fn split_sample(bits: &BitVec, mark: &[bool]) -> (BitVec, BitVec) {
     (key, sample)
 }
 
+// ─────────────────────────── transitions ───────────────────────────
+
+/// Where a transition leads: on, in a new state, or to the block's end.
+enum Next<S> {
+    /// The block goes on in state `S` once these messages are sent.
+    Go(S, Vec<Msg>),
+    /// The block ends: these messages go out and this is its outcome.
+    End(Vec<Msg>, Outcome),
+}
+
+impl<S> Next<S> {
+    /// The block ends without key and the peer is told why.
+    fn abort(block: u64, reason: String, report: BlockReport) -> Next<S> {
+        let (out, outcome) = aborted(block, reason, report, true);
+        Next::End(out, outcome)
+    }
+
+    /// Puts the next state in `slot` (which holds `Done` during the
+    /// transition) and returns what to send and maybe the outcome.
+    fn apply(self, slot: &mut S) -> (Vec<Msg>, Option<Outcome>) {
+        match self {
+            Next::Go(state, out) => {
+                *slot = state;
+                (out, None)
+            }
+            Next::End(out, outcome) => (out, Some(outcome)),
+        }
+    }
+}
+
+/// An aborted block's outcome, and the `Abort` that tells the peer if `tell_peer`.
+fn aborted(
+    block: u64,
+    reason: String,
+    report: BlockReport,
+    tell_peer: bool,
+) -> (Vec<Msg>, Outcome) {
+    let out = if tell_peer {
+        vec![Msg::Abort {
+            block,
+            reason: reason.clone(),
+        }]
+    } else {
+        vec![]
+    };
+    (
+        out,
+        Outcome::Aborted {
+            block,
+            reason,
+            report,
+        },
+    )
+}
+
+/// The report of a block that ends before anything was measured.
+fn blank_report(block: u64) -> BlockReport {
+    BlockReport {
+        block,
+        ..Default::default()
+    }
+}
+
+/// A message that does not fit the state it arrived in.
+fn unexpected(m: &Msg, block: u64, side: &str) -> LinkError {
+    LinkError::Protocol(format!(
+        "unexpected {} for block {block} at {side}",
+        m.name()
+    ))
+}
+
 // ───────────────────────────── Alice ─────────────────────────────
 
 enum AliceState {
+    /// Nothing heard about this block yet.
     AwaitStart,
-    AwaitTest {
-        sifted: Sifted,
-    },
+    /// Sifted; Bob's disclosed test bits come next.
+    AwaitTest(Sifted),
+    /// Estimated and reconciliation announced: Alice answers Cascade's
+    /// parity requests (`cascade`) or has sent her LDPC syndromes, until Bob
+    /// reports `Reconciled`.
     Reconciling {
-        key: BitVec,
-        stats: Stats,
+        held: Estimated,
         cascade: Option<CascadeAlice>,
-        report: BlockReport,
     },
+    /// Alice amplified her key and sent `Confirm`; the key waits for Bob's
+    /// verdict on the verification tag.
     AwaitVerified {
-        key: BitVec,
+        key: Amplified,
         report: BlockReport,
     },
     Done,
+}
+
+/// Alice's key after estimation, with what she knows about it.
+struct Estimated {
+    key: BitVec,
+    stats: Stats,
+    report: BlockReport,
 }
 
 /// Alice's side of one block.
@@ -480,35 +648,21 @@ impl AliceBlock {
         }
     }
 
+    /// Ends the block from whatever state it is in, keeping the report
+    /// measured so far.
     fn abort(&mut self, reason: String, tell_peer: bool) -> (Vec<Msg>, Option<Outcome>) {
         let report = match &self.state {
-            AliceState::Reconciling { report, .. } | AliceState::AwaitVerified { report, .. } => {
-                report.clone()
-            }
-            _ => BlockReport {
-                block: self.block,
-                ..Default::default()
-            },
+            AliceState::Reconciling { held, .. } => held.report.clone(),
+            AliceState::AwaitVerified { report, .. } => report.clone(),
+            _ => blank_report(self.block),
         };
         self.state = AliceState::Done;
-        let out = if tell_peer {
-            vec![Msg::Abort {
-                block: self.block,
-                reason: reason.clone(),
-            }]
-        } else {
-            vec![]
-        };
-        (
-            out,
-            Some(Outcome::Aborted {
-                block: self.block,
-                reason,
-                report,
-            }),
-        )
+        let (out, outcome) = aborted(self.block, reason, report, tell_peer);
+        (out, Some(outcome))
     }
 
+    /// Hands (state, message) to its transition. A transition that fails
+    /// leaves the block in `Done`; `handle` then aborts it.
     fn step(
         &mut self,
         m: Msg,
@@ -521,241 +675,32 @@ impl AliceBlock {
             return Ok(self.abort(format!("Bob aborted: {reason}"), false));
         }
         let state = std::mem::replace(&mut self.state, AliceState::Done);
-        match (state, m, src) {
+        let next = match (state, m, src) {
             (
                 AliceState::AwaitStart,
                 Msg::Detections { gates, bases, .. },
                 AliceSource::Record(rec),
-            ) => {
-                let mut a_bases = BitVec::zeros(0);
-                let mut classes = Vec::with_capacity(gates.len());
-                let mut s = Sifted {
-                    key: BitVec::zeros(0),
-                    classes_key: vec![],
-                    test: BitVec::zeros(0),
-                    classes_test: vec![],
-                };
-                for (i, &g) in gates.iter().enumerate() {
-                    let c = rec.choice(g).ok_or_else(|| {
-                        LinkError::Protocol(format!(
-                            "Bob announced gate {g}, outside Alice's record"
-                        ))
-                    })?;
-                    let ax = c.basis == Basis::X;
-                    a_bases.push(ax);
-                    classes.push(c.class);
-                    if ax == bases.get(i) {
-                        if ax {
-                            s.test.push(c.bit == 1);
-                            s.classes_test.push(c.class);
-                        } else {
-                            s.key.push(c.bit == 1);
-                            s.classes_key.push(c.class);
-                        }
-                    }
-                }
-                self.state = AliceState::AwaitTest { sifted: s };
-                Ok((
-                    vec![Msg::SiftReply {
-                        block,
-                        bases: a_bases,
-                        classes,
-                    }],
-                    None,
-                ))
-            }
+            ) => alice_sift_record(block, rec, &gates, &bases)?,
             (
                 AliceState::AwaitStart,
                 Msg::Start {
                     n, sample, seed, ..
                 },
                 AliceSource::Offline(bits),
-            ) => {
-                if n != bits.len() as u64 {
-                    return Err(LinkError::Protocol(format!(
-                        "unequal lengths: Alice has {} sifted bits, Bob {n}",
-                        bits.len()
-                    )));
-                }
-                if sample >= n {
-                    return Err(LinkError::Protocol("sample as large as the block".into()));
-                }
-                let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
-                let s = Sifted {
-                    classes_key: vec![0; key.len()],
-                    classes_test: vec![0; test.len()],
-                    key,
-                    test,
-                };
-                self.state = AliceState::AwaitTest { sifted: s };
-                Ok((vec![], None))
-            }
-            (AliceState::AwaitTest { sifted }, Msg::TestBits { bits, .. }, _) => {
-                if bits.len() != sifted.test.len() {
-                    return Err(LinkError::Protocol(format!(
-                        "Bob disclosed {} bits, {} expected",
-                        bits.len(),
-                        sifted.test.len()
-                    )));
-                }
-                let mut errors = vec![0u64; 3];
-                for i in 0..bits.len() {
-                    if bits.get(i) != sifted.test.get(i) {
-                        errors[(sifted.classes_test[i] as usize).min(2)] += 1;
-                    }
-                }
-                let total_err: u64 = errors.iter().sum();
-                let est = match (src, cfg.qber_hint) {
-                    (AliceSource::Offline(_), Some(h)) if bits.is_empty() => h,
-                    _ => total_err as f64 / (bits.len().max(1)) as f64,
-                };
-                let stats = match src {
-                    AliceSource::Record(_) => Stats::Decoy(decoy_counts(cfg, &sifted, &errors)?),
-                    AliceSource::Offline(_) => Stats::Offline {
-                        sample: bits.len() as u64,
-                        sample_errors: total_err,
-                    },
-                };
-                let mut report = BlockReport {
-                    block,
-                    input_bits: sifted.key.len() as u64,
-                    disclosed_bits: bits.len() as u64,
-                    disclosed_errors: total_err,
-                    ..Default::default()
-                };
-                if est > cfg.max_qber {
-                    self.state = AliceState::Reconciling {
-                        key: sifted.key,
-                        stats,
-                        cascade: None,
-                        report,
-                    };
-                    return Ok(self.abort(
-                        format!(
-                            "estimated QBER {:.2} % is above the abort threshold {:.2} %",
-                            est * 100.0,
-                            cfg.max_qber * 100.0
-                        ),
-                        true,
-                    ));
-                }
-                if sifted.key.is_empty() {
-                    return Err(LinkError::Protocol("no key bits in this block".into()));
-                }
-                // go / no-go before spending reconciliation: predicted leakage f = 1.2
-                let predicted = (1.2 * sifted.key.len() as f64 * h2(qber_for_codes(est))) as u64;
-                let (l, _) = secret_length(
-                    cfg,
-                    &stats,
-                    sifted.key.len() as u64,
-                    (est * sifted.key.len() as f64) as u64,
-                    predicted,
-                )?;
-                if l <= 0 {
-                    self.state = AliceState::Reconciling {
-                        key: sifted.key,
-                        stats,
-                        cascade: None,
-                        report,
-                    };
-                    return Ok(
-                        self.abort("parameter estimation leaves no positive key".into(), true)
-                    );
-                }
-                let seed = self.seed;
-                // Offline LDPC has one shot at each frame and a frame that
-                // fails aborts the block, so its code is chosen for an upper
-                // confidence bound of the QBER (two standard errors of the
-                // disclosed sample above the estimate). Record mode drops a
-                // failed frame instead, and its efficiency table already
-                // carries a measured margin (`ldpc_adaptation`): adding this
-                // one too cost 6 % of the key at 25 km (f 1.54 -> 1.62).
-                // Cascade adapts as it goes and is tuned for the estimate.
-                let q_code = match (cfg.reconciler, src) {
-                    (Reconciler::Ldpc, AliceSource::Offline(_)) if !bits.is_empty() => {
-                        est + 2.0 * (est * (1.0 - est) / bits.len() as f64).sqrt()
-                    }
-                    _ => est,
-                };
-                let qber_ppm = (qber_for_codes(q_code) * 1e6).round() as u32;
-                let q = f64::from(qber_ppm) / 1e6;
-                let mut out = vec![Msg::Estimate {
-                    block,
-                    errors,
-                    reconciler: cfg.reconciler,
-                    qber_ppm,
-                    seed,
-                }];
-                let (cascade, key) = match cfg.reconciler {
-                    Reconciler::Ldpc => {
-                        let ad = ldpc_adaptation(cfg, q, seed)?;
-                        let frames = sifted.key.len() / ad.key_len();
-                        let mut syndromes = Vec::with_capacity(frames);
-                        for f in 0..frames {
-                            let part = sifted
-                                .key
-                                .slice(f * ad.key_len(), (f + 1) * ad.key_len())
-                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                            syndromes.push(
-                                ad.encode(&part, rng)
-                                    .map_err(|e| LinkError::Protocol(e.to_string()))?,
-                            );
-                        }
-                        report.rounds = frames as u64;
-                        out.push(Msg::Syndromes { block, syndromes });
-                        // LDPC carries whole frames; the tail that fills no frame is dropped at both ends
-                        let keep = frames * ad.key_len();
-                        report.input_bits = keep as u64;
-                        let key = sifted
-                            .key
-                            .slice(0, keep)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        (None, key)
-                    }
-                    r => {
-                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        let c = CascadeAlice::new(&sifted.key, &params)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        (Some(c), sifted.key)
-                    }
-                };
-                self.state = AliceState::Reconciling {
-                    key,
-                    stats,
-                    cascade,
-                    report,
-                };
-                Ok((out, None))
+            ) => alice_sift_offline(bits, n, sample, seed)?,
+            (AliceState::AwaitTest(sifted), Msg::TestBits { bits, .. }, _) => {
+                self.estimate(sifted, &bits, src, cfg, rng)?
             }
             (
                 AliceState::Reconciling {
-                    key,
-                    stats,
+                    held,
                     cascade: Some(c),
-                    report,
                 },
                 Msg::Parities { request, .. },
                 _,
-            ) => {
-                let reply = c
-                    .answer(&request)
-                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
-                self.state = AliceState::Reconciling {
-                    key,
-                    stats,
-                    cascade: Some(c),
-                    report,
-                };
-                Ok((vec![Msg::ParityAnswers { block, reply }], None))
-            }
+            ) => answer_parities(block, held, c, &request)?,
             (
-                AliceState::Reconciling {
-                    key,
-                    stats,
-                    mut report,
-                    ..
-                },
+                AliceState::Reconciling { held, .. },
                 Msg::Reconciled {
                     leaked_bits,
                     corrected,
@@ -763,134 +708,365 @@ impl AliceBlock {
                     ..
                 },
                 _,
-            ) => {
-                let key = if failed_frames.is_empty() {
-                    key
-                } else {
-                    // Only an LDPC block of record mode may drop frames.
-                    let frames = report.rounds as usize;
-                    if cfg.reconciler != Reconciler::Ldpc
-                        || !matches!(stats, Stats::Decoy(_))
-                        || frames == 0
-                        || key.len() % frames != 0
-                    {
-                        return Err(LinkError::Protocol(
-                            "Bob drops frames of a block that has none to drop".into(),
-                        ));
-                    }
-                    report.frames_discarded = failed_frames.len() as u64;
-                    drop_frames(&key, key.len() / frames, &failed_frames)?
-                };
-                if key.is_empty() {
-                    return Err(LinkError::Protocol("Bob drops every frame".into()));
-                }
-                if corrected > key.len() as u64 {
-                    return Err(LinkError::Protocol(
-                        "Bob reports more corrections than key bits".into(),
-                    ));
-                }
-                report.leaked_bits = leaked_bits;
-                report.qber = corrected as f64 / key.len().max(1) as f64;
-                let tag_bits = verify::tag_bits_for(cfg.eps_cor, key.len())
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                let mut vk = [0u8; 16];
-                rng.fill_bytes(&mut vk);
-                let tag = verify::verify_tag(verify::VerifyKey::from_bytes(vk), &key, tag_bits)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                report.verify_bits = u64::from(tag_bits);
-                let (l, phi) = secret_length(
-                    cfg,
-                    &stats,
-                    key.len() as u64,
-                    corrected,
-                    leaked_bits + u64::from(tag_bits),
-                )?;
-                report.phase_error = phi;
-                if l <= 0 {
-                    self.state = AliceState::Reconciling {
-                        key,
-                        stats,
-                        cascade: None,
-                        report,
-                    };
-                    return Ok(self.abort(format!("after reconciliation (leaked {leaked_bits} bits) no positive key remains"), true));
-                }
-                let l = (l as usize).min(key.len());
-                let seed = BitVec::random(pa::seed_len(key.len(), l), rng);
-                let out = vec![Msg::Confirm {
-                    block,
-                    verify_key: vk,
-                    tag_bits,
-                    tag: tag.value(),
-                    key_bits: l as u64,
-                    pa_seed: seed.clone(),
-                }];
-                // amplify now; the key is released only when Bob confirms verification
-                let amplified = pa::toeplitz_hash(&seed, &key, l)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                report.final_key_bits = l as u64;
-                self.state = AliceState::AwaitVerified {
-                    key: amplified,
-                    report,
-                };
-                Ok((out, None))
+            ) => alice_confirm(
+                block,
+                held,
+                leaked_bits,
+                corrected,
+                &failed_frames,
+                cfg,
+                rng,
+            )?,
+            (AliceState::AwaitVerified { key, report }, Msg::Verified { ok, .. }, _) => {
+                alice_release(block, key, report, ok)
             }
-            (
-                AliceState::AwaitVerified {
-                    key, mut report, ..
-                },
-                Msg::Verified { ok, .. },
-                _,
-            ) => {
-                if !ok {
-                    report.verified = false;
-                    self.state = AliceState::Done;
-                    return Ok((
-                        vec![],
-                        Some(Outcome::Aborted {
-                            block,
-                            reason: "verification failed: the reconciled keys differ".into(),
-                            report,
-                        }),
-                    ));
-                }
-                report.verified = true;
-                self.state = AliceState::Done;
-                let dk = DistilledKey::new(block, &key, proof::Verified(()), proof::Amplified(()));
-                Ok((vec![], Some(Outcome::Key(dk, report))))
+            (_, m, _) => return Err(unexpected(&m, block, "Alice")),
+        };
+        Ok(next.apply(&mut self.state))
+    }
+
+    /// On `TestBits`: counts the errors among the disclosed bits, estimates,
+    /// decides go / no-go and starts reconciliation.
+    fn estimate(
+        &self,
+        sifted: Sifted,
+        bits: &BitVec,
+        src: &AliceSource<'_>,
+        cfg: &ProtocolConfig,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> Result<Next<AliceState>, LinkError> {
+        let block = self.block;
+        if bits.len() != sifted.test.len() {
+            return Err(LinkError::Protocol(format!(
+                "Bob disclosed {} bits, {} expected",
+                bits.len(),
+                sifted.test.len()
+            )));
+        }
+        let mut errors = vec![0u64; 3];
+        for i in 0..bits.len() {
+            if bits.get(i) != sifted.test.get(i) {
+                errors[(sifted.classes_test[i] as usize).min(2)] += 1;
             }
-            (_, m, _) => Err(LinkError::Protocol(format!(
-                "unexpected {} for block {block} at Alice",
-                m.name()
-            ))),
+        }
+        let total_err: u64 = errors.iter().sum();
+        let est = match (src, cfg.qber_hint) {
+            (AliceSource::Offline(_), Some(h)) if bits.is_empty() => h,
+            _ => total_err as f64 / (bits.len().max(1)) as f64,
+        };
+        let stats = match src {
+            AliceSource::Record(_) => Stats::Decoy(decoy_counts(cfg, &sifted, &errors)?),
+            AliceSource::Offline(_) => Stats::Offline {
+                sample: bits.len() as u64,
+                sample_errors: total_err,
+            },
+        };
+        let mut report = BlockReport {
+            block,
+            input_bits: sifted.key.len() as u64,
+            disclosed_bits: bits.len() as u64,
+            disclosed_errors: total_err,
+            ..Default::default()
+        };
+        if est > cfg.max_qber {
+            let reason = format!(
+                "estimated QBER {:.2} % is above the abort threshold {:.2} %",
+                est * 100.0,
+                cfg.max_qber * 100.0
+            );
+            return Ok(Next::abort(block, reason, report));
+        }
+        if sifted.key.is_empty() {
+            // not the peer's doing: no detection of this block fell in the key basis
+            return Ok(Next::abort(
+                block,
+                "no key bits in this block".into(),
+                blank_report(block),
+            ));
+        }
+        // go / no-go before spending reconciliation: predicted leakage f = 1.2
+        let predicted = (1.2 * sifted.key.len() as f64 * h2(qber_for_codes(est))) as u64;
+        let (l, _) = secret_length(
+            cfg,
+            &stats,
+            sifted.key.len() as u64,
+            (est * sifted.key.len() as f64) as u64,
+            predicted,
+        )?;
+        if l <= 0 {
+            let reason = "parameter estimation leaves no positive key".into();
+            return Ok(Next::abort(block, reason, report));
+        }
+        let seed = self.seed;
+        // Offline LDPC has one shot at each frame and a frame that
+        // fails aborts the block, so its code is chosen for an upper
+        // confidence bound of the QBER (two standard errors of the
+        // disclosed sample above the estimate). Record mode drops a
+        // failed frame instead, and its efficiency table already
+        // carries a measured margin (`ldpc_adaptation`): adding this
+        // one too cost 6 % of the key at 25 km (f 1.54 -> 1.62).
+        // Cascade adapts as it goes and is tuned for the estimate.
+        let q_code = match (cfg.reconciler, src) {
+            (Reconciler::Ldpc, AliceSource::Offline(_)) if !bits.is_empty() => {
+                est + 2.0 * (est * (1.0 - est) / bits.len() as f64).sqrt()
+            }
+            _ => est,
+        };
+        let qber_ppm = (qber_for_codes(q_code) * 1e6).round() as u32;
+        let q = f64::from(qber_ppm) / 1e6;
+        let mut out = vec![Msg::Estimate {
+            block,
+            errors,
+            reconciler: cfg.reconciler,
+            qber_ppm,
+            seed,
+        }];
+        let (cascade, key) = match cfg.reconciler {
+            Reconciler::Ldpc => {
+                let ad = ldpc_adaptation(cfg, q, seed)?;
+                let (syndromes, key) = ldpc_syndromes(&sifted.key, &ad, rng)?;
+                report.rounds = syndromes.len() as u64;
+                report.input_bits = key.len() as u64;
+                out.push(Msg::Syndromes { block, syndromes });
+                (None, key)
+            }
+            r => {
+                let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)?;
+                let c = CascadeAlice::new(&sifted.key, &params)?;
+                (Some(c), sifted.key)
+            }
+        };
+        let held = Estimated { key, stats, report };
+        Ok(Next::Go(AliceState::Reconciling { held, cascade }, out))
+    }
+}
+
+/// Alice's LDPC syndromes, one per whole frame of `key`, and the key they
+/// cover: the tail that fills no frame is dropped at both ends.
+fn ldpc_syndromes(
+    key: &BitVec,
+    ad: &RateAdaptation,
+    rng: &mut Xoshiro256PlusPlus,
+) -> Result<(Vec<BitVec>, BitVec), LinkError> {
+    let frames = key.len() / ad.key_len();
+    let mut syndromes = Vec::with_capacity(frames);
+    for f in 0..frames {
+        let part = key.slice(f * ad.key_len(), (f + 1) * ad.key_len())?;
+        syndromes.push(ad.encode(&part, rng)?);
+    }
+    Ok((syndromes, key.slice(0, frames * ad.key_len())?))
+}
+
+/// Alice (record mode) on `Detections`: answers her bases and intensity
+/// classes and sifts her log against Bob's bases.
+fn alice_sift_record(
+    block: u64,
+    rec: &AliceRecord,
+    gates: &[u64],
+    bases: &BitVec,
+) -> Result<Next<AliceState>, LinkError> {
+    let mut a_bases = BitVec::zeros(0);
+    let mut classes = Vec::with_capacity(gates.len());
+    let mut s = Sifted::empty();
+    // The decoder gives Detections one basis per gate.
+    for (i, &g) in gates.iter().enumerate() {
+        let c = rec.choice(g).ok_or_else(|| {
+            LinkError::Protocol(format!("Bob announced gate {g}, outside Alice's record"))
+        })?;
+        let ax = c.basis == Basis::X;
+        a_bases.push(ax);
+        classes.push(c.class);
+        if ax == bases.get(i) {
+            s.push(ax, c.bit == 1, c.class);
         }
     }
+    let reply = Msg::SiftReply {
+        block,
+        bases: a_bases,
+        classes,
+    };
+    Ok(Next::Go(AliceState::AwaitTest(s), vec![reply]))
+}
+
+/// Alice (offline mode) on `Start`: takes out the sample Bob chose.
+fn alice_sift_offline(
+    bits: &BitVec,
+    n: u64,
+    sample: u64,
+    seed: u64,
+) -> Result<Next<AliceState>, LinkError> {
+    if n != bits.len() as u64 {
+        return Err(LinkError::Protocol(format!(
+            "unequal lengths: Alice has {} sifted bits, Bob {n}",
+            bits.len()
+        )));
+    }
+    if sample >= n {
+        return Err(LinkError::Protocol("sample as large as the block".into()));
+    }
+    let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
+    Ok(Next::Go(
+        AliceState::AwaitTest(Sifted::offline(key, test)),
+        vec![],
+    ))
+}
+
+/// Alice on `Parities`: answers one round of Cascade's parity requests.
+fn answer_parities(
+    block: u64,
+    held: Estimated,
+    c: CascadeAlice,
+    request: &ParityRequest,
+) -> Result<Next<AliceState>, LinkError> {
+    let reply = c.answer(request).map_err(LinkError::PeerCascade)?;
+    Ok(Next::Go(
+        AliceState::Reconciling {
+            held,
+            cascade: Some(c),
+        },
+        vec![Msg::ParityAnswers { block, reply }],
+    ))
+}
+
+/// Alice on `Reconciled`: drops the frames Bob could not decode, tags her
+/// key for verification, sizes the secret and amplifies. The amplified key
+/// waits in `AwaitVerified` for Bob's verdict.
+fn alice_confirm(
+    block: u64,
+    held: Estimated,
+    leaked_bits: u64,
+    corrected: u64,
+    failed_frames: &[u32],
+    cfg: &ProtocolConfig,
+    rng: &mut Xoshiro256PlusPlus,
+) -> Result<Next<AliceState>, LinkError> {
+    let Estimated {
+        key,
+        stats,
+        mut report,
+    } = held;
+    let key = if failed_frames.is_empty() {
+        key
+    } else {
+        // Only an LDPC block of record mode may drop frames.
+        let frames = report.rounds as usize;
+        if cfg.reconciler != Reconciler::Ldpc
+            || !matches!(stats, Stats::Decoy(_))
+            || frames == 0
+            || key.len() % frames != 0
+        {
+            return Err(LinkError::Protocol(
+                "Bob drops frames of a block that has none to drop".into(),
+            ));
+        }
+        report.frames_discarded = failed_frames.len() as u64;
+        drop_frames(&key, key.len() / frames, failed_frames)?
+    };
+    if key.is_empty() {
+        return Err(LinkError::Protocol("Bob drops every frame".into()));
+    }
+    if corrected > key.len() as u64 {
+        return Err(LinkError::Protocol(
+            "Bob reports more corrections than key bits".into(),
+        ));
+    }
+    report.leaked_bits = leaked_bits;
+    report.qber = corrected as f64 / key.len().max(1) as f64;
+    let tag_bits = verify::tag_bits_for(cfg.eps_cor, key.len())?;
+    let mut vk = [0u8; 16];
+    rng.fill_bytes(&mut vk);
+    let tag = verify::verify_tag(verify::VerifyKey::from_bytes(vk), &key, tag_bits)?;
+    report.verify_bits = u64::from(tag_bits);
+    let (l, phi) = secret_length(
+        cfg,
+        &stats,
+        key.len() as u64,
+        corrected,
+        leaked_bits.saturating_add(u64::from(tag_bits)),
+    )?;
+    report.phase_error = phi;
+    if l <= 0 {
+        let reason =
+            format!("after reconciliation (leaked {leaked_bits} bits) no positive key remains");
+        return Ok(Next::abort(block, reason, report));
+    }
+    let l = (l as usize).min(key.len());
+    let seed = BitVec::random(pa::seed_len(key.len(), l), rng);
+    // amplify now; the key is released only when Bob confirms verification
+    let amplified = amplification::amplify(&seed, &key, l)?;
+    let out = vec![Msg::Confirm {
+        block,
+        verify_key: vk,
+        tag_bits,
+        tag: tag.value(),
+        key_bits: l as u64,
+        pa_seed: seed,
+    }];
+    report.final_key_bits = l as u64;
+    Ok(Next::Go(
+        AliceState::AwaitVerified {
+            key: amplified,
+            report,
+        },
+        out,
+    ))
+}
+
+/// Alice on `Verified`: releases the amplified key if Bob's tag matched hers.
+fn alice_release(
+    block: u64,
+    key: Amplified,
+    mut report: BlockReport,
+    ok: bool,
+) -> Next<AliceState> {
+    let Some(verified) = verification::confirmed_by_bob(ok) else {
+        report.verified = false;
+        return Next::End(
+            vec![],
+            Outcome::Aborted {
+                block,
+                reason: "verification failed: the reconciled keys differ".into(),
+                report,
+            },
+        );
+    };
+    report.verified = true;
+    let dk = DistilledKey::new(block, verified, key);
+    Next::End(vec![], Outcome::Key(dk, report))
 }
 
 // ────────────────────────────── Bob ──────────────────────────────
 
 enum BobState {
+    /// Record mode: Bob announced his detections; Alice's bases come next.
     AwaitSift {
         dets: Vec<Detection>,
         bits: BitVec,
     },
-    AwaitEstimate {
-        sifted: Sifted,
-        offline: bool,
-    },
+    /// Sifted and test bits disclosed; Alice's estimate comes next.
+    AwaitEstimate(BobSifted),
+    /// Bob reconciles: Cascade rounds with Alice, or her LDPC syndromes.
     Reconciling {
-        stats: Stats,
+        pending: Pending,
         rec: BobRec,
-        report: BlockReport,
-        q: f64,
     },
-    AwaitConfirm {
-        key: BitVec,
-        stats: Stats,
-        report: BlockReport,
-        corrected: u64,
-    },
+    /// Reconciled; Alice's `Confirm` (tag, length, PA seed) comes next.
+    AwaitConfirm(BobReconciled),
     Done,
+}
+
+/// Bob's sifted bits, and whether they came from an offline string.
+struct BobSifted {
+    sifted: Sifted,
+    offline: bool,
+}
+
+/// What Bob carries through reconciliation besides the key.
+struct Pending {
+    stats: Stats,
+    report: BlockReport,
+    /// The QBER Alice announced for the codes.
+    q: f64,
 }
 
 enum BobRec {
@@ -899,6 +1075,14 @@ enum BobRec {
         key: BitVec,
         ad: Box<RateAdaptation>,
     },
+}
+
+/// Bob's reconciled key, with what he knows about it.
+struct BobReconciled {
+    key: BitVec,
+    stats: Stats,
+    report: BlockReport,
+    corrected: u64,
 }
 
 /// Bob's side of one block.
@@ -946,7 +1130,8 @@ impl BobBlock {
         let sample = if cfg.qber_hint.is_some() {
             0
         } else {
-            ((n as f64 * cfg.sample_fraction).ceil() as u64).clamp(1.min(n), n / 2)
+            // at least one bit where the block can spare it (n ≥ 2), never more than half
+            ((n as f64 * cfg.sample_fraction).ceil() as u64).clamp(1.min(n / 2), n / 2)
         };
         let seed = rng.next_u64();
         let (key, test) = split_sample(bits, &sample_positions(n, sample, seed));
@@ -962,19 +1147,13 @@ impl BobBlock {
                 bits: test.clone(),
             },
         ];
-        let s = Sifted {
-            classes_key: vec![0; key.len()],
-            classes_test: vec![0; test.len()],
-            key,
-            test,
-        };
         (
             BobBlock {
                 block,
-                state: BobState::AwaitEstimate {
-                    sifted: s,
+                state: BobState::AwaitEstimate(BobSifted {
+                    sifted: Sifted::offline(key, test),
                     offline: true,
-                },
+                }),
             },
             msgs,
         )
@@ -998,103 +1177,21 @@ impl BobBlock {
         }
     }
 
+    /// Ends the block from whatever state it is in, keeping the report
+    /// measured so far.
     fn abort(&mut self, reason: String, tell_peer: bool) -> (Vec<Msg>, Option<Outcome>) {
         let report = match &self.state {
-            BobState::Reconciling { report, .. } | BobState::AwaitConfirm { report, .. } => {
-                report.clone()
-            }
-            _ => BlockReport {
-                block: self.block,
-                ..Default::default()
-            },
+            BobState::Reconciling { pending, .. } => pending.report.clone(),
+            BobState::AwaitConfirm(r) => r.report.clone(),
+            _ => blank_report(self.block),
         };
         self.state = BobState::Done;
-        let out = if tell_peer {
-            vec![Msg::Abort {
-                block: self.block,
-                reason: reason.clone(),
-            }]
-        } else {
-            vec![]
-        };
-        (
-            out,
-            Some(Outcome::Aborted {
-                block: self.block,
-                reason,
-                report,
-            }),
-        )
+        let (out, outcome) = aborted(self.block, reason, report, tell_peer);
+        (out, Some(outcome))
     }
 
-    /// Sends Cascade's next request, or finishes reconciliation when it has none.
-    fn cascade_step(
-        &mut self,
-        mut c: Box<CascadeBob>,
-        original: BitVec,
-        stats: Stats,
-        report: BlockReport,
-        q: f64,
-    ) -> Result<(Vec<Msg>, Option<Outcome>), LinkError> {
-        let block = self.block;
-        if let Some(request) = c.poll_request() {
-            self.state = BobState::Reconciling {
-                stats,
-                rec: BobRec::Cascade(c, original),
-                report,
-                q,
-            };
-            return Ok((vec![Msg::Parities { block, request }], None));
-        }
-        let (leaked, rounds) = (c.leaked_bits(), c.rounds());
-        let key = c
-            .into_key()
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let corrected = key
-            .hamming_distance(&original)
-            .map_err(|e| LinkError::Protocol(e.to_string()))? as u64;
-        Ok(self.finish_reconciliation(
-            key,
-            stats,
-            report,
-            Reconciliation {
-                leaked,
-                corrected,
-                rounds,
-                failed_frames: Vec::new(),
-            },
-        ))
-    }
-
-    fn finish_reconciliation(
-        &mut self,
-        key: BitVec,
-        stats: Stats,
-        mut report: BlockReport,
-        r: Reconciliation,
-    ) -> (Vec<Msg>, Option<Outcome>) {
-        report.leaked_bits = r.leaked;
-        report.rounds = r.rounds;
-        report.frames_discarded = r.failed_frames.len() as u64;
-        report.qber = r.corrected as f64 / key.len().max(1) as f64;
-        let block = self.block;
-        self.state = BobState::AwaitConfirm {
-            key,
-            stats,
-            report,
-            corrected: r.corrected,
-        };
-        (
-            vec![Msg::Reconciled {
-                block,
-                leaked_bits: r.leaked,
-                corrected: r.corrected,
-                failed_frames: r.failed_frames,
-            }],
-            None,
-        )
-    }
-
+    /// Hands (state, message) to its transition. A transition that fails
+    /// leaves the block in `Done`; `handle` then aborts it.
     fn step(
         &mut self,
         m: Msg,
@@ -1105,45 +1202,12 @@ impl BobBlock {
             return Ok(self.abort(format!("Alice aborted: {reason}"), false));
         }
         let state = std::mem::replace(&mut self.state, BobState::Done);
-        match (state, m) {
+        let next = match (state, m) {
             (BobState::AwaitSift { dets, bits }, Msg::SiftReply { bases, classes, .. }) => {
-                if bases.len() != dets.len() {
-                    return Err(LinkError::Protocol(format!(
-                        "Alice answered {} bases for {} detections",
-                        bases.len(),
-                        dets.len()
-                    )));
-                }
-                let mut s = Sifted {
-                    key: BitVec::zeros(0),
-                    classes_key: vec![],
-                    test: BitVec::zeros(0),
-                    classes_test: vec![],
-                };
-                for (i, d) in dets.iter().enumerate() {
-                    let bx = d.basis == Basis::X;
-                    if bases.get(i) == bx {
-                        if bx {
-                            s.test.push(bits.get(i));
-                            s.classes_test.push(classes[i]);
-                        } else {
-                            s.key.push(bits.get(i));
-                            s.classes_key.push(classes[i]);
-                        }
-                    }
-                }
-                let out = vec![Msg::TestBits {
-                    block,
-                    bits: s.test.clone(),
-                }];
-                self.state = BobState::AwaitEstimate {
-                    sifted: s,
-                    offline: false,
-                };
-                Ok((out, None))
+                bob_sift(block, &dets, &bits, &bases, &classes)?
             }
             (
-                BobState::AwaitEstimate { sifted, offline },
+                BobState::AwaitEstimate(sifted),
                 Msg::Estimate {
                     errors,
                     reconciler,
@@ -1151,147 +1215,26 @@ impl BobBlock {
                     seed,
                     ..
                 },
-            ) => {
-                let total: u64 = errors.iter().sum();
-                if total > sifted.test.len() as u64 || errors.len() > 3 {
-                    return Err(LinkError::Protocol(
-                        "Alice reported more errors than disclosed bits".into(),
-                    ));
-                }
-                let stats = if offline {
-                    Stats::Offline {
-                        sample: sifted.test.len() as u64,
-                        sample_errors: total,
-                    }
-                } else {
-                    Stats::Decoy(decoy_counts(cfg, &sifted, &errors)?)
-                };
-                let report = BlockReport {
-                    block,
-                    input_bits: sifted.key.len() as u64,
-                    disclosed_bits: sifted.test.len() as u64,
-                    disclosed_errors: total,
-                    ..Default::default()
-                };
-                let q = f64::from(qber_ppm) / 1e6;
-                if !(q > 0.0 && q < 0.5) {
-                    return Err(LinkError::Protocol(format!(
-                        "QBER estimate {q} out of range"
-                    )));
-                }
-                match reconciler {
-                    Reconciler::Ldpc => {
-                        let ad = ldpc_adaptation(cfg, q, seed)?;
-                        let keep = sifted.key.len() / ad.key_len() * ad.key_len();
-                        let key = sifted
-                            .key
-                            .slice(0, keep)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        let report = BlockReport {
-                            input_bits: keep as u64,
-                            ..report
-                        };
-                        self.state = BobState::Reconciling {
-                            stats,
-                            rec: BobRec::Ldpc {
-                                key,
-                                ad: Box::new(ad),
-                            },
-                            report,
-                            q,
-                        };
-                        Ok((vec![], None))
-                    }
-                    r => {
-                        let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        let original = sifted.key.clone();
-                        let c = CascadeBob::new(sifted.key, &params)
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                        self.cascade_step(Box::new(c), original, stats, report, q)
-                    }
-                }
-            }
+            ) => bob_estimate(block, sifted, &errors, reconciler, qber_ppm, seed, cfg)?,
             (
                 BobState::Reconciling {
-                    stats,
+                    pending,
                     rec: BobRec::Cascade(mut c, original),
-                    report,
-                    q,
                 },
                 Msg::ParityAnswers { reply, .. },
             ) => {
-                c.handle_reply(&reply)
-                    .map_err(|e| LinkError::Protocol(format!("Cascade: {e}")))?;
-                self.cascade_step(c, original, stats, report, q)
+                c.handle_reply(&reply).map_err(LinkError::PeerCascade)?;
+                cascade_step(block, pending, c, original)?
             }
             (
                 BobState::Reconciling {
-                    stats,
+                    pending,
                     rec: BobRec::Ldpc { key, ad },
-                    report,
-                    q,
                 },
                 Msg::Syndromes { syndromes, .. },
-            ) => {
-                let frames = key.len() / ad.key_len().max(1);
-                if syndromes.len() != frames {
-                    return Err(LinkError::Protocol(format!(
-                        "{} syndromes for {frames} frames",
-                        syndromes.len()
-                    )));
-                }
-                // Record mode drops a frame that does not decode (both ends, see
-                // `drop_frames`); offline mode, whose error estimate comes from
-                // the corrected bits themselves, aborts the block instead.
-                let may_drop = matches!(stats, Stats::Decoy(_));
-                let mut out = BitVec::zeros(0);
-                let mut failed = Vec::new();
-                for (f, s) in syndromes.iter().enumerate() {
-                    let part = key
-                        .slice(f * ad.key_len(), (f + 1) * ad.key_len())
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                    match ad.decode(&part, q, s, 200) {
-                        Ok(dec) => out.append(&dec),
-                        Err(_) if may_drop => failed.push(f as u32),
-                        Err(e) => {
-                            return Err(LinkError::Protocol(format!(
-                                "LDPC frame {f} did not decode: {e}"
-                            )));
-                        }
-                    }
-                }
-                if out.is_empty() {
-                    return Ok(self.abort("no LDPC frame of the block decoded".into(), true));
-                }
-                let kept = drop_frames(&key, ad.key_len(), &failed)?;
-                let corrected = out
-                    .hamming_distance(&kept)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?
-                    as u64;
-                // Every syndrome counts, dropped frames' too, and in record mode
-                // the public list of failed frames (at most one bit per frame).
-                let leaked =
-                    ad.leaked_bits() * frames as u64 + if may_drop { frames as u64 } else { 0 };
-                Ok(self.finish_reconciliation(
-                    out,
-                    stats,
-                    report,
-                    Reconciliation {
-                        leaked,
-                        corrected,
-                        rounds: frames as u64,
-                        failed_frames: failed,
-                    },
-                ))
-            }
+            ) => decode_syndromes(block, pending, &key, &ad, &syndromes)?,
             (
-                BobState::AwaitConfirm {
-                    key,
-                    stats,
-                    mut report,
-                    corrected,
-                },
+                BobState::AwaitConfirm(r),
                 Msg::Confirm {
                     verify_key,
                     tag_bits,
@@ -1301,59 +1244,288 @@ impl BobBlock {
                     ..
                 },
             ) => {
-                let mine =
-                    verify::verify_tag(verify::VerifyKey::from_bytes(verify_key), &key, tag_bits)
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                let theirs = verify::VerifyTag::new(tag_bits, tag)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                report.verify_bits = u64::from(tag_bits);
-                if !mine.matches(&theirs) {
-                    report.verified = false;
-                    self.state = BobState::Done;
-                    return Ok((
-                        vec![Msg::Verified { block, ok: false }],
-                        Some(Outcome::Aborted {
-                            block,
-                            reason: "verification failed: the reconciled keys differ".into(),
-                            report,
-                        }),
-                    ));
-                }
-                let verified = proof::Verified(());
-                // Bob recomputes the length with his exact error count; Alice's may not exceed it
-                let (l, phi) = secret_length(
-                    cfg,
-                    &stats,
-                    key.len() as u64,
-                    corrected,
-                    report.leaked_bits + u64::from(tag_bits),
-                )?;
-                report.phase_error = phi;
-                if key_bits as i64 > l
-                    || key_bits as usize > key.len()
-                    || pa_seed.len() != pa::seed_len(key.len(), key_bits as usize)
-                {
-                    return Err(LinkError::Protocol(format!(
-                        "Alice asked for {key_bits} secret bits; Bob's estimate allows {l}"
-                    )));
-                }
-                let amplified = pa::toeplitz_hash(&pa_seed, &key, key_bits as usize)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                report.verified = true;
-                report.final_key_bits = key_bits;
-                self.state = BobState::Done;
-                let dk = DistilledKey::new(block, &amplified, verified, proof::Amplified(()));
-                Ok((
-                    vec![Msg::Verified { block, ok: true }],
-                    Some(Outcome::Key(dk, report)),
-                ))
+                let verified = verification::check_tag(&r.key, verify_key, tag_bits, tag)?;
+                bob_confirm(block, r, verified, tag_bits, key_bits, &pa_seed, cfg)?
             }
-            (_, m) => Err(LinkError::Protocol(format!(
-                "unexpected {} for block {block} at Bob",
-                m.name()
-            ))),
+            (_, m) => return Err(unexpected(&m, block, "Bob")),
+        };
+        Ok(next.apply(&mut self.state))
+    }
+}
+
+/// Bob (record mode) on `SiftReply`: sifts his detections against Alice's
+/// bases and discloses his test-basis bits.
+fn bob_sift(
+    block: u64,
+    dets: &[Detection],
+    bits: &BitVec,
+    bases: &BitVec,
+    classes: &[u8],
+) -> Result<Next<BobState>, LinkError> {
+    if bases.len() != dets.len() {
+        return Err(LinkError::Protocol(format!(
+            "Alice answered {} bases for {} detections",
+            bases.len(),
+            dets.len()
+        )));
+    }
+    let mut s = Sifted::empty();
+    // The decoder gives SiftReply one class per basis, and there is one basis per detection.
+    for (i, d) in dets.iter().enumerate() {
+        let bx = d.basis == Basis::X;
+        if bases.get(i) == bx {
+            s.push(bx, bits.get(i), classes[i]);
         }
     }
+    let out = vec![Msg::TestBits {
+        block,
+        bits: s.test.clone(),
+    }];
+    Ok(Next::Go(
+        BobState::AwaitEstimate(BobSifted {
+            sifted: s,
+            offline: false,
+        }),
+        out,
+    ))
+}
+
+/// Bob on `Estimate`: takes Alice's error counts and code choice and starts
+/// reconciling.
+fn bob_estimate(
+    block: u64,
+    sifted: BobSifted,
+    errors: &[u64],
+    reconciler: Reconciler,
+    qber_ppm: u32,
+    seed: u64,
+    cfg: &ProtocolConfig,
+) -> Result<Next<BobState>, LinkError> {
+    let BobSifted { sifted, offline } = sifted;
+    // Alice's counts are hers to get right; a sum past u64 is as wrong as one past the sample.
+    let total = errors
+        .iter()
+        .try_fold(0u64, |t, &e| t.checked_add(e))
+        .filter(|&t| t <= sifted.test.len() as u64 && errors.len() <= 3);
+    let Some(total) = total else {
+        return Err(LinkError::Protocol(
+            "Alice reported more errors than disclosed bits".into(),
+        ));
+    };
+    let stats = if offline {
+        Stats::Offline {
+            sample: sifted.test.len() as u64,
+            sample_errors: total,
+        }
+    } else {
+        Stats::Decoy(decoy_counts(cfg, &sifted, errors)?)
+    };
+    let report = BlockReport {
+        block,
+        input_bits: sifted.key.len() as u64,
+        disclosed_bits: sifted.test.len() as u64,
+        disclosed_errors: total,
+        ..Default::default()
+    };
+    let q = f64::from(qber_ppm) / 1e6;
+    if !(q > 0.0 && q < 0.5) {
+        return Err(LinkError::Protocol(format!(
+            "QBER estimate {q} out of range"
+        )));
+    }
+    match reconciler {
+        Reconciler::Ldpc => {
+            let ad = ldpc_adaptation(cfg, q, seed)?;
+            let keep = sifted.key.len() / ad.key_len() * ad.key_len();
+            let key = sifted.key.slice(0, keep)?;
+            let report = BlockReport {
+                input_bits: keep as u64,
+                ..report
+            };
+            let pending = Pending { stats, report, q };
+            let rec = BobRec::Ldpc {
+                key,
+                ad: Box::new(ad),
+            };
+            Ok(Next::Go(BobState::Reconciling { pending, rec }, vec![]))
+        }
+        r => {
+            let params = CascadeParams::new(schedule(r), sifted.key.len(), q, seed)?;
+            let original = sifted.key.clone();
+            let c = CascadeBob::new(sifted.key, &params)?;
+            let pending = Pending { stats, report, q };
+            cascade_step(block, pending, Box::new(c), original)
+        }
+    }
+}
+
+/// Sends Cascade's next request, or finishes reconciliation when it has none.
+fn cascade_step(
+    block: u64,
+    pending: Pending,
+    mut c: Box<CascadeBob>,
+    original: BitVec,
+) -> Result<Next<BobState>, LinkError> {
+    if let Some(request) = c.poll_request() {
+        let rec = BobRec::Cascade(c, original);
+        return Ok(Next::Go(
+            BobState::Reconciling { pending, rec },
+            vec![Msg::Parities { block, request }],
+        ));
+    }
+    let (leaked, rounds) = (c.leaked_bits(), c.rounds());
+    let key = c.into_key()?;
+    let corrected = key.hamming_distance(&original)? as u64;
+    Ok(finish_reconciliation(
+        block,
+        key,
+        pending,
+        Reconciliation {
+            leaked,
+            corrected,
+            rounds,
+            failed_frames: Vec::new(),
+        },
+    ))
+}
+
+/// Bob on `Syndromes`: decodes every LDPC frame. Record mode drops a frame
+/// that does not decode (both ends, see `drop_frames`); offline mode, whose
+/// error estimate comes from the corrected bits themselves, aborts the block
+/// instead.
+fn decode_syndromes(
+    block: u64,
+    pending: Pending,
+    key: &BitVec,
+    ad: &RateAdaptation,
+    syndromes: &[BitVec],
+) -> Result<Next<BobState>, LinkError> {
+    let frames = key.len() / ad.key_len().max(1);
+    if syndromes.len() != frames {
+        return Err(LinkError::Protocol(format!(
+            "{} syndromes for {frames} frames",
+            syndromes.len()
+        )));
+    }
+    let may_drop = matches!(pending.stats, Stats::Decoy(_));
+    let mut out = BitVec::zeros(0);
+    let mut failed = Vec::new();
+    for (f, s) in syndromes.iter().enumerate() {
+        let part = key.slice(f * ad.key_len(), (f + 1) * ad.key_len())?;
+        match ad.decode(&part, pending.q, s, 200) {
+            Ok(dec) => out.append(&dec),
+            Err(_) if may_drop => failed.push(f as u32),
+            Err(source) => return Err(LinkError::LdpcFrame { frame: f, source }),
+        }
+    }
+    if out.is_empty() {
+        let reason = "no LDPC frame of the block decoded".into();
+        return Ok(Next::abort(block, reason, blank_report(block)));
+    }
+    let kept = drop_frames(key, ad.key_len(), &failed)?;
+    let corrected = out.hamming_distance(&kept)? as u64;
+    // Every syndrome counts, dropped frames' too, and in record mode
+    // the public list of failed frames (at most one bit per frame).
+    let leaked = ad.leaked_bits() * frames as u64 + if may_drop { frames as u64 } else { 0 };
+    Ok(finish_reconciliation(
+        block,
+        out,
+        pending,
+        Reconciliation {
+            leaked,
+            corrected,
+            rounds: frames as u64,
+            failed_frames: failed,
+        },
+    ))
+}
+
+/// Bob's reconciled key goes to `AwaitConfirm`; `Reconciled` tells Alice.
+fn finish_reconciliation(
+    block: u64,
+    key: BitVec,
+    pending: Pending,
+    r: Reconciliation,
+) -> Next<BobState> {
+    let Pending {
+        stats, mut report, ..
+    } = pending;
+    report.leaked_bits = r.leaked;
+    report.rounds = r.rounds;
+    report.frames_discarded = r.failed_frames.len() as u64;
+    report.qber = r.corrected as f64 / key.len().max(1) as f64;
+    let out = vec![Msg::Reconciled {
+        block,
+        leaked_bits: r.leaked,
+        corrected: r.corrected,
+        failed_frames: r.failed_frames,
+    }];
+    Next::Go(
+        BobState::AwaitConfirm(BobReconciled {
+            key,
+            stats,
+            report,
+            corrected: r.corrected,
+        }),
+        out,
+    )
+}
+
+/// Bob on `Confirm`, after the tag comparison: aborts if the tags differ;
+/// otherwise checks Alice's secret length against his own bound and
+/// amplifies to it.
+fn bob_confirm(
+    block: u64,
+    r: BobReconciled,
+    verified: Option<Verified>,
+    tag_bits: u32,
+    key_bits: u64,
+    pa_seed: &BitVec,
+    cfg: &ProtocolConfig,
+) -> Result<Next<BobState>, LinkError> {
+    let BobReconciled {
+        key,
+        stats,
+        mut report,
+        corrected,
+    } = r;
+    report.verify_bits = u64::from(tag_bits);
+    let Some(verified) = verified else {
+        report.verified = false;
+        return Ok(Next::End(
+            vec![Msg::Verified { block, ok: false }],
+            Outcome::Aborted {
+                block,
+                reason: "verification failed: the reconciled keys differ".into(),
+                report,
+            },
+        ));
+    };
+    // Bob recomputes the length with his exact error count; Alice's may not exceed it
+    let (l, phi) = secret_length(
+        cfg,
+        &stats,
+        key.len() as u64,
+        corrected,
+        report.leaked_bits + u64::from(tag_bits),
+    )?;
+    report.phase_error = phi;
+    if key_bits as i64 > l
+        || key_bits as usize > key.len()
+        || pa_seed.len() != pa::seed_len(key.len(), key_bits as usize)
+    {
+        return Err(LinkError::Protocol(format!(
+            "Alice asked for {key_bits} secret bits; Bob's estimate allows {l}"
+        )));
+    }
+    let amplified = amplification::amplify(pa_seed, &key, key_bits as usize)?;
+    report.verified = true;
+    report.final_key_bits = key_bits;
+    let dk = DistilledKey::new(block, verified, amplified);
+    Ok(Next::End(
+        vec![Msg::Verified { block, ok: true }],
+        Outcome::Key(dk, report),
+    ))
 }
 
 #[cfg(test)]
@@ -1375,17 +1547,44 @@ mod tests {
         }
     }
 
+    /// #19: a failure of this side's own computation is not reported as
+    /// the peer's protocol error, and it keeps the kernel's error.
     #[test]
-    fn key_bits_dropped_after_estimation_come_off_the_secret_length() {
-        let cfg = ProtocolConfig::default();
-        // Counts of a 25 km metro block (signal, decoy, vacuum), 1 % test errors.
+    fn local_failures_keep_their_layer_and_are_not_blamed_on_the_peer() {
+        let cfg = ProtocolConfig {
+            ldpc_frame: 1000,
+            ..Default::default()
+        };
+        let e = ldpc_adaptation(&cfg, 0.02, 1).expect_err("no code of 1000 bits");
+        assert!(matches!(e, LinkError::Ldpc(_)), "{e:?}");
+        // decoy-state estimation with intensities the bounds refuse (μ2 > μ1)
         let c = DecoyCounts {
+            mu: [0.1, 0.5, 0.0002],
+            ..metro_counts()
+        };
+        let e = secret_length(&cfg, &Stats::Decoy(c), 1000, 0, 0).expect_err("μ2 > μ1");
+        assert!(matches!(e, LinkError::Estimation(_)), "{e:?}");
+        // record mode without the link's three intensity classes: a bad option
+        let e = decoy_counts(&ProtocolConfig::default(), &Sifted::empty(), &[])
+            .expect_err("no classes");
+        assert!(matches!(e, LinkError::Usage(_)), "{e:?}");
+    }
+
+    /// Counts of a 25 km metro block (signal, decoy, vacuum), 1 % test errors.
+    fn metro_counts() -> DecoyCounts {
+        DecoyCounts {
             mu: [0.5, 0.1, 0.0002],
             p: [0.8, 0.15, 0.05],
             n_key: [3.0e6, 2.0e5, 300.0],
             n_test: [3.0e5, 2.0e4, 30.0],
             m_test: [3.0e3, 400.0, 15.0],
-        };
+        }
+    }
+
+    #[test]
+    fn key_bits_dropped_after_estimation_come_off_the_secret_length() {
+        let cfg = ProtocolConfig::default();
+        let c = metro_counts();
         let total: f64 = c.n_key.iter().sum();
         let stats = Stats::Decoy(c);
         let (full, phi) = secret_length(&cfg, &stats, total as u64, 0, 100_000).expect("bound");

@@ -1,6 +1,7 @@
 //! Alice and Bob stepped in memory, deterministically: keys agree, attacks fail.
 
 use qkdnet_link::LinkError;
+use qkdnet_link::auth::{AuthChannel, Role};
 use qkdnet_link::block::ProtocolConfig;
 use qkdnet_link::endpoint::{Endpoint, Event};
 use qkdnet_link::msg::{Msg, Reconciler};
@@ -89,22 +90,16 @@ fn offline_blocks_give_identical_keys_across_qber_and_cascade_schedules() {
         for q in [0.005, 0.02, 0.05] {
             let (a, b, auth) = offline(1_000_000, q, reconciler);
             let (ka, kb, r) = keys(a, b);
+            let f = r.efficiency_f().expect("key bits at QBER > 0");
             println!(
-                "{reconciler:?} q {q}: in {} leaked {} f {:.3} final {} auth {auth}",
-                r.input_bits,
-                r.leaked_bits,
-                r.efficiency_f(),
-                r.final_key_bits
+                "{reconciler:?} q {q}: in {} leaked {} f {f:.3} final {} auth {auth}",
+                r.input_bits, r.leaked_bits, r.final_key_bits
             );
             assert_eq!(ka, kb);
             assert!(!ka.is_empty());
             assert!(r.verified);
             assert!((r.qber - q).abs() < 0.01);
-            assert!(
-                r.efficiency_f() < 1.5,
-                "{reconciler:?} f = {}",
-                r.efficiency_f()
-            );
+            assert!(f < 1.5, "{reconciler:?} f = {f}");
             assert!(auth > 0);
             // Cascade's parity rounds travel in provisional frames: the
             // block spends a handful of tags per direction (here: both
@@ -125,7 +120,7 @@ fn offline_ldpc_block_gives_identical_keys() {
         let (a, b, auth) = offline(120_000, q, Reconciler::Ldpc);
         let (ka, kb, r) = keys(a, b);
         println!(
-            "Ldpc q {q}: in {} leaked {} f {:.3} final {} auth {auth}",
+            "Ldpc q {q}: in {} leaked {} f {:?} final {} auth {auth}",
             r.input_bits,
             r.leaked_bits,
             r.efficiency_f(),
@@ -390,7 +385,7 @@ fn simulated_link_ldpc_blocks_distil_identical_keys() {
         };
         let (ka, kb, rb) = keys(Some(a), Some(b));
         println!(
-            "block {}: frames {} dropped {} leaked {} f {:.3} final {}",
+            "block {}: frames {} dropped {} leaked {} f {:?} final {}",
             rb.block,
             rb.rounds,
             rb.frames_discarded,
@@ -404,4 +399,93 @@ fn simulated_link_ldpc_blocks_distil_identical_keys() {
         total += rb.final_key_bits;
     }
     assert!(total > 10_000, "{total}");
+}
+
+/// `qkdnet postproc` cuts a file into blocks, so the last block can hold a
+/// single bit (a 20 001-bit file with `--block 10000`): Bob's sample size
+/// was `clamp(1, 0)`, which panics. Now the block ends without key.
+#[test]
+fn a_one_bit_offline_block_aborts_without_panicking() {
+    let cfg = ProtocolConfig::default();
+    let key = psk(1);
+    let mut alice = Endpoint::alice(cfg.clone(), &key, 1, None).expect("valid settings");
+    let mut bob = Endpoint::bob(cfg, &key, 2).expect("valid settings");
+    let (a, b) = noisy_pair(1, 0.0, 4);
+    alice.add_offline_block(0, a).expect("Alice adds blocks");
+    bob.start_offline_block(0, &b).expect("Bob starts blocks");
+    pump(&mut alice, &mut bob, &mut |_| {}).expect("an honest exchange");
+    assert!(matches!(alice.poll_output(), Some(Event::Aborted { .. })));
+    assert!(matches!(bob.poll_output(), Some(Event::Aborted { .. })));
+}
+
+/// One frame sealed by a peer that holds the authentication key.
+fn forged(role: Role, channel: &mut AuthChannel, msgs: &[Msg]) -> Vec<u8> {
+    let (frame, tagged) = channel.seal(msgs).expect("pads left");
+    assert!(tagged, "{role:?}'s forged frame carries a tag");
+    frame
+}
+
+/// A peer that holds the authentication key but sends counts whose sum
+/// overflows a u64 (Alice's test-error counts, Bob's leakage): the block
+/// ends without key, nothing panics.
+#[test]
+fn overflowing_counts_from_an_authenticated_peer_end_the_block() {
+    let key = psk(1);
+    // Alice's error counts in `Estimate`
+    let mut bob = Endpoint::bob(ProtocolConfig::default(), &key, 2).expect("valid settings");
+    let (_, b) = noisy_pair(20_000, 0.02, 3);
+    bob.start_offline_block(0, &b).expect("Bob starts blocks");
+    let mut fake_alice = AuthChannel::from_preshared(Role::Alice, &key).expect("long enough");
+    let estimate = Msg::Estimate {
+        block: 0,
+        errors: vec![u64::MAX, 2],
+        reconciler: Reconciler::Cascade,
+        qber_ppm: 20_000,
+        seed: 7,
+    };
+    bob.handle_frame(&forged(Role::Alice, &mut fake_alice, &[estimate]))
+        .expect("the frame authenticates");
+    match bob.poll_output() {
+        Some(Event::Aborted { reason, .. }) => assert!(reason.contains("more errors"), "{reason}"),
+        e => panic!("{e:?}"),
+    }
+    // Bob's leakage in `Reconciled`
+    let cfg = ProtocolConfig {
+        qber_hint: Some(0.02),
+        ..Default::default()
+    };
+    let mut alice = Endpoint::alice(cfg, &key, 1, None).expect("valid settings");
+    let (a, _) = noisy_pair(20_000, 0.02, 3);
+    alice.add_offline_block(0, a).expect("Alice adds blocks");
+    let mut fake_bob = AuthChannel::from_preshared(Role::Bob, &key).expect("long enough");
+    let start = [
+        Msg::Start {
+            block: 0,
+            n: 20_000,
+            sample: 0,
+            seed: 5,
+        },
+        Msg::TestBits {
+            block: 0,
+            bits: BitVec::zeros(0),
+        },
+    ];
+    alice
+        .handle_frame(&forged(Role::Bob, &mut fake_bob, &start))
+        .expect("the frame authenticates");
+    let reconciled = Msg::Reconciled {
+        block: 0,
+        leaked_bits: u64::MAX,
+        corrected: 0,
+        failed_frames: vec![],
+    };
+    alice
+        .handle_frame(&forged(Role::Bob, &mut fake_bob, &[reconciled]))
+        .expect("the frame authenticates");
+    match alice.poll_output() {
+        Some(Event::Aborted { reason, .. }) => {
+            assert!(reason.contains("no positive key"), "{reason}")
+        }
+        e => panic!("{e:?}"),
+    }
 }

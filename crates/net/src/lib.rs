@@ -36,9 +36,18 @@ pub enum NetError {
     /// The peer sent something malformed or unexpected.
     #[error("peer: {0}")]
     Peer(String),
-    /// The link protocol failed.
+    /// The caller used the API wrongly (a bug, not the peer's fault).
+    #[error("{0}")]
+    Usage(String),
+    /// A bug in this process: a thread panicked or a lock was poisoned.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The link protocol failed; the link layer's error says whose fault it was.
     #[error("link: {0}")]
-    Link(String),
+    Link(#[from] qkdnet_link::LinkError),
+    /// A key derivation refused its parameters.
+    #[error("key derivation: {0}")]
+    Crypto(#[from] qkdnet_crypto::CryptoError),
     /// The optics refused a parameter.
     #[error("optics: {0}")]
     Optics(#[from] qkdnet_optics::OpticsError),

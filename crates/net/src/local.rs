@@ -112,7 +112,8 @@ pub fn run_local(params: LinkParams, blocks: u64) -> Result<LocalRunReport, NetE
     let _ = server.join();
     match r? {
         SessionEnd::Finished => {}
-        SessionEnd::Stopped => return Err(NetError::Link("session stopped".into())),
+        // nothing fires `session_stop`
+        SessionEnd::Stopped => return Err(NetError::Internal("session stopped".into())),
     }
     let take = |m: &Arc<Mutex<Vec<(u64, Outcome)>>>| {
         let mut v = m.lock().map(|g| g.clone()).unwrap_or_default();

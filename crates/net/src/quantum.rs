@@ -43,19 +43,15 @@ pub struct QuantumFrame {
 
 /// Encodes one frame.
 pub fn encode(block: u64, span: Span, detections: &[Detection]) -> Result<Vec<u8>, NetError> {
-    let mut w = BobWriter::new(Vec::with_capacity(detections.len() * 3 + 64), span)
-        .map_err(|e| NetError::Link(format!("encoding detections: {e}")))?;
+    let mut w = BobWriter::new(Vec::with_capacity(detections.len() * 3 + 64), span)?;
     for d in detections {
-        w.push(*d)
-            .map_err(|e| NetError::Link(format!("encoding detections: {e}")))?;
+        w.push(*d)?;
     }
-    let body = w
-        .finish()
-        .map_err(|e| NetError::Link(format!("encoding detections: {e}")))?;
+    let body = w.finish()?;
     let len = u32::try_from(body.len())
         .ok()
         .filter(|l| *l <= MAX_FRAME_BYTES)
-        .ok_or_else(|| NetError::Link("block too large for one quantum frame".into()))?;
+        .ok_or_else(|| NetError::Config("block too large for one quantum frame".into()))?;
     let mut out = Vec::with_capacity(12 + body.len());
     out.extend_from_slice(&block.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());

@@ -406,7 +406,7 @@ fn admit_quantum(
     let mut pending = sh
         .pending
         .lock()
-        .map_err(|_| NetError::Link("pending sessions lock poisoned".into()))?;
+        .map_err(|_| NetError::Internal("pending sessions lock poisoned".into()))?;
     let Some((gate, _)) = pending.get(&key) else {
         return Err(NetError::Peer(format!(
             "quantum connection for link '{}' without an authenticated classical session",

@@ -482,8 +482,7 @@ impl HelloKey {
             )));
         }
         let mut k = Zeroizing::new([0u8; 32]);
-        qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, HELLO_KEY_INFO, &mut k[..])
-            .map_err(|e| NetError::Link(format!("handshake key derivation: {e}")))?;
+        qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, HELLO_KEY_INFO, &mut k[..])?;
         Ok(HelloKey(k))
     }
 
@@ -533,8 +532,7 @@ fn session_key(
     info.extend_from_slice(nonce_alice);
     info.extend_from_slice(nonce_bob);
     let mut out = Zeroizing::new(vec![0u8; SESSION_AUTH_BYTES]);
-    qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, &info, &mut out)
-        .map_err(|e| NetError::Link(format!("session key derivation: {e}")))?;
+    qkdnet_crypto::kdf::sm2_kdf_with_info(bootstrap, &info, &mut out)?;
     Ok(out)
 }
 
@@ -543,10 +541,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn link_err(e: qkdnet_link::LinkError) -> NetError {
-    NetError::Link(e.to_string())
 }
 
 /// How a session ended.
@@ -635,8 +629,7 @@ pub fn alice_session(
     let mut sim = Simulator::new(&p.link, p.eve, seed)?;
     let rep = p.link.source.rep_rate_hz();
     let record = sim.alice_record(1 << 60)?;
-    let mut ep =
-        Endpoint::alice(p.proto.clone(), &key, seed ^ 0xA11CE, Some(record)).map_err(link_err)?;
+    let mut ep = Endpoint::alice(p.proto.clone(), &key, seed ^ 0xA11CE, Some(record))?;
     drop(key);
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.up.store(1, Ordering::Relaxed);
@@ -713,7 +706,7 @@ pub fn alice_session(
             Ok(())
         })?;
 
-    let mut conn = Connection::new(classical).map_err(link_err)?;
+    let mut conn = Connection::new(classical)?;
     let result = drive_alice(&mut conn, &mut ep, &mut |e| {
         stats.record(&e, block_gates);
         on_event(e)
@@ -726,11 +719,11 @@ pub fn alice_session(
     drop(conn); // closes the classical channel, which also tells Bob
     let optics_result = optics
         .join()
-        .map_err(|_| NetError::Link("optics thread panicked".into()))?;
+        .map_err(|_| NetError::Internal("optics thread panicked".into()))?;
     match (result, stopped) {
         (_, true) => Ok(SessionEnd::Stopped),
         (Err(e), false) => {
-            let e = link_err(e);
+            let e = NetError::from(e);
             stats.set_error(&e.to_string());
             Err(e)
         }
@@ -906,7 +899,7 @@ pub fn bob_session(
 ) -> Result<SessionEnd, NetError> {
     let t = &auth.transcript;
     if quantum.session != t.session || quantum.nonce_bob != t.nonce_bob || t.link_id != p.link_id {
-        return Err(NetError::Link(
+        return Err(NetError::Usage(
             "bob_session: the quantum connection is not this session's".into(),
         ));
     }
@@ -925,7 +918,7 @@ pub fn bob_session(
         Some(s) => s.rotate_left(17) ^ 0xB0B,
         None => random_u64()?,
     };
-    let mut ep = Endpoint::bob(p.proto.clone(), &key, seed).map_err(link_err)?;
+    let mut ep = Endpoint::bob(p.proto.clone(), &key, seed)?;
     drop(key);
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.up.store(1, Ordering::Relaxed);
@@ -971,7 +964,7 @@ pub fn bob_session(
         Err(std::sync::mpsc::TryRecvError::Empty) => Feed::NotYet,
         Err(std::sync::mpsc::TryRecvError::Disconnected) => Feed::End,
     };
-    let mut conn = Connection::new(classical).map_err(link_err)?;
+    let mut conn = Connection::new(classical)?;
     let result = drive_bob_live(&mut conn, &mut ep, &mut blocks, p.window, &mut |e| {
         stats.record(&e, block_gates);
         on_event(e)
@@ -988,7 +981,7 @@ pub fn bob_session(
         return Ok(SessionEnd::Stopped);
     }
     let outcome = match (result, fibre_error) {
-        (Err(e), _) => Err(link_err(e)),
+        (Err(e), _) => Err(NetError::from(e)),
         (Ok(()), Some(e)) => Err(e),
         (Ok(()), None) => Ok(SessionEnd::Finished),
     };

@@ -14,6 +14,7 @@
 
 pub mod detection;
 pub mod device;
+pub mod entropy;
 mod error;
 pub mod keyrate;
 pub mod photon;

@@ -22,9 +22,8 @@ use std::time::Instant;
 use qkdnet_postproc::bits::BitVec;
 use std::sync::Arc;
 
-use qkdnet_postproc::cascade::{
-    CascadeAlice, CascadeBob, CascadeParams, CascadePlan, Schedule, h2,
-};
+use qkdnet_optics::entropy::efficiency;
+use qkdnet_postproc::cascade::{CascadeAlice, CascadeBob, CascadeParams, CascadePlan, Schedule};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
@@ -102,7 +101,7 @@ fn main() {
             println!(
                 "{{\"schedule\":\"{schedule:?}\",\"plan\":\"{}\",\"n\":{n},\"qber\":{q},\"frames\":{frames},\"failed_frames\":{fails},\"f\":{:.4},\"rounds\":{:.1},\"mbit_per_s\":{:.2},\"alice_mbit_per_s\":{:.2},\"bob_mbit_per_s\":{:.2}}}",
                 if fresh { "per frame" } else { "shared" },
-                leaked as f64 / (total * h2(q)),
+                efficiency(leaked, total as u64, q).unwrap_or(f64::NAN),
                 rounds as f64 / frames as f64,
                 total / secs / 1e6,
                 total / secs_alice / 1e6,

@@ -10,8 +10,8 @@
 
 use std::time::Instant;
 
+use qkdnet_optics::entropy::efficiency;
 use qkdnet_postproc::bits::BitVec;
-use qkdnet_postproc::cascade::h2;
 use qkdnet_postproc::ldpc::RateAdaptation;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -65,7 +65,7 @@ fn main() {
             }
             println!(
                 "{{\"qber\":{q},\"f_target\":{f},\"f\":{:.3},\"frames\":{frames},\"failed\":{},\"mean_iterations\":{:.1},\"decode_mbit_per_s\":{:.2},\"decoded_frames_mbit_per_s\":{:.2}}}",
-                ad.leaked_bits() as f64 / (ad.key_len() as f64 * h2(q)),
+                efficiency(ad.leaked_bits(), ad.key_len() as u64, q).unwrap_or(f64::NAN),
                 frames - ok,
                 iters as f64 / frames as f64,
                 (frames as usize * ad.key_len()) as f64 / secs / 1e6,

@@ -90,23 +90,6 @@ pub const MAX_FRAME_BITS: usize = (1 << 29) - 1;
 /// Largest supported number of passes.
 pub const MAX_PASSES: usize = 32;
 
-/// Binary entropy `h(q) = −q·log2 q − (1−q)·log2(1−q)`, with `h(0) = h(1) = 0`;
-/// NaN for `q` outside `[0, 1]`.
-pub fn h2(q: f64) -> f64 {
-    if !(0.0..=1.0).contains(&q) {
-        return f64::NAN;
-    }
-    if q == 0.0 || q == 1.0 {
-        return 0.0;
-    }
-    -q * q.log2() - (1.0 - q) * (1.0 - q).log2()
-}
-
-/// Reconciliation efficiency `f = leaked / (n·h(q))` (1 is the Shannon limit).
-pub fn efficiency(leaked_bits: u64, n: usize, qber: f64) -> f64 {
-    leaked_bits as f64 / (n as f64 * h2(qber))
-}
-
 /// Errors from Cascade.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]

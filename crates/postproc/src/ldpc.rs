@@ -59,11 +59,12 @@
 //! ([`RateAdaptation::leaked_bits`]); the mother code's rank deficiency (if
 //! any) only makes this conservative.
 
+use qkdnet_optics::entropy::h2;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::bits::BitVec;
-use crate::cascade::{below, h2};
+use crate::cascade::below;
 use crate::layered;
 
 /// Lifting factor of the quasi-cyclic construction (checks per layer; one
@@ -500,6 +501,7 @@ fn decode_min_sum(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qkdnet_optics::entropy::efficiency;
 
     fn rng(seed: u64) -> Xoshiro256PlusPlus {
         Xoshiro256PlusPlus::seed_from_u64(seed)
@@ -609,7 +611,7 @@ mod tests {
                     Err(e) => assert!(matches!(e, LdpcError::DidNotConverge { .. })),
                 }
             }
-            let f_real = ad.leaked_bits() as f64 / (ad.key_len() as f64 * h2(q));
+            let f_real = efficiency(ad.leaked_bits(), ad.key_len() as u64, q).expect("0 < q < 1");
             eprintln!(
                 "ldpc q={q}: {ok}/{frames} converged, f={f_real:.3}, rate {:.3} (mother {:.2}, p {}, s {})",
                 ad.rate(),

@@ -12,8 +12,9 @@
 //! * [`bits`] — [`bits::BitVec`], the packed LSB-first bit vector every other
 //!   module works on.
 //! * [`cascade`] — Cascade reconciliation (Bob's state machine, Alice's pure
-//!   answering function, schedules, exact leakage) and the binary entropy
-//!   [`cascade::h2`].
+//!   answering function, schedules, exact leakage). The binary entropy and the
+//!   efficiency f that reconciliation is measured by come from
+//!   `qkdnet_optics::entropy`, the one definition the workspace has.
 //! * [`ldpc`] — one-message, rate-adaptive LDPC syndrome reconciliation.
 //! * [`verify`] — universal-hash comparison bounding ε_cor.
 //! * [`pa`] — Toeplitz privacy amplification as a carry-less product;

@@ -13,6 +13,7 @@
 //! random-sampling correction γ of their Eq. (5).
 
 use crate::OpticsError;
+use crate::entropy::h2;
 
 /// Observed (or expected) counts of one block, per intensity class.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,10 +45,6 @@ pub struct FiniteKeyEstimate {
     pub phase_error: f64,
     /// Secret key length ℓ in bits (≤ 0 means no key).
     pub length: f64,
-}
-
-fn entropy(p: f64) -> f64 {
-    crate::keyrate::h2(p)
 }
 
 /// γ(a, b, c, d) of Lim et al. Eq. (5): the random-sampling correction to an
@@ -123,7 +120,7 @@ pub fn key_length(
     } else {
         0.5
     };
-    let length = s0 + s1 * (1.0 - entropy(phase_error))
+    let length = s0 + s1 * (1.0 - h2(phase_error))
         - lambda_ec
         - 6.0 * (21.0 / eps_sec).log2()
         - (2.0 / eps_cor).log2();

@@ -27,16 +27,8 @@ use serde::Serialize;
 use crate::OpticsError;
 use crate::detection::LinkPhysics;
 use crate::device::{Channel, LinkConfig, Source};
+use crate::entropy::h2;
 use crate::units::transmittance_to_db;
-
-/// Binary Shannon entropy h(p) in bits.
-pub fn h2(p: f64) -> f64 {
-    if p <= 0.0 || p >= 1.0 {
-        0.0
-    } else {
-        -p * p.log2() - (1.0 - p) * (1.0 - p).log2()
-    }
-}
 
 /// PLOB repeaterless bound (Pirandola et al., Nat. Commun. 8, 15043, 2017):
 /// −log2(1 − η) secret bits per channel use for a pure-loss channel of transmittance η.
