@@ -479,3 +479,104 @@ fn futures_are_send(
     ));
     is_send(receive(c, "b", s2, o, &ReceiveOptions::default()));
 }
+
+/// alice's whole stream of `plain` (`small()` options) as bytes, recorded by a
+/// sink that never acknowledges (so alice's own send fails unconfirmed).
+async fn recorded_stream(net: &Net, plain: &[u8]) -> Vec<u8> {
+    let (a, mut m) = tokio::io::duplex(1 << 16);
+    let alice = net.client("alice");
+    let opts = small();
+    let tx = send(
+        &alice,
+        "alice",
+        "bob",
+        Cursor::new(plain.to_vec()),
+        a,
+        &opts,
+    );
+    let rec = async move {
+        let (mut buf, mut seen) = (Vec::new(), Vec::new());
+        loop {
+            if !pull(&mut m, &mut buf, &mut seen).await {
+                return seen;
+            }
+            let done = decode_stream(&seen)
+                .ok()
+                .is_some_and(|d| d.frames.last().is_some_and(|f| f.kind == FrameKind::End));
+            if done {
+                return seen; // dropping `m` ends alice's wait for the ack
+            }
+        }
+    };
+    let (s, seen) = tokio::join!(tx, rec);
+    assert!(s.is_err(), "nobody acknowledged");
+    seen
+}
+
+/// Issue #18 finding 3 (rest): the stream handshake is cleartext, so anyone on
+/// the path can copy it to the listener first. That connection never
+/// authenticates, but it made the receiver fetch (and so spend) the key, and the
+/// genuine stream then failed. With the key cache of `msg listen`, the key
+/// waits for the genuine stream, which is delivered; a control run without the
+/// cache shows the attack.
+#[tokio::test]
+async fn a_copied_handshake_does_not_burn_the_genuine_streams_key() {
+    let net = Net::start().await;
+    let plain = data(3000, 7);
+    let bob = net.client("bob");
+    let cache = std::sync::Arc::new(
+        qkdnet_apps::keycache::KeyCache::new(
+            net.path("bob-cache"),
+            "bob",
+            b"bob's TLS private key bytes",
+            std::time::Duration::from_secs(3600),
+        )
+        .expect("cache"),
+    );
+    let with_cache = ReceiveOptions {
+        key_cache: Some(cache.clone()),
+        ..ReceiveOptions::default()
+    };
+    for (cached, ropts) in [(true, with_cache), (false, ReceiveOptions::default())] {
+        let wire = recorded_stream(&net, &plain).await;
+        let hs_len = Handshake::decode(&wire).expect("decodes").expect("whole").1;
+        // The copy: the real handshake, then garbage instead of frames.
+        let mut copy = wire[..hs_len].to_vec();
+        copy.extend_from_slice(&[0x5a; 200]);
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&copy).await.expect("write");
+        drop(a);
+        let out = Output::File(net.path("copy.out"));
+        assert!(receive(&bob, "bob", b, &out, &ropts).await.is_err());
+        assert_no_output(&net.dir, "copy.out");
+        // The genuine stream, after the copy.
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&wire).await.expect("write");
+        let out = Output::File(net.path("genuine.out"));
+        let r = receive(&bob, "bob", b, &out, &ropts).await;
+        drop(a);
+        if cached {
+            let rep = r.expect("the genuine stream is delivered");
+            assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+            assert_eq!(std::fs::read(net.path("genuine.out")).expect("out"), plain);
+            // Its keys left the cache with it.
+            let left = std::fs::read_dir(net.path("bob-cache"))
+                .map(|d| {
+                    d.flat_map(|e| e.ok())
+                        .filter(|e| e.path().is_file())
+                        .count()
+                })
+                .unwrap_or(0);
+            assert_eq!(left, 0, "spent keys deleted from the cache");
+            std::fs::remove_file(net.path("genuine.out")).expect("rm");
+        } else {
+            assert!(
+                matches!(
+                    r,
+                    Err(AppError::Client(ClientError::Api { status: 400, .. }))
+                ),
+                "without the cache the copy burnt the key: {r:?}"
+            );
+        }
+    }
+}

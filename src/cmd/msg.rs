@@ -119,7 +119,7 @@ pub struct SealArgs {
     json: bool,
 }
 
-/// Where the recipient's key cache is (`msg open`, `msg forget`).
+/// Where the recipient's key cache is (`msg open`, `msg forget`, `msg listen`).
 #[derive(Debug, Args)]
 pub struct KeyCacheArgs {
     /// The SAE's key cache: keys fetched for sealed files, encrypted under a key
@@ -208,6 +208,8 @@ pub struct SendArgs {
 pub struct ListenArgs {
     #[command(flatten)]
     recipient: RecipientArgs,
+    #[command(flatten)]
+    cache: KeyCacheArgs,
     /// Address to listen on.
     #[arg(long, value_name = "HOST:PORT")]
     bind: String,
@@ -458,6 +460,10 @@ fn send_stream(a: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `msg listen` keeps the keys of a stream that did not end (its
+/// sender may still come back with the same handshake).
+const STREAM_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Streams `msg listen` receives at once when writing to a file.
 const MAX_PARALLEL_STREAMS: usize = 16;
 
@@ -479,6 +485,14 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| SaeId::new(s).with_context(|| format!("--from {s:?}")))
             .collect::<anyhow::Result<_>>()?,
+        // Keys of a stream stay here until it ends, so that a copied handshake
+        // on a connection that never authenticates costs the real stream nothing.
+        key_cache: Some(std::sync::Arc::new(key_cache(
+            &a.recipient.connect,
+            &a.recipient.as_sae,
+            &a.cache,
+            STREAM_KEY_LIFETIME,
+        )?)),
     };
     let client = a.recipient.client()?;
     runtime()?.block_on(async {
@@ -548,6 +562,9 @@ fn stream_report(
             v["peer"] = serde_json::Value::String(p.to_string());
         }
         return Ok(v.to_string());
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
     }
     Ok(format!(
         "{verb} {} bytes, {} -> {}{} (mode {}): {} QKD keys, {} key bits consumed, {} frames, \

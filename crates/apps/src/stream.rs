@@ -74,6 +74,7 @@ use zeroize::Zeroizing;
 use crate::error::{AppError, StreamError};
 use crate::files::{TempOutput, read_some, run_blocking};
 use crate::format::{MAX_REKEY_BYTES, Mode};
+use crate::keycache::KeyCache;
 use crate::keys::{
     check_identity_and_pool, dec_keys, derive_sm4_key, enc_keys, qkd_secret, random_array, sae_id,
 };
@@ -825,6 +826,13 @@ pub struct ReceiveOptions {
     /// Accept streams only from these SAEs (empty: from any SAE whose keys the
     /// KME delivers). Checked before the KME is asked for anything.
     pub senders: Vec<SaeId>,
+    /// Keep every key fetched for a stream in this cache *before* using it, and
+    /// look there first: a connection that names a real key (its handshake is
+    /// cleartext, so anyone on the path can copy it) but never authenticates
+    /// then costs the genuine stream nothing. A stream's keys are deleted from
+    /// the cache once it has ended and been acknowledged; keys of streams that
+    /// failed stay until the cache's lifetime ends.
+    pub key_cache: Option<std::sync::Arc<KeyCache>>,
 }
 
 impl Default for ReceiveOptions {
@@ -832,6 +840,7 @@ impl Default for ReceiveOptions {
         Self {
             handshake_timeout: Duration::from_secs(30),
             senders: Vec::new(),
+            key_cache: None,
         }
     }
 }
@@ -855,6 +864,9 @@ pub struct StreamReport {
     pub frames: u64,
     /// Bytes from the sender on the connection (handshake and frames).
     pub wire_bytes: u64,
+    /// Problems that did not stop the stream (a key cache that could not be cleaned).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl StreamReport {
@@ -868,6 +880,7 @@ impl StreamReport {
             plaintext_bytes: s.plaintext_bytes,
             frames: s.frames,
             wire_bytes,
+            warnings: Vec::new(),
         }
     }
 }
@@ -1127,6 +1140,7 @@ where
     let mut received = 0u64;
     let deadline = tokio::time::Instant::now() + opts.handshake_timeout;
     let mut batch = 1;
+    let mut used: Vec<Uuid> = Vec::new();
     loop {
         match rx.poll_event()? {
             None => {
@@ -1164,10 +1178,9 @@ where
                     .handshake()
                     .ok_or_else(|| AppError::Internal("key before handshake".into()))?;
                 let (sender, bits) = (h.sender.clone(), h.key_bits);
-                let key = dec_keys(client, &sender, &[id], bits, batch)
-                    .await?
-                    .pop()
-                    .ok_or_else(|| AppError::Internal("dec_keys returned no key".into()))?;
+                let key =
+                    stream_key(client, opts.key_cache.as_deref(), &sender, id, bits, batch).await?;
+                used.push(id);
                 rx.supply_key(key)?;
             }
             Some(Event::Data(d)) => {
@@ -1192,7 +1205,44 @@ where
     let h = rx
         .handshake()
         .ok_or_else(|| AppError::Internal("end before handshake".into()))?;
-    Ok(StreamReport::new(h, rx.summary(), received))
+    let mut report = StreamReport::new(h, rx.summary(), received);
+    if let Some(c) = &opts.key_cache {
+        // The stream is complete: its keys are spent for good. A failure here
+        // leaves them to expire with the cache's lifetime.
+        if let Err(e) = c.forget(&h.sender, &used) {
+            report.warnings.push(format!(
+                "could not delete the stream's keys from the key cache {}: {e}",
+                c.dir().display()
+            ));
+        }
+    }
+    Ok(report)
+}
+
+/// Key `id` of a stream from `sender`: from the cache if it holds it, else
+/// from the KME, stored in the cache before it is used.
+async fn stream_key(
+    client: &EtsiClient,
+    cache: Option<&KeyCache>,
+    sender: &SaeId,
+    id: Uuid,
+    bits: u16,
+    batch: u64,
+) -> Result<Key, AppError> {
+    let now = std::time::SystemTime::now();
+    if let Some(c) = cache
+        && let Some(Some(k)) = c.lookup(sender, &[id], now).keys.pop()
+    {
+        return Ok(k);
+    }
+    let key = dec_keys(client, sender, &[id], bits, batch)
+        .await?
+        .pop()
+        .ok_or_else(|| AppError::Internal("dec_keys returned no key".into()))?;
+    if let Some(c) = cache {
+        c.store(sender, std::slice::from_ref(&key), now)?;
+    }
+    Ok(key)
 }
 
 #[cfg(test)]

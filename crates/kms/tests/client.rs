@@ -248,5 +248,8 @@ async fn enc_keys_retrying_gets_keys_and_gives_up_on_a_lasting_failure() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(after, before, "the failed attempts' keys return to the pool");
+    assert_eq!(
+        after, before,
+        "the failed attempts' keys return to the pool"
+    );
 }
