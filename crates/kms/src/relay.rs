@@ -60,11 +60,12 @@
 //! trusted node could also read or replace the key. Multipath limits what one
 //! node learns.
 //!
-//! Known limit: if the last KME stored the keys but the acknowledgement was lost
-//! on the way back, the void removes them there only when the void reaches it;
-//! voids of requests left pending by a crash (see [`crate::Kme::recover`]) reach
-//! the next hop only, so such keys can stay reserved, undeliverable without their
-//! IDs, at the far end.
+//! If the last KME stored the keys but the acknowledgement was lost on the way
+//! back, the void removes them there when it reaches it. A relay left pending
+//! by a crash of its origin is voided along its whole route at the restart
+//! ([`crate::Kme::recover`]): the origin keeps the route with its first-hop
+//! request ([`crate::store::VoidRoute`]). Idempotent enc_keys (the
+//! `qkdnet_request_id` extension) are not offered for relayed keys yet.
 //!
 //! # Routing
 //!
@@ -101,6 +102,7 @@ use crate::peer::PeerCallError;
 use crate::routing::{Graph, add_link, kme_route};
 use crate::store::{
     Acceptance, IngestBatch, KeyLayout, PendingRequest, Reservation, ReservedKey, StoreError,
+    VoidRoute,
 };
 
 #[allow(unused_imports)] // for the doc link
@@ -219,6 +221,11 @@ fn otp(data: &mut [u8], pad: &[u8]) -> Result<(), KmsError> {
 pub struct Relay {
     core: Arc<KmeCore>,
     lsdb: Mutex<Lsdb>,
+    /// Test hook: the next relays this KME starts stop, as if the process
+    /// died, after the route acknowledged and before the keys are confirmed
+    /// here; their key IDs are kept for the test.
+    #[cfg(feature = "test-util")]
+    crash: Mutex<Option<Vec<Uuid>>>,
 }
 
 impl Relay {
@@ -227,7 +234,30 @@ impl Relay {
         Relay {
             core,
             lsdb: Mutex::new(Lsdb::default()),
+            #[cfg(feature = "test-util")]
+            crash: Mutex::new(None),
         }
+    }
+
+    /// Test hook (feature `test-util`): from now on, relays this KME starts
+    /// stop after the whole route acknowledged and before the confirm, as if
+    /// the process died there (nothing voided, nothing confirmed).
+    #[cfg(feature = "test-util")]
+    pub fn crash_before_confirm(&self) {
+        if let Ok(mut c) = self.crash.lock() {
+            *c = Some(Vec::new());
+        }
+    }
+
+    /// Test hook: the key IDs (internal) of the relays stopped by
+    /// [`Relay::crash_before_confirm`].
+    #[cfg(feature = "test-util")]
+    pub fn crashed_key_ids(&self) -> Vec<Uuid> {
+        self.crash
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+            .unwrap_or_default()
     }
 
     /// The network graph: the configured links plus this KME's own.
@@ -413,6 +443,7 @@ impl Relay {
                             request_id: hop_request_id(request1, 0),
                             peer: r1[1].clone(),
                             keys: Vec::new(),
+                            void_route: None,
                         },
                         Vec::new(),
                         VoidCall::Relay(RelayVoid {
@@ -458,6 +489,10 @@ impl Relay {
                 number: req.number,
                 size_bits: req.size_bits,
                 now_unix_ms: now_ms(),
+                void_route: Some(VoidRoute {
+                    request_id: request,
+                    route: route.to_vec(),
+                }),
             })
             .await
             .map_err(|e| fail(e.into()))?;
@@ -479,6 +514,15 @@ impl Relay {
         };
         match peer.relay(&msg).await {
             Ok(()) => {
+                #[cfg(feature = "test-util")]
+                if let Ok(mut c) = self.crash.lock()
+                    && let Some(ids) = c.as_mut()
+                {
+                    ids.extend(reserved.iter().map(|k| k.layout.key_id));
+                    return Err(KmsError::PeerUnavailable(
+                        "simulated crash before confirm".into(),
+                    ));
+                }
                 self.core.store.confirm(r0).await?;
                 self.count_relay_units(&reserved.iter().map(|k| &k.layout).collect::<Vec<_>>());
                 Ok((request, reserved))
@@ -492,6 +536,7 @@ impl Relay {
                         request_id: r0,
                         peer: first.clone(),
                         keys,
+                        void_route: None,
                     },
                     Vec::new(),
                     VoidCall::Relay(RelayVoid {
@@ -602,6 +647,7 @@ impl Relay {
                 number: keys.len() as u32,
                 size_bits: size,
                 now_unix_ms: now_ms(),
+                void_route: None,
             })
             .await
             .map_err(|e| fail_out(e.into()))?;
@@ -660,6 +706,7 @@ impl Relay {
                         request_id: out_req,
                         peer: next.clone(),
                         keys,
+                        void_route: None,
                     },
                     discard,
                     VoidCall::Relay(RelayVoid {
@@ -854,6 +901,7 @@ impl Relay {
                     request_id: out_req,
                     peer: peer.peer().clone(),
                     keys: Vec::new(),
+                    void_route: None,
                 }),
                 discard,
                 VoidCall::Relay(RelayVoid {

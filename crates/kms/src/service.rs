@@ -47,7 +47,7 @@ use crate::identity::Identity;
 use crate::ids::{KmeId, SaeId};
 use crate::kme_core::{KmeCore, VoidCall, container, delivered_container, void_until_settled};
 pub use crate::kme_core::{KmeCounters, KmeSettings};
-use crate::kme_wire::{ExtKeysReserve, ExtKeysVoidReply};
+use crate::kme_wire::{ExtKeysReserve, ExtKeysVoidReply, RelayVoid};
 use crate::peer::{PeerCallError, PeerClient};
 use crate::relay::Relay;
 use crate::store::{
@@ -454,6 +454,7 @@ async fn acknowledged_reservation(
             number,
             size_bits,
             now_unix_ms: now_ms(),
+            void_route: None,
         })
         .await
         .map_err(|e| {
@@ -500,6 +501,7 @@ async fn acknowledged_reservation(
         request_id,
         peer: peer.peer().clone(),
         keys,
+        void_route: None,
     };
     Err((err.into(), Some((job, discard))))
 }
@@ -562,6 +564,7 @@ async fn refill(
                         request_id,
                         peer: peer.peer().clone(),
                         keys: layouts,
+                        void_route: None,
                     };
                     void_until_settled(store.clone(), peer.clone(), p, Vec::new(), VoidCall::Ext)
                         .await;
@@ -681,11 +684,20 @@ impl Kme {
         let pending = self.core.store.pending().await?;
         let n = pending.len();
         for p in pending {
+            // A relay this KME started travels its whole route when voided, so
+            // that the far end does not keep keys nobody was given.
+            let call = match &p.void_route {
+                Some(v) => VoidCall::Relay(RelayVoid {
+                    request_ID: v.request_id,
+                    route: v.route.clone(),
+                    hop: 1,
+                }),
+                None => VoidCall::Ext,
+            };
             match self.core.peers.get(&p.peer) {
-                Some(client) => {
-                    self.core
-                        .spawn_void_call(client.clone(), p, Vec::new(), VoidCall::Ext)
-                }
+                Some(client) => self
+                    .core
+                    .spawn_void_call(client.clone(), p, Vec::new(), call),
                 None => {
                     tracing::warn!(peer = %p.peer, request_id = %p.request_id, "pending request for an unconfigured peer")
                 }

@@ -386,3 +386,39 @@ async fn multipath_on_a_chain_is_refused_when_mandatory_and_single_when_optional
     .await;
     assert_eq!(st, 400, "{v}");
 }
+
+/// Issue #18 finding 5: an origin KME that dies after the whole route
+/// acknowledged a relay but before it handed the keys out used to void the
+/// request at its neighbour only, leaving the keys stored at the far end for
+/// ever (nobody was given their IDs). The origin now keeps the route with the
+/// request, and its restart voids the relay along every hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_dies_before_confirming_voids_the_relay_at_every_hop() {
+    let edges = [(0, 1), (1, 2), (2, 3)];
+    let mut mesh = mesh(4, &edges, |_, _| 2).await;
+    k(&mesh, 0).relay().crash_before_confirm();
+    let (st, v) = enc(&mesh, 0, "sae-k3", 2, 256).await;
+    assert_eq!(st, 503, "the simulated crash answers nothing useful: {v}");
+    let ids = k(&mesh, 0).relay().crashed_key_ids();
+    assert_eq!(ids.len(), 2);
+    // The KME restarts (a new process over the same store) and recovers.
+    mesh.stop(0).await;
+    mesh.restart(0).await.expect("restart");
+    // The void travels hop by hop, each KME passing it on in the background.
+    for i in 0..4 {
+        assert!(
+            k(&mesh, i).settle(Duration::from_secs(20)).await,
+            "the void settles at k{i}"
+        );
+    }
+    // The far end holds the keys no more: the slave SAE cannot take them.
+    let far = k(&mesh, 3).store().clone();
+    let slave = qkdnet_kms::ids::SaeId::new("sae-k3").expect("id");
+    let master = qkdnet_kms::ids::SaeId::new("sae-k0").expect("id");
+    let taken = far.take(slave, master, ids).await;
+    assert!(
+        taken.is_err(),
+        "keys stranded at the far end: {:?}",
+        taken.map(|k| k.len())
+    );
+}

@@ -495,7 +495,16 @@ fn reservation_by(peer: &str, master: &str, slave: &str, number: u32) -> Reserva
         slave: sae(slave),
         number,
         size_bits: 256,
-        now_unix_ms: 0,
+        now_unix_ms: now(),
+        void_route: None,
+    }
+}
+
+/// The route of a relay from kme-a over kme-b to kme-c.
+fn relay_route() -> qkdnet_kms::store::VoidRoute {
+    qkdnet_kms::store::VoidRoute {
+        request_id: Uuid::from_u128(0x0192_f3a4_5b6c_7d8e_9fa0_b1c2_d3e4_f506),
+        route: vec![kme("kme-a"), kme("kme-b"), kme("kme-c")],
     }
 }
 
@@ -852,7 +861,11 @@ async fn state_survives_an_abrupt_drop(backend: Backend) {
             .map(|k| k.layout.key_id)
             .collect();
         a.confirm(rid1).await.expect("confirm");
-        let r2 = reservation(1);
+        // A relay's first hop: the route to void it along is kept with it.
+        let r2 = Reservation {
+            void_route: Some(relay_route()),
+            ..reservation(1)
+        };
         let rid2 = r2.request_id;
         a.reserve(r2).await.expect("reserve");
         let counts = a.pool_counts(kme("kme-b")).await.expect("counts");
@@ -869,6 +882,7 @@ async fn state_survives_an_abrupt_drop(backend: Backend) {
     let pending = a.pending().await.expect("pending");
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].request_id, rid);
+    assert_eq!(pending[0].void_route, Some(relay_route()));
     assert_eq!(pending[0].keys.len(), 1);
     assert_eq!(pending[0].keys[0].unit_ids, vec![pending[0].keys[0].key_id]);
     // 32 units owned by A: 2 delivered, 1 pending.

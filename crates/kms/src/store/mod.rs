@@ -45,6 +45,40 @@ pub use error::StoreError;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// The end-to-end relay request that a master-side request starts, and its
+/// route: what a restarted origin KME needs to void a relay along every hop
+/// (a void to the first hop alone would leave the keys stored at the far end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidRoute {
+    /// The relay's end-to-end request ID.
+    pub request_id: Uuid,
+    /// KMEs from this one (the origin) to the slave's.
+    pub route: Vec<KmeId>,
+}
+
+impl VoidRoute {
+    /// The stored form: `UUID KME,KME,…` (KME IDs contain no comma or space).
+    pub fn encode(&self) -> String {
+        let route: Vec<&str> = self.route.iter().map(KmeId::as_str).collect();
+        format!("{} {}", self.request_id.hyphenated(), route.join(","))
+    }
+
+    /// Parses [`VoidRoute::encode`]'s form.
+    pub fn decode(s: &str) -> Result<Self, StoreError> {
+        let bad = || StoreError::Backend("corrupt relay route in store".into());
+        let (id, route) = s.split_once(' ').ok_or_else(bad)?;
+        let request_id = Uuid::try_parse(id).map_err(|_| bad())?;
+        let route = route
+            .split(',')
+            .map(|k| KmeId::new(k).map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if route.len() < 2 {
+            return Err(bad());
+        }
+        Ok(VoidRoute { request_id, route })
+    }
+}
+
 /// How long an answered request's keys are kept for a replay, counted from the
 /// reservation (ms).
 pub const REPLAY_WINDOW_MS: u64 = 10 * 60 * 1000;
@@ -134,6 +168,9 @@ pub struct Reservation {
     pub size_bits: u32,
     /// Now, Unix ms.
     pub now_unix_ms: u64,
+    /// For the origin of a relayed key: how to void the request along its whole
+    /// route if this KME restarts with it pending (kept with the request).
+    pub void_route: Option<VoidRoute>,
 }
 
 /// Which units make up a key: what the reserving KME tells its peer.
@@ -201,6 +238,8 @@ pub struct PendingRequest {
     pub peer: KmeId,
     /// The keys.
     pub keys: Vec<KeyLayout>,
+    /// The relay route to void it along (see [`Reservation::void_route`]).
+    pub void_route: Option<VoidRoute>,
 }
 
 /// A key delivered to an SAE.
@@ -307,5 +346,31 @@ pub trait KeyStore: Send + Sync + 'static {
     fn stock_count(&self, master: SaeId, slave: SaeId, size_bits: u32) -> StoreFuture<'_, u64> {
         let _ = (master, slave, size_bits);
         Box::pin(async { Ok(0) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn void_routes_round_trip_and_corrupt_ones_are_refused() {
+        let k = |s: &str| KmeId::new(s).expect("valid");
+        let v = VoidRoute {
+            request_id: Uuid::from_u128(7),
+            route: vec![k("a"), k("b.2"), k("c-3")],
+        };
+        assert_eq!(VoidRoute::decode(&v.encode()).expect("decodes"), v);
+        for bad in [
+            "",
+            "x",
+            "00000000-0000-0000-0000-000000000007",
+            "nope a,b",
+            "00000000-0000-0000-0000-000000000007 a",
+            "00000000-0000-0000-0000-000000000007 a,,b",
+            "00000000-0000-0000-0000-000000000007 a,b c",
+        ] {
+            assert!(VoidRoute::decode(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -66,7 +66,7 @@ use zeroize::Zeroizing;
 use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
-    PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome,
+    PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome, VoidRoute,
 };
 use crate::block::{UNIT_BYTES, units_for_bits};
 use crate::ids::{KmeId, SaeId};
@@ -118,6 +118,7 @@ CREATE TABLE IF NOT EXISTS pools(
 CREATE TABLE IF NOT EXISTS requests(
     request_id UUID PRIMARY KEY, role SMALLINT NOT NULL, peer TEXT NOT NULL, state SMALLINT NOT NULL,
     voided UUID[], created_ms BIGINT NOT NULL);
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS void_route TEXT;
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BYTEA NOT NULL);
 ";
 
@@ -999,9 +1000,10 @@ async fn reserve_op(cx: &mut Ctx<'_>, r: &Reservation) -> Result<Vec<ReservedKey
         ],
     )
     .await?;
+    let route = r.void_route.as_ref().map(VoidRoute::encode);
     cx.execute(
-        "INSERT INTO requests(request_id, role, peer, state, created_ms) VALUES ($1,$2,$3,$4,$5)",
-        &[&r.request_id, &ROLE_MASTER, &peer, &REQ_PENDING, &now],
+        "INSERT INTO requests(request_id, role, peer, state, created_ms, void_route) VALUES ($1,$2,$3,$4,$5,$6)",
+        &[&r.request_id, &ROLE_MASTER, &peer, &REQ_PENDING, &now, &route],
     )
     .await?;
     bump(cx, peer, 0, -i64_of(need as u64)?).await?;
@@ -1099,7 +1101,7 @@ impl Op for Pending {
 async fn pending_op(cx: &mut Ctx<'_>) -> Result<Vec<PendingRequest>, OpError> {
     let rows = cx
         .query(
-            "SELECT r.request_id, r.peer, k.key_id, k.size_bits, u.uid
+            "SELECT r.request_id, r.peer, k.key_id, k.size_bits, u.uid, r.void_route
              FROM requests r
              LEFT JOIN keys k ON k.request_id = r.request_id
              LEFT JOIN units u ON u.key_id = k.key_id
@@ -1119,6 +1121,10 @@ async fn pending_op(cx: &mut Ctx<'_>) -> Result<Vec<PendingRequest>, OpError> {
                 request_id,
                 peer,
                 keys: Vec::new(),
+                void_route: match row.try_get::<_, Option<String>>(5)? {
+                    Some(v) => Some(VoidRoute::decode(&v)?),
+                    None => None,
+                },
             });
         }
         let Some(p) = out.last_mut() else { continue };

@@ -36,7 +36,7 @@ use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
     PoolCounts, REPLAY_WINDOW_MS, Replay, ReplayRequest, Reservation, ReservedKey, StoreError,
-    StoreFuture, VoidOutcome,
+    StoreFuture, VoidOutcome, VoidRoute,
 };
 use crate::block::{KeyUnit, UNIT_BYTES, decode_unit_id, link_tag, unit_id_tagged, units_for_bits};
 use crate::ids::{KmeId, SaeId};
@@ -58,8 +58,10 @@ const REQ_ANSWERED: i64 = 5;
 const MAX_BATCH: usize = 512;
 
 /// Schema version kept in `PRAGMA user_version`. Version 4 added `meta` (the
-/// store's encryption record); a version 3 store is upgraded at open.
-const SCHEMA_VERSION: i64 = 4;
+/// store's encryption record), version 5 `requests.void_route` (a relay
+/// origin's route, see [`super::VoidRoute`]); version 3 and 4 stores are
+/// upgraded at open.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Units per row of key material (2 KiB: two rows fit in a 4 KiB page).
 const CHUNK_UNITS: u64 = 64;
@@ -114,7 +116,7 @@ CREATE TABLE IF NOT EXISTS requests(
     rid INTEGER PRIMARY KEY, request_id BLOB NOT NULL UNIQUE, role INTEGER NOT NULL,
     peer TEXT NOT NULL, state INTEGER NOT NULL, master TEXT NOT NULL DEFAULT '',
     slave TEXT NOT NULL DEFAULT '', size_bits INTEGER NOT NULL DEFAULT 0, voided BLOB,
-    taken BLOB, created_ms INTEGER NOT NULL);
+    taken BLOB, created_ms INTEGER NOT NULL, void_route TEXT);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state, created_ms);
 CREATE INDEX IF NOT EXISTS requests_stock ON requests(master, slave, size_bits) WHERE state = 4;
 CREATE TABLE IF NOT EXISTS pools(
@@ -277,7 +279,8 @@ impl SqliteStore {
             [],
             |r| r.get(0),
         )?;
-        if version != SCHEMA_VERSION && version != 3 && !(version == 0 && tables == 0) {
+        let known = (3..=SCHEMA_VERSION).contains(&version) || (version == 0 && tables == 0);
+        if !known {
             return Err(StoreError::Backend(format!(
                 "{} has key-store schema {version}, this qkdnet uses {SCHEMA_VERSION}; \
                  a store of an older qkdnet cannot be opened (its layout differs): \
@@ -292,6 +295,14 @@ impl SqliteStore {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let setup = (|| -> Result<(Option<UnitCipher>, bool), StoreError> {
             conn.execute_batch(SCHEMA)?;
+            let has_route: i64 = conn.query_row(
+                "SELECT count(*) FROM pragma_table_info('requests') WHERE name = 'void_route'",
+                [],
+                |r| r.get(0),
+            )?;
+            if has_route == 0 {
+                conn.execute_batch("ALTER TABLE requests ADD COLUMN void_route TEXT")?;
+            }
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             let record = key_record(&conn)?;
             Ok(
@@ -1342,6 +1353,10 @@ fn reserve_op(conn: &Db, r: Reservation) -> Result<Vec<ReservedKey>, StoreError>
         (r.master.as_str(), r.slave.as_str(), r.size_bits),
         r.now_unix_ms,
     )?;
+    if let Some(v) = &r.void_route {
+        conn.prepare_cached("UPDATE requests SET void_route=?2 WHERE rid=?1")?
+            .execute(params![rid, v.encode()])?;
+    }
     let mut blocks = Blocks::default();
     let mut material = Zeroizing::new(Vec::with_capacity(need as usize * UNIT_BYTES));
     let mut ids = Vec::with_capacity(need as usize);
@@ -1470,7 +1485,7 @@ fn pending_op(conn: &Connection) -> Result<Vec<PendingRequest>, StoreError> {
     let mut reqs = Vec::new();
     {
         let mut sel = conn.prepare_cached(
-            "SELECT rid, request_id, peer, size_bits FROM requests WHERE state=?2 AND role=?1",
+            "SELECT rid, request_id, peer, size_bits, void_route FROM requests WHERE state=?2 AND role=?1",
         )?;
         let mut rows = sel.query(params![ROLE_MASTER, REQ_PENDING])?;
         while let Some(row) = rows.next()? {
@@ -1479,17 +1494,22 @@ fn pending_op(conn: &Connection) -> Result<Vec<PendingRequest>, StoreError> {
             let peer: String = row.get(2)?;
             let peer = KmeId::new(&peer)
                 .map_err(|_| StoreError::Backend("corrupt peer ID in store".into()))?;
-            reqs.push((rid, id, peer, row.get::<_, u32>(3)?));
+            let route = match row.get::<_, Option<String>>(4)? {
+                Some(s) => Some(VoidRoute::decode(&s)?),
+                None => None,
+            };
+            reqs.push((rid, id, peer, row.get::<_, u32>(3)?, route));
         }
     }
     let mut blocks = Blocks::default();
     reqs.into_iter()
-        .map(|(rid, request_id, peer, size_bits)| {
+        .map(|(rid, request_id, peer, size_bits, void_route)| {
             let keys = layouts_of(conn, &mut blocks, &held_of(conn, rid)?, size_bits)?;
             Ok(PendingRequest {
                 request_id,
                 peer,
                 keys,
+                void_route,
             })
         })
         .collect()
@@ -2217,6 +2237,7 @@ mod tests {
                 number: 2,
                 size_bits: 256,
                 now_unix_ms: crate::clock::now_ms(),
+                void_route: None,
             },
         )
         .expect("reserve")
@@ -2293,6 +2314,7 @@ mod tests {
                     number: 1,
                     size_bits: 256,
                     now_unix_ms: now,
+                    void_route: None,
                 },
             ),
             Err(StoreError::RequestConflict)
