@@ -24,7 +24,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use qkdnet_kms::connect::ConnectFile;
 use qkdnet_kms::ids::KmeId;
 use qkdnet_kms::key_id::{KeyIdCodec, read_secret};
 use qkdnet_kms::tls::{KeyExchange, TlsMaterial, client_config};
-use qkdnet_net::launcher::{NetRecord, http_get};
+use qkdnet_net::launcher::{NetRecord, alive, http_get, stop_all};
 use qkdnet_net::node::{LinkStatus, NodeStatus};
 use qkdnet_net::session::{Hello, KIND_CLASSICAL, KIND_QUANTUM, PROOF_BYTES};
 use rustls::pki_types::ServerName;
@@ -81,12 +81,15 @@ distance_km = 10.0
 
 const LINK: &str = "alpha-beta";
 
-/// A running network; `net down` when the test ends, however it ends.
+/// A running network; `net down` when the test ends, however it ends, and
+/// the nodes this test restarted itself stopped the same way.
 struct Network {
     dir: PathBuf,
     state: PathBuf,
     rec: NetRecord,
     connect: ConnectFile,
+    restarted: NetRecord,
+    children: Vec<Child>,
 }
 
 impl Drop for Network {
@@ -95,6 +98,7 @@ impl Drop for Network {
             .args(["net", "down", "--dir"])
             .arg(&self.state)
             .output();
+        stop_all(&self.restarted, &mut self.children, Duration::from_secs(5));
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -118,6 +122,11 @@ impl Network {
                 nodes: Vec::new(),
             },
             connect: ConnectFile::default(),
+            restarted: NetRecord {
+                name: String::new(),
+                nodes: Vec::new(),
+            },
+            children: Vec::new(),
         };
         let out = run_bounded(
             Command::new(BIN)
@@ -189,6 +198,40 @@ impl Network {
             1 << 20,
         )
         .expect("HTTPS client")
+    }
+
+    /// Stops node `id` (SIGTERM) and starts it again from its configuration
+    /// after `edit` has changed it, as an operator would; waits until it serves.
+    fn restart(&mut self, id: &str, edit: impl FnOnce(String) -> String) {
+        let mut node = self.node(id).clone();
+        let _ = Command::new("kill")
+            .args(["-TERM", &node.pid.to_string()])
+            .status();
+        assert!(
+            eventually(Duration::from_secs(20), || !alive(node.pid)),
+            "{id} did not stop on SIGTERM"
+        );
+        let config = std::fs::read_to_string(&node.config).expect("node.toml");
+        std::fs::write(&node.config, edit(config)).expect("node.toml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&node.log)
+            .expect("node log");
+        let child = Command::new(BIN)
+            .args(["node", "run", "--config"])
+            .arg(&node.config)
+            .stdout(log.try_clone().expect("node log"))
+            .stderr(log)
+            .spawn()
+            .expect("restart the node");
+        node.pid = child.id();
+        self.children.push(child);
+        self.restarted.nodes.push(node.clone());
+        assert!(
+            eventually(Duration::from_secs(30), || http_get(node.mgmt, "/health")
+                .is_ok()),
+            "{id} did not come back"
+        );
     }
 
     /// The hybrid-only TLS configuration qkdnet's own clients use, for `sae`.
@@ -332,6 +375,14 @@ fn read_answer(s: &mut impl Read) -> Option<(u16, Vec<u8>)> {
     Some((status, buf[head_end..head_end + len].to_vec()))
 }
 
+/// Whether a read ended on its socket timeout (rather than the peer closing).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// A GET of `path` on an open connection (kept open).
 fn get(s: &mut Tls, path: &str) -> Option<(u16, Vec<u8>)> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
@@ -344,7 +395,7 @@ fn get(s: &mut Tls, path: &str) -> Option<(u16, Vec<u8>)> {
 
 #[test]
 fn issue_18_attacks_fail_against_a_network_started_by_net_up() {
-    let net = Network::up();
+    let mut net = Network::up();
     let rt = rt();
     let a = net.client("sae-a");
     wait_for_keys(&rt, &a, "sae-b", 8);
@@ -368,6 +419,9 @@ fn issue_18_attacks_fail_against_a_network_started_by_net_up() {
 
     let cut = trickle.join().expect("trickle thread");
     assert!(cut, "a trickled request body held its connection");
+
+    // Last, as it restarts beta with limits a test can wait for.
+    lowered_limits_of_the_kme_configuration_hold(&mut net);
 }
 
 /// Finding 2: forged hellos (right link ID, no secret) sent again and again to
@@ -687,10 +741,16 @@ fn no_key_bytes_in_the_stores_at_rest(net: &Network, rt: &tokio::runtime::Runtim
     for (k, g) in keys.iter().zip(&got) {
         assert!(k.material[..] == g.material[..]);
     }
+    let names: Vec<_> = stores
+        .iter()
+        .filter_map(|p| p.strip_prefix(&net.state).ok())
+        .map(|p| p.display().to_string())
+        .collect();
     eprintln!(
-        "finding 8: {} keys absent from {} files ({scanned} bytes) under the state directory",
+        "finding 8: {} keys absent from {} files ({scanned} bytes) under the state directory, stores {}",
         keys.len(),
-        files.len()
+        files.len(),
+        names.join(" ")
     );
 }
 
@@ -866,11 +926,7 @@ fn trickled_body_is_cut_off(cfg: Arc<ClientConfig>, addr: SocketAddr) -> bool {
         // Wait half a second for an answer, then send one more byte.
         let mut b = [0u8; 1024];
         match s.read(&mut b) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if timed_out(&e) => {}
             Ok(0) | Err(_) => {
                 eprintln!("finding 4: trickled body closed after {sent} of {BODY} bytes");
                 return true;
@@ -891,6 +947,78 @@ fn trickled_body_is_cut_off(cfg: Arc<ClientConfig>, addr: SocketAddr) -> bool {
         }
     }
     false
+}
+
+/// Finding 4, the limits whose defaults are too long or too large for a test
+/// (idle connections closed after 120 s, 4096 connections in all): beta is
+/// restarted with `[kme.connections]` lowered in its `node.toml` (the KME
+/// configuration an operator edits; production defaults unchanged). A silent
+/// connection is then closed by the KME, and of more connections than the
+/// global cap, held at once by several SAEs, not all are served; closing them
+/// makes room again.
+fn lowered_limits_of_the_kme_configuration_hold(net: &mut Network) {
+    const GLOBAL: usize = 12;
+    net.restart("beta", |toml| {
+        let lowered = toml
+            .replace(
+                "\nmax_connections = 4096\n",
+                &format!("\nmax_connections = {GLOBAL}\n"),
+            )
+            .replace("\nidle_timeout_ms = 120000\n", "\nidle_timeout_ms = 1500\n");
+        assert_ne!(lowered, toml, "no [kme.connections] defaults in node.toml");
+        lowered
+    });
+    let addr = net.kme_addr("beta");
+    let path = "/api/v1/keys/sae-a/status";
+
+    // A connection that says nothing after its request is closed.
+    let mut quiet = tls_connect(net.pq_config("sae-b"), addr).expect("TLS");
+    assert_eq!(get(&mut quiet, path).map(|a| a.0), Some(200));
+    quiet
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    match quiet.read(&mut b) {
+        Err(e) if timed_out(&e) => panic!("a silent connection stayed open for 30 s"),
+        Ok(n) => assert_eq!(n, 0, "the KME sent something unasked"),
+        Err(_) => {} // closed without close_notify
+    }
+
+    // More connections than the global cap, from three SAEs at once (the
+    // peer KME's connections count too, so the refusals may start earlier).
+    let saes = ["sae-b", "sae-b2", "sae-b3"];
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..GLOBAL + 4 {
+        let served = tls_connect(net.pq_config(saes[i % 3]), addr)
+            .ok()
+            .and_then(|mut s| get(&mut s, path).filter(|a| a.0 == 200).map(|_| s));
+        match served {
+            Some(s) => held.push(s),
+            None => refused += 1,
+        }
+    }
+    assert!(
+        held.len() <= GLOBAL,
+        "{} connections served at once",
+        held.len()
+    );
+    assert!(refused >= 4, "only {refused} connections refused");
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            tls_connect(net.pq_config("sae-b"), addr)
+                .ok()
+                .and_then(|mut s| get(&mut s, path))
+                .is_some_and(|a| a.0 == 200)
+        }),
+        "closed connections' places were not given back"
+    );
+    eprintln!(
+        "finding 4: with idle_timeout_ms 1500 a silent connection was closed; with max_connections {GLOBAL}, {refused} of {} refused",
+        GLOBAL + 4
+    );
 }
 
 /// The largest file in `dir` (0 if none).
