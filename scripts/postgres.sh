@@ -13,7 +13,7 @@
 #   pg_line=$(bash scripts/postgres.sh) && export "$pg_line"
 #
 # The server is left running (a re-run finds and reuses it). Stop it with
-#   pg_ctl -D target/pg/data stop     (as the `postgres` user when run as root)
+#   bash scripts/postgres.sh stop     (scripts/test.sh does, at its end)
 # and delete target/pg to start from scratch. PostgreSQL refuses to run as root, so
 # as root the cluster belongs to the `postgres` system user (created by the package).
 # TCP is on 127.0.0.1 only, with a random password (SCRAM) kept in target/pg; the
@@ -22,6 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "postgres.sh: $*" >&2; }
+mode="${1:-start}"
 
 find_bin() {
   local d
@@ -39,6 +40,7 @@ find_bin() {
 }
 
 if ! bindir=$(find_bin); then
+  [ "$mode" = stop ] && exit 0
   log "installing Debian's postgresql package (initdb/pg_ctl not found)"
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
@@ -72,6 +74,13 @@ run="$base/run"
 as_pg mkdir -p "$run"
 chmod 700 "$run" # the socket accepts anyone who can reach it (trust): only the owner can
 pg_ctl=("$bindir/pg_ctl" -D "$data")
+if [ "$mode" = stop ]; then
+  if [ -f "$data/PG_VERSION" ] && as_pg "${pg_ctl[@]}" status >/dev/null 2>&1; then
+    log "stopping the server"
+    as_pg "${pg_ctl[@]}" stop -m fast -w >&2
+  fi
+  exit 0
+fi
 psql_bin="$bindir/psql"
 [ -x "$psql_bin" ] || psql_bin=psql
 

@@ -16,6 +16,8 @@ fi
 # Debian's postgresql package if needed; reuses a server it started before).
 pg_line=$(bash scripts/postgres.sh)
 export "$pg_line"
+# Stopped again at the end unless QKDNET_KEEP_PG=1 (a re-run then starts faster).
+[ "${QKDNET_KEEP_PG:-}" = 1 ] || trap 'bash scripts/postgres.sh stop' EXIT
 
 cargo fmt --all -- --check
 cargo test --workspace --locked "$@"
