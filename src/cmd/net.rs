@@ -192,6 +192,7 @@ fn up(
     detach: bool,
 ) -> anyhow::Result<()> {
     describe(topo);
+    let classical = opts.sae_key_exchange == KeyExchange::AllowClassical;
     let (prepared, mut children) = launch(topo, dir, opts)?;
     let d = prepared.dir.display();
     println!("state: {d}  (applications: {d}/connect.json)");
@@ -199,6 +200,24 @@ fn up(
         println!(
             "  node {:<10} pid {:<7} KME {}  metrics http://{}/metrics",
             n.id, n.pid, n.kme_url, n.mgmt
+        );
+    }
+    // A ready-to-paste ETSI 014 call: the first SAE asks for the status of its
+    // keys with an SAE on another node.
+    let first_pair = topo.saes.iter().find_map(|(a, na)| {
+        let (b, _) = topo.saes.iter().find(|(_, nb)| *nb != na)?;
+        let node = prepared.record.nodes.iter().find(|n| n.id == na.as_str())?;
+        Some((a, b, node))
+    });
+    if let Some((a, b, node)) = first_pair {
+        println!(
+            "try ETSI 014{}:\n  curl --cacert {d}/pki/ca.pem --cert {d}/pki/saes/{a}.pem --key {d}/pki/saes/{a}.key \\\n       \"{}/api/v1/keys/{b}/status\"",
+            if classical {
+                ""
+            } else {
+                " (curl with OpenSSL 3.0 has no ML-KEM: start with --allow-classical-tls for it)"
+            },
+            node.kme_url
         );
     }
     if detach {
@@ -255,7 +274,7 @@ fn up(
 /// Prints a status table.
 pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
     println!(
-        "{:<10} {:<16} {:>5} {:>4} {:>8} {:>7} {:>11} {:>10} {:>11} {:>11} {:>7}",
+        "{:<10} {:<16} {:>5} {:>4} {:>8} {:>7} {:>11} {:>10} {:>11} {:>11} {:>10}",
         "node",
         "link",
         "role",
@@ -266,14 +285,14 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
         "link s",
         "bit/s",
         "model",
-        "pool"
+        "pool(256b)"
     );
     for (node, s) in statuses {
         match s {
             Ok(st) => {
                 for l in &st.links {
                     println!(
-                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>11.3e} {:>11.3e} {:>7}",
+                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>11.3e} {:>11.3e} {:>10}",
                         node,
                         l.id,
                         match l.role {
