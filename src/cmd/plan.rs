@@ -232,14 +232,22 @@ fn text(a: &PlanArgs, r: &PlanReport, source: &str, saes: usize, wall: f64) {
     );
     println!();
     println!("bottleneck links (most blocked key, then most detours, then utilisation):");
+    // Columns as wide as the longest name shown (long link names stay aligned).
+    let shown: Vec<usize> = r.bottlenecks.iter().take(a.top).copied().collect();
+    let w = shown
+        .iter()
+        .map(|&i| r.links[i].id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     println!(
-        "  {:<28} {:>7} {:>11} {:>7} {:>11} {:>9} {:>9} {:>11}",
+        "  {:<w$} {:>7} {:>11} {:>7} {:>11} {:>9} {:>9} {:>11}",
         "link", "km", "key bit/s", "util %", "blocked b", "blk req", "detours", "min pool b"
     );
-    for &i in r.bottlenecks.iter().take(a.top) {
+    for &i in &shown {
         let l = &r.links[i];
         println!(
-            "  {:<28} {:>7} {:>11.3e} {:>7.2} {:>11.3e} {:>9} {:>9} {:>11.3e}",
+            "  {:<w$} {:>7} {:>11.3e} {:>7.2} {:>11.3e} {:>9} {:>9} {:>11.3e}",
             l.id,
             l.distance_km
                 .map(|d| format!("{d:.1}"))
@@ -274,15 +282,23 @@ fn text(a: &PlanArgs, r: &PlanReport, source: &str, saes: usize, wall: f64) {
             worst.len(),
             r.demands.len()
         );
+        let pair = |i: usize| format!("{} → {}", r.demands[i].from, r.demands[i].to);
+        let w = worst
+            .iter()
+            .take(a.top)
+            .map(|&i| pair(i).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(9);
         println!(
-            "  {:<44} {:>9} {:>5} {:>9} {:>9}",
+            "  {:<w$} {:>9} {:>5} {:>9} {:>9}",
             "from → to", "bit/s", "hops", "blocked %", "detour %"
         );
         for &i in worst.iter().take(a.top) {
             let d = &r.demands[i];
             println!(
-                "  {:<44} {:>9.1} {:>5} {:>9.2} {:>9.2}",
-                format!("{} → {}", d.from, d.to),
+                "  {:<w$} {:>9.1} {:>5} {:>9.2} {:>9.2}",
+                pair(i),
                 d.rate_bps,
                 d.primary_hops,
                 100.0 * d.totals.blocked_fraction,
