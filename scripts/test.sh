@@ -17,5 +17,10 @@ fi
 pg_line=$(bash scripts/postgres.sh)
 export "$pg_line"
 
+# Throwaway PKCS#11 tokens (SoftHSM2) for the node master key in a token
+# (installs Debian's softhsm2 package if needed; reuses the tokens it made).
+hsm_env=$(bash scripts/softhsm.sh)
+while IFS= read -r line; do export "$line"; done <<<"$hsm_env"
+
 cargo fmt --all -- --check
 cargo test --workspace --locked "$@"
