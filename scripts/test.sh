@@ -19,5 +19,10 @@ export "$pg_line"
 # Stopped again at the end unless QKDNET_KEEP_PG=1 (a re-run then starts faster).
 [ "${QKDNET_KEEP_PG:-}" = 1 ] || trap 'bash scripts/postgres.sh stop' EXIT
 
+# Throwaway PKCS#11 tokens (SoftHSM2) for the node master key in a token
+# (installs Debian's softhsm2 package if needed; reuses the tokens it made).
+hsm_env=$(bash scripts/softhsm.sh)
+while IFS= read -r line; do export "$line"; done <<<"$hsm_env"
+
 cargo fmt --all -- --check
 cargo test --workspace --locked "$@"

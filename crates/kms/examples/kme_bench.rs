@@ -247,6 +247,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             connections: Default::default(),
             key_id_secret: None,
             store_key: master_key.clone(),
+            store_key_pkcs11: None,
         }
     };
     let a = launch_with_tls(

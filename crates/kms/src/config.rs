@@ -24,6 +24,14 @@
 //! backups: whoever holds both holds the keys. Without `store_key` the KME warns at
 //! start-up that key material is stored in the clear.
 //!
+//! `[store_key_pkcs11]`, instead of `store_key`, keeps the node master key in a
+//! PKCS#11 token (an HSM): a non-extractable key there (created by `qkdnet kme
+//! master-key --config FILE`) from which the token derives the store's master
+//! key with HMAC-SHA256 at start-up ([`crate::store::pkcs11`]). The user PIN
+//! comes from `pin_file` (mode 0600) or the environment variable `pin_env`, never
+//! from this file. A wrong PIN, a missing module or key stops the KME before its
+//! store is opened.
+//!
 //! ```toml
 //! kme_id = "kme-a"
 //! listen = "127.0.0.1:8443"
@@ -31,9 +39,16 @@
 //! key_id_secret = "pki/key-ids.secret" # 32 bytes shared by the network's KMEs: opaque key IDs
 //! store_key = "master.key"        # node master key (32 bytes, mode 0600): keys encrypted at rest
 //! # store_synchronous = "normal"  # only to compare; survives crashes, not power loss
+//! # or, instead of `store_key`, the node master key in a PKCS#11 token (see below)
 //! # or, instead of `store`:
 //! # store_url = "postgres://qkdnet@127.0.0.1:5432/qkdnet"
 //! # store_schema = "kms_kme-a"    # optional; this is the default
+//!
+//! # [store_key_pkcs11]
+//! # module = "/usr/lib/softhsm/libsofthsm2.so"  # the token's PKCS#11 module, absolute path
+//! # token_label = "qkdnet-kme-a"
+//! # key_label = "qkdnet-master"    # created by `qkdnet kme master-key --config kme-a.toml`
+//! # pin_file = "hsm-user.pin"      # user PIN, mode 0600; or pin_env = "VARIABLE"
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -90,6 +105,7 @@ use crate::ids::{KmeId, SaeId};
 use crate::peer::PeerClient;
 use crate::server::{ServerHandle, serve_with};
 use crate::service::{Kme, KmeSettings};
+use crate::store::pkcs11::Pkcs11KeyConfig;
 use crate::store::postgres::{PostgresOptions, PostgresStore, PostgresUrl, SchemaName};
 use crate::store::sqlite::{Durability, SqliteStore};
 use crate::store::{KeyStore, MasterKey, StoreError};
@@ -252,6 +268,72 @@ impl StoreChoice<'_> {
     }
 }
 
+/// Where the node master key comes from ([`KmeConfig::master_key_source`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum MasterKeySource {
+    /// A file of 32 bytes, mode 0600 (`store_key`).
+    File(PathBuf),
+    /// A non-extractable key in a PKCS#11 token (`[store_key_pkcs11]`).
+    Pkcs11(Pkcs11KeyConfig),
+}
+
+impl MasterKeySource {
+    /// Reads the key file, or has the token derive the master key (blocking:
+    /// a network HSM may take a while).
+    pub fn load(&self) -> Result<MasterKey, KmsError> {
+        match self {
+            MasterKeySource::File(path) => MasterKey::read_file(path),
+            MasterKeySource::Pkcs11(p) => {
+                let key = p.derive_master_key()?;
+                tracing::info!(
+                    token = %p.token_label,
+                    key = %p.key_label,
+                    "node master key derived in the PKCS#11 token"
+                );
+                Ok(key)
+            }
+        }
+    }
+
+    /// Creates the key this source names: a new key file, or a
+    /// non-extractable key in the token. An existing one is never replaced,
+    /// only checked (a file's mode and length; a token key's attributes and a
+    /// derivation). Returns what was done, in words.
+    pub fn create(&self) -> Result<String, KmsError> {
+        match self {
+            MasterKeySource::File(path) if path.exists() => {
+                MasterKey::read_file(path)?; // usable as it is?
+                Ok(format!(
+                    "kept the existing node master key file {}",
+                    path.display()
+                ))
+            }
+            MasterKeySource::File(path) => {
+                MasterKey::create_file(path)?;
+                Ok(format!(
+                    "created the node master key file {}",
+                    path.display()
+                ))
+            }
+            MasterKeySource::Pkcs11(p) => {
+                let what = match crate::store::pkcs11::create_master_key(p)? {
+                    crate::store::pkcs11::Created::New => "created",
+                    crate::store::pkcs11::Created::AlreadyThere => {
+                        p.derive_master_key()?; // usable as it is?
+                        "kept the existing"
+                    }
+                };
+                Ok(format!(
+                    "{what} node master key '{}' in PKCS#11 token '{}' (non-extractable, \
+                     sensitive, HMAC signing only)",
+                    p.key_label, p.token_label
+                ))
+            }
+        }
+    }
+}
+
 /// Configuration of a standalone KME.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +401,10 @@ pub struct KmeConfig {
     /// the store keeps key material in the clear (and the KME warns at start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_key: Option<PathBuf>,
+    /// The node master key in a PKCS#11 token instead of a file
+    /// (`[store_key_pkcs11]`, [`crate::store::pkcs11`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_key_pkcs11: Option<Pkcs11KeyConfig>,
     /// Connection limits and timeouts (`[connections]`).
     #[serde(default)]
     pub connections: crate::server::ConnectionLimits,
@@ -341,7 +427,27 @@ impl KmeConfig {
         let c: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         c.limits.check()?;
         c.store_choice()?;
+        c.master_key_source()?;
         Ok(c)
+    }
+
+    /// Where the node master key comes from: `store_key` (a file) or
+    /// `[store_key_pkcs11]` (a token), at most one of them; `None`: no key
+    /// (material in the clear).
+    pub fn master_key_source(&self) -> Result<Option<MasterKeySource>, KmsError> {
+        match (&self.store_key, &self.store_key_pkcs11) {
+            (None, None) => Ok(None),
+            (Some(f), None) => Ok(Some(MasterKeySource::File(f.clone()))),
+            (None, Some(p)) => {
+                p.check()?;
+                Ok(Some(MasterKeySource::Pkcs11(p.clone())))
+            }
+            (Some(_), Some(_)) => Err(KmsError::Config(
+                "set either store_key (a master key file) or [store_key_pkcs11] (a key in a \
+                 PKCS#11 token), not both"
+                    .into(),
+            )),
+        }
     }
 
     /// The store this configuration selects: `store` (SQLite) or `store_url`
@@ -391,7 +497,15 @@ impl KmeConfig {
             .map_err(|e| KmsError::Config(format!("cannot read {}: {e}", path.display())))?;
         let mut c = Self::from_toml(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let secret = c.key_id_secret.iter_mut().chain(c.store_key.iter_mut());
+        let pin_file = c
+            .store_key_pkcs11
+            .as_mut()
+            .and_then(|p| p.pin_file.as_mut());
+        let secret = c
+            .key_id_secret
+            .iter_mut()
+            .chain(c.store_key.iter_mut())
+            .chain(pin_file);
         for p in [&mut c.store, &mut c.tls.ca, &mut c.tls.cert, &mut c.tls.key]
             .into_iter()
             .chain(secret)
@@ -463,11 +577,15 @@ pub async fn launch_with_tls(
             )));
         }
     }
-    let master = cfg
-        .store_key
-        .as_deref()
-        .map(MasterKey::read_file)
-        .transpose()?;
+    // Before the store is touched: a wrong PIN or a missing key stops here.
+    let master = match cfg.master_key_source()? {
+        Some(source) => Some(
+            tokio::task::spawn_blocking(move || source.load())
+                .await
+                .map_err(|e| KmsError::Config(format!("reading the node master key: {e}")))??,
+        ),
+        None => None,
+    };
     let store = cfg.store_choice()?.open(master).await?;
     let timeout = Duration::from_millis(cfg.peer_timeout_ms.max(1));
     let peers = cfg
@@ -602,6 +720,46 @@ key = "kme.key"
         let text = toml::to_string(&c).expect("serialize");
         assert!(!text.contains("store_url"), "{text}");
         assert!(KmeConfig::from_toml(&text).is_ok());
+    }
+
+    #[test]
+    fn the_master_key_is_a_file_or_a_token_key_never_both() {
+        let token = "[store_key_pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\n\
+                     token_label = \"t\"\nkey_label = \"k\"\n";
+        let with = |extra: &str| {
+            let (head, tail) = BASE.split_at(BASE.find("[tls]").expect("table"));
+            KmeConfig::from_toml(&format!("{head}store = \"a.sqlite\"\n{extra}\n{tail}"))
+        };
+        let c = with(&format!("{token}pin_file = \"pin\"")).expect("token key");
+        assert!(matches!(
+            c.master_key_source(),
+            Ok(Some(MasterKeySource::Pkcs11(_)))
+        ));
+        let text = toml::to_string(&c).expect("serialize");
+        assert_eq!(
+            KmeConfig::from_toml(&text)
+                .expect("reparse")
+                .store_key_pkcs11,
+            c.store_key_pkcs11
+        );
+        let c = with("store_key = \"m.key\"").expect("file key");
+        assert!(matches!(
+            c.master_key_source(),
+            Ok(Some(MasterKeySource::File(_)))
+        ));
+        assert!(matches!(
+            with("").map(|c| c.master_key_source()),
+            Ok(Ok(None))
+        ));
+        for bad in [
+            format!("store_key = \"m.key\"\n{token}pin_file = \"pin\""),
+            token.to_owned(),
+            format!("{token}pin_file = \"pin\"\npin_env = \"V\""),
+            format!("{token}pin = \"1234\""),
+            token.replace("/usr/lib/softhsm/", "") + "pin_env = \"V\"",
+        ] {
+            assert!(with(&bad).is_err(), "accepted: {bad}");
+        }
     }
 
     #[test]

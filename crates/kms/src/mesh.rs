@@ -174,6 +174,7 @@ impl Mesh {
                 link_state_interval_ms: opts.link_state_interval_ms,
                 key_id_secret: Some(key_id_secret.clone()),
                 store_key: Some(master_key.clone()),
+                store_key_pkcs11: None,
                 connections: Default::default(),
             });
             tls.push(ca.material(&Identity::Kme(kme_id(i)?), &[])?);

@@ -357,6 +357,7 @@ pub fn prepare(
                 connections: Default::default(),
                 key_id_secret: Some(key_id_secret.clone()),
                 store_key: Some(master_key),
+                store_key_pkcs11: None,
             },
             links,
         };

@@ -36,6 +36,10 @@
 //! MAC update on every transition. Tampered material decrypts to wrong keys, which
 //! the applications' own authentication (the two ends' keys disagree) detects.
 //! The threat addressed is a copied file or backup (issue #18, item 8).
+//!
+//! The master key comes from a file ([`MasterKey::read_file`]) or from a PKCS#11
+//! token, which derives it from a key that never leaves the token
+//! ([`super::pkcs11`]); the stores see a [`MasterKey`] either way.
 
 use std::path::Path;
 
@@ -76,31 +80,25 @@ impl MasterKey {
         Self(Zeroizing::new(bytes))
     }
 
+    /// A master key from a slice of exactly [`MASTER_KEY_LEN`] bytes, copied
+    /// straight into zeroized memory.
+    pub(crate) fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut key = Zeroizing::new([0u8; MASTER_KEY_LEN]);
+        if bytes.len() != MASTER_KEY_LEN {
+            return None;
+        }
+        key.copy_from_slice(bytes);
+        Some(Self(key))
+    }
+
     /// Reads a master key file: exactly [`MASTER_KEY_LEN`] bytes, and (on Unix)
     /// readable and writable by its owner only.
     pub fn read_file(path: &Path) -> Result<Self, crate::KmsError> {
         let err =
             |m: String| crate::KmsError::Config(format!("node master key {}: {m}", path.display()));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map_err(|e| err(e.to_string()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(err(format!(
-                    "the file is accessible to group or others (mode {:04o}); it must be \
-                     readable by the KME's user only: chmod 600 {}",
-                    mode & 0o7777,
-                    path.display()
-                )));
-            }
-        }
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
-        let key = <[u8; MASTER_KEY_LEN]>::try_from(&bytes[..])
-            .map_err(|_| err(format!("must hold exactly {MASTER_KEY_LEN} bytes")))?;
-        Ok(Self::from_bytes(key))
+        let bytes = read_private_file(path).map_err(err)?;
+        Self::from_slice(&bytes)
+            .ok_or_else(|| err(format!("must hold exactly {MASTER_KEY_LEN} bytes")))
     }
 
     /// Creates a master key file: 32 bytes from the operating system's CSPRNG,
@@ -108,6 +106,30 @@ impl MasterKey {
     pub fn create_file(path: &Path) -> Result<(), crate::KmsError> {
         crate::pki::create_random_secret::<MASTER_KEY_LEN>(path)
     }
+}
+
+/// Reads a secret file (a master key, a token's PIN) that must be (on Unix)
+/// accessible to its owner only; the error says why, without the content.
+pub(crate) fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "the file is accessible to group or others (mode {:04o}); it must be \
+                 readable by the KME's user only: chmod 600 {}",
+                mode & 0o7777,
+                path.display()
+            ));
+        }
+    }
+    Ok(Zeroizing::new(
+        std::fs::read(path).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// The per-unit cipher of one store (master key and that store's salt).

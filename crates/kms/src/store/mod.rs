@@ -36,6 +36,7 @@ use crate::ids::{KmeId, SaeId};
 
 pub mod cipher;
 mod error;
+pub mod pkcs11;
 pub mod postgres;
 pub mod sqlite;
 

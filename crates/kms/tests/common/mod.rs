@@ -49,24 +49,35 @@ impl Drop for TempDir {
 }
 
 /// The PostgreSQL server for tests: `QKDNET_TEST_PG` (scripts/postgres.sh starts one
-/// and prints the line to export). Unset, the caller's PostgreSQL variant is skipped
-/// with a line on stderr (written past the test harness's capture so that it shows),
-/// except in CI (`CI` set and not `false`/`0`), where an unset variable fails the
-/// test: CI must not skip the PostgreSQL store silently.
+/// and prints the line to export); see [`test_env`].
 pub fn test_pg_url(test: &str) -> Option<String> {
+    test_env(
+        "QKDNET_TEST_PG",
+        test,
+        "the PostgreSQL store",
+        "export \"$(bash scripts/postgres.sh)\"",
+    )
+}
+
+/// A real component's environment variable `var`, set by one of the scripts.
+/// Unset, the caller's test (or variant) is skipped with a line on stderr
+/// (written past the test harness's capture so that it shows), except in CI
+/// (`CI` set and not `false`/`0`), where an unset variable fails the test: CI
+/// must not skip `what` silently. `how` says how to set it.
+pub fn test_env(var: &str, test: &str, what: &str, how: &str) -> Option<String> {
     use std::io::Write;
-    match std::env::var("QKDNET_TEST_PG") {
+    match std::env::var(var) {
         Ok(u) if !u.trim().is_empty() => Some(u),
         _ => {
             let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "false" | "0"));
             assert!(
                 !ci,
-                "{test}: QKDNET_TEST_PG is not set and CI must not skip the PostgreSQL store \
-                 tests: run `export \"$(bash scripts/postgres.sh)\"` first"
+                "{test}: {var} is not set and CI must not skip the tests of {what}: \
+                 run `{how}` first"
             );
             let _ = writeln!(
                 std::io::stderr(),
-                "{test}: skipped: QKDNET_TEST_PG not set (scripts/postgres.sh starts a server)"
+                "{test}: skipped: {var} not set (run `{how}`)"
             );
             None
         }
@@ -145,6 +156,7 @@ fn config(
         connections: Default::default(),
         key_id_secret: None,
         store_key: None,
+        store_key_pkcs11: None,
     }
 }
 
