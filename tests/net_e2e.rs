@@ -239,6 +239,12 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
     loop {
         let l = &node_status(&rec, "alpha").links[0];
         if l.sessions > before && l.up {
+            // Current state, not history: the errors of the outage are gone (#27 item 7).
+            assert!(
+                l.last_error.is_empty(),
+                "up with last_error {:?}",
+                l.last_error
+            );
             break;
         }
         assert!(

@@ -428,16 +428,31 @@ fn alice_loop(
     stats: &Arc<LinkStats>,
     sink: &EventSink,
 ) {
+    // A session that ends once (the peer restarted or is shutting down) is
+    // normal operation: logged at info. A link that stays down is what an
+    // operator acts on: a warning once it failed WARN_AFTER times in a row,
+    // and again whenever the reason changes.
+    const WARN_AFTER: u32 = 3;
     let mut logged = String::new();
+    let mut failures = 0u32;
     while !stop.fired() {
         let session_stop = stop.child();
+        let sessions_before = stats.sessions.load(std::sync::atomic::Ordering::Relaxed);
         match alice_session(p, addr, pace, None, &session_stop, stats, &mut |e| sink(e)) {
             Ok(SessionEnd::Stopped) => break,
-            Ok(SessionEnd::Finished) => {}
+            Ok(SessionEnd::Finished) => failures = 0,
+            Err(_) if stop.fired() => break, // this node is stopping
             Err(e) => {
                 let msg = e.to_string();
-                if msg != logged {
-                    tracing::warn!(link = %p.link_id, error = %msg, "link session failed; retrying");
+                if stats.sessions.load(std::sync::atomic::Ordering::Relaxed) != sessions_before {
+                    failures = 0; // the session was up before it ended
+                    logged.clear();
+                }
+                failures += 1;
+                if failures < WARN_AFTER {
+                    tracing::info!(link = %p.link_id, error = %msg, "link session ended; reconnecting");
+                } else if msg != logged {
+                    tracing::warn!(link = %p.link_id, error = %msg, failures, "link down; retrying");
                     logged = msg.clone();
                 }
                 if let Ok(mut g) = stats.last_error.lock() {

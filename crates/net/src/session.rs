@@ -293,6 +293,14 @@ impl LinkStats {
         }
     }
 
+    /// A session is up: the link's current state has no error (the last one
+    /// was history, and the logs keep it).
+    fn session_up(&self) {
+        self.set_error("");
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.up.store(1, Ordering::Relaxed);
+    }
+
     fn set_error(&self, e: &str) {
         if let Ok(mut g) = self.last_error.lock() {
             e.clone_into(&mut g);
@@ -631,8 +639,7 @@ pub fn alice_session(
     let record = sim.alice_record(1 << 60)?;
     let mut ep = Endpoint::alice(p.proto.clone(), &key, seed ^ 0xA11CE, Some(record))?;
     drop(key);
-    stats.sessions.fetch_add(1, Ordering::Relaxed);
-    stats.up.store(1, Ordering::Relaxed);
+    stats.session_up();
 
     // The optics run on their own thread; the emulated fibre's TCP buffer keeps
     // them at most a few blocks ahead of Bob.
@@ -920,8 +927,7 @@ pub fn bob_session(
     };
     let mut ep = Endpoint::bob(p.proto.clone(), &key, seed)?;
     drop(key);
-    stats.sessions.fetch_add(1, Ordering::Relaxed);
-    stats.up.store(1, Ordering::Relaxed);
+    stats.session_up();
     let session = t.session;
     drop(auth);
     // The emulated fibre is read on its own thread, so Bob keeps serving the
