@@ -1149,20 +1149,21 @@ fn replay_op(conn: &Db, r: ReplayRequest) -> Result<Replay, StoreError> {
     {
         return Ok(Replay::Mismatch);
     }
-    let extents = held_of(conn, rid)?;
-    let per_key = u64::from(units_for_bits(size_bits).max(1));
-    let units: u64 = extents.iter().map(|e| e.n).sum();
     if state == REQ_PENDING {
         return Ok(Replay::InProgress);
     }
     if state != REQ_ANSWERED {
         return Ok(Replay::Spent);
     }
+    let extents = held_of(conn, rid)?;
+    let per_key = u64::from(units_for_bits(size_bits).max(1));
+    let units: u64 = extents.iter().map(|e| e.n).sum();
     if units / per_key != u64::from(r.number) {
         return Ok(Replay::Mismatch);
     }
     if u64_of(created_ms)?.saturating_add(REPLAY_WINDOW_MS) < r.now_unix_ms {
-        expire_answered(conn, rid, &peer, &extents, r.now_unix_ms)?;
+        consume_held(conn, &peer, &extents)?;
+        delivered_at(conn, rid, r.now_unix_ms)?;
         return Ok(Replay::Spent);
     }
     let all: Vec<u64> = (0..u64::from(r.number)).collect();
@@ -1176,45 +1177,24 @@ fn replay_op(conn: &Db, r: ReplayRequest) -> Result<Replay, StoreError> {
         size_bits,
     )?;
     bump(conn, &peer, -i64_of(units)?, 0)?;
-    conn.prepare_cached("UPDATE requests SET state=?2, created_ms=?3 WHERE rid=?1")?
-        .execute(params![rid, REQ_DELIVERED, i64_of(r.now_unix_ms)?])?;
+    delivered_at(conn, rid, r.now_unix_ms)?;
     Ok(Replay::Keys(keys))
-}
-
-/// Deletes the kept keys of an answered request (its replay window is over).
-fn expire_answered(
-    conn: &Connection,
-    rid: i64,
-    peer: &str,
-    extents: &[Extent],
-    now: u64,
-) -> Result<(), StoreError> {
-    let mut blocks = Blocks::default();
-    let mut n = 0;
-    for e in extents {
-        consume(conn, &blocks.get(conn, e.bid)?, e.lo, e.n)?;
-        n += e.n;
-    }
-    bump(conn, peer, -i64_of(n)?, 0)?;
-    conn.prepare_cached("UPDATE requests SET state=?2, created_ms=?3 WHERE rid=?1")?
-        .execute(params![rid, REQ_DELIVERED, i64_of(now)?])?;
-    Ok(())
 }
 
 fn prune_op(conn: &Connection, now: u64) -> Result<(), StoreError> {
     // Answered requests past their replay window lose their kept keys first.
-    let cutoff = i64_of(now.saturating_sub(REPLAY_WINDOW_MS))?;
+    let replay_cutoff = i64_of(now.saturating_sub(REPLAY_WINDOW_MS))?;
     let answered: Vec<(i64, String)> = conn
         .prepare_cached(
             "SELECT rid, peer FROM requests WHERE state = ?1 AND created_ms < ?2 LIMIT ?3",
         )?
-        .query_map(params![REQ_ANSWERED, cutoff, PRUNE_LIMIT], |r| {
+        .query_map(params![REQ_ANSWERED, replay_cutoff, PRUNE_LIMIT], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<Result<_, _>>()?;
     for (rid, peer) in answered {
-        let extents = held_of(conn, rid)?;
-        expire_answered(conn, rid, &peer, &extents, now)?;
+        consume_held(conn, &peer, &held_of(conn, rid)?)?;
+        delivered_at(conn, rid, now)?;
     }
     let cutoff = i64_of(now.saturating_sub(RETENTION_MS))?;
     let old: Vec<i64> = conn
@@ -1407,14 +1387,27 @@ fn confirm_op(conn: &Connection, request_id: Uuid) -> Result<(), StoreError> {
     // The held extents stay, without material, as a record of which SAE pair the
     // keys went to: a later dec_keys for one at this (the master's) KME is then
     // answered 401 rather than "not found". Pruned with the request.
+    consume_held(conn, &req.peer, &held_of(conn, req.rid)?)?;
+    set_state(conn, req.rid, REQ_DELIVERED)
+}
+
+/// Deletes the material of a request's held units and takes them out of the
+/// pool's total (the extents stay as the request's record).
+fn consume_held(conn: &Connection, peer: &str, extents: &[Extent]) -> Result<(), StoreError> {
     let mut blocks = Blocks::default();
     let mut n = 0;
-    for e in held_of(conn, req.rid)? {
+    for e in extents {
         consume(conn, &blocks.get(conn, e.bid)?, e.lo, e.n)?;
         n += e.n;
     }
-    bump(conn, &req.peer, -i64_of(n)?, 0)?;
-    set_state(conn, req.rid, REQ_DELIVERED)
+    bump(conn, peer, -i64_of(n)?, 0)
+}
+
+/// Marks a request delivered at `now` (retention counts from then).
+fn delivered_at(conn: &Connection, rid: i64, now: u64) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE requests SET state=?2, created_ms=?3 WHERE rid=?1")?
+        .execute(params![rid, REQ_DELIVERED, i64_of(now)?])?;
+    Ok(())
 }
 
 fn release_op(conn: &Connection, request_id: Uuid, discard: Vec<Uuid>) -> Result<(), StoreError> {
