@@ -64,8 +64,16 @@
 //! back, the void removes them there when it reaches it. A relay left pending
 //! by a crash of its origin is voided along its whole route at the restart
 //! ([`crate::Kme::recover`]): the origin keeps the route with its first-hop
-//! request ([`crate::store::VoidRoute`]). Idempotent enc_keys (the
-//! `qkdnet_request_id` extension) are not offered for relayed keys yet.
+//! request ([`crate::store::VoidRoute`]).
+//!
+//! Idempotent enc_keys (the `qkdnet_request_id` extension): every first-hop
+//! request of the origin is reserved under the SAE's replay key (each attempt of
+//! a rerouted relay and both shares of a multipath key) and answered instead of
+//! confirmed once the whole relay succeeded; failed attempts are voided and do
+//! not count, so a retry gets the keys of the attempt that was delivered (the
+//! shares XORed again), once. The origin answers only after every route
+//! acknowledged, so a multipath key whose second share failed leaves no
+//! answered share behind.
 //!
 //! # Routing
 //!
@@ -107,6 +115,16 @@ use crate::store::{
 
 #[allow(unused_imports)] // for the doc link
 use crate::api_error::PeerErrorBody;
+
+/// A relay whose route acknowledged, not yet settled at its origin.
+struct Relayed {
+    /// The relay's request ID.
+    request: Uuid,
+    /// The origin's first-hop request (pending in its store).
+    hop0: Uuid,
+    /// The keys, with their bytes.
+    keys: Vec<ReservedKey>,
+}
 
 /// Hop number that names the slave-side request of the last KME.
 const FINAL_HOP: u32 = u32::MAX;
@@ -211,7 +229,7 @@ fn on_link(from: &KmeId, to: &KmeId) -> impl Fn(KmsError) -> KmsError {
 
 /// `data ^= pad` with `qkdnet-crypto`'s one-time pad: a pad of another length is
 /// an error, never a silent truncation.
-fn otp(data: &mut [u8], pad: &[u8]) -> Result<(), KmsError> {
+pub(crate) fn otp(data: &mut [u8], pad: &[u8]) -> Result<(), KmsError> {
     qkdnet_crypto::otp::one_time_pad(qkdnet_crypto::SecretBytes::from_slice(pad), data)
         .map_err(|e| KmsError::BadRequest(format!("one-time pad: {e}")))
 }
@@ -321,6 +339,7 @@ impl Relay {
         slave: SaeId,
         target: KmeId,
         req: ValidKeyRequest,
+        replay_key: Option<Uuid>,
     ) -> Result<KeyContainer, KmsError> {
         self.core
             .counters
@@ -333,9 +352,10 @@ impl Relay {
             let attempt = match req.multipath {
                 Multipath::Disjoint { mandatory } => {
                     match self.disjoint_routes(&target, need, &excluded).await? {
-                        Some((r1, r2)) => {
-                            Some(self.relay_two(&r1, &r2, &master, &slave, &req).await)
-                        }
+                        Some((r1, r2)) => Some(
+                            self.relay_two(&r1, &r2, &master, &slave, &req, replay_key)
+                                .await,
+                        ),
                         None if mandatory => {
                             last = Some(KmsError::NoRoute(format!(
                                 "no two node-disjoint routes with key from KME {} to KME {target}",
@@ -357,9 +377,16 @@ impl Relay {
                     else {
                         break;
                     };
-                    self.relay_once(&route, &master, &slave, &req, None)
+                    match self
+                        .relay_once(&route, &master, &slave, &req, None, replay_key)
                         .await
-                        .map(|(_, keys)| container(keys))
+                    {
+                        Ok(done) => self
+                            .settle(&[&done], replay_key)
+                            .await
+                            .map(|()| container(done.keys)),
+                        Err(e) => Err(e),
+                    }
                 }
             };
             match attempt {
@@ -419,14 +446,22 @@ impl Relay {
         master: &SaeId,
         slave: &SaeId,
         req: &ValidKeyRequest,
+        replay_key: Option<Uuid>,
     ) -> Result<KeyContainer, KmsError> {
-        let (request1, first) = self.relay_once(r1, master, slave, req, None).await?;
-        let ids: Vec<Uuid> = first.iter().map(|k| k.layout.key_id).collect();
-        match self.relay_once(r2, master, slave, req, Some(ids)).await {
-            Ok((_, second)) => {
+        let first = self
+            .relay_once(r1, master, slave, req, None, replay_key)
+            .await?;
+        let ids: Vec<Uuid> = first.keys.iter().map(|k| k.layout.key_id).collect();
+        match self
+            .relay_once(r2, master, slave, req, Some(ids), replay_key)
+            .await
+        {
+            Ok(second) => {
+                self.settle(&[&first, &second], replay_key).await?;
                 let keys = first
+                    .keys
                     .into_iter()
-                    .zip(&second)
+                    .zip(&second.keys)
                     .map(|(mut a, b)| {
                         otp(&mut a.material, &b.material)?;
                         Ok(a)
@@ -435,19 +470,23 @@ impl Relay {
                 Ok(container(keys))
             }
             Err(e) => {
-                // Withdraw the first share from the far end.
+                // Withdraw the first share from the far end, then drop it here
+                // (its units are spent: the route learned them).
                 if let Some(peer) = self.core.peers.get(&r1[1]) {
+                    let keys: Vec<KeyLayout> =
+                        first.keys.iter().map(|k| k.layout.clone()).collect();
+                    let units = keys.iter().flat_map(|k| k.unit_ids.clone()).collect();
                     self.core.spawn_void_call(
                         peer.clone(),
                         PendingRequest {
-                            request_id: hop_request_id(request1, 0),
+                            request_id: first.hop0,
                             peer: r1[1].clone(),
-                            keys: Vec::new(),
+                            keys,
                             void_route: None,
                         },
-                        Vec::new(),
+                        units,
                         VoidCall::Relay(RelayVoid {
-                            request_ID: request1,
+                            request_ID: first.request,
                             route: r1.to_vec(),
                             hop: 1,
                         }),
@@ -458,8 +497,42 @@ impl Relay {
         }
     }
 
-    /// One relay along `route`; returns the request ID and the keys (with
-    /// their bytes) once the whole route acknowledged.
+    /// The route(s) of a relay acknowledged: its first-hop requests here are
+    /// confirmed (or answered, kept for one replay, under a replay key) and
+    /// the keys go to the master SAE.
+    async fn settle(&self, relays: &[&Relayed], replay_key: Option<Uuid>) -> Result<(), KmsError> {
+        #[cfg(feature = "test-util")]
+        if let Ok(mut c) = self.crash.lock()
+            && let Some(ids) = c.as_mut()
+        {
+            for r in relays {
+                ids.extend(r.keys.iter().map(|k| k.layout.key_id));
+            }
+            return Err(KmsError::PeerUnavailable(
+                "simulated crash before confirm".into(),
+            ));
+        }
+        match replay_key {
+            // The shares of a multipath key are answered together or not at all.
+            Some(_) => {
+                let hops = relays.iter().map(|r| r.hop0).collect();
+                self.core.store.answer(hops).await?;
+            }
+            None => {
+                for r in relays {
+                    self.core.store.confirm(r.hop0).await?;
+                }
+            }
+        }
+        for r in relays {
+            self.count_relay_units(&r.keys.iter().map(|k| &k.layout).collect::<Vec<_>>());
+        }
+        Ok(())
+    }
+
+    /// One relay along `route`: the keys (with their bytes) once the whole
+    /// route acknowledged, their first-hop request still pending here for
+    /// [`Relay::settle`].
     async fn relay_once(
         &self,
         route: &[KmeId],
@@ -467,7 +540,8 @@ impl Relay {
         slave: &SaeId,
         req: &ValidKeyRequest,
         combine_with: Option<Vec<Uuid>>,
-    ) -> Result<(Uuid, Vec<ReservedKey>), KmsError> {
+        replay_key: Option<Uuid>,
+    ) -> Result<Relayed, KmsError> {
         let me = &self.core.settings.id;
         let first = &route[1];
         let fail = on_link(me, first);
@@ -493,6 +567,7 @@ impl Relay {
                     request_id: request,
                     route: route.to_vec(),
                 }),
+                replay_key,
             })
             .await
             .map_err(|e| fail(e.into()))?;
@@ -513,20 +588,11 @@ impl Relay {
             combine_with,
         };
         match peer.relay(&msg).await {
-            Ok(()) => {
-                #[cfg(feature = "test-util")]
-                if let Ok(mut c) = self.crash.lock()
-                    && let Some(ids) = c.as_mut()
-                {
-                    ids.extend(reserved.iter().map(|k| k.layout.key_id));
-                    return Err(KmsError::PeerUnavailable(
-                        "simulated crash before confirm".into(),
-                    ));
-                }
-                self.core.store.confirm(r0).await?;
-                self.count_relay_units(&reserved.iter().map(|k| &k.layout).collect::<Vec<_>>());
-                Ok((request, reserved))
-            }
+            Ok(()) => Ok(Relayed {
+                request,
+                hop0: r0,
+                keys: reserved,
+            }),
             Err(e) => {
                 let keys = reserved.iter().map(|k| k.layout.clone()).collect();
                 drop(reserved);
@@ -648,6 +714,7 @@ impl Relay {
                 size_bits: size,
                 now_unix_ms: now_ms(),
                 void_route: None,
+                replay_key: None,
             })
             .await
             .map_err(|e| fail_out(e.into()))?;

@@ -30,7 +30,8 @@
 //! (status counts it for its own pair only), which bounds it to `stock_keys` per
 //! active pair.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,8 +52,8 @@ use crate::kme_wire::{ExtKeysReserve, ExtKeysVoidReply, RelayVoid};
 use crate::peer::{PeerCallError, PeerClient};
 use crate::relay::Relay;
 use crate::store::{
-    AcceptOutcome, Acceptance, IngestBatch, KeyLayout, KeyStore, PendingRequest, Replay,
-    ReplayRequest, Reservation, ReservedKey, StoreError,
+    AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
+    Replay, ReplayRequest, Reservation, ReservedKey, StoreError,
 };
 
 /// A key management entity.
@@ -60,11 +61,36 @@ pub struct Kme {
     core: Arc<KmeCore>,
     relay: Arc<Relay>,
     /// SAE pairs (and key sizes) whose stock is being refilled now.
-    refilling: Arc<Mutex<std::collections::HashSet<StockKey>>>,
+    refilling: Arc<Mutex<HashSet<StockKey>>>,
+    /// Replay keys of the idempotent enc_keys being served now: a duplicate
+    /// that arrives meanwhile is told to retry (the store would only see the
+    /// first one's reservation once it is made).
+    in_flight: Arc<Mutex<HashSet<Uuid>>>,
 }
 
 /// A stock: (master SAE, slave SAE, key size in bits).
 type StockKey = (SaeId, SaeId, u32);
+
+/// `key` held in a shared set while a task runs, removed again however the
+/// task ends (even by a panic).
+struct Claim<K: Eq + Hash>(Arc<Mutex<HashSet<K>>>, Option<K>);
+
+impl<K: Eq + Hash + Clone> Claim<K> {
+    /// Claims `key`, unless it is claimed already (or the set is poisoned).
+    fn take(set: &Arc<Mutex<HashSet<K>>>, key: K) -> Option<Self> {
+        let mut held = set.lock().ok()?;
+        held.insert(key.clone())
+            .then(|| Claim(set.clone(), Some(key)))
+    }
+}
+
+impl<K: Eq + Hash> Drop for Claim<K> {
+    fn drop(&mut self) {
+        if let (Ok(mut set), Some(key)) = (self.0.lock(), self.1.take()) {
+            set.remove(&key);
+        }
+    }
+}
 
 impl Kme {
     /// A KME over `store`, reaching its peers through `peers`.
@@ -83,6 +109,7 @@ impl Kme {
             relay: Arc::new(Relay::new(core.clone())),
             core,
             refilling: Arc::default(),
+            in_flight: Arc::default(),
         })
     }
 
@@ -262,20 +289,27 @@ impl Kme {
         let master = self.local_sae(caller)?.clone();
         let (slave, target, peer) = self.slave_kme(slave)?;
         let single = req.multipath == crate::etsi::Multipath::Single;
-        // The idempotency extension: neighbours' keys, on a store that keeps
-        // answered requests; otherwise refused when mandatory, else ignored.
-        let replayable = peer.is_some() && single && self.core.store.keeps_replies();
+        // The idempotency extension, on a store that keeps answered requests;
+        // otherwise refused when mandatory, else ignored.
         let idem = match req.request_id {
-            Some(r) if replayable => Some(client_request_id(&master, r.id)),
+            Some(r) if self.core.store.keeps_replies() => Some(client_request_id(&master, r.id)),
             Some(r) if r.mandatory => return Err(KmsError::UnsupportedMandatoryExtension),
             _ => None,
         };
-        if let Some(request_id) = idem {
+        let _claim = match idem {
+            Some(key) => Some(Claim::take(&self.in_flight, key).ok_or_else(|| {
+                KmsError::RetryLater(format!(
+                    "a request with this {REQUEST_ID_EXTENSION} is being served; retry"
+                ))
+            })?),
+            None => None,
+        };
+        if let Some(replay_key) = idem {
             let replay = self
                 .core
                 .store
                 .replay(ReplayRequest {
-                    request_id,
+                    replay_key,
                     master: master.clone(),
                     slave: slave.clone(),
                     size_bits: req.size_bits,
@@ -285,7 +319,7 @@ impl Kme {
                 .await?;
             match replay {
                 Replay::Unknown => {}
-                Replay::Keys(keys) => return Ok(delivered_container(keys)),
+                Replay::Keys(shares) => return Ok(delivered_container(combine_shares(shares)?)),
                 Replay::InProgress => {
                     return Err(KmsError::RetryLater(format!(
                         "an earlier request with this {REQUEST_ID_EXTENSION} is still in progress; retry"
@@ -293,7 +327,7 @@ impl Kme {
                 }
                 Replay::Spent => {
                     return Err(KmsError::BadRequest(format!(
-                        "this {REQUEST_ID_EXTENSION} was answered and replayed already, voided, or is past the replay window"
+                        "this {REQUEST_ID_EXTENSION} was answered and replayed already, or is past the replay window"
                     )));
                 }
                 Replay::Mismatch => {
@@ -305,9 +339,9 @@ impl Kme {
         }
         let peer = match peer {
             Some(p) if single => p,
-            _ => return self.relay.relay_enc(master, slave, target, req).await,
+            _ => return self.relay.relay_enc(master, slave, target, req, idem).await,
         };
-        if let Some(request_id) = idem {
+        if let Some(replay_key) = idem {
             // Not from the stock: the store keeps this request's own keys for the replay.
             return self
                 .reserve_at_peer(
@@ -316,7 +350,7 @@ impl Kme {
                     slave,
                     req.number,
                     req.size_bits,
-                    Some(request_id),
+                    Some(replay_key),
                 )
                 .await
                 .map(container);
@@ -363,7 +397,7 @@ impl Kme {
         slave: SaeId,
         number: u32,
         size_bits: u32,
-        replayable: Option<Uuid>,
+        replay_key: Option<Uuid>,
     ) -> Result<Vec<ReservedKey>, KmsError> {
         let parts = (master, slave, number, size_bits);
         let (request_id, reserved) = acknowledged_reservation(
@@ -371,7 +405,7 @@ impl Kme {
             peer,
             self.core.settings.peer_attempts,
             parts,
-            replayable,
+            replay_key,
         )
         .await
         .map_err(|(e, job)| {
@@ -381,8 +415,8 @@ impl Kme {
             }
             e
         })?;
-        match replayable {
-            Some(_) => self.core.store.answer(request_id).await?,
+        match replay_key {
+            Some(_) => self.core.store.answer(vec![request_id]).await?,
             None => self.core.store.confirm(request_id).await?,
         }
         Ok(reserved)
@@ -397,19 +431,13 @@ impl Kme {
     /// unless one is running.
     fn refill_stock(&self, peer: &PeerClient, master: &SaeId, slave: &SaeId, size_bits: u32) {
         let key = (master.clone(), slave.clone(), size_bits);
-        match self.refilling.lock() {
-            Ok(mut set) => {
-                if !set.insert(key.clone()) {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
+        let Some(claim) = Claim::take(&self.refilling, key) else {
+            return;
+        };
         let task = refill(
             self.core.store.clone(),
             peer.clone(),
-            self.refilling.clone(),
-            key,
+            claim,
             self.core.settings.stock_keys,
             self.core.settings.limits.max_key_per_request,
             self.core.settings.peer_attempts,
@@ -426,8 +454,8 @@ type VoidJob = (PendingRequest, Vec<Uuid>);
 /// up to `attempts` times; the request is left pending for the caller to confirm
 /// or stock. If the peer refused or never answered, the error comes with the
 /// void the caller must run (in the background) for the pending reservation.
-/// The store's request ID for an SAE's idempotency key: distinct per master SAE
-/// (two SAEs choosing the same key never meet), the same on every retry.
+/// The replay key for an SAE's idempotency key: distinct per master SAE (two
+/// SAEs choosing the same key never meet), the same on every retry.
 fn client_request_id(master: &SaeId, id: Uuid) -> Uuid {
     let mut h = qkdnet_crypto::sm3::Sm3Hasher::new();
     h.update(b"qkdnet/kms/client-request/v1");
@@ -437,14 +465,36 @@ fn client_request_id(master: &SaeId, id: Uuid) -> Uuid {
     crate::block::uuid_v8(&h.finalize())
 }
 
+/// The keys of a replayed request: the first share's key IDs, every later
+/// share XORed in (a multipath key; one share otherwise).
+fn combine_shares(shares: Vec<Vec<DeliveredKey>>) -> Result<Vec<DeliveredKey>, KmsError> {
+    let mut shares = shares.into_iter();
+    let Some(mut keys) = shares.next() else {
+        return Err(KmsError::Store(StoreError::Backend(
+            "a replay without keys".into(),
+        )));
+    };
+    for share in shares {
+        if share.len() != keys.len() {
+            return Err(KmsError::Store(StoreError::Backend(
+                "replayed shares differ in length".into(),
+            )));
+        }
+        for (k, s) in keys.iter_mut().zip(&share) {
+            crate::relay::otp(&mut k.material, &s.material)?;
+        }
+    }
+    Ok(keys)
+}
+
 async fn acknowledged_reservation(
     store: &Arc<dyn KeyStore>,
     peer: &PeerClient,
     attempts: u32,
     (master, slave, number, size_bits): (SaeId, SaeId, u32, u32),
-    request_id: Option<Uuid>,
+    replay_key: Option<Uuid>,
 ) -> Result<(Uuid, Vec<ReservedKey>), (KmsError, Option<VoidJob>)> {
-    let request_id = request_id.unwrap_or_else(Uuid::now_v7);
+    let request_id = Uuid::now_v7();
     let reserved = store
         .reserve(Reservation {
             request_id,
@@ -455,6 +505,7 @@ async fn acknowledged_reservation(
             size_bits,
             now_unix_ms: now_ms(),
             void_route: None,
+            replay_key,
         })
         .await
         .map_err(|e| {
@@ -514,23 +565,16 @@ async fn acknowledged_reservation(
 async fn refill(
     store: Arc<dyn KeyStore>,
     peer: PeerClient,
-    refilling: Arc<Mutex<std::collections::HashSet<StockKey>>>,
-    key: StockKey,
+    claim: Claim<StockKey>,
     target: u32,
     max_per_request: u32,
     attempts: u32,
 ) {
-    // Whatever way this task ends (even a panic), the pair may refill again.
-    struct Done(Arc<Mutex<std::collections::HashSet<StockKey>>>, StockKey);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            if let Ok(mut set) = self.0.lock() {
-                set.remove(&self.1);
-            }
-        }
-    }
-    let _done = Done(refilling, key.clone());
-    let (master, slave, size_bits) = key;
+    // Whatever way this task ends (even a panic), the claim goes and the pair
+    // may refill again.
+    let Some((master, slave, size_bits)) = claim.1.clone() else {
+        return;
+    };
     let per_key = u64::from(units_for_bits(size_bits).max(1));
     let have = match store
         .stock_count(master.clone(), slave.clone(), size_bits)

@@ -778,3 +778,39 @@ async fn a_retry_with_the_same_request_id_gets_the_same_keys_once() {
     let (s, _) = alice.post(&url, &bad).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_of_one_request_id_never_get_two_different_key_sets() {
+    let net = Net::start(4).await;
+    let url = format!("{}/api/v1/keys/bob/enc_keys", net.url_a());
+    let rid = "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f520";
+    let body = json!({"number": 2, "extension_mandatory": [{"qkdnet_request_id": rid}]});
+    let alice = net.sae_client("alice");
+    let answers = tokio::join!(
+        alice.post(&url, &body),
+        alice.post(&url, &body),
+        alice.post(&url, &body),
+        alice.post(&url, &body),
+    );
+    let answers = [answers.0, answers.1, answers.2, answers.3];
+    let mut sets = HashSet::new();
+    for (s, v) in &answers {
+        match *s {
+            StatusCode::OK => {
+                sets.insert(keys_of(v));
+            }
+            // Told to wait for the first, or the replay was used up.
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_REQUEST => {}
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(sets.len(), 1, "one key set for one request ID: {answers:?}");
+    let oks = answers.iter().filter(|a| a.0 == StatusCode::OK).count();
+    assert!(oks <= 2, "the keys and at most one replay: {answers:?}");
+    let keys = sets.into_iter().next().expect("one set");
+    let ids: Vec<String> = keys.iter().map(|(i, _)| i.clone()).collect();
+    let dec = format!("{}/api/v1/keys/alice/dec_keys", net.url_b());
+    let (s, v) = net.sae_client("bob").post(&dec, &key_ids_body(&ids)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), keys);
+}

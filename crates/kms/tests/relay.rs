@@ -422,3 +422,77 @@ async fn an_origin_that_dies_before_confirming_voids_the_relay_at_every_hop() {
         taken.map(|k| k.len())
     );
 }
+
+/// enc_keys with the idempotency extension (and multipath if asked).
+async fn enc_idem(m: &Mesh, to: &str, rid: &str, multipath: bool) -> (u16, serde_json::Value) {
+    let mut ext = vec![json!({"qkdnet_request_id": rid})];
+    if multipath {
+        ext.push(json!({"qkdnet_multipath": 2}));
+    }
+    enc_ext(m, 0, to, json!({"extension_mandatory": ext})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_relayed_key_is_the_same_key_once_over_one_route_or_two() {
+    // Two node-disjoint routes from k0 to k3: k0 - k1 - k3 and k0 - k2 - k3.
+    let edges = [(0, 1), (1, 3), (0, 2), (2, 3)];
+    let mut mesh = mesh(4, &edges, |_, _| 2).await;
+    let mut delivered = Vec::new();
+    for (rid, multipath) in [
+        ("0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f511", false),
+        ("0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f512", true),
+    ] {
+        let (st, v) = enc_idem(&mesh, "sae-k3", rid, multipath).await;
+        assert_eq!(st, 200, "{v}");
+        let first = keys_of(&v);
+        assert_eq!(first.len(), 2);
+        // The answer is lost and k0 restarts before the SAE retries.
+        mesh.stop(0).await;
+        mesh.restart(0).await.expect("restart");
+        let (st, v) = enc_idem(&mesh, "sae-k3", rid, multipath).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(keys_of(&v), first, "the retry gets the same keys");
+        let (st, v) = enc_idem(&mesh, "sae-k3", rid, multipath).await;
+        assert_eq!(st, 400, "once: {v}");
+        delivered.extend(first);
+    }
+    // The slave gets exactly those keys (the multipath one recombined), once.
+    let ids: Vec<String> = delivered.iter().map(|k| k.0.clone()).collect();
+    let (st, got) = dec(&mesh, 3, "sae-k3", "sae-k0", &ids).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(keys_of(&got), delivered);
+    let (st, _) = dec(&mesh, 3, "sae-k3", "sae-k0", &ids).await;
+    assert_eq!(st, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_relay_that_died_unanswered_gets_new_keys_and_the_old_never_appear() {
+    let edges = [(0, 1), (1, 2)];
+    let mut mesh = mesh(3, &edges, |_, _| 2).await;
+    let rid = "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f513";
+    k(&mesh, 0).relay().crash_before_confirm();
+    let (st, v) = enc_idem(&mesh, "sae-k2", rid, false).await;
+    assert_eq!(st, 503, "{v}");
+    let lost = k(&mesh, 0).relay().crashed_key_ids();
+    assert_eq!(lost.len(), 2);
+    // Restarted, k0 voids the relay along its route; until that settled a
+    // retry may be told to wait, after it the retry is served afresh.
+    mesh.stop(0).await;
+    mesh.restart(0).await.expect("restart");
+    for i in 0..3 {
+        assert!(k(&mesh, i).settle(Duration::from_secs(20)).await, "k{i}");
+    }
+    let (st, v) = enc_idem(&mesh, "sae-k2", rid, false).await;
+    assert_eq!(st, 200, "{v}");
+    let fresh = keys_of(&v);
+    let ids: Vec<String> = fresh.iter().map(|k| k.0.clone()).collect();
+    let (st, got) = dec(&mesh, 2, "sae-k2", "sae-k0", &ids).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(keys_of(&got), fresh);
+    // The unanswered keys were voided at the far end (store IDs, as kept by
+    // the test hook).
+    let slave = qkdnet_kms::ids::SaeId::new("sae-k2").expect("id");
+    let master = qkdnet_kms::ids::SaeId::new("sae-k0").expect("id");
+    let taken = k(&mesh, 2).store().take(slave, master, lost).await;
+    assert!(taken.is_err(), "{:?}", taken.map(|k| k.len()));
+}

@@ -25,8 +25,8 @@ use qkdnet_kms::store::MasterKey;
 use qkdnet_kms::store::postgres::{PostgresOptions, PostgresUrl, SchemaName};
 use qkdnet_kms::store::sqlite::Durability;
 use qkdnet_kms::store::{
-    AcceptOutcome, Acceptance, IngestBatch, KeyStore, PostgresStore, Reservation, ReservedKey,
-    SqliteStore, StoreError,
+    AcceptOutcome, Acceptance, IngestBatch, KeyStore, PostgresStore, REPLAY_WINDOW_MS, Replay,
+    ReplayRequest, Reservation, ReservedKey, SqliteStore, StoreError,
 };
 use qkdnet_kms::testkeys::seeded_block;
 use uuid::Uuid;
@@ -65,6 +65,7 @@ on_both_backends!(
     issue_18_item_8_a_copy_of_the_store_holds_no_key_material,
     issue_18_item_8_another_master_key_or_none_is_refused,
     issue_18_item_8_a_plaintext_store_is_encrypted_at_open_and_keeps_its_keys,
+    answered_requests_replay_once_under_their_replay_key,
 );
 
 /// Where a test's stores live: files in a temporary directory, or schemas on the
@@ -497,6 +498,7 @@ fn reservation_by(peer: &str, master: &str, slave: &str, number: u32) -> Reserva
         size_bits: 256,
         now_unix_ms: now(),
         void_route: None,
+        replay_key: None,
     }
 }
 
@@ -523,6 +525,106 @@ fn acceptance(from: &str, r: &Reservation, keys: &[ReservedKey]) -> Acceptance {
         keys: keys.iter().map(|k| k.layout.clone()).collect(),
         now_unix_ms: 0,
     }
+}
+
+/// The `qkdnet_request_id` extension's store side: the requests reserved under
+/// one replay key (attempts, multipath shares) replay together, once; voided
+/// ones do not count; answered keys never replayed go after the window.
+async fn answered_requests_replay_once_under_their_replay_key(backend: Backend) {
+    let a = backend.open("a").await;
+    fill(&*a, "kme-a", "kme-b", 1).await;
+    let key = Uuid::new_v4();
+    let under = |key: Uuid| Reservation {
+        replay_key: Some(key),
+        ..reservation(2)
+    };
+    let replay = |key: Uuid, number: u32, slave: &str, now: u64| ReplayRequest {
+        replay_key: key,
+        master: sae("alice"),
+        slave: sae(slave),
+        size_bits: 256,
+        number,
+        now_unix_ms: now,
+    };
+    let state = async |r: ReplayRequest| a.replay(r).await.expect("replay");
+    assert!(matches!(
+        state(replay(key, 2, "bob", now())).await,
+        Replay::Unknown
+    ));
+    // A failed attempt (voided) does not count.
+    let failed = under(key);
+    a.reserve(failed.clone()).await.expect("reserve");
+    a.release(failed.request_id, Vec::new())
+        .await
+        .expect("release");
+    assert!(matches!(
+        state(replay(key, 2, "bob", now())).await,
+        Replay::Unknown
+    ));
+    // Two shares of a multipath key, answered once both were acknowledged.
+    let (s1, s2) = (under(key), under(key));
+    let k1 = a.reserve(s1.clone()).await.expect("reserve");
+    assert!(matches!(
+        state(replay(key, 2, "bob", now())).await,
+        Replay::InProgress
+    ));
+    let k2 = a.reserve(s2.clone()).await.expect("reserve");
+    // An attempt that failed, its void not settled yet: still pending.
+    a.reserve(under(key)).await.expect("reserve");
+    a.answer(vec![s1.request_id, s2.request_id])
+        .await
+        .expect("answer");
+    let before = a.pool_counts(kme("kme-b")).await.expect("counts");
+    assert!(matches!(
+        state(replay(key, 3, "bob", now())).await,
+        Replay::Mismatch
+    ));
+    assert!(matches!(
+        state(replay(key, 2, "carol", now())).await,
+        Replay::Mismatch
+    ));
+    let Replay::Keys(shares) = state(replay(key, 2, "bob", now())).await else {
+        panic!("the answered shares");
+    };
+    assert_eq!(shares.len(), 2);
+    for (share, reserved) in shares.iter().zip([&k1, &k2]) {
+        assert_eq!(share.len(), reserved.len());
+        for (got, want) in share.iter().zip(reserved.iter()) {
+            assert_eq!(got.key_id, want.layout.key_id, "in reservation order");
+            assert_eq!(got.material[..], want.material[..]);
+        }
+    }
+    assert!(matches!(
+        state(replay(key, 2, "bob", now())).await,
+        Replay::Spent
+    ));
+    let after = a.pool_counts(kme("kme-b")).await.expect("counts");
+    assert_eq!(
+        after.total_units,
+        before.total_units - 4,
+        "replayed units are spent"
+    );
+    // Answered, never replayed: its keys go with the first block after the window.
+    let late = Uuid::new_v4();
+    let old = Reservation {
+        now_unix_ms: now() - REPLAY_WINDOW_MS - 60_000,
+        ..under(late)
+    };
+    a.reserve(old.clone()).await.expect("reserve");
+    a.answer(vec![old.request_id]).await.expect("answer");
+    let mut next = batch(
+        "kme-a",
+        "kme-b",
+        seeded_block(SEED, "ab", kme("kme-b"), 1, BLOCK_BYTES),
+    );
+    next.created_unix_ms = now();
+    let added = a.ingest(next).await.expect("ingest");
+    assert!(matches!(
+        state(replay(late, 2, "bob", now())).await,
+        Replay::Spent
+    ));
+    let end = a.pool_counts(kme("kme-b")).await.expect("counts");
+    assert_eq!(end.total_units, after.total_units + added - 2);
 }
 
 async fn reserve_accept_take_void_are_idempotent_and_exactly_once(backend: Backend) {
@@ -864,6 +966,7 @@ async fn state_survives_an_abrupt_drop(backend: Backend) {
         // A relay's first hop: the route to void it along is kept with it.
         let r2 = Reservation {
             void_route: Some(relay_route()),
+            replay_key: None,
             ..reservation(1)
         };
         let rid2 = r2.request_id;
@@ -1381,14 +1484,21 @@ async fn kmes_configured_with_store_url_serve_keys_from_postgres() {
     .await;
     let (alice, bob) = (net.sae_client("alice"), net.sae_client("bob"));
     let enc = format!("{}/api/v1/keys/bob/enc_keys", net.url_a());
-    let (s, v) = alice
-        .post(&enc, &serde_json::json!({"number": 2, "size": 256}))
-        .await;
+    // With the idempotency extension (mandatory: PostgreSQL keeps replies too).
+    let body = serde_json::json!({"number": 2, "size": 256,
+        "extension_mandatory": [{"qkdnet_request_id": "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f530"}]});
+    let (s, v) = alice.post(&enc, &body).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let got = keys_of(&v);
     let ids: Vec<String> = got.iter().map(|(i, _)| i.clone()).collect();
-    // The keys are in PostgreSQL, not in A's memory: a restart of A changes nothing.
+    // The keys are in PostgreSQL, not in A's memory: a restart of A changes
+    // nothing, and the SAE's retry of the lost answer gets the same keys, once.
     net.restart_a().await;
+    let (s, v) = alice.post(&enc, &body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(keys_of(&v), got);
+    let (s, v) = alice.post(&enc, &body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let dec = format!("{}/api/v1/keys/alice/dec_keys", net.url_b());
     let (s, v) = bob.post(&dec, &key_ids_body(&ids)).await;
     assert_eq!(s, StatusCode::OK, "{v}");

@@ -87,8 +87,8 @@ pub const REPLAY_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// A replay asked for by an SAE's retry.
 #[derive(Debug, Clone)]
 pub struct ReplayRequest {
-    /// The store's request ID (derived from the SAE's idempotency key).
-    pub request_id: Uuid,
+    /// The replay key the requests were reserved under ([`Reservation::replay_key`]).
+    pub replay_key: Uuid,
     /// Master SAE retrying.
     pub master: SaeId,
     /// Slave SAE it names.
@@ -101,27 +101,51 @@ pub struct ReplayRequest {
     pub now_unix_ms: u64,
 }
 
-/// What the store knows of a request an SAE retries.
+/// What the store knows of the requests reserved under an SAE's replay key.
+/// Requests that were voided (never delivered) do not count: a key whose every
+/// request was voided is [`Replay::Unknown`]. In order: another request's
+/// parameters → `Mismatch`; a request delivered already → `Spent`; answered
+/// requests → `Keys` (requests still pending beside them are failed attempts
+/// being voided); pending ones only → `InProgress`.
 #[non_exhaustive]
 pub enum Replay {
-    /// No such request: serve it as a new one (under this request ID).
+    /// Nothing delivered under this key: serve it as a new request.
     Unknown,
-    /// Answered before: the same keys, now deleted here.
-    Keys(Vec<DeliveredKey>),
-    /// Reserved but not answered yet (in progress, or left by a crash until the
-    /// background void settles it): retry later.
+    /// Answered before: the same keys, now deleted here. One list per answered
+    /// request, in reservation order: one for a key from a neighbour or relayed
+    /// over one route, two for a multipath key (the caller XORs the second into
+    /// the first, whose key IDs the SAE was given).
+    Keys(Vec<Vec<DeliveredKey>>),
+    /// A request under this key is reserved but not answered yet (in progress,
+    /// or left by a crash until the background void settles it): retry later.
     InProgress,
-    /// Replayed once already, voided, or past the replay window.
+    /// Replayed once already, or past the replay window.
     Spent,
     /// The ID was used for another SAE pair, key size or number of keys.
     Mismatch,
+}
+
+impl Replay {
+    /// The outcome decided by the states of the (not voided) requests under a
+    /// key, in the order [`Replay`] gives; `None`: replay the answered ones.
+    pub(crate) fn unless_answered(spent: bool, pending: bool, answered: bool) -> Option<Replay> {
+        match (spent, answered, pending) {
+            (true, _, _) => Some(Replay::Spent),
+            (false, true, _) => None,
+            (false, false, true) => Some(Replay::InProgress),
+            (false, false, false) => Some(Replay::Unknown),
+        }
+    }
 }
 
 impl std::fmt::Debug for Replay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Replay::Unknown => f.write_str("Unknown"),
-            Replay::Keys(k) => write!(f, "Keys({} keys)", k.len()),
+            Replay::Keys(shares) => {
+                let n: Vec<usize> = shares.iter().map(Vec::len).collect();
+                write!(f, "Keys({n:?} keys)")
+            }
             Replay::InProgress => f.write_str("InProgress"),
             Replay::Spent => f.write_str("Spent"),
             Replay::Mismatch => f.write_str("Mismatch"),
@@ -172,6 +196,11 @@ pub struct Reservation {
     /// For the origin of a relayed key: how to void the request along its whole
     /// route if this KME restarts with it pending (kept with the request).
     pub void_route: Option<VoidRoute>,
+    /// The SAE's idempotency key (derived from its `qkdnet_request_id`), kept with
+    /// the request so that [`KeyStore::replay`] finds it. Several requests may
+    /// share one: the attempts of a rerouted relay, the two shares of a
+    /// multipath key. Only on stores that [`KeyStore::keeps_replies`].
+    pub replay_key: Option<Uuid>,
 }
 
 /// Which units make up a key: what the reserving KME tells its peer.
@@ -302,22 +331,24 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Whether this store keeps answered requests for one replay (the ETSI
     /// extension `qkdnet_request_id`: a retry after a lost answer gets the same
-    /// keys, once). SQLite does; PostgreSQL does not yet.
+    /// keys, once). SQLite and PostgreSQL do.
     fn keeps_replies(&self) -> bool {
         false
     }
 
-    /// Master side, instead of [`KeyStore::confirm`]: the peer acknowledged
-    /// `request_id` and its keys go to the master SAE now; keep them (encrypted
-    /// at rest like every unit) for one [`KeyStore::replay`] until
-    /// [`REPLAY_WINDOW_MS`] after the reservation, then delete them.
-    fn answer(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
-        let _ = request_id;
+    /// Master side, instead of [`KeyStore::confirm`]: the peers acknowledged
+    /// the pending `request_ids` (one, or the shares of a multipath key: all or
+    /// none, in one transaction) and their keys go to the master SAE now; keep
+    /// them (encrypted at rest like every unit) for one [`KeyStore::replay`]
+    /// until [`REPLAY_WINDOW_MS`] after the reservation, then delete them.
+    fn answer(&self, request_ids: Vec<Uuid>) -> StoreFuture<'_, ()> {
+        let _ = request_ids;
         Box::pin(async { Err(StoreError::Backend("this store keeps no replies".into())) })
     }
 
-    /// The keys of an answered master-side request, once, if `master` reserved
-    /// it for `slave` with that key size and number; see [`Replay`].
+    /// The keys of the answered master-side requests reserved under
+    /// `replay_key`, once, if `master` reserved them for `slave` with that key
+    /// size and number; see [`Replay`].
     fn replay(&self, r: ReplayRequest) -> StoreFuture<'_, Replay> {
         let _ = r;
         Box::pin(async { Err(StoreError::Backend("this store keeps no replies".into())) })

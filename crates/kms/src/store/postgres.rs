@@ -66,7 +66,8 @@ use zeroize::Zeroizing;
 use super::cipher::{self, KeyRecord, MasterKey, Plan, UnitCipher};
 use super::{
     AcceptOutcome, Acceptance, DeliveredKey, IngestBatch, KeyLayout, KeyStore, PendingRequest,
-    PoolCounts, Reservation, ReservedKey, StoreError, StoreFuture, VoidOutcome, VoidRoute,
+    PoolCounts, REPLAY_WINDOW_MS, Replay, ReplayRequest, Reservation, ReservedKey, StoreError,
+    StoreFuture, VoidOutcome, VoidRoute,
 };
 use crate::block::{UNIT_BYTES, units_for_bits};
 use crate::ids::{KmeId, SaeId};
@@ -77,6 +78,12 @@ const REQ_PENDING: i16 = 0;
 const REQ_ACCEPTED: i16 = 1;
 const REQ_VOIDED: i16 = 2;
 const REQ_DELIVERED: i16 = 3;
+/// Master side: delivered to the master SAE, keys kept for one replay (the
+/// `qkdnet_request_id` extension) until [`REPLAY_WINDOW_MS`]; as in SQLite.
+const REQ_ANSWERED: i16 = 5;
+
+/// Most answered requests past their replay window expired per ingested block.
+const EXPIRE_LIMIT: i64 = 4096;
 
 /// Attempts of one operation that hit a serialization failure, deadlock or raced
 /// unique key before it gives up.
@@ -119,6 +126,9 @@ CREATE TABLE IF NOT EXISTS requests(
     request_id UUID PRIMARY KEY, role SMALLINT NOT NULL, peer TEXT NOT NULL, state SMALLINT NOT NULL,
     voided UUID[], created_ms BIGINT NOT NULL);
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS void_route TEXT;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS replay_key UUID;
+CREATE INDEX IF NOT EXISTS requests_replay ON requests(replay_key) WHERE replay_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_answered ON requests(peer, created_ms) WHERE state = 5;
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v BYTEA NOT NULL);
 ";
 
@@ -869,6 +879,18 @@ async fn ingest_op(cx: &mut Ctx<'_>, b: &IngestBatch) -> Result<u64, OpError> {
     };
     let n_mine = mine.iter().filter(|m| **m).count() as u64;
     bump(cx, peer, i64_of(n)?, i64_of(n_mine)?).await?;
+    // Answered requests of this pool (locked already) past their replay window
+    // lose their kept keys.
+    let cutoff = i64_of(b.created_unix_ms.saturating_sub(REPLAY_WINDOW_MS))?;
+    let expired = cx
+        .query(
+            "SELECT request_id FROM requests WHERE state = 5 AND peer = $1 AND created_ms < $2 LIMIT $3",
+            &[&peer, &cutoff, &EXPIRE_LIMIT],
+        )
+        .await?;
+    for row in &expired {
+        consume_request(cx, &row.try_get(0)?, peer).await?;
+    }
     Ok(n)
 }
 
@@ -1002,8 +1024,17 @@ async fn reserve_op(cx: &mut Ctx<'_>, r: &Reservation) -> Result<Vec<ReservedKey
     .await?;
     let route = r.void_route.as_ref().map(VoidRoute::encode);
     cx.execute(
-        "INSERT INTO requests(request_id, role, peer, state, created_ms, void_route) VALUES ($1,$2,$3,$4,$5,$6)",
-        &[&r.request_id, &ROLE_MASTER, &peer, &REQ_PENDING, &now, &route],
+        "INSERT INTO requests(request_id, role, peer, state, created_ms, void_route, replay_key)
+         VALUES ($1,$2,$3,$4,$5,$6,$7)",
+        &[
+            &r.request_id,
+            &ROLE_MASTER,
+            &peer,
+            &REQ_PENDING,
+            &now,
+            &route,
+            &r.replay_key,
+        ],
     )
     .await?;
     bump(cx, peer, 0, -i64_of(need as u64)?).await?;
@@ -1024,13 +1055,19 @@ impl Op for Confirm {
 
 async fn confirm_op(cx: &mut Ctx<'_>, rid: &Uuid) -> Result<(), OpError> {
     let peer = master_pending(cx, rid).await?;
+    consume_request(cx, rid, &peer).await
+}
+
+/// Deletes the units of master-side request `rid` (its pool `peer` locked) and
+/// marks it delivered: a confirmation, a replay, an expired answer.
+async fn consume_request(cx: &mut Ctx<'_>, rid: &Uuid, peer: &str) -> Result<(), OpError> {
     let n = cx
         .execute(
             "DELETE FROM units WHERE key_id IN (SELECT key_id FROM keys WHERE request_id = $1)",
             &[rid],
         )
         .await?;
-    bump(cx, &peer, -i64_of(n)?, 0).await?;
+    bump(cx, peer, -i64_of(n)?, 0).await?;
     // The key rows stay, without material, as a record of which SAE pair
     // the key went to (a later dec_keys for it here is then answered 401).
     cx.execute(
@@ -1044,6 +1081,161 @@ async fn confirm_op(cx: &mut Ctx<'_>, rid: &Uuid) -> Result<(), OpError> {
     )
     .await?;
     Ok(())
+}
+
+struct Answer(Vec<Uuid>);
+
+impl Op for Answer {
+    type Out = ();
+    async fn run<'c>(&'c self, cx: &'c mut Ctx<'_>) -> Result<(), OpError> {
+        for rid in &self.0 {
+            master_pending(cx, rid).await?;
+            cx.execute(
+                "UPDATE requests SET state = $2 WHERE request_id = $1",
+                &[rid, &REQ_ANSWERED],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+struct ReplayOp(ReplayRequest);
+
+impl Op for ReplayOp {
+    type Out = Replay;
+    fn run<'c>(
+        &'c self,
+        cx: &'c mut Ctx<'_>,
+    ) -> impl Future<Output = Result<Replay, OpError>> + Send + 'c {
+        replay_op(cx, &self.0)
+    }
+}
+
+/// The requests under a replay key that were not voided, their pools locked
+/// (sorted, as in `take_op`), then read again under the locks.
+async fn replay_rows(cx: &mut Ctx<'_>, key: &Uuid) -> Result<Vec<Row>, OpError> {
+    const ROWS: &str = "SELECT request_id, role, peer, state, created_ms FROM requests
+        WHERE replay_key = $1 AND state <> 2";
+    let first = cx.query(ROWS, &[key]).await?;
+    let mut peers = BTreeSet::new();
+    for r in &first {
+        peers.insert(r.try_get::<_, String>(2)?);
+    }
+    for p in &peers {
+        lock_pool(cx, p).await?;
+    }
+    let rows = cx.query(ROWS, &[key]).await?;
+    for r in &rows {
+        if !peers.contains(&r.try_get::<_, String>(2)?) {
+            return Err(OpError::Retry);
+        }
+    }
+    Ok(rows)
+}
+
+async fn replay_op(cx: &mut Ctx<'_>, r: &ReplayRequest) -> Result<Replay, OpError> {
+    let rows = replay_rows(cx, &r.replay_key).await?;
+    if rows.is_empty() {
+        return Ok(Replay::Unknown);
+    }
+    let size_bits = i32_of_size(r.size_bits)?;
+    // (first key's order, request ID, peer, created) of each answered request.
+    let (mut answered, mut pending, mut spent) = (Vec::new(), false, false);
+    for row in &rows {
+        let rid: Uuid = row.try_get(0)?;
+        let keys = cx
+            .query(
+                "SELECT master, slave, size_bits, ord FROM keys WHERE request_id = $1 ORDER BY ord",
+                &[&rid],
+            )
+            .await?;
+        let role: i16 = row.try_get(1)?;
+        let mismatch = role != ROLE_MASTER
+            || keys.len() != r.number as usize
+            || keys.iter().any(|k| {
+                k.try_get::<_, &str>(0).ok() != Some(r.master.as_str())
+                    || k.try_get::<_, &str>(1).ok() != Some(r.slave.as_str())
+                    || k.try_get::<_, i32>(2).ok() != Some(size_bits)
+            });
+        let state: i16 = row.try_get(3)?;
+        match state {
+            _ if mismatch && !keys.is_empty() => return Ok(Replay::Mismatch),
+            REQ_PENDING => pending = true,
+            REQ_ANSWERED if !mismatch => {
+                let ord: i64 = keys[0].try_get(3)?;
+                let created: i64 = row.try_get(4)?;
+                answered.push((ord, rid, row.try_get::<_, String>(2)?, created));
+            }
+            _ => spent = true,
+        }
+    }
+    if let Some(outcome) = Replay::unless_answered(spent, pending, !answered.is_empty()) {
+        return Ok(outcome);
+    }
+    answered.sort_by_key(|a| a.0);
+    let expired = answered.iter().any(|a| {
+        u64::try_from(a.3).map_or(true, |c| c.saturating_add(REPLAY_WINDOW_MS) < r.now_unix_ms)
+    });
+    let key_bytes = (r.size_bits / 8) as usize;
+    let mut shares = Vec::with_capacity(answered.len());
+    for (_, rid, peer, _) in &answered {
+        if !expired {
+            shares.push(answered_keys(cx, rid, key_bytes).await?);
+        }
+        consume_request(cx, rid, peer).await?;
+    }
+    Ok(if expired {
+        Replay::Spent
+    } else {
+        Replay::Keys(shares)
+    })
+}
+
+/// The keys (with their material) of answered request `rid`, in key order.
+async fn answered_keys(
+    cx: &mut Ctx<'_>,
+    rid: &Uuid,
+    key_bytes: usize,
+) -> Result<Vec<DeliveredKey>, OpError> {
+    let units = cx
+        .query(
+            "SELECT k.key_id, u.material, u.seq FROM keys k JOIN units u ON u.key_id = k.key_id
+             WHERE k.request_id = $1 ORDER BY k.ord, u.pos",
+            &[rid],
+        )
+        .await?;
+    let mut out: Vec<DeliveredKey> = Vec::new();
+    for row in &units {
+        let kid: Uuid = row.try_get(0)?;
+        let m: &[u8] = row.try_get(1)?;
+        if m.len() != UNIT_BYTES {
+            return Err(StoreError::Backend("corrupt unit in store".into()).into());
+        }
+        if out.last().is_none_or(|k| k.key_id != kid) {
+            out.push(DeliveredKey {
+                key_id: kid,
+                material: Zeroizing::new(Vec::with_capacity(
+                    key_bytes.div_ceil(UNIT_BYTES) * UNIT_BYTES,
+                )),
+            });
+        }
+        let Some(key) = out.last_mut() else {
+            return Err(corrupt("replayed key").into());
+        };
+        let at = key.material.len();
+        key.material.extend_from_slice(m);
+        if let Some(cipher) = cx.cipher {
+            cipher.apply(u64_of(row.try_get(2)?)?, 0, &mut key.material[at..]);
+        }
+    }
+    for k in &mut out {
+        if k.material.len() < key_bytes {
+            return Err(StoreError::Backend("key units missing in store".into()).into());
+        }
+        k.material.truncate(key_bytes);
+    }
+    Ok(out)
 }
 
 struct Release(Uuid, Vec<Uuid>);
@@ -1545,6 +1737,18 @@ impl KeyStore for PostgresStore {
         key_ids: Vec<Uuid>,
     ) -> StoreFuture<'_, Vec<DeliveredKey>> {
         self.submit(Take(caller, master, key_ids))
+    }
+
+    fn keeps_replies(&self) -> bool {
+        true
+    }
+
+    fn answer(&self, request_ids: Vec<Uuid>) -> StoreFuture<'_, ()> {
+        self.submit(Answer(request_ids))
+    }
+
+    fn replay(&self, r: ReplayRequest) -> StoreFuture<'_, Replay> {
+        self.submit(ReplayOp(r))
     }
 }
 

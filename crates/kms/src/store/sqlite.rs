@@ -59,9 +59,10 @@ const MAX_BATCH: usize = 512;
 
 /// Schema version kept in `PRAGMA user_version`. Version 4 added `meta` (the
 /// store's encryption record), version 5 `requests.void_route` (a relay
-/// origin's route, see [`super::VoidRoute`]); version 3 and 4 stores are
-/// upgraded at open.
-const SCHEMA_VERSION: i64 = 5;
+/// origin's route, see [`super::VoidRoute`]), version 6 `requests.replay_key`
+/// (see [`super::Reservation::replay_key`]); version 3 to 5 stores are upgraded
+/// at open.
+const SCHEMA_VERSION: i64 = 6;
 
 /// Units per row of key material (2 KiB: two rows fit in a 4 KiB page).
 const CHUNK_UNITS: u64 = 64;
@@ -116,7 +117,7 @@ CREATE TABLE IF NOT EXISTS requests(
     rid INTEGER PRIMARY KEY, request_id BLOB NOT NULL UNIQUE, role INTEGER NOT NULL,
     peer TEXT NOT NULL, state INTEGER NOT NULL, master TEXT NOT NULL DEFAULT '',
     slave TEXT NOT NULL DEFAULT '', size_bits INTEGER NOT NULL DEFAULT 0, voided BLOB,
-    taken BLOB, created_ms INTEGER NOT NULL, void_route TEXT);
+    taken BLOB, created_ms INTEGER NOT NULL, void_route TEXT, replay_key BLOB);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state, created_ms);
 CREATE INDEX IF NOT EXISTS requests_stock ON requests(master, slave, size_bits) WHERE state = 4;
 CREATE TABLE IF NOT EXISTS pools(
@@ -303,6 +304,22 @@ impl SqliteStore {
             if has_route == 0 {
                 conn.execute_batch("ALTER TABLE requests ADD COLUMN void_route TEXT")?;
             }
+            let has_replay: i64 = conn.query_row(
+                "SELECT count(*) FROM pragma_table_info('requests') WHERE name = 'replay_key'",
+                [],
+                |r| r.get(0),
+            )?;
+            if has_replay == 0 {
+                // Version 5 found an answered request by its own ID, derived
+                // from the SAE's key: that ID is its replay key.
+                conn.execute_batch(
+                    "ALTER TABLE requests ADD COLUMN replay_key BLOB;
+                     UPDATE requests SET replay_key = request_id WHERE state = 5;",
+                )?;
+            }
+            conn.execute_batch(
+                "CREATE INDEX IF NOT EXISTS requests_replay ON requests(replay_key) WHERE replay_key IS NOT NULL",
+            )?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             let record = key_record(&conn)?;
             Ok(
@@ -1114,71 +1131,90 @@ fn ingest_op(conn: &Db, b: IngestBatch) -> Result<u64, StoreError> {
 /// Forgets finished requests older than [`RETENTION_MS`] (and the master's
 /// records of which keys they delivered), at most [`PRUNE_LIMIT`] per call.
 /// Keeps an acknowledged request's keys for one replay (see [`REQ_ANSWERED`]).
-fn answer_op(conn: &Connection, request_id: Uuid) -> Result<(), StoreError> {
-    let req = master_pending(conn, &request_id)?;
-    conn.prepare_cached("UPDATE requests SET state=?2 WHERE rid=?1")?
-        .execute(params![req.rid, REQ_ANSWERED])?;
+fn answer_op(conn: &Connection, request_ids: &[Uuid]) -> Result<(), StoreError> {
+    for request_id in request_ids {
+        let req = master_pending(conn, request_id)?;
+        conn.prepare_cached("UPDATE requests SET state=?2 WHERE rid=?1")?
+            .execute(params![req.rid, REQ_ANSWERED])?;
+    }
     Ok(())
 }
 
 fn replay_op(conn: &Db, r: ReplayRequest) -> Result<Replay, StoreError> {
-    let row = conn
+    let rows: Vec<(i64, i64, String, i64, String, String, u32, i64)> = conn
         .prepare_cached(
-            "SELECT rid, role, peer, state, master, slave, size_bits, created_ms FROM requests WHERE request_id=?1",
+            "SELECT rid, role, peer, state, master, slave, size_bits, created_ms FROM requests
+             WHERE replay_key=?1 AND state != ?2 ORDER BY rid",
         )?
-        .query_row(params![&r.request_id.as_bytes()[..]], |x| {
+        .query_map(params![&r.replay_key.as_bytes()[..], REQ_VOIDED], |x| {
             Ok((
-                x.get::<_, i64>(0)?,
-                x.get::<_, i64>(1)?,
-                x.get::<_, String>(2)?,
-                x.get::<_, i64>(3)?,
-                x.get::<_, String>(4)?,
-                x.get::<_, String>(5)?,
-                x.get::<_, u32>(6)?,
-                x.get::<_, i64>(7)?,
+                x.get(0)?,
+                x.get(1)?,
+                x.get(2)?,
+                x.get(3)?,
+                x.get(4)?,
+                x.get(5)?,
+                x.get(6)?,
+                x.get(7)?,
             ))
-        })
-        .optional()?;
-    let Some((rid, role, peer, state, master, slave, size_bits, created_ms)) = row else {
+        })?
+        .collect::<Result<_, _>>()?;
+    if rows.is_empty() {
         return Ok(Replay::Unknown);
-    };
-    if role != ROLE_MASTER
-        || master != r.master.as_str()
-        || slave != r.slave.as_str()
-        || size_bits != r.size_bits
-    {
-        return Ok(Replay::Mismatch);
     }
-    if state == REQ_PENDING {
-        return Ok(Replay::InProgress);
+    let per_key = u64::from(units_for_bits(r.size_bits).max(1));
+    let (mut answered, mut pending, mut spent) = (Vec::new(), false, false);
+    for (rid, role, peer, state, master, slave, size_bits, created_ms) in rows {
+        if role != ROLE_MASTER
+            || master != r.master.as_str()
+            || slave != r.slave.as_str()
+            || size_bits != r.size_bits
+        {
+            return Ok(Replay::Mismatch);
+        }
+        match state {
+            REQ_PENDING => pending = true,
+            REQ_ANSWERED => {
+                let extents = held_of(conn, rid)?;
+                let units: u64 = extents.iter().map(|e| e.n).sum();
+                if units / per_key != u64::from(r.number) {
+                    return Ok(Replay::Mismatch);
+                }
+                answered.push((rid, peer, created_ms, extents, units));
+            }
+            _ => spent = true,
+        }
     }
-    if state != REQ_ANSWERED {
-        return Ok(Replay::Spent);
+    if let Some(outcome) = Replay::unless_answered(spent, pending, !answered.is_empty()) {
+        return Ok(outcome);
     }
-    let extents = held_of(conn, rid)?;
-    let per_key = u64::from(units_for_bits(size_bits).max(1));
-    let units: u64 = extents.iter().map(|e| e.n).sum();
-    if units / per_key != u64::from(r.number) {
-        return Ok(Replay::Mismatch);
-    }
-    if u64_of(created_ms)?.saturating_add(REPLAY_WINDOW_MS) < r.now_unix_ms {
-        consume_held(conn, &peer, &extents)?;
-        delivered_at(conn, rid, r.now_unix_ms)?;
-        return Ok(Replay::Spent);
-    }
+    let expired = answered
+        .iter()
+        .any(|a| u64_of(a.2).map_or(true, |c| c.saturating_add(REPLAY_WINDOW_MS) < r.now_unix_ms));
     let all: Vec<u64> = (0..u64::from(r.number)).collect();
-    let mut taken = Vec::new();
-    let keys = deliver_keys(
-        conn,
-        &mut Blocks::default(),
-        &extents,
-        &mut taken,
-        &all,
-        size_bits,
-    )?;
-    bump(conn, &peer, -i64_of(units)?, 0)?;
-    delivered_at(conn, rid, r.now_unix_ms)?;
-    Ok(Replay::Keys(keys))
+    let mut shares = Vec::with_capacity(answered.len());
+    for (rid, peer, _, extents, units) in answered {
+        if expired {
+            consume_held(conn, &peer, &extents)?;
+        } else {
+            let mut taken = Vec::new();
+            shares.push(deliver_keys(
+                conn,
+                &mut Blocks::default(),
+                &extents,
+                &mut taken,
+                &all,
+                r.size_bits,
+            )?);
+            bump(conn, &peer, -i64_of(units)?, 0)?;
+        }
+        delivered_at(conn, rid, r.now_unix_ms)?;
+    }
+    Ok(if expired {
+        Replay::Spent
+    } else {
+        Replay::Keys(shares)
+    })
 }
 
 fn prune_op(conn: &Connection, now: u64) -> Result<(), StoreError> {
@@ -1333,9 +1369,13 @@ fn reserve_op(conn: &Db, r: Reservation) -> Result<Vec<ReservedKey>, StoreError>
         (r.master.as_str(), r.slave.as_str(), r.size_bits),
         r.now_unix_ms,
     )?;
-    if let Some(v) = &r.void_route {
-        conn.prepare_cached("UPDATE requests SET void_route=?2 WHERE rid=?1")?
-            .execute(params![rid, v.encode()])?;
+    if r.void_route.is_some() || r.replay_key.is_some() {
+        conn.prepare_cached("UPDATE requests SET void_route=?2, replay_key=?3 WHERE rid=?1")?
+            .execute(params![
+                rid,
+                r.void_route.as_ref().map(VoidRoute::encode),
+                r.replay_key.as_ref().map(|k| &k.as_bytes()[..]),
+            ])?;
     }
     let mut blocks = Blocks::default();
     let mut material = Zeroizing::new(Vec::with_capacity(need as usize * UNIT_BYTES));
@@ -2153,8 +2193,8 @@ impl KeyStore for SqliteStore {
         true
     }
 
-    fn answer(&self, request_id: Uuid) -> StoreFuture<'_, ()> {
-        self.submit(move |c| answer_op(c, request_id))
+    fn answer(&self, request_ids: Vec<Uuid>) -> StoreFuture<'_, ()> {
+        self.submit(move |c| answer_op(c, &request_ids))
     }
 
     fn replay(&self, r: ReplayRequest) -> StoreFuture<'_, Replay> {
@@ -2220,6 +2260,11 @@ mod tests {
     }
 
     fn reserve(c: &Db, id: Uuid) -> Vec<ReservedKey> {
+        reserve_under(c, id, id)
+    }
+
+    /// Reserves two 256-bit keys for alice → bob under request `id` and replay `key`.
+    fn reserve_under(c: &Db, id: Uuid, key: Uuid) -> Vec<ReservedKey> {
         reserve_op(
             c,
             Reservation {
@@ -2231,6 +2276,7 @@ mod tests {
                 size_bits: 256,
                 now_unix_ms: crate::clock::now_ms(),
                 void_route: None,
+                replay_key: Some(key),
             },
         )
         .expect("reserve")
@@ -2244,7 +2290,7 @@ mod tests {
         replay_op(
             c,
             ReplayRequest {
-                request_id: id,
+                replay_key: id,
                 master: sae("alice"),
                 slave: sae("bob"),
                 size_bits,
@@ -2263,13 +2309,15 @@ mod tests {
         let before = counts_op(&c, &kme("kme-b")).expect("counts");
         let keys = reserve(&c, id);
         assert!(matches!(replay(&c, id, 2, 256, now), Replay::InProgress));
-        answer_op(&c, id).expect("answer");
+        answer_op(&c, &[id]).expect("answer");
         assert!(matches!(replay(&c, unknown, 2, 256, now), Replay::Unknown));
         assert!(matches!(replay(&c, id, 3, 256, now), Replay::Mismatch));
         assert!(matches!(replay(&c, id, 1, 512, now), Replay::Mismatch));
-        let Replay::Keys(again) = replay(&c, id, 2, 256, now) else {
+        let Replay::Keys(mut shares) = replay(&c, id, 2, 256, now) else {
             panic!("the answered keys");
         };
+        let again = shares.pop().expect("one share");
+        assert!(shares.is_empty());
         assert_eq!(again.len(), 2);
         for (a, k) in again.iter().zip(&keys) {
             assert_eq!(a.key_id, k.layout.key_id);
@@ -2283,14 +2331,14 @@ mod tests {
         // Past the window: the kept keys are deleted (on replay or by pruning).
         let late = reserve(&c, pending);
         drop(late);
-        answer_op(&c, pending).expect("answer");
+        answer_op(&c, &[pending]).expect("answer");
         assert!(matches!(
             replay(&c, pending, 2, 256, now + REPLAY_WINDOW_MS + 60_000),
             Replay::Spent
         ));
         let expired = Uuid::now_v7();
         reserve(&c, expired);
-        answer_op(&c, expired).expect("answer");
+        answer_op(&c, &[expired]).expect("answer");
         prune_op(&c, now + REPLAY_WINDOW_MS + 60_000).expect("prune");
         assert!(matches!(replay(&c, expired, 2, 256, now), Replay::Spent));
         let end = counts_op(&c, &kme("kme-b")).expect("counts");
@@ -2308,6 +2356,7 @@ mod tests {
                     size_bits: 256,
                     now_unix_ms: now,
                     void_route: None,
+                    replay_key: None,
                 },
             ),
             Err(StoreError::RequestConflict)
