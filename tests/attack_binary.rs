@@ -234,6 +234,17 @@ impl Network {
         );
     }
 
+    /// Node `id`'s KME credential (certificate, key, the network's CA).
+    fn kme_tls(&self, id: &str) -> TlsMaterial {
+        let nd = self.state.join("nodes").join(id);
+        TlsMaterial::from_files(
+            &self.state.join("pki/ca.pem"),
+            &nd.join("kme.pem"),
+            &nd.join("kme.key"),
+        )
+        .expect("KME credential")
+    }
+
     /// The hybrid-only TLS configuration qkdnet's own clients use, for `sae`.
     fn pq_config(&self, sae: &str) -> Arc<ClientConfig> {
         let s = self.connect.sae(sae).expect("SAE in connect.json");
@@ -420,8 +431,10 @@ fn issue_18_attacks_fail_against_a_network_started_by_net_up() {
     let cut = trickle.join().expect("trickle thread");
     assert!(cut, "a trickled request body held its connection");
 
-    // Last, as it restarts beta with limits a test can wait for.
+    // Last, as they restart the nodes: beta with limits a test can wait for,
+    // then alpha with a classical-only impostor in place of beta's KME.
     lowered_limits_of_the_kme_configuration_hold(&mut net);
+    a_kme_refuses_a_classical_peer_kme(&mut net);
 }
 
 /// Finding 2: forged hellos (right link ID, no secret) sent again and again to
@@ -958,18 +971,69 @@ fn trickled_body_is_cut_off(cfg: Arc<ClientConfig>, addr: SocketAddr) -> bool {
 /// makes room again.
 fn lowered_limits_of_the_kme_configuration_hold(net: &mut Network) {
     const GLOBAL: usize = 12;
+    const PER_KME: usize = 4;
     net.restart("beta", |toml| {
-        let lowered = toml
-            .replace(
-                "\nmax_connections = 4096\n",
-                &format!("\nmax_connections = {GLOBAL}\n"),
-            )
-            .replace("\nidle_timeout_ms = 120000\n", "\nidle_timeout_ms = 1500\n");
-        assert_ne!(lowered, toml, "no [kme.connections] defaults in node.toml");
+        let mut lowered = toml;
+        for (default, low) in [
+            (
+                "max_connections = 4096",
+                format!("max_connections = {GLOBAL}"),
+            ),
+            (
+                "max_connections_per_kme = 512",
+                format!("max_connections_per_kme = {PER_KME}"),
+            ),
+            (
+                "idle_timeout_ms = 120000",
+                "idle_timeout_ms = 1500".to_owned(),
+            ),
+        ] {
+            let (from, to) = (format!("\n{default}\n"), format!("\n{low}\n"));
+            assert!(lowered.contains(&from), "no `{default}` in node.toml");
+            lowered = lowered.replace(&from, &to);
+        }
         lowered
     });
     let addr = net.kme_addr("beta");
     let path = "/api/v1/keys/sae-a/status";
+
+    // A peer KME holding more connections than its cap: alpha's credential
+    // (its own node's connections count too, so refusals may start earlier).
+    let alpha = Arc::new(
+        client_config(
+            &net.kme_tls("alpha"),
+            KmeId::new("beta").expect("KME ID"),
+            KeyExchange::HybridOnly,
+        )
+        .expect("TLS"),
+    );
+    let mut peer_held = Vec::new();
+    let mut peer_refused = 0;
+    for _ in 0..PER_KME + 2 {
+        let served = tls_connect(alpha.clone(), addr).ok().and_then(|mut s| {
+            get(&mut s, "/api/v1/kme/lsdb")
+                .filter(|a| a.0 == 200)
+                .map(|_| s)
+        });
+        match served {
+            Some(s) => peer_held.push(s),
+            None => peer_refused += 1,
+        }
+    }
+    assert!(
+        !peer_held.is_empty() && peer_held.len() <= PER_KME,
+        "{} connections of one peer KME served at once",
+        peer_held.len()
+    );
+    assert!(peer_refused >= 2, "only {peer_refused} refused");
+    // The cap is the peer's: an SAE is served meanwhile.
+    let mut sae = tls_connect(net.pq_config("sae-b"), addr).expect("sae-b's connection");
+    assert_eq!(get(&mut sae, path).map(|a| a.0), Some(200));
+    drop((sae, peer_held));
+    eprintln!(
+        "finding 4: with max_connections_per_kme {PER_KME}, {peer_refused} of {} connections of KME alpha refused",
+        PER_KME + 2
+    );
 
     // A connection that says nothing after its request is closed.
     let mut quiet = tls_connect(net.pq_config("sae-b"), addr).expect("TLS");
@@ -1112,5 +1176,109 @@ fn a_corrupted_sealed_file_yields_no_plaintext(net: &Network) {
     eprintln!(
         "finding 9: corrupted copy refused ({}), no plaintext written",
         refusal.trim()
+    );
+}
+
+/// Finding 7 for the KME's own client (KME to KME): alpha restarts with beta's
+/// KME replaced by an impostor that holds beta's real credential but speaks
+/// classical key exchange only (ring's X25519/P-256/P-384). Alpha must not
+/// complete a handshake with it, so no reservation (key IDs and unit layouts)
+/// crosses a classical channel; enc_keys for beta's SAE fails instead. The
+/// control: a classical client completes a handshake with the impostor.
+fn a_kme_refuses_a_classical_peer_kme(net: &mut Network) {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let impostor = listener.local_addr().expect("addr");
+    let beta = net.kme_tls("beta");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(beta.chain().expect("chain"), beta.key().expect("key"))
+            .expect("server config"),
+    );
+    let (tried, completed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serve = {
+        let (tried, completed, stop) = (tried.clone(), completed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 5 minutes, and stopped by the test.
+            let end = Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                let Ok((sock, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = sock.set_nonblocking(false);
+                let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+                tried.fetch_add(1, Ordering::Relaxed);
+                let Ok(conn) = rustls::ServerConnection::new(server.clone()) else {
+                    continue;
+                };
+                let mut tls = StreamOwned::new(conn, sock);
+                if tls.conn.complete_io(&mut tls.sock).is_ok() && !tls.conn.is_handshaking() {
+                    completed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Control: the impostor serves a classical client.
+    let classical = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(beta.roots().expect("roots"))
+        .with_no_client_auth();
+    let control = tls_connect(Arc::new(classical), impostor);
+    assert!(
+        control.is_ok(),
+        "the impostor's control handshake: {:?}",
+        control.err()
+    );
+    drop(control);
+    assert!(eventually(Duration::from_secs(10), || completed
+        .load(Ordering::Relaxed)
+        == 1));
+
+    let beta_url = net.node("beta").kme_url.clone();
+    net.restart("alpha", |toml| {
+        let moved = toml.replace(&beta_url, &format!("https://{impostor}"));
+        assert_ne!(moved, toml, "beta's KME URL not in alpha's node.toml");
+        moved
+    });
+    // 512-bit keys: never from the key stock, so alpha must call its peer.
+    let body = br#"{"number": 1, "size": 512}"#.to_vec();
+    let rt = rt();
+    let (status, answer) = rt
+        .block_on(
+            net.raw("sae-a")
+                .call(Method::POST, "/api/v1/keys/sae-b/enc_keys", Some(body)),
+        )
+        .expect("an answer from alpha");
+    let status = status.as_u16();
+    assert_ne!(
+        status,
+        200,
+        "keys while the peer KME was an impostor: {}",
+        text(&answer)
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || tried.load(Ordering::Relaxed)
+            > 1),
+        "alpha never tried to reach its peer"
+    );
+    stop.store(true, Ordering::Relaxed);
+    serve.join().expect("impostor thread");
+    assert_eq!(
+        completed.load(Ordering::Relaxed),
+        1,
+        "alpha completed a classical handshake with its peer KME"
+    );
+    eprintln!(
+        "finding 7: alpha's KME made {} connections to a classical-only peer, none completed; enc_keys answered {status}",
+        tried.load(Ordering::Relaxed) - 1
     );
 }
