@@ -7,12 +7,12 @@
 //!
 //! | finding | attack here |
 //! |---|---|
-//! | 2 | forged, unauthenticated link hellos flooded at the Bob node's link port |
+//! | 2 | forged, unauthenticated link hellos flooded at the Bob node's link port; a forged 512 MiB frame header injected on the path between the nodes |
 //! | 3 | predicting the next key ID from the IDs of earlier enc_keys |
-//! | 4 | one SAE opening more connections than its cap; a client trickling a body |
+//! | 4 | one SAE, one peer KME, all callers opening more connections than their caps; a client trickling a body; a silent connection |
 //! | 5 | an answer lost: enc_keys retried with the same `qkdnet_request_id` |
 //! | 6 | dec_keys as an existence oracle for another pair's key IDs |
-//! | 7 | classical-only TLS clients (rustls, `openssl s_client`, curl) |
+//! | 7 | classical-only TLS clients (rustls, `openssl s_client`, curl); a classical-only impostor of the peer KME, holding its real certificate |
 //! | 8 | reading the key stores' raw files (database and WAL) for delivered keys |
 //! | 9 | `msg open` of a corrupted sealed file |
 //!
@@ -204,6 +204,7 @@ impl Network {
     /// after `edit` has changed it, as an operator would; waits until it serves.
     fn restart(&mut self, id: &str, edit: impl FnOnce(String) -> String) {
         let mut node = self.node(id).clone();
+        node.pid = self.pid(id); // this test may have restarted it before
         let _ = Command::new("kill")
             .args(["-TERM", &node.pid.to_string()])
             .status();
@@ -232,6 +233,16 @@ impl Network {
                 .is_ok()),
             "{id} did not come back"
         );
+    }
+
+    /// The process ID of node `id` (the newest, if this test restarted it).
+    fn pid(&self, id: &str) -> u32 {
+        self.restarted
+            .nodes
+            .iter()
+            .rev()
+            .find(|n| n.id == id)
+            .map_or(self.node(id).pid, |n| n.pid)
     }
 
     /// Node `id`'s KME credential (certificate, key, the network's CA).
@@ -434,6 +445,7 @@ fn issue_18_attacks_fail_against_a_network_started_by_net_up() {
     // Last, as they restart the nodes: beta with limits a test can wait for,
     // then alpha with a classical-only impostor in place of beta's KME.
     lowered_limits_of_the_kme_configuration_hold(&mut net);
+    a_forged_frame_header_on_the_path_allocates_nothing_up_front(&mut net);
     a_kme_refuses_a_classical_peer_kme(&mut net);
 }
 
@@ -1280,5 +1292,164 @@ fn a_kme_refuses_a_classical_peer_kme(net: &mut Network) {
     eprintln!(
         "finding 7: alpha's KME made {} connections to a classical-only peer, none completed; enc_keys answered {status}",
         tried.load(Ordering::Relaxed) - 1
+    );
+}
+
+/// A process's virtual memory size (`VmSize`, bytes): every allocation it
+/// holds, touched or not (a reserved buffer counts before a byte is written).
+fn vm_size(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmPeak");
+    kb * 1024
+}
+
+/// Copies `from` to `to` until either end closes.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+/// Finding 2, second half, from the path between the nodes: alpha's link
+/// runs through a relay of this test (an on-path attacker). Once blocks flow
+/// through it, the relay replaces the next frame of the quantum connection by
+/// a header announcing the largest frame Bob accepts (512 MiB) and trickles
+/// 1 MiB after it, then holds the connection. Before the fix Bob reserved the
+/// announced size at once; now his memory (virtual size, sampled throughout)
+/// grows with the bytes sent, not the bytes announced. The control: the link
+/// makes blocks through the relay before and after.
+fn a_forged_frame_header_on_the_path_allocates_nothing_up_front(net: &mut Network) {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    const FORWARD: u8 = 0;
+    const ATTACK: u8 = 1;
+    const SENT: u8 = 2;
+    const TRICKLE: usize = 1 << 20;
+    let announced = qkdnet_net::quantum::MAX_FRAME_BYTES;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let relay = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let bob = net.node("beta").link_port;
+    let mode = Arc::new(AtomicU8::new(FORWARD));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accept = {
+        let (mode, stop) = (mode.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                let Ok((alice, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = alice.set_nonblocking(false);
+                let Ok(upstream) = TcpStream::connect_timeout(&bob, Duration::from_secs(5)) else {
+                    continue;
+                };
+                let mode = mode.clone();
+                std::thread::spawn(move || relay_link(alice, upstream, &mode));
+            }
+        })
+    };
+    fn relay_link(mut alice: TcpStream, mut bob: TcpStream, mode: &AtomicU8) {
+        let Ok(hello) = Hello::read(&mut alice) else {
+            return;
+        };
+        if bob.write_all(&hello.encode()).is_err() {
+            return;
+        }
+        if let (Ok(a), Ok(b)) = (alice.try_clone(), bob.try_clone()) {
+            std::thread::spawn(move || pipe(b, a));
+        }
+        if hello.kind != KIND_QUANTUM {
+            return pipe(alice, bob);
+        }
+        let mut tag = [0u8; PROOF_BYTES];
+        if alice.read_exact(&mut tag).is_err() || bob.write_all(&tag).is_err() {
+            return;
+        }
+        // Quantum frames: u64 block, u32 length, body.
+        loop {
+            let mut head = [0u8; 12];
+            if alice.read_exact(&mut head).is_err() {
+                break;
+            }
+            if mode.load(Ordering::Relaxed) == ATTACK {
+                let mut forged = head;
+                forged[8..].copy_from_slice(&qkdnet_net::quantum::MAX_FRAME_BYTES.to_le_bytes());
+                let chunk = vec![0x5au8; 64 << 10];
+                let mut ok = bob.write_all(&forged).is_ok();
+                for _ in 0..TRICKLE / chunk.len() {
+                    ok = ok && bob.write_all(&chunk).is_ok();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                mode.store(SENT, Ordering::Relaxed);
+                // Hold the connection a moment, then cut it (Alice reconnects).
+                std::thread::sleep(Duration::from_secs(2));
+                let _ = ok;
+                break;
+            }
+            let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes"));
+            let mut body = vec![0u8; len as usize];
+            if alice.read_exact(&mut body).is_err()
+                || bob.write_all(&head).is_err()
+                || bob.write_all(&body).is_err()
+            {
+                break;
+            }
+        }
+        let _ = alice.shutdown(std::net::Shutdown::Both);
+        let _ = bob.shutdown(std::net::Shutdown::Both);
+    }
+
+    let bob_addr = format!("peer_link_addr = \"{bob}\"");
+    net.restart("alpha", |toml| {
+        assert!(
+            toml.contains(&bob_addr),
+            "no `{bob_addr}` in alpha's node.toml"
+        );
+        toml.replace(&bob_addr, &format!("peer_link_addr = \"{relay}\""))
+    });
+    let blocks = |net: &Network| net.link("beta").blocks_ok;
+    let start = blocks(net);
+    assert!(
+        eventually(Duration::from_secs(120), || blocks(net) >= start + 1),
+        "no block through the relay"
+    );
+    let pid = net.pid("beta");
+    let before = vm_size(pid);
+    let mut after = before;
+    mode.store(ATTACK, Ordering::Relaxed);
+    // Sampled until the trickle was sent and for the second the relay holds on.
+    let sent = eventually(Duration::from_secs(120), || {
+        after = after.max(vm_size(pid));
+        mode.load(Ordering::Relaxed) == SENT
+    });
+    assert!(sent, "no quantum frame came through the relay to forge");
+    let hold = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < hold {
+        after = after.max(vm_size(pid));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let grew = after.saturating_sub(before);
+    // Half the announced size: far above what a few new threads or malloc
+    // arenas add, far below the reservation the attack used to cause.
+    assert!(
+        grew < u64::from(announced) / 2,
+        "Bob's memory grew by {grew} bytes under a forged {announced}-byte frame header"
+    );
+    mode.store(FORWARD, Ordering::Relaxed);
+    let resumed = blocks(net);
+    assert!(
+        eventually(Duration::from_secs(120), || blocks(net) >= resumed + 1),
+        "the link made no block through the relay after the forged frame"
+    );
+    stop.store(true, Ordering::Relaxed);
+    accept.join().expect("relay thread");
+    eprintln!(
+        "finding 2: a forged {announced}-byte quantum frame header plus {TRICKLE} bytes on the path; Bob's VmSize {before} -> at most {after} (+{grew}); blocks resumed"
     );
 }
