@@ -122,15 +122,41 @@ pub fn launch(
     Ok((prepared, children))
 }
 
-/// Live per-link progress, one bar per link (read from Alice's node).
+/// Live per-link progress, one bar per link (read from Alice's node); when
+/// stdout is not a terminal (a pipe, a log file, CI), a plain line per link
+/// every [`PLAIN_EVERY`] instead, as bars are not drawn there.
 pub struct Progress {
     multi: MultiProgress,
     bars: Vec<(String, ProgressBar)>,
+    plain: bool,
+    started: Instant,
+    seen: std::cell::RefCell<Seen>,
+}
+
+/// How often [`Progress`] prints plain lines.
+const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// A link slower than this share of its `time_scale` is reported as one the
+/// machine cannot keep up with (after [`SCALE_SETTLES`] of running).
+const SLOW_SHARE: f64 = 0.5;
+const SCALE_SETTLES: Duration = Duration::from_secs(10);
+
+/// What [`Progress`] remembers between updates.
+#[derive(Default)]
+struct Seen {
+    /// Per link: link seconds and when they were read, for the live scale.
+    last: std::collections::HashMap<String, (f64, Instant)>,
+    /// Per link: link seconds per wall second over the last interval.
+    live: std::collections::HashMap<String, f64>,
+    last_plain: Option<Instant>,
+    warned: bool,
 }
 
 impl Progress {
     /// Bars for the links of `topo`.
     pub fn new(topo: &ValidTopology) -> Progress {
+        use std::io::IsTerminal;
+        let plain = !std::io::stdout().is_terminal();
         let multi = MultiProgress::new();
         let style = ProgressStyle::with_template("{spinner} {prefix:<16} {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
@@ -145,11 +171,29 @@ impl Progress {
                 (l.id.clone(), b)
             })
             .collect();
-        Progress { multi, bars }
+        Progress {
+            multi,
+            bars,
+            plain,
+            started: Instant::now(),
+            seen: Default::default(),
+        }
     }
 
-    /// Updates the bars from the nodes' status.
+    /// Updates the bars (or prints plain lines) from the nodes' status.
     pub fn update(&self, statuses: &[(String, Result<NodeStatus, String>)]) {
+        let now = Instant::now();
+        let Ok(mut seen) = self.seen.try_borrow_mut() else {
+            return;
+        };
+        let print_plain = self.plain
+            && seen
+                .last_plain
+                .is_none_or(|t| now.duration_since(t) >= PLAIN_EVERY);
+        if print_plain {
+            seen.last_plain = Some(now);
+        }
+        let mut slow = Vec::new();
         for (id, bar) in &self.bars {
             let found = statuses.iter().find_map(|(_, s)| {
                 s.as_ref()
@@ -159,20 +203,64 @@ impl Progress {
                     .find(|l| &l.id == id && l.role == Role::Alice)
                     .cloned()
             });
-            match found {
-                Some(l) => bar.set_message(format!(
-                    "{}  QBER {:>5.2} %  secret {:>9} bits  {:>9.3e} bit/s (model {:.3e})  pool {} units",
-                    if l.up { "up  " } else { "down" },
-                    l.qber * 100.0,
-                    l.secret_bits,
-                    l.key_rate_bps,
-                    l.model_key_bps,
-                    l.pool_units
-                )),
-                None => bar.set_message("no status"),
+            let Some(l) = found else {
+                bar.set_message("no status");
+                if print_plain {
+                    println!("[{:>5.0} s] {id:<16} no status", self.elapsed(now));
+                }
+                continue;
+            };
+            // The live time scale: link seconds per wall second since the last
+            // reading at least a second ago.
+            let prev = seen.last.get(id).copied();
+            match prev {
+                Some((secs, at)) if now.duration_since(at) >= Duration::from_secs(1) => {
+                    let rate = (l.link_seconds - secs) / now.duration_since(at).as_secs_f64();
+                    seen.live.insert(id.clone(), rate.max(0.0));
+                    seen.last.insert(id.clone(), (l.link_seconds, now));
+                }
+                Some(_) => {}
+                None => {
+                    seen.last.insert(id.clone(), (l.link_seconds, now));
+                }
             }
+            let live = seen.live.get(id).copied();
+            if let Some(rate) = live
+                && l.time_scale > 0.0
+                && rate < SLOW_SHARE * l.time_scale
+                && now.duration_since(self.started) >= SCALE_SETTLES
+            {
+                slow.push((id.clone(), rate, l.time_scale));
+            }
+            let line = format!(
+                "{}  QBER {:>5.2} %  secret {:>9} bits  {:>9.3e} bit/s (model {:.3e})  pool {} units  time ×{}",
+                if l.up { "up  " } else { "down" },
+                l.qber * 100.0,
+                l.secret_bits,
+                l.key_rate_bps,
+                l.model_key_bps,
+                l.pool_units,
+                live.map_or_else(|| "?".to_owned(), |r| format!("{r:.2}"))
+            );
+            if print_plain {
+                println!("[{:>5.0} s] {id:<16} {line}", self.elapsed(now));
+            }
+            bar.set_message(line);
             bar.tick();
         }
+        if !slow.is_empty() && !seen.warned {
+            seen.warned = true;
+            let msg = slow_warning(&slow);
+            if self.plain {
+                println!("{msg}");
+            } else {
+                let _ = self.multi.println(msg);
+            }
+        }
+    }
+
+    fn elapsed(&self, now: Instant) -> f64 {
+        now.duration_since(self.started).as_secs_f64()
     }
 
     /// Removes the bars.
@@ -182,6 +270,27 @@ impl Progress {
         }
         let _ = self.multi.clear();
     }
+}
+
+/// The warning for links (ID, link seconds per wall second, `time_scale`)
+/// that run slower than their topology asks.
+fn slow_warning(slow: &[(String, f64, f64)]) -> String {
+    let worst = slow.iter().map(|s| s.1 / s.2).fold(f64::INFINITY, f64::min);
+    let names: Vec<&str> = slow.iter().take(6).map(|s| s.0.as_str()).collect();
+    format!(
+        "warning: this machine cannot keep up: {} of the links ({}{}) run at as little as {:.2}× the topology's time_scale \
+         (each link simulates its optics on a CPU share); key comes that much slower per wall second, \
+         and `net status` shows each link's effective time scale. A smaller network (topologies/demo.toml) \
+         or a smaller time_scale keeps up.",
+        slow.len(),
+        names.join(", "),
+        if slow.len() > names.len() {
+            ", …"
+        } else {
+            ""
+        },
+        worst
+    )
 }
 
 fn up(
@@ -274,7 +383,7 @@ fn up(
 /// Prints a status table.
 pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
     println!(
-        "{:<10} {:<16} {:>5} {:>4} {:>8} {:>7} {:>11} {:>10} {:>11} {:>11} {:>10}",
+        "{:<10} {:<16} {:>5} {:>4} {:>8} {:>7} {:>11} {:>10} {:>7} {:>11} {:>11} {:>10}",
         "node",
         "link",
         "role",
@@ -283,16 +392,25 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
         "blocks",
         "secret bits",
         "link s",
+        "time ×",
         "bit/s",
         "model",
         "pool(256b)"
     );
+    let mut slow = Vec::new();
     for (node, s) in statuses {
         match s {
             Ok(st) => {
                 for l in &st.links {
+                    if l.time_scale > 0.0
+                        && st.uptime_s >= SCALE_SETTLES.as_secs_f64()
+                        && l.time_scale_effective < SLOW_SHARE * l.time_scale
+                        && !slow.iter().any(|s: &(String, f64, f64)| s.0 == l.id)
+                    {
+                        slow.push((l.id.clone(), l.time_scale_effective, l.time_scale));
+                    }
                     println!(
-                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>11.3e} {:>11.3e} {:>10}",
+                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>7.2} {:>11.3e} {:>11.3e} {:>10}",
                         node,
                         l.id,
                         match l.role {
@@ -304,6 +422,7 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
                         l.blocks_ok,
                         l.secret_bits,
                         l.link_seconds,
+                        l.time_scale_effective,
                         l.key_rate_bps,
                         l.model_key_bps,
                         l.pool_units
@@ -312,6 +431,9 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
             }
             Err(e) => println!("{node:<10} not answering: {e}"),
         }
+    }
+    if !slow.is_empty() {
+        println!("{}", slow_warning(&slow));
     }
     // The KMEs: what applications asked for, and the relays through each node.
     println!(

@@ -313,8 +313,9 @@ fn text(a: &PlanArgs, r: &PlanReport, source: &str, saes: usize, wall: f64) {
     println!("wall time {wall:.2} s");
 }
 
-/// Pool levels over time: one plot of the worst links together (SVG and
-/// PNG), and one per link for each of the `top` worst.
+/// Pool levels over time: one plot of the worst links together, and one per
+/// link for each of the `top` worst (cropped to when the pool was drawn on),
+/// each as SVG and PNG.
 fn plot(dir: &Path, r: &PlanReport, top: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let worst: Vec<usize> = r.bottlenecks.iter().take(top).copied().collect();
@@ -373,24 +374,81 @@ fn plot(dir: &Path, r: &PlanReport, top: usize) -> anyhow::Result<()> {
                 }
             })
             .collect();
-        crate::plot::linear_y(
-            &dir.join(format!("pool-{id}.svg")),
-            &format!("Key pool of link {}", r.links[i].id),
-            x_label,
-            "key in pool (bits)",
-            &[crate::plot::Series {
-                label,
-                points: series(i),
-                dashed: false,
-            }],
-        )?;
+        let (points, cropped) = busy_window(series(i));
+        let title = if cropped {
+            format!("Key pool of link {} (when it was drawn on)", r.links[i].id)
+        } else {
+            format!("Key pool of link {}", r.links[i].id)
+        };
+        for ext in ["svg", "png"] {
+            crate::plot::linear_y(
+                &dir.join(format!("pool-{id}.{ext}")),
+                &title,
+                x_label,
+                "key in pool (bits)",
+                &[crate::plot::Series {
+                    label,
+                    points: points.clone(),
+                    dashed: false,
+                }],
+            )?;
+        }
     }
     Ok(())
+}
+
+/// The part of a pool's curve where something happens: a pool sits at its cap
+/// for most of a day and is drawn on in a few busy hours, so the plot keeps the
+/// span from the first to the last sample below 99 % of the highest level,
+/// with a tenth of that span (at least one sample) on either side. A pool that
+/// never leaves its top keeps the whole curve. Returns whether it cropped.
+fn busy_window(points: Vec<(f64, f64)>) -> (Vec<(f64, f64)>, bool) {
+    let top = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let below = |p: &(f64, f64)| p.1 < 0.99 * top;
+    let (Some(first), Some(last)) = (
+        points.iter().position(below),
+        points.iter().rposition(below),
+    ) else {
+        return (points, false);
+    };
+    let pad = ((last - first) / 10).max(1);
+    let (from, to) = (
+        first.saturating_sub(pad),
+        (last + pad).min(points.len() - 1),
+    );
+    if from == 0 && to == points.len() - 1 {
+        return (points, false);
+    }
+    (points[from..=to].to_vec(), true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
+
+    #[test]
+    fn a_pool_curve_is_cropped_to_where_it_was_drawn_on() {
+        use super::busy_window;
+        // Full (100) for hours 0-9 and 16-23, drawn down in 10-15.
+        let day: Vec<(f64, f64)> = (0..24)
+            .map(|h| {
+                (
+                    f64::from(h),
+                    if (10..16).contains(&h) { 40.0 } else { 100.0 },
+                )
+            })
+            .collect();
+        let (cut, cropped) = busy_window(day.clone());
+        assert!(cropped);
+        assert_eq!(cut.first().map(|p| p.0), Some(9.0));
+        assert_eq!(cut.last().map(|p| p.0), Some(16.0));
+        // Never drawn on: the whole, flat curve.
+        let flat: Vec<(f64, f64)> = (0..24).map(|h| (f64::from(h), 100.0)).collect();
+        assert_eq!(busy_window(flat.clone()), (flat, false));
+        // Drawn on all day: nothing to crop.
+        let busy: Vec<(f64, f64)> = (0..24).map(|h| (f64::from(h), f64::from(h % 5))).collect();
+        assert!(!busy_window(busy).1);
+    }
 
     #[test]
     fn durations() {

@@ -194,6 +194,8 @@ struct NodeState {
     kme: Arc<Kme>,
     links: Vec<LinkView>,
     started: Instant,
+    /// The configured link seconds per wall second.
+    time_scale: f64,
 }
 
 fn link_params(l: &NodeLink) -> Result<LinkParams, NetError> {
@@ -389,6 +391,7 @@ pub async fn run(
         kme: kme.clone(),
         links: views,
         started: Instant::now(),
+        time_scale: cfg.node.time_scale,
     });
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
@@ -493,6 +496,13 @@ pub struct LinkStatus {
     pub blocks_aborted: u64,
     /// Link seconds simulated or received.
     pub link_seconds: f64,
+    /// Link seconds per wall second the topology asks for (`time_scale`).
+    #[serde(default)]
+    pub time_scale: f64,
+    /// Link seconds per wall second this link achieved since the node
+    /// started: below `time_scale` when the machine cannot keep up.
+    #[serde(default)]
+    pub time_scale_effective: f64,
     /// Secret bits per link second of the blocks that ended.
     pub key_rate_bps: f64,
     /// Secret bits per wall second since the node started.
@@ -577,6 +587,8 @@ async fn collect(s: &NodeState) -> NodeStatus {
             blocks_ok: st.blocks_ok.load(Relaxed),
             blocks_aborted: st.blocks_aborted.load(Relaxed),
             link_seconds,
+            time_scale: s.time_scale,
+            time_scale_effective: link_seconds / up.max(1e-9),
             key_rate_bps: if done_seconds > 0.0 {
                 secret as f64 / done_seconds
             } else {
