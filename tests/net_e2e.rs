@@ -144,6 +144,16 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
 
     // The key path: enc_keys at alpha's KME, the same keys by ID at beta's.
     wait_for_keys(&rt, &a, "sae-beta", 4);
+    // Each link reports the time scale asked for and the one achieved.
+    for l in node_status(&rec, "alpha").links {
+        assert_eq!(l.time_scale, 1.0, "{}", l.id);
+        assert!(
+            l.time_scale_effective > 0.0 && l.time_scale_effective.is_finite(),
+            "{}: {}",
+            l.id,
+            l.time_scale_effective
+        );
+    }
     let keys = rt
         .block_on(a.enc_keys("sae-beta", 2, Some(256)))
         .expect("enc_keys");
@@ -303,6 +313,48 @@ fn three_nodes_deliver_keys_and_a_killed_node_rejoins_without_double_delivery() 
         "net status on a stopped network exited 0"
     );
     assert!(err.contains("not running"), "{err}");
+}
+
+#[test]
+fn a_foreground_net_up_without_a_terminal_prints_progress_lines() {
+    let dir = temp("plain");
+    let topo = dir.join("chain.toml");
+    std::fs::write(&topo, CHAIN).expect("write topology");
+    let state = dir.join("state");
+    let _net = Net {
+        dir: state.clone(),
+        extra: Vec::new(),
+    };
+    // stdout is a pipe here, as in CI or `net up … | tee log`.
+    let out = qkdnet(&[
+        "net",
+        "up",
+        topo.to_str().expect("utf-8"),
+        "--dir",
+        state.to_str().expect("utf-8"),
+        "--for",
+        "12",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A line per link at the start and again 10 s later, each with its time scale.
+    for link in ["alpha-beta", "beta-gamma"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with('[') && l.contains(link))
+            .collect();
+        assert!(lines.len() >= 2, "{link}: {lines:?}\n{text}");
+        assert!(lines.iter().any(|l| l.contains("time ×")), "{lines:?}");
+    }
+    assert!(
+        text.contains("time ×"),
+        "the final table shows the time scale"
+    );
+    assert!(text.contains("network stopped"), "{text}");
 }
 
 fn refused(dir: &Path, name: &str, topology: &str, extra: &[&str], expect: &str) {

@@ -139,13 +139,18 @@ const PLAIN_EVERY: Duration = Duration::from_secs(10);
 /// A link slower than this share of its `time_scale` is reported as one the
 /// machine cannot keep up with (after [`SCALE_SETTLES`] of running).
 const SLOW_SHARE: f64 = 0.5;
-const SCALE_SETTLES: Duration = Duration::from_secs(10);
+const SCALE_SETTLES: Duration = Duration::from_secs(20);
+
+/// The live time scale is measured over this much wall time: link time
+/// advances a block at a time, and a block can take seconds.
+const SCALE_WINDOW: Duration = Duration::from_secs(30);
 
 /// What [`Progress`] remembers between updates.
 #[derive(Default)]
 struct Seen {
-    /// Per link: link seconds and when they were read, for the live scale.
-    last: std::collections::HashMap<String, (f64, Instant)>,
+    /// Per link: link seconds and when they were read, over the last
+    /// [`SCALE_WINDOW`], for the live scale.
+    last: std::collections::HashMap<String, std::collections::VecDeque<(f64, Instant)>>,
     /// Per link: link seconds per wall second over the last interval.
     live: std::collections::HashMap<String, f64>,
     last_plain: Option<Instant>,
@@ -210,19 +215,21 @@ impl Progress {
                 }
                 continue;
             };
-            // The live time scale: link seconds per wall second since the last
-            // reading at least a second ago.
-            let prev = seen.last.get(id).copied();
-            match prev {
-                Some((secs, at)) if now.duration_since(at) >= Duration::from_secs(1) => {
-                    let rate = (l.link_seconds - secs) / now.duration_since(at).as_secs_f64();
-                    seen.live.insert(id.clone(), rate.max(0.0));
-                    seen.last.insert(id.clone(), (l.link_seconds, now));
+            // The live time scale: link seconds per wall second over the
+            // last SCALE_WINDOW (or since the first reading).
+            let samples = seen.last.entry(id.clone()).or_default();
+            samples.push_back((l.link_seconds, now));
+            while samples.len() > 2 && now.duration_since(samples[1].1) >= SCALE_WINDOW {
+                samples.pop_front();
+            }
+            let rate = match (samples.front(), samples.back()) {
+                (Some(a), Some(b)) if b.1.duration_since(a.1) >= Duration::from_secs(1) => {
+                    Some(((b.0 - a.0) / b.1.duration_since(a.1).as_secs_f64()).max(0.0))
                 }
-                Some(_) => {}
-                None => {
-                    seen.last.insert(id.clone(), (l.link_seconds, now));
-                }
+                _ => None,
+            };
+            if let Some(rate) = rate {
+                seen.live.insert(id.clone(), rate);
             }
             let live = seen.live.get(id).copied();
             if let Some(rate) = live
@@ -240,7 +247,7 @@ impl Progress {
                 l.key_rate_bps,
                 l.model_key_bps,
                 l.pool_units,
-                live.map_or_else(|| "?".to_owned(), |r| format!("{r:.2}"))
+                live.map_or_else(|| "?".to_owned(), scale_text)
             );
             if print_plain {
                 println!("[{:>5.0} s] {id:<16} {line}", self.elapsed(now));
@@ -272,16 +279,30 @@ impl Progress {
     }
 }
 
+/// A time scale with enough digits to tell a slow link from a stopped one.
+fn scale_text(r: f64) -> String {
+    if r <= 0.0 || !r.is_finite() {
+        return "0".to_owned();
+    }
+    let decimals = if r >= 0.1 {
+        2
+    } else {
+        (2 - r.log10().floor() as i32).clamp(2, 6) as usize
+    };
+    format!("{r:.decimals$}")
+}
+
 /// The warning for links (ID, link seconds per wall second, `time_scale`)
 /// that run slower than their topology asks.
 fn slow_warning(slow: &[(String, f64, f64)]) -> String {
     let worst = slow.iter().map(|s| s.1 / s.2).fold(f64::INFINITY, f64::min);
     let names: Vec<&str> = slow.iter().take(6).map(|s| s.0.as_str()).collect();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     format!(
-        "warning: this machine cannot keep up: {} of the links ({}{}) run at as little as {:.2}× the topology's time_scale \
-         (each link simulates its optics on a CPU share); key comes that much slower per wall second, \
-         and `net status` shows each link's effective time scale. A smaller network (topologies/demo.toml) \
-         or a smaller time_scale keeps up.",
+        "warning: this machine cannot keep up with the topology's time_scale: {} link(s) ({}{}) \
+         run at as little as {}× of it ({cores} CPU cores; every link simulates its optics in real \
+         time on a CPU share). Key per link second is as modelled; per wall second it is that much \
+         lower. Fewer links, or a smaller time_scale, run closer to it.",
         slow.len(),
         names.join(", "),
         if slow.len() > names.len() {
@@ -289,7 +310,7 @@ fn slow_warning(slow: &[(String, f64, f64)]) -> String {
         } else {
             ""
         },
-        worst
+        scale_text(worst)
     )
 }
 
@@ -410,7 +431,7 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
                         slow.push((l.id.clone(), l.time_scale_effective, l.time_scale));
                     }
                     println!(
-                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>7.2} {:>11.3e} {:>11.3e} {:>10}",
+                        "{:<10} {:<16} {:>5} {:>4} {:>8.3} {:>7} {:>11} {:>10.3} {:>7} {:>11.3e} {:>11.3e} {:>10}",
                         node,
                         l.id,
                         match l.role {
@@ -422,7 +443,7 @@ pub fn print_status(statuses: &[(String, Result<NodeStatus, String>)]) {
                         l.blocks_ok,
                         l.secret_bits,
                         l.link_seconds,
-                        l.time_scale_effective,
+                        scale_text(l.time_scale_effective),
                         l.key_rate_bps,
                         l.model_key_bps,
                         l.pool_units
