@@ -1,0 +1,147 @@
+//! One error type for the media crate.
+//!
+//! A medium is read from a place an attacker or a failing disk may have changed, so
+//! most of these errors describe bad bytes, and each says *which part* of the medium
+//! is bad (header, counter record, charge log, one key slot) without revealing
+//! anything secret. They fall in three groups, kept apart so a caller can act on
+//! them: the caller misused the API (a charge too large for the medium, an empty
+//! PIN), the medium's bytes are bad (truncated, corrupt, wrong PIN), and the
+//! environment failed (I/O, another process holds the medium). A wrong PIN and a
+//! header that belongs to another medium are one error on purpose: the medium key
+//! simply does not unwrap, and nothing tells the two apart.
+
+use thiserror::Error;
+
+/// Errors from media.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    // ---- the caller misused the API ----
+    /// The owner string is empty, too long or contains control characters.
+    #[error("invalid medium owner: {0}")]
+    InvalidOwner(&'static str),
+    /// The charger's SAE ID is empty, too long or contains control characters.
+    #[error("invalid charger ID: {0}")]
+    InvalidCharger(&'static str),
+    /// The PIN is empty.
+    #[error("the PIN must not be empty")]
+    EmptyPin,
+    /// Argon2id parameters outside what this format accepts.
+    #[error("invalid Argon2id parameters: {0}")]
+    InvalidKdfParams(&'static str),
+    /// A capacity of zero or above the format's maximum.
+    #[error("a medium holds between 1 and {max} unused keys, {got} were asked for")]
+    InvalidCapacity {
+        /// The capacity asked for.
+        got: u64,
+        /// The largest capacity the format allows.
+        max: u64,
+    },
+    /// A charge-log capacity of zero or above the format's maximum.
+    #[error("a charge log holds between 1 and {max} records, {got} were asked for")]
+    InvalidLogCapacity {
+        /// The capacity asked for.
+        got: u64,
+        /// The largest capacity the format allows.
+        max: u64,
+    },
+    /// A charge with no keys.
+    #[error("a charge needs at least one key")]
+    EmptyCharge,
+    /// The keys offered do not fit next to the unused keys already on the medium.
+    #[error("the medium has room for {free} more keys, {requested} were offered")]
+    CapacityExceeded {
+        /// Keys offered.
+        requested: u64,
+        /// Keys the medium can still take.
+        free: u64,
+    },
+    /// The charge log is full and its oldest record still has unused keys.
+    #[error(
+        "the charge log is full ({records} records) and its oldest charge still has unused keys"
+    )]
+    ChargeLogFull {
+        /// The log's capacity in records.
+        records: u32,
+    },
+    /// Every charged key has been used.
+    #[error("no unused key left on the medium")]
+    Exhausted,
+
+    // ---- the medium's bytes are bad ----
+    /// The file does not start with the medium magic.
+    #[error("not a qkdnet medium (bad magic)")]
+    NotAMedium,
+    /// The medium was written in a format version this build does not read.
+    #[error("medium format version {0} is not supported (this build reads version 1)")]
+    UnsupportedVersion(u16),
+    /// The file ends before a part the medium needs.
+    #[error("the medium is truncated: {what} needs {needed} bytes, there are {got}")]
+    Truncated {
+        /// The part that is cut off.
+        what: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes present.
+        got: u64,
+    },
+    /// The header's checksum or one of its fields is wrong.
+    #[error("the medium header is corrupt: {0}")]
+    CorruptHeader(&'static str),
+    /// The medium key did not unwrap under the key derived from the PIN.
+    #[error("wrong PIN, or not the medium its header claims (the medium key did not unwrap)")]
+    WrongPin,
+    /// Neither copy of the counter record verifies.
+    #[error("neither copy of the medium's counter record verifies: the medium is corrupt")]
+    CorruptState,
+    /// A charge record that the counter record says is live does not verify.
+    #[error("charge record {record} of the medium is corrupt")]
+    CorruptLog {
+        /// The record's number.
+        record: u32,
+    },
+    /// Records that verify but contradict each other (a bug, or a forger holding the key).
+    #[error("the medium's records are inconsistent: {0}")]
+    Inconsistent(&'static str),
+    /// A key slot failed its integrity check. The key is discarded: the counter has
+    /// moved past it and the slot is erased.
+    #[error("key {index} failed its integrity check and was discarded")]
+    CorruptSlot {
+        /// The key's index.
+        index: u64,
+    },
+    /// A key slot is erased although the counter says it is unused: the counter was
+    /// rolled back (its newest copy lost). The counter has moved past it.
+    #[error("key {index} was already used (its slot is erased): the counter had rolled back")]
+    ErasedSlot {
+        /// The key's index.
+        index: u64,
+    },
+
+    // ---- the environment ----
+    /// Another process has the medium open.
+    #[error("the medium is in use by another process")]
+    Busy,
+    /// Reading or writing the medium failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operating system's random number generator failed.
+    #[error("no randomness from the operating system: {0}")]
+    Randomness(String),
+}
+
+impl MediaError {
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Io { op, source }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = MediaError> = core::result::Result<T, E>;

@@ -1,0 +1,41 @@
+//! Quantum security media: a SIM, a secure card or a file charged with quantum keys.
+//!
+//! A terminal that cannot reach a KME when it needs a key (a phone placing a call,
+//! a meter waking up) carries its keys with it. At a *charging point* the medium is
+//! filled with a batch of keys from the QKD network, each numbered; the peer side
+//! (the KME or the service the terminal talks to) keeps the same keys under the
+//! same numbers. Later the terminal spends them one at a time, in order, to
+//! authenticate or to unwrap session keys. A key is used once and destroyed.
+//!
+//! The crate is shaped around that one rule. [`Medium`] is the contract every
+//! backend keeps (the file here, a PKCS#11 token later): keys go in as batches with
+//! a [`ChargeRecord`] and come out one by one from [`Medium::take_next`], which
+//! makes the consumption counter durable *before* it returns the key, so a crash
+//! can lose a key but never hand it out twice. The file backend keeps its bytes in
+//! a versioned format described in [`mod@format`], which is pure (bytes in, values
+//! out, no I/O) so it can be fuzzed and tested without a disk; [`mod@file`] is the
+//! thin layer that reads, writes and syncs in a crash-safe order. Keys are
+//! [`Key256`] (zeroized on drop, never printed); status reports counts and charge
+//! history, never key bytes. Errors are one typed enum, [`MediaError`], that says
+//! which part of a medium is bad.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`medium`] | the [`Medium`] trait, keys, charge records, status |
+//! | [`mod@format`] | file format v1: layout table, encoders, bounded decoders, charge planning |
+//! | [`mod@file`] | [`FileMedium`]: the medium in one file, write-ahead counter, `flock` |
+//! | [`error`] | [`MediaError`] |
+//!
+//! The file backend is for Unix (it uses `pread`/`pwrite` and `flock`).
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod file;
+pub mod format;
+pub mod medium;
+
+pub use error::{MediaError, Result};
+pub use file::FileMedium;
+pub use format::{KdfParams, MediumSpec};
+pub use medium::{ChargeEntry, ChargeRecord, Key256, Medium, MediumStatus};
