@@ -7,6 +7,7 @@ pub mod crypto;
 pub mod demo;
 pub mod kme;
 pub mod link;
+pub mod media;
 pub mod msg;
 pub mod net;
 pub mod node;
@@ -60,6 +61,9 @@ enum Command {
     /// Certificates for KMEs and SAEs (mutual TLS).
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Quantum security media: files charged with quantum keys for terminals.
+    #[command(subcommand)]
+    Media(media::MediaCommand),
 }
 
 /// Runs the parsed command line.
@@ -75,5 +79,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crypto(c) => crypto::run(c),
         Command::Kme(c) => kme::run(c),
         Command::Pki(c) => pki::run(c),
+        Command::Media(c) => media::run(c),
     }
 }

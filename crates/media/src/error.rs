@@ -123,13 +123,13 @@ pub enum MediaError {
     #[error("the medium is in use by another process")]
     Busy,
     /// Reading or writing the medium failed.
-    #[error("{op}: {source}")]
+    #[error("{op}: {error}")]
     Io {
         /// What was being done.
         op: &'static str,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (in the message, so not also a
+        /// `source`: a chain printer would show it twice).
+        error: std::io::Error,
     },
     /// The operating system's random number generator failed.
     #[error("no randomness from the operating system: {0}")]
@@ -139,7 +139,7 @@ pub enum MediaError {
 impl MediaError {
     /// Wraps an I/O error with what was being done.
     pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
-        move |source| Self::Io { op, source }
+        move |error| Self::Io { op, error }
     }
 }
 

@@ -83,7 +83,7 @@ fn lock(file: &File) -> Result<()> {
             Err(e) => {
                 return Err(MediaError::Io {
                     op: "locking the medium file",
-                    source: e.into(),
+                    error: e.into(),
                 });
             }
         }

@@ -91,7 +91,7 @@ impl core::fmt::Debug for PinSource {
 
 impl PinSource {
     /// Reads the PIN into zeroized memory; errors name the source, never the PIN.
-    fn read(&self) -> Result<Zeroizing<Vec<u8>>, String> {
+    pub fn read(&self) -> Result<Zeroizing<Vec<u8>>, String> {
         let mut pin = match self {
             PinSource::File(p) => {
                 read_private_file(p).map_err(|e| format!("the PIN file {}: {e}", p.display()))?
