@@ -67,33 +67,19 @@ fn a_medium_is_created_and_reported_and_bad_pins_and_files_are_refused() {
     // A PIN file must be private; a private one works.
     let pin_file = dir.join("pin");
     std::fs::write(&pin_file, "246810\n").expect("pin file");
+    let with_pin_file = || {
+        let p = pin_file.to_str().expect("utf-8");
+        media(&["status", "--medium", f, "--pin-file", p], None)
+    };
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let o = media(
-            &[
-                "status",
-                "--medium",
-                f,
-                "--pin-file",
-                pin_file.to_str().expect("utf-8"),
-            ],
-            None,
-        );
+        let o = with_pin_file();
         assert!(!o.status.success(), "a world-readable PIN file was used");
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
-    let o = media(
-        &[
-            "status",
-            "--medium",
-            f,
-            "--pin-file",
-            pin_file.to_str().expect("utf-8"),
-        ],
-        None,
-    );
+    let o = with_pin_file();
     assert!(o.status.success(), "{}", text(&o).1);
 
     // Wrong PIN, no PIN, an existing file, a file that is not a medium.
