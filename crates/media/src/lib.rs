@@ -24,6 +24,7 @@
 //! | [`medium`] | the [`Medium`] trait, keys, charge records, status |
 //! | [`mod@format`] | file format v1: layout table, encoders, bounded decoders, charge planning |
 //! | [`mod@file`] | [`FileMedium`]: the medium in one file, write-ahead counter, `flock` |
+//! | [`proto`] | the key-service protocol core (sans-IO): challenge, authenticated request, session key grants |
 //! | [`error`] | [`MediaError`] |
 //!
 //! The file backend is for Unix (it uses `pread`/`pwrite` and `flock`).
@@ -34,8 +35,10 @@ pub mod error;
 pub mod file;
 pub mod format;
 pub mod medium;
+pub mod proto;
 
 pub use error::{MediaError, Result};
 pub use file::FileMedium;
 pub use format::{KdfParams, MediumSpec};
 pub use medium::{ChargeEntry, ChargeRecord, Key256, Medium, MediumStatus};
+pub use proto::{Message, ProtoError};
