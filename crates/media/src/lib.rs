@@ -16,8 +16,9 @@
 //! out, no I/O) so it can be fuzzed and tested without a disk; [`mod@file`] is the
 //! thin layer that reads, writes and syncs in a crash-safe order. Keys are
 //! [`Key256`] (zeroized on drop, never printed); status reports counts and charge
-//! history, never key bytes. Errors are one typed enum, [`MediaError`], that says
-//! which part of a medium is bad.
+//! history, never key bytes. A medium's errors are one typed enum, [`MediaError`],
+//! that says which part of a medium is bad; the key-service protocol has its
+//! own, [`ProtoError`], which maps to the refusal a terminal is sent.
 //!
 //! | module | what |
 //! |---|---|
