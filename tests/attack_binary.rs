@@ -1216,28 +1216,18 @@ fn a_kme_refuses_a_classical_peer_kme(net: &mut Network) {
             .expect("server config"),
     );
     let (tried, completed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    listener.set_nonblocking(true).expect("nonblocking");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serve = {
-        let (tried, completed, stop) = (tried.clone(), completed.clone(), stop.clone());
-        std::thread::spawn(move || {
-            // Bounded: at most 5 minutes, and stopped by the test.
-            let end = Instant::now() + Duration::from_secs(300);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                let Ok((sock, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = sock.set_nonblocking(false);
-                let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
-                tried.fetch_add(1, Ordering::Relaxed);
-                let Ok(conn) = rustls::ServerConnection::new(server.clone()) else {
-                    continue;
-                };
-                let mut tls = StreamOwned::new(conn, sock);
-                if tls.conn.complete_io(&mut tls.sock).is_ok() && !tls.conn.is_handshaking() {
-                    completed.fetch_add(1, Ordering::Relaxed);
-                }
+        let (tried, completed) = (tried.clone(), completed.clone());
+        accept_until(listener, stop.clone(), move |sock| {
+            let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+            tried.fetch_add(1, Ordering::Relaxed);
+            let Ok(conn) = rustls::ServerConnection::new(server.clone()) else {
+                return;
+            };
+            let mut tls = StreamOwned::new(conn, sock);
+            if tls.conn.complete_io(&mut tls.sock).is_ok() && !tls.conn.is_handshaking() {
+                completed.fetch_add(1, Ordering::Relaxed);
             }
         })
     };
@@ -1298,6 +1288,27 @@ fn a_kme_refuses_a_classical_peer_kme(net: &mut Network) {
     );
 }
 
+/// Accepts connections on `listener` in a thread until `stop` is set (at most
+/// 5 minutes) and hands each (blocking again) to `serve`.
+fn accept_until(
+    listener: std::net::TcpListener,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut serve: impl FnMut(TcpStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(300);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+            let Ok((sock, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = sock.set_nonblocking(false);
+            serve(sock);
+        }
+    })
+}
+
 /// A process's virtual memory size (`VmSize`, bytes): every allocation it
 /// holds, touched or not (a reserved buffer counts before a byte is written).
 fn vm_size(pid: u32) -> u64 {
@@ -1335,26 +1346,17 @@ fn a_forged_frame_header_on_the_path_allocates_nothing_up_front(net: &mut Networ
     let announced = qkdnet_net::quantum::MAX_FRAME_BYTES;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let relay = listener.local_addr().expect("addr");
-    listener.set_nonblocking(true).expect("nonblocking");
     let bob = net.node("beta").link_port;
     let mode = Arc::new(AtomicU8::new(FORWARD));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let accept = {
-        let (mode, stop) = (mode.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let end = Instant::now() + Duration::from_secs(300);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                let Ok((alice, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = alice.set_nonblocking(false);
-                let Ok(upstream) = TcpStream::connect_timeout(&bob, Duration::from_secs(5)) else {
-                    continue;
-                };
-                let mode = mode.clone();
-                std::thread::spawn(move || relay_link(alice, upstream, &mode));
-            }
+        let mode = mode.clone();
+        accept_until(listener, stop.clone(), move |alice| {
+            let Ok(upstream) = TcpStream::connect_timeout(&bob, Duration::from_secs(5)) else {
+                return;
+            };
+            let mode = mode.clone();
+            std::thread::spawn(move || relay_link(alice, upstream, &mode));
         })
     };
     fn relay_link(mut alice: TcpStream, mut bob: TcpStream, mode: &AtomicU8) {
