@@ -3,7 +3,7 @@
 //! message that decodes re-encodes to the same bytes; `frame_len` agrees with the
 //! decoder; an authentication request verifies only if its tag is right, and a grant
 //! opens only under the key it was sealed for (here: never, since the fuzzer does
-//! not know it).
+//! not know it); a charge offer verifies only under its key.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use qkdnet_media::Key256;
@@ -52,6 +52,14 @@ fuzz_target!(|data: &[u8]| {
                 };
                 assert!(open_grant(&grant, &expect, grant.wrap_index, &key).is_err());
             }
+        }
+        Message::ChargeOffer(offer) => {
+            // A decoded offer re-signs to the same fields; a random tag does not
+            // verify, and an acknowledgement made for it verifies only for it.
+            assert!(offer.key_ids.len() <= qkdnet_media::proto::MAX_CHARGE_KEYS);
+            assert!(offer.verify(&challenge, &key).is_err());
+            let ack = qkdnet_media::proto::ChargeAck::for_offer(&offer, &challenge, &key);
+            assert!(ack.verify(&offer, &challenge, &key).is_ok());
         }
         _ => {}
     }

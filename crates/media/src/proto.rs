@@ -33,6 +33,18 @@
 //!   terminal's medium. A guessed 256-bit HMAC key is not a realistic attack, so
 //!   leaving the key in place costs nothing. Replays and out-of-order requests are
 //!   refused before any key is looked up (the key of a replayed index is gone).
+//! - **A request spends two keys.** The terminal takes `K[i]` *and* `K[i+1]` from
+//!   its medium (both destroyed there first) before it sends; `K[i]` makes the
+//!   tag, `K[i+1]` will unwrap the answer. The service destroys both, so a lost
+//!   answer costs the two keys on both sides and the next request, with `K[i+2]`,
+//!   fits the service's skip window.
+//! - **Two parties, two requests.** The opener names the peer in a
+//!   [`Request::SessionKey`]; the service draws the session key, stores the
+//!   session and answers the opener. The peer, told the session ID over the call's
+//!   signalling (never a key), sends a [`Request::JoinSession`] with its own
+//!   medium and gets the same key under its own wrap key. Either may ask again
+//!   (with fresh keys) until the session expires: a lost answer never leaves one
+//!   side with the key and the other without a way to get it.
 //! - **The consumed key is named, not destroyed, here.** [`verify_auth`] returns an
 //!   [`Authenticated`] proof that says which indices the store must destroy and
 //!   what the next expected index is; the store does it durably, before answering.
@@ -80,7 +92,9 @@
 //! | 1 | [`Challenge`] | service → terminal |
 //! | 2 | [`AuthRequest`] | terminal → service |
 //! | 3 | [`SessionKeyGrant`] | service → terminal (one per party) |
-//! | 4 | `Refused` ([`RefuseReason`]) | service → terminal |
+//! | 4 | `Refused` ([`RefuseReason`]) | service → terminal or charger |
+//! | 5 | [`ChargeOffer`] | charging point → service |
+//! | 6 | [`ChargeAck`] | service → charging point |
 //!
 //! Identity (inside bodies): 2-byte length `l` (1..=256), then `l` bytes of UTF-8
 //! without control characters.
@@ -108,6 +122,8 @@
 //! | 1 | 16 | session ID |
 //! | 17 | 2 + l | peer identity (SIP URI or device ID) |
 //!
+//! Request, kind 2 `JoinSession`: kind byte 2, then the 16-byte session ID.
+//!
 //! SessionKeyGrant body:
 //!
 //! | offset | length | field |
@@ -123,8 +139,18 @@
 //! AAD = `qkdnet/media/proto/v1/grant` ‖ the receiving party's medium ID ‖ body
 //! bytes `0 .. 29 + a + b`.
 //!
+//! ChargeOffer body: medium ID (16), owner (identity), charger SAE ID (2-byte
+//! length, 1..=64 bytes), first index (8), authentication key ID (16), number of
+//! keys `n` (2, 1..=[`MAX_CHARGE_KEYS`]), `n` key IDs (16 each), tag (32) =
+//! HMAC-SM3(authentication key, `qkdnet/media/proto/v1/charge` ‖ challenge ‖ the
+//! body before the tag). ChargeAck body: medium ID (16), first index (8), count
+//! (2), tag (32) = HMAC-SM3(authentication key, `qkdnet/media/proto/v1/charge-ack`
+//! ‖ challenge ‖ offer tag ‖ medium ID ‖ first index ‖ count).
+//!
 //! Refused body, 1 byte: reason 1 revoked, 2 exhausted, 3 bad tag, 4 replay, 5 out
-//! of order, 6 unknown medium, 7 malformed.
+//! of order, 6 unknown medium, 7 malformed, 8 unknown session, 9 not a party, 10
+//! unknown peer, 11 not enrolled, 12 medium conflict, 13 index mismatch, 14 charge
+//! rejected, 15 unavailable ([`RefuseReason::ALL`]).
 
 use qkdnet_crypto::gcm::{GCM_NONCE_LEN, GCM_TAG_LEN, GcmNonce, Sm4Gcm};
 use qkdnet_crypto::kdf::{hkdf_sm3_expand, hkdf_sm3_extract};
@@ -142,8 +168,13 @@ pub const MAGIC: [u8; 4] = *b"QKMS";
 pub const VERSION: u8 = 1;
 /// Frame header length.
 pub const HEADER_LEN: usize = 8;
-/// Largest body a frame may carry.
-pub const MAX_BODY: usize = 1024;
+/// Largest body a frame may carry (a [`ChargeOffer`] of [`MAX_CHARGE_KEYS`] key
+/// IDs is the largest message, 4,4xx bytes).
+pub const MAX_BODY: usize = 8192;
+/// Most keys one [`ChargeOffer`] may name.
+pub const MAX_CHARGE_KEYS: usize = 256;
+/// Longest charger SAE ID, in bytes.
+pub const MAX_CHARGER_LEN: usize = crate::medium::MAX_CHARGER_LEN;
 /// Largest frame.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_BODY;
 /// Longest identity, in bytes (UTF-8); the same bound as a medium's owner.
@@ -162,13 +193,18 @@ pub const STRICT: u64 = 0;
 const LABEL_AUTH: &[u8] = b"qkdnet/media/proto/v1/auth";
 const LABEL_GRANT: &[u8] = b"qkdnet/media/proto/v1/grant";
 const LABEL_WRAP_KEY: &[u8] = b"qkdnet/media/proto/v1/wrap-key";
+const LABEL_CHARGE: &[u8] = b"qkdnet/media/proto/v1/charge";
+const LABEL_CHARGE_ACK: &[u8] = b"qkdnet/media/proto/v1/charge-ack";
 
 const TYPE_CHALLENGE: u8 = 1;
 const TYPE_AUTH_REQUEST: u8 = 2;
 const TYPE_GRANT: u8 = 3;
 const TYPE_REFUSED: u8 = 4;
+const TYPE_CHARGE_OFFER: u8 = 5;
+const TYPE_CHARGE_ACK: u8 = 6;
 
 const KIND_SESSION_KEY: u8 = 1;
+const KIND_JOIN_SESSION: u8 = 2;
 
 /// Errors of the key-service protocol.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -285,19 +321,11 @@ impl Identity {
 
     fn encode(&self, out: &mut Vec<u8>) {
         // At most MAX_IDENTITY_LEN (256) bytes, checked in `new`.
-        let len = u16::try_from(self.0.len()).expect("invariant: identity ≤ 256 bytes");
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(self.0.as_bytes());
+        encode_text(&self.0, out);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
-        let len = usize::from(r.u16("identity length")?);
-        if len > MAX_IDENTITY_LEN {
-            return Err(ProtoError::InvalidField("identity length"));
-        }
-        let bytes = r.take("identity", len)?;
-        let s = core::str::from_utf8(bytes).map_err(|_| ProtoError::InvalidField("identity"))?;
-        Self::new(s).map_err(|_| ProtoError::InvalidField("identity"))
+        decode_text(r, "identity", MAX_IDENTITY_LEN).map(Self)
     }
 }
 
@@ -359,32 +387,69 @@ pub enum RefuseReason {
     /// The request could not be decoded.
     #[error("malformed request")]
     Malformed,
+    /// No such session, or it expired before this party joined.
+    #[error("no such session (or it expired)")]
+    UnknownSession,
+    /// The session exists and belongs to other parties.
+    #[error("the session belongs to other parties")]
+    NotAParty,
+    /// The peer named in the request is not a subscriber with a usable medium.
+    #[error("the peer is not a subscriber of this key service")]
+    UnknownPeer,
+    /// A charge names an owner who is not an enrolled subscriber.
+    #[error("the medium's owner is not an enrolled subscriber")]
+    NotEnrolled,
+    /// A charge names a new medium for a subscriber who holds another one.
+    #[error("the subscriber holds another medium: report it lost before charging a new one")]
+    MediumConflict,
+    /// A charge's first index does not follow the keys the service holds.
+    #[error("the charge's key indices do not follow the service's record of the medium")]
+    IndexMismatch,
+    /// The charging point is not allowed to charge, or its keys could not be
+    /// fetched from the QKD network by ID.
+    #[error("the charge was not accepted: charger not allowed or its keys not obtainable")]
+    ChargeRejected,
+    /// The service cannot answer now (store or network trouble): retry.
+    #[error("the key service is unavailable: retry")]
+    Unavailable,
 }
 
+const REFUSALS: [RefuseReason; 15] = [
+    RefuseReason::Revoked,
+    RefuseReason::Exhausted,
+    RefuseReason::BadTag,
+    RefuseReason::Replay,
+    RefuseReason::OutOfOrder,
+    RefuseReason::UnknownMedium,
+    RefuseReason::Malformed,
+    RefuseReason::UnknownSession,
+    RefuseReason::NotAParty,
+    RefuseReason::UnknownPeer,
+    RefuseReason::NotEnrolled,
+    RefuseReason::MediumConflict,
+    RefuseReason::IndexMismatch,
+    RefuseReason::ChargeRejected,
+    RefuseReason::Unavailable,
+];
+
 impl RefuseReason {
+    /// Every reason, in wire order (byte 1 first).
+    pub const ALL: &[RefuseReason] = &REFUSALS;
+
     fn to_byte(self) -> u8 {
-        match self {
-            Self::Revoked => 1,
-            Self::Exhausted => 2,
-            Self::BadTag => 3,
-            Self::Replay => 4,
-            Self::OutOfOrder => 5,
-            Self::UnknownMedium => 6,
-            Self::Malformed => 7,
-        }
+        let i = REFUSALS
+            .iter()
+            .position(|r| *r == self)
+            .expect("invariant: REFUSALS lists every reason");
+        u8::try_from(i + 1).expect("invariant: fewer than 255 reasons")
     }
 
     fn from_byte(b: u8) -> Result<Self> {
-        Ok(match b {
-            1 => Self::Revoked,
-            2 => Self::Exhausted,
-            3 => Self::BadTag,
-            4 => Self::Replay,
-            5 => Self::OutOfOrder,
-            6 => Self::UnknownMedium,
-            7 => Self::Malformed,
-            _ => return Err(ProtoError::InvalidField("refusal reason")),
-        })
+        usize::from(b)
+            .checked_sub(1)
+            .and_then(|i| REFUSALS.get(i))
+            .copied()
+            .ok_or(ProtoError::InvalidField("refusal reason"))
     }
 }
 
@@ -406,15 +471,32 @@ pub enum Request {
         /// The other party.
         peer: Identity,
     },
+    /// The peer's side: the session key of `session_id`, which the other party
+    /// opened naming this terminal's identity as its peer.
+    JoinSession {
+        /// The session, as the opening party named it.
+        session_id: [u8; SESSION_ID_LEN],
+    },
 }
 
 impl Request {
+    /// The session the request is about.
+    pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
+        match self {
+            Self::SessionKey { session_id, .. } | Self::JoinSession { session_id } => *session_id,
+        }
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Self::SessionKey { session_id, peer } => {
                 out.push(KIND_SESSION_KEY);
                 out.extend_from_slice(session_id);
                 peer.encode(out);
+            }
+            Self::JoinSession { session_id } => {
+                out.push(KIND_JOIN_SESSION);
+                out.extend_from_slice(session_id);
             }
         }
     }
@@ -424,6 +506,9 @@ impl Request {
             KIND_SESSION_KEY => Ok(Self::SessionKey {
                 session_id: r.array("session ID")?,
                 peer: Identity::decode(r)?,
+            }),
+            KIND_JOIN_SESSION => Ok(Self::JoinSession {
+                session_id: r.array("session ID")?,
             }),
             _ => Err(ProtoError::InvalidField("request kind")),
         }
@@ -483,25 +568,41 @@ fn auth_mac(
 }
 
 /// Checks where `index` stands against `expected` with a skip window: `Ok` if it is
-/// in `expected ..= expected + max_skip`. Index `u64::MAX` is never valid (the
-/// next index after it could not be named), so it is out of order.
+/// in `expected ..= expected + max_skip`. A request spends `index` and `index + 1`
+/// (the wrap key), so the two top indices are never valid (the index after them
+/// could not be named): they are out of order.
 pub fn check_index(index: u64, expected: u64, max_skip: u64) -> Result<()> {
     if index < expected {
         return Err(ProtoError::Replay { index, expected });
     }
-    if index - expected > max_skip || index == u64::MAX {
+    if index - expected > max_skip || index >= u64::MAX - 1 {
         return Err(ProtoError::OutOfOrder { index, expected });
     }
     Ok(())
 }
 
-/// Proof that a request's tag verified. The only way to cut grants.
+/// Proof that a request's tag verified. The only way to cut a grant.
 #[derive(Debug)]
 pub struct Authenticated {
     medium_id: Uuid,
     first_consumed: u64,
     key_index: u64,
     request: Request,
+}
+
+/// A session as the service holds it: who opened it, with whom, and its key.
+#[derive(Debug)]
+pub struct Session<'a> {
+    /// The session ID the opener chose.
+    pub session_id: [u8; SESSION_ID_LEN],
+    /// The party that opened the session ([`Request::SessionKey`]).
+    pub a: &'a Identity,
+    /// The peer it named, who joins with [`Request::JoinSession`].
+    pub b: &'a Identity,
+    /// Where the session key came from.
+    pub source: KeySource,
+    /// The session key.
+    pub key: &'a Key256,
 }
 
 impl Authenticated {
@@ -515,71 +616,69 @@ impl Authenticated {
         &self.request
     }
 
-    /// The key indices the store must destroy now: the key the tag was made with
-    /// and any it skipped (only with a skip window).
+    /// The index of the key the answer is wrapped under: the one after the key
+    /// the tag was made with. The terminal took both before it sent the request.
+    pub fn wrap_index(&self) -> u64 {
+        self.key_index + 1
+    }
+
+    /// The key indices the store must destroy, durably, before it answers: any
+    /// the request skipped (only with a skip window), the key the tag was made
+    /// with and the wrap key.
     pub fn consumed(&self) -> core::ops::RangeInclusive<u64> {
-        self.first_consumed..=self.key_index
+        self.first_consumed..=self.wrap_index()
     }
 
     /// The index the service expects next from this medium.
     pub fn next_expected(&self) -> u64 {
-        // check_index refuses u64::MAX, so this does not overflow.
-        self.key_index
-            .checked_add(1)
-            .expect("invariant: an authenticated index is below u64::MAX")
+        // check_index refuses the two top indices, so this does not overflow.
+        self.key_index + 2
     }
 
-    /// Seals the session key for both parties. `a` must be the medium that
-    /// authenticated and `b` the peer it asked for; each party's key is its next
-    /// charged key (`wrap_index`), which the store destroys after sending.
-    /// `nonces` are random, one per party.
+    /// Seals `session`'s key for the medium that authenticated, whose identity
+    /// (as the service has it bound) is `me`, under its wrap key `wrap_key` (the
+    /// key at [`Authenticated::wrap_index`]). The session must be the one asked
+    /// for, and `me` the party the request makes it: the opener (and the peer
+    /// the one it named) for [`Request::SessionKey`], the peer for
+    /// [`Request::JoinSession`]. `nonce` is random.
     pub fn grant(
         &self,
-        session_key: &Key256,
-        source: KeySource,
-        a: Party<'_>,
-        b: Party<'_>,
-        nonces: [GcmNonce; 2],
-    ) -> Result<[SessionKeyGrant; 2]> {
-        let Request::SessionKey { session_id, peer } = &self.request;
-        if a.medium_id != self.medium_id {
-            return Err(ProtoError::PartyMismatch("party A is not the requester"));
+        session: &Session<'_>,
+        me: &Identity,
+        wrap_key: &Key256,
+        nonce: GcmNonce,
+    ) -> Result<SessionKeyGrant> {
+        if session.session_id != self.request.session_id() {
+            return Err(ProtoError::PartyMismatch("another session than requested"));
         }
-        if &b.identity != peer {
-            return Err(ProtoError::PartyMismatch(
-                "party B is not the requested peer",
-            ));
+        if session.a == session.b {
+            return Err(ProtoError::PartyMismatch("both parties are one identity"));
         }
-        if a.medium_id == b.medium_id {
-            return Err(ProtoError::PartyMismatch("both parties hold one medium"));
+        match &self.request {
+            Request::SessionKey { peer, .. } => {
+                if session.a != me {
+                    return Err(ProtoError::PartyMismatch("the requester is not party A"));
+                }
+                if session.b != peer {
+                    return Err(ProtoError::PartyMismatch(
+                        "party B is not the requested peer",
+                    ));
+                }
+            }
+            Request::JoinSession { .. } => {
+                if session.b != me {
+                    return Err(ProtoError::PartyMismatch("the joiner is not party B"));
+                }
+            }
         }
-        let [na, nb] = nonces;
-        let seal = |p: &Party<'_>, nonce: GcmNonce| {
-            seal_grant(
-                session_key,
-                source,
-                *session_id,
-                a.identity.clone(),
-                b.identity.clone(),
-                p,
-                nonce,
-            )
-        };
-        Ok([seal(&a, na), seal(&b, nb)])
+        Ok(seal_grant(
+            session,
+            &self.medium_id,
+            self.wrap_index(),
+            wrap_key,
+            nonce,
+        ))
     }
-}
-
-/// One party of a session as the service knows it.
-#[derive(Debug)]
-pub struct Party<'a> {
-    /// The party's medium.
-    pub medium_id: Uuid,
-    /// The party's identity (SIP URI or device ID).
-    pub identity: Identity,
-    /// Index of the party's next charged key, used to wrap.
-    pub wrap_index: u64,
-    /// That key.
-    pub wrap_key: &'a Key256,
 }
 
 /// Service side: checks an [`AuthRequest`] against the challenge sent and the
@@ -589,6 +688,7 @@ pub struct Party<'a> {
 /// refused without one); then `key_at(index)` is asked for the key (`None`: no
 /// key charged there, [`ProtoError::Exhausted`]); then the tag, in constant time.
 /// Nothing is consumed on error. `max_skip` is [`STRICT`] for the rule.
+/// The caller must also hold the wrap key (`index + 1`) before it grants.
 pub fn verify_auth(
     challenge: &Challenge,
     req: &AuthRequest,
@@ -657,26 +757,24 @@ fn wrap_cipher(medium_id: &Uuid, key: &Key256) -> Sm4Gcm {
 }
 
 fn seal_grant(
-    session_key: &Key256,
-    source: KeySource,
-    session_id: [u8; SESSION_ID_LEN],
-    a_identity: Identity,
-    b_identity: Identity,
-    party: &Party<'_>,
+    session: &Session<'_>,
+    medium_id: &Uuid,
+    wrap_index: u64,
+    wrap_key: &Key256,
     nonce: GcmNonce,
 ) -> SessionKeyGrant {
     let mut g = SessionKeyGrant {
-        session_id,
-        a_identity,
-        b_identity,
-        source,
-        wrap_index: party.wrap_index,
+        session_id: session.session_id,
+        a_identity: session.a.clone(),
+        b_identity: session.b.clone(),
+        source: session.source,
+        wrap_index,
         nonce,
         ciphertext: [0; WRAPPED_LEN],
     };
-    let aad = g.aad(&party.medium_id);
-    let mut buf = Zeroizing::new(*session_key.expose_secret());
-    let tag = wrap_cipher(&party.medium_id, party.wrap_key)
+    let aad = g.aad(medium_id);
+    let mut buf = Zeroizing::new(*session.key.expose_secret());
+    let tag = wrap_cipher(medium_id, wrap_key)
         .seal_in_place_detached(&nonce, &aad, &mut buf[..])
         .expect("invariant: 32 bytes are far below the GCM limit");
     g.ciphertext[..KEY_LEN].copy_from_slice(&buf[..]);
@@ -756,6 +854,235 @@ pub fn open_grant(
     })
 }
 
+/// A charging point's offer of keys for a medium (charger → service).
+///
+/// The charger obtained `1 + key_ids.len()` keys from its KME with the key
+/// service as slave SAE: the first (`auth_key_id`) authenticates this offer and
+/// the service's [`ChargeAck`] and is never charged; the others are charged into
+/// the medium at `first_index, first_index + 1, …` in order. The service fetches
+/// all of them by ID from its own KME (which hands them only to the slave the
+/// charger named, and only as keys `charger` obtained), then checks the tag
+/// under the first: so an offer that verifies was made by the SAE `charger`
+/// (the KME vouches for that) for exactly this medium, owner and indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeOffer {
+    /// The medium being charged.
+    pub medium_id: Uuid,
+    /// Its owner, as written in the medium (a subscriber's identity).
+    pub owner: Identity,
+    /// The charging point's SAE ID (1..=64 bytes, no control characters).
+    pub charger: String,
+    /// Index of the first charged key (the medium's charged count).
+    pub first_index: u64,
+    /// ID of the key that authenticates offer and acknowledgement.
+    pub auth_key_id: Uuid,
+    /// IDs of the charged keys, in index order (1..=[`MAX_CHARGE_KEYS`], distinct).
+    pub key_ids: Vec<Uuid>,
+    /// HMAC-SM3(auth key, `qkdnet/media/proto/v1/charge` ‖ challenge ‖ body
+    /// without the tag).
+    pub tag: [u8; TAG_LEN],
+}
+
+/// What a [`ChargeOffer`] says, before it is signed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeTerms {
+    /// The medium being charged.
+    pub medium_id: Uuid,
+    /// Its owner, as written in the medium.
+    pub owner: Identity,
+    /// The charging point's SAE ID.
+    pub charger: String,
+    /// Index of the first charged key.
+    pub first_index: u64,
+    /// ID of the authentication key.
+    pub auth_key_id: Uuid,
+    /// IDs of the charged keys, in index order.
+    pub key_ids: Vec<Uuid>,
+}
+
+impl ChargeOffer {
+    /// Signs `terms` in answer to `challenge` with the authentication key.
+    /// Checks what the decoder would refuse.
+    pub fn sign(terms: ChargeTerms, challenge: &Challenge, auth_key: &Key256) -> Result<Self> {
+        let ChargeTerms {
+            medium_id,
+            owner,
+            charger,
+            first_index,
+            auth_key_id,
+            key_ids,
+        } = terms;
+        let mut offer = Self {
+            medium_id,
+            owner,
+            charger,
+            first_index,
+            auth_key_id,
+            key_ids,
+            tag: [0; TAG_LEN],
+        };
+        offer.check()?;
+        offer.tag = offer.mac(challenge, auth_key).finalize();
+        Ok(offer)
+    }
+
+    /// Checks the tag under the authentication key, in constant time.
+    pub fn verify(&self, challenge: &Challenge, auth_key: &Key256) -> Result<()> {
+        self.mac(challenge, auth_key)
+            .verify(&self.tag)
+            .map_err(|_| ProtoError::BadTag)
+    }
+
+    fn check(&self) -> Result<()> {
+        check_text(&self.charger, MAX_CHARGER_LEN)
+            .map_err(|_| ProtoError::InvalidField("charger SAE ID"))?;
+        if self.key_ids.is_empty() || self.key_ids.len() > MAX_CHARGE_KEYS {
+            return Err(ProtoError::InvalidField("number of charged keys"));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.key_ids.len() + 1);
+        seen.insert(self.auth_key_id);
+        if !self.key_ids.iter().all(|id| seen.insert(*id)) {
+            return Err(ProtoError::InvalidField("duplicate key ID"));
+        }
+        if self
+            .first_index
+            .checked_add(self.key_ids.len() as u64)
+            .is_none_or(|end| end >= u64::MAX - 1)
+        {
+            return Err(ProtoError::InvalidField("charge indices"));
+        }
+        Ok(())
+    }
+
+    fn fields(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.medium_id.as_bytes());
+        self.owner.encode(out);
+        encode_text(&self.charger, out);
+        out.extend_from_slice(&self.first_index.to_be_bytes());
+        out.extend_from_slice(self.auth_key_id.as_bytes());
+        let n = u16::try_from(self.key_ids.len()).expect("invariant: ≤ MAX_CHARGE_KEYS");
+        out.extend_from_slice(&n.to_be_bytes());
+        for id in &self.key_ids {
+            out.extend_from_slice(id.as_bytes());
+        }
+    }
+
+    fn mac(&self, challenge: &Challenge, key: &Key256) -> HmacSm3 {
+        let mut body = Vec::with_capacity(64 + 16 * self.key_ids.len());
+        self.fields(&mut body);
+        let mut m = HmacSm3::new(key.expose_secret());
+        m.update(LABEL_CHARGE);
+        m.update(&challenge.challenge);
+        m.update(&body);
+        m
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let medium_id = Uuid::from_bytes(r.array("medium ID")?);
+        let owner = Identity::decode(r)?;
+        let charger = decode_text(r, "charger SAE ID", MAX_CHARGER_LEN)?;
+        let first_index = r.u64("first index")?;
+        let auth_key_id = Uuid::from_bytes(r.array("authentication key ID")?);
+        let n = usize::from(r.u16("number of keys")?);
+        if n == 0 || n > MAX_CHARGE_KEYS {
+            return Err(ProtoError::InvalidField("number of charged keys"));
+        }
+        let key_ids = (0..n)
+            .map(|_| r.array("key ID").map(Uuid::from_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let offer = Self {
+            medium_id,
+            owner,
+            charger,
+            first_index,
+            auth_key_id,
+            key_ids,
+            tag: r.array("tag")?,
+        };
+        offer.check()?;
+        Ok(offer)
+    }
+}
+
+/// The service's acknowledgement of a charge (service → charger): the keys are
+/// stored for the medium, durably. The charger writes them into the medium only
+/// after this verifies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeAck {
+    /// The medium charged.
+    pub medium_id: Uuid,
+    /// Index of its first charged key.
+    pub first_index: u64,
+    /// Number of keys stored.
+    pub count: u16,
+    /// HMAC-SM3(auth key, `qkdnet/media/proto/v1/charge-ack` ‖ challenge ‖ the
+    /// offer's tag ‖ medium ID ‖ first index ‖ count).
+    pub tag: [u8; TAG_LEN],
+}
+
+impl ChargeAck {
+    /// The acknowledgement of `offer` (made in answer to `challenge`).
+    pub fn for_offer(offer: &ChargeOffer, challenge: &Challenge, auth_key: &Key256) -> Self {
+        let count = u16::try_from(offer.key_ids.len()).expect("invariant: ≤ MAX_CHARGE_KEYS");
+        let mut ack = Self {
+            medium_id: offer.medium_id,
+            first_index: offer.first_index,
+            count,
+            tag: [0; TAG_LEN],
+        };
+        ack.tag = ack.mac(offer, challenge, auth_key).finalize();
+        ack
+    }
+
+    /// Checks that this acknowledges exactly `offer`, under the authentication key.
+    pub fn verify(
+        &self,
+        offer: &ChargeOffer,
+        challenge: &Challenge,
+        auth_key: &Key256,
+    ) -> Result<()> {
+        if self.medium_id != offer.medium_id
+            || self.first_index != offer.first_index
+            || usize::from(self.count) != offer.key_ids.len()
+        {
+            return Err(ProtoError::InvalidField("acknowledgement of another charge"));
+        }
+        self.mac(offer, challenge, auth_key)
+            .verify(&self.tag)
+            .map_err(|_| ProtoError::BadTag)
+    }
+
+    fn mac(&self, offer: &ChargeOffer, challenge: &Challenge, key: &Key256) -> HmacSm3 {
+        let mut m = HmacSm3::new(key.expose_secret());
+        m.update(LABEL_CHARGE_ACK);
+        m.update(&challenge.challenge);
+        m.update(&offer.tag);
+        m.update(self.medium_id.as_bytes());
+        m.update(&self.first_index.to_be_bytes());
+        m.update(&self.count.to_be_bytes());
+        m
+    }
+}
+
+fn encode_text(s: &str, out: &mut Vec<u8>) {
+    let len = u16::try_from(s.len()).expect("invariant: checked texts are short");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A length-prefixed text of at most `max` bytes, valid UTF-8 without control
+/// characters.
+fn decode_text(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<String> {
+    let len = usize::from(r.u16(what)?);
+    if len > max {
+        return Err(ProtoError::InvalidField(what));
+    }
+    let bytes = r.take(what, len)?;
+    let s = core::str::from_utf8(bytes).map_err(|_| ProtoError::InvalidField(what))?;
+    check_text(s, max).map_err(|_| ProtoError::InvalidField(what))?;
+    Ok(s.to_owned())
+}
+
 /// Any message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -766,8 +1093,12 @@ pub enum Message {
     AuthRequest(AuthRequest),
     /// Service → terminal: a wrapped session key.
     SessionKeyGrant(SessionKeyGrant),
-    /// Service → terminal: the request was refused.
+    /// Service → terminal or charger: the request was refused.
     Refused(RefuseReason),
+    /// Charger → service: keys offered for a medium.
+    ChargeOffer(ChargeOffer),
+    /// Service → charger: the offered keys are stored.
+    ChargeAck(ChargeAck),
 }
 
 impl Message {
@@ -796,8 +1127,20 @@ impl Message {
                 body.push(reason.to_byte());
                 TYPE_REFUSED
             }
+            Self::ChargeOffer(o) => {
+                o.fields(&mut body);
+                body.extend_from_slice(&o.tag);
+                TYPE_CHARGE_OFFER
+            }
+            Self::ChargeAck(a) => {
+                body.extend_from_slice(a.medium_id.as_bytes());
+                body.extend_from_slice(&a.first_index.to_be_bytes());
+                body.extend_from_slice(&a.count.to_be_bytes());
+                body.extend_from_slice(&a.tag);
+                TYPE_CHARGE_ACK
+            }
         };
-        // The largest body (a grant with two 256-byte identities) is 601 bytes.
+        // The largest body (a charge offer of 256 keys) is under 4,500 bytes.
         let len = u16::try_from(body.len()).expect("invariant: bodies ≤ MAX_BODY");
         debug_assert!(body.len() <= MAX_BODY);
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -849,6 +1192,13 @@ impl Message {
                 ciphertext: r.array("wrapped key")?,
             }),
             TYPE_REFUSED => Self::Refused(RefuseReason::from_byte(r.u8("refusal reason")?)?),
+            TYPE_CHARGE_OFFER => Self::ChargeOffer(ChargeOffer::decode(&mut r)?),
+            TYPE_CHARGE_ACK => Self::ChargeAck(ChargeAck {
+                medium_id: Uuid::from_bytes(r.array("medium ID")?),
+                first_index: r.u64("first index")?,
+                count: r.u16("count")?,
+                tag: r.array("tag")?,
+            }),
             // frame_len checked the type.
             t => return Err(ProtoError::UnknownType(t)),
         };
@@ -877,7 +1227,7 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
     if header[4] != VERSION {
         return Err(ProtoError::UnsupportedVersion(header[4]));
     }
-    if !(TYPE_CHALLENGE..=TYPE_REFUSED).contains(&header[5]) {
+    if !(TYPE_CHALLENGE..=TYPE_CHARGE_ACK).contains(&header[5]) {
         return Err(ProtoError::UnknownType(header[5]));
     }
     let body = usize::from(u16::from_be_bytes([header[6], header[7]]));

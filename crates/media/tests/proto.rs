@@ -11,9 +11,9 @@ use proptest::prelude::*;
 use qkdnet_crypto::sm3::sm3;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::{
-    AuthRequest, Authenticated, Challenge, GrantExpect, Identity, KeySource, MAX_FRAME, Message,
-    Party, ProtoError, RefuseReason, Request, STRICT, SessionKeyGrant, frame_len, open_grant,
-    verify_auth,
+    AuthRequest, Authenticated, ChargeAck, ChargeOffer, ChargeTerms, Challenge, GrantExpect,
+    Identity, KeySource, MAX_CHARGE_KEYS, MAX_FRAME, Message, ProtoError, RefuseReason, Request,
+    STRICT, Session, SessionKeyGrant, frame_len, open_grant, verify_auth,
 };
 use uuid::Uuid;
 
@@ -68,28 +68,41 @@ fn verify(
     })
 }
 
-/// Grants for A (wrapped under A's key `a_wrap`) and B (under B's key `b_wrap`).
-fn grants(auth: &Authenticated, a_wrap: u64, b_wrap: u64) -> [SessionKeyGrant; 2] {
-    let ka = key_for(&MEDIUM_A, a_wrap);
-    let kb = key_for(&MEDIUM_B, b_wrap);
-    auth.grant(
-        &session_key(),
-        KeySource::Qkd,
-        Party {
-            medium_id: MEDIUM_A,
-            identity: alice(),
-            wrap_index: a_wrap,
-            wrap_key: &ka,
+/// B's join of the session, signed with B's key `index`.
+fn joined(index: u64, ch: &Challenge) -> AuthRequest {
+    AuthRequest::sign(
+        MEDIUM_B,
+        index,
+        &key_for(&MEDIUM_B, index),
+        ch,
+        Request::JoinSession {
+            session_id: SESSION,
         },
-        Party {
-            medium_id: MEDIUM_B,
-            identity: bob(),
-            wrap_index: b_wrap,
-            wrap_key: &kb,
-        },
-        [[1; 12], [2; 12]],
     )
-    .expect("parties match the request")
+}
+
+/// The session A opens with B.
+fn with_session<T>(f: impl FnOnce(&Session<'_>) -> T) -> T {
+    let (a, b, key) = (alice(), bob(), session_key());
+    f(&Session {
+        session_id: SESSION,
+        a: &a,
+        b: &b,
+        source: KeySource::Qkd,
+        key: &key,
+    })
+}
+
+/// The grant for the medium of `auth` (whose bound identity is `me`), wrapped
+/// under its key at `auth.wrap_index()`.
+fn grant(auth: &Authenticated, me: &Identity, nonce: u8) -> SessionKeyGrant {
+    let wrap = key_for(&auth.medium_id(), auth.wrap_index());
+    with_session(|s| auth.grant(s, me, &wrap, [nonce; 12])).expect("parties match the request")
+}
+
+/// A's grant (A authenticated with key 0, wrapped under key 1).
+fn grants(auth: &Authenticated) -> SessionKeyGrant {
+    grant(auth, &alice(), 1)
 }
 
 fn roundtrip(m: Message) {
@@ -104,20 +117,20 @@ fn every_message_round_trips() {
     roundtrip(Message::Challenge(challenge(7)));
     roundtrip(Message::AuthRequest(signed(3, &challenge(7))));
     let auth = verify(&challenge(7), &signed(0, &challenge(7)), 0, STRICT).expect("valid");
-    for g in grants(&auth, 1, 0) {
-        roundtrip(Message::SessionKeyGrant(g));
+    roundtrip(Message::SessionKeyGrant(grants(&auth)));
+    roundtrip(Message::AuthRequest(joined(4, &challenge(7))));
+    for reason in RefuseReason::ALL {
+        roundtrip(Message::Refused(*reason));
     }
-    for reason in [
-        RefuseReason::Revoked,
-        RefuseReason::Exhausted,
-        RefuseReason::BadTag,
-        RefuseReason::Replay,
-        RefuseReason::OutOfOrder,
-        RefuseReason::UnknownMedium,
-        RefuseReason::Malformed,
-    ] {
-        roundtrip(Message::Refused(reason));
-    }
+    let offer = charge_offer(&challenge(7), 3);
+    roundtrip(Message::ChargeAck(ChargeAck::for_offer(
+        &offer,
+        &challenge(7),
+        &charge_auth_key(),
+    )));
+    roundtrip(Message::ChargeOffer(offer));
+    // The largest offer fits a frame.
+    roundtrip(Message::ChargeOffer(charge_offer(&challenge(7), MAX_CHARGE_KEYS)));
     // The largest identities still fit a frame.
     let long = Identity::new("x".repeat(256)).expect("256 bytes is the limit");
     let g = SessionKeyGrant {
@@ -153,8 +166,9 @@ fn identities_are_checked() {
     assert!(Identity::new("device-42").is_ok());
 }
 
-/// Terminal A authenticates with key 0; the service grants a session key wrapped
-/// under A's key 1 and B's key 0; both unwrap the same key, each sees the other.
+/// Terminal A authenticates with key 0 and opens the session; the service wraps
+/// the session key under A's key 1. B joins with its key 0 and gets it under its
+/// key 1. Both unwrap the same key, each sees the other.
 #[test]
 fn full_exchange() {
     // Service → A: challenge. A → service: request signed with K_A[0], over the wire.
@@ -171,10 +185,14 @@ fn full_exchange() {
     // Service: checks against the expected index 0, consumes key 0.
     let auth = verify(&ch, &req, 0, STRICT).expect("authenticates");
     assert_eq!(auth.medium_id(), MEDIUM_A);
-    assert_eq!(auth.consumed(), 0..=0);
-    assert_eq!(auth.next_expected(), 1);
-    let [ga, gb] = grants(&auth, 1, 0);
-    assert_eq!((ga.wrap_index, gb.wrap_index), (1, 0));
+    assert_eq!(auth.consumed(), 0..=1);
+    assert_eq!(auth.next_expected(), 2);
+    let ga = grants(&auth);
+    // B joins on another connection, with its own challenge.
+    let ch_b = challenge(0xb4);
+    let join = verify(&ch_b, &joined(0, &ch_b), 0, STRICT).expect("B authenticates");
+    let gb = grant(&join, &bob(), 2);
+    assert_eq!((ga.wrap_index, gb.wrap_index), (1, 1));
 
     let me_a = alice();
     let me_b = bob();
@@ -204,8 +222,8 @@ fn full_exchange() {
             me: &me_b,
             session_id: SESSION,
         },
-        0,
-        &key_for(&MEDIUM_B, 0),
+        1,
+        &key_for(&MEDIUM_B, 1),
     )
     .expect("B unwraps");
     assert_eq!(sa.key, sb.key);
@@ -230,7 +248,7 @@ fn replayed_request_is_refused() {
         err,
         ProtoError::Replay {
             index: 0,
-            expected: 1
+            expected: 2
         }
     );
     assert_eq!(err.refusal(), Some(RefuseReason::Replay));
@@ -291,8 +309,8 @@ fn key_index_ahead_is_refused() {
     assert_eq!(err.refusal(), Some(RefuseReason::OutOfOrder));
     // With a skip window the service resynchronises, consuming the skipped keys...
     let auth = verify(&ch, &req, 0, 2).expect("within the window");
-    assert_eq!(auth.consumed(), 0..=2);
-    assert_eq!(auth.next_expected(), 3);
+    assert_eq!(auth.consumed(), 0..=3);
+    assert_eq!(auth.next_expected(), 4);
     // ...but only past a valid tag, and never beyond the window.
     assert_eq!(
         verify(&ch, &req, 0, 1).expect_err("beyond"),
@@ -307,14 +325,17 @@ fn key_index_ahead_is_refused() {
         verify(&ch, &bad, 0, 2).expect_err("bad tag"),
         ProtoError::BadTag
     );
-    // Index u64::MAX is never accepted (its successor could not be named).
-    let far = signed(u64::MAX, &ch);
-    assert!(matches!(
-        verify(&ch, &far, 0, u64::MAX),
-        Err(ProtoError::OutOfOrder { .. })
-    ));
-    let near = signed(u64::MAX - 1, &ch);
-    let auth = verify(&ch, &near, u64::MAX - 1, STRICT).expect("last valid index");
+    // The two top indices are never accepted (a request spends two keys, and
+    // the index after them could not be named).
+    for top in [u64::MAX, u64::MAX - 1] {
+        let far = signed(top, &ch);
+        assert!(matches!(
+            verify(&ch, &far, top, u64::MAX),
+            Err(ProtoError::OutOfOrder { .. })
+        ));
+    }
+    let near = signed(u64::MAX - 2, &ch);
+    let auth = verify(&ch, &near, u64::MAX - 2, STRICT).expect("last valid index");
     assert_eq!(auth.next_expected(), u64::MAX);
 }
 
@@ -329,34 +350,31 @@ fn missing_key_is_exhausted() {
 #[test]
 fn grant_parties_must_match_the_request() {
     let ch = challenge(1);
-    let auth = verify(&ch, &signed(0, &ch), 0, STRICT).expect("valid");
+    let open = verify(&ch, &signed(0, &ch), 0, STRICT).expect("valid");
+    let join = verify(&ch, &joined(0, &ch), 0, STRICT).expect("valid");
     let k = key_for(&MEDIUM_A, 1);
-    let party = |m, id| Party {
-        medium_id: m,
-        identity: id,
-        wrap_index: 1,
-        wrap_key: &k,
+    let (a, b, carol, key) = (
+        alice(),
+        bob(),
+        Identity::new("sip:carol@qkd.example").expect("valid"),
+        session_key(),
+    );
+    let session = |session_id, a, b| Session {
+        session_id,
+        a,
+        b,
+        source: KeySource::Qkd,
+        key: &key,
     };
-    for (why, a, b) in [
-        (
-            "A is not the requester",
-            party(MEDIUM_B, alice()),
-            party(MEDIUM_A, bob()),
-        ),
-        (
-            "B is not the peer",
-            party(MEDIUM_A, alice()),
-            party(MEDIUM_B, alice()),
-        ),
-        (
-            "one medium for both",
-            party(MEDIUM_A, alice()),
-            party(MEDIUM_A, bob()),
-        ),
+    for (why, auth, s, me) in [
+        ("the opener is not A", &open, session(SESSION, &a, &b), &b),
+        ("B is not the peer asked for", &open, session(SESSION, &a, &carol), &a),
+        ("another session", &open, session([7; 16], &a, &b), &a),
+        ("one identity for both", &open, session(SESSION, &a, &a), &a),
+        ("the joiner is not B", &join, session(SESSION, &a, &b), &a),
+        ("the joiner is a stranger", &join, session(SESSION, &a, &b), &carol),
     ] {
-        let err = auth
-            .grant(&session_key(), KeySource::Qkd, a, b, [[0; 12]; 2])
-            .expect_err(why);
+        let err = auth.grant(&s, me, &k, [0; 12]).expect_err(why);
         assert!(matches!(err, ProtoError::PartyMismatch(_)), "{why}");
         assert_eq!(err.refusal(), None);
     }
@@ -365,8 +383,7 @@ fn grant_parties_must_match_the_request() {
 fn grant_for_a() -> SessionKeyGrant {
     let ch = challenge(1);
     let auth = verify(&ch, &signed(0, &ch), 0, STRICT).expect("valid");
-    let [ga, _] = grants(&auth, 1, 0);
-    ga
+    grants(&auth)
 }
 
 fn open_as_a(bytes: &[u8]) -> Result<qkdnet_media::proto::SessionKey, ProtoError> {
@@ -453,8 +470,8 @@ fn grant_for_someone_else_is_refused() {
     );
     // B's grant is not A's.
     let ch = challenge(1);
-    let auth = verify(&ch, &signed(0, &ch), 0, STRICT).expect("valid");
-    let [_, gb] = grants(&auth, 1, 1);
+    let join = verify(&ch, &joined(0, &ch), 0, STRICT).expect("valid");
+    let gb = grant(&join, &bob(), 3);
     assert_eq!(
         open_grant(&gb, &expect(&me, SESSION), 1, &key).expect_err("B's"),
         ProtoError::GrantRejected
@@ -465,12 +482,16 @@ fn grant_for_someone_else_is_refused() {
 fn truncated_frames_are_errors() {
     let ch = challenge(1);
     let auth = verify(&ch, &signed(0, &ch), 0, STRICT).expect("valid");
-    let [ga, _] = grants(&auth, 1, 0);
+    let ga = grants(&auth);
+    let offer = charge_offer(&ch, 3);
     for m in [
         Message::Challenge(ch),
         Message::AuthRequest(signed(0, &ch)),
+        Message::AuthRequest(joined(0, &ch)),
         Message::SessionKeyGrant(ga),
         Message::Refused(RefuseReason::Revoked),
+        Message::ChargeAck(ChargeAck::for_offer(&offer, &ch, &charge_auth_key())),
+        Message::ChargeOffer(offer),
     ] {
         let wire = m.encode();
         for n in 0..wire.len() {
@@ -496,6 +517,8 @@ fn header_errors_are_typed() {
     let mut t = wire.clone();
     t[5] = 9;
     assert_eq!(Message::decode(&t), Err(ProtoError::UnknownType(9)));
+    t[5] = 7;
+    assert_eq!(Message::decode(&t), Err(ProtoError::UnknownType(7)));
     let mut t = wire.clone();
     t[6] = 0xff;
     assert!(matches!(Message::decode(&t), Err(ProtoError::TooLong(_))));
@@ -566,5 +589,97 @@ proptest! {
         if which == 1 && open_as_a(&t).is_ok() {
             prop_assert_eq!(&t, &wire);
         }
+    }
+}
+
+fn charge_auth_key() -> Key256 {
+    Key256::new([0x42; 32])
+}
+
+fn charge_offer(ch: &Challenge, n: usize) -> ChargeOffer {
+    ChargeOffer::sign(
+        ChargeTerms {
+            medium_id: MEDIUM_A,
+            owner: alice(),
+            charger: "charger-north".into(),
+            first_index: 100,
+            auth_key_id: Uuid::from_u128(1),
+            key_ids: (0..n).map(|i| Uuid::from_u128(1000 + i as u128)).collect(),
+        },
+        ch,
+        &charge_auth_key(),
+    )
+    .expect("valid terms")
+}
+
+#[test]
+fn a_charge_offer_verifies_only_under_its_key_challenge_and_bytes() {
+    let ch = challenge(3);
+    let offer = charge_offer(&ch, 5);
+    offer.verify(&ch, &charge_auth_key()).expect("verifies");
+    assert_eq!(
+        offer.verify(&challenge(4), &charge_auth_key()),
+        Err(ProtoError::BadTag),
+        "an offer replayed to another connection"
+    );
+    assert_eq!(
+        offer.verify(&ch, &Key256::new([0x43; 32])),
+        Err(ProtoError::BadTag)
+    );
+    // Any changed byte of the offer on the wire: refused by the decoder or the tag.
+    let wire = Message::ChargeOffer(offer.clone()).encode();
+    for pos in 8..wire.len() {
+        let mut t = wire.clone();
+        t[pos] ^= 0x01;
+        if let Ok(Message::ChargeOffer(o)) = Message::decode(&t) {
+            assert!(
+                o.verify(&ch, &charge_auth_key()).is_err(),
+                "byte {pos} flipped and still verifies"
+            );
+        }
+    }
+    // The acknowledgement binds the same offer.
+    let ack = ChargeAck::for_offer(&offer, &ch, &charge_auth_key());
+    ack.verify(&offer, &ch, &charge_auth_key()).expect("ack verifies");
+    let other = charge_offer(&ch, 6);
+    assert!(ack.verify(&other, &ch, &charge_auth_key()).is_err());
+    let mut forged = ack.clone();
+    forged.count = 4;
+    assert!(forged.verify(&offer, &ch, &charge_auth_key()).is_err());
+}
+
+#[test]
+fn charge_offers_with_bad_fields_are_refused_before_signing() {
+    let ch = challenge(3);
+    let terms = |charger: &str, ids: Vec<Uuid>, first: u64| ChargeTerms {
+        medium_id: MEDIUM_A,
+        owner: alice(),
+        charger: charger.into(),
+        first_index: first,
+        auth_key_id: Uuid::from_u128(1),
+        key_ids: ids,
+    };
+    let k = charge_auth_key();
+    let one = || vec![Uuid::from_u128(2)];
+    for (why, t) in [
+        ("no keys", terms("c", vec![], 0)),
+        (
+            "too many keys",
+            terms(
+                "c",
+                (0..=MAX_CHARGE_KEYS as u128).map(|i| Uuid::from_u128(10 + i)).collect(),
+                0,
+            ),
+        ),
+        (
+            "duplicate IDs",
+            terms("c", vec![Uuid::from_u128(2), Uuid::from_u128(2)], 0),
+        ),
+        ("auth key charged", terms("c", vec![Uuid::from_u128(1)], 0)),
+        ("empty charger", terms("", one(), 0)),
+        ("long charger", terms(&"c".repeat(65), one(), 0)),
+        ("indices overflow", terms("c", one(), u64::MAX - 1)),
+    ] {
+        assert!(ChargeOffer::sign(t, &ch, &k).is_err(), "{why}");
     }
 }
