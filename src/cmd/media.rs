@@ -1,12 +1,20 @@
-//! `qkdnet media init | status`: quantum security media (issue #20), the file
-//! backend. A medium holds numbered quantum keys charged at a charging point and
-//! spent one at a time by a terminal; see the `qkdnet-media` crate. Charging
-//! over ETSI 014 and the key service are not built yet.
+//! `qkdnet media init | status | charge | session | revoke`: quantum security
+//! media (issue #20), the file backend. A medium holds numbered quantum keys
+//! charged at a charging point (an SAE of the QKD network, with the key service
+//! as the other end of its ETSI 014 keys) and spent two at a time by a terminal
+//! to get session keys from the key service; see the `qkdnet-media` and
+//! `qkdnet-keyservice` crates.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use qkdnet_keyservice::client::{Charger, Connection, Terminal};
+use qkdnet_keyservice::store::unix_now;
+use qkdnet_kms::connect::ConnectFile;
+use qkdnet_media::proto::{Identity, KeySource};
 use qkdnet_crypto::SecretBytes;
 use qkdnet_kms::store::pkcs11::PinSource;
 use qkdnet_media::{FileMedium, Medium, MediumSpec};
@@ -55,6 +63,79 @@ pub enum MediaCommand {
         #[command(flatten)]
         pin: PinArgs,
     },
+    /// Charge a medium with keys from the QKD network at a charging point.
+    ///
+    /// Example: qkdnet media charge --connect STATE/connect.json --as sae-north --medium alice.medium --keys 1000 --service 127.0.0.1:7700 --service-sae sae-core
+    Charge {
+        /// The network's connect file.
+        #[arg(long, value_name = "FILE")]
+        connect: PathBuf,
+        /// The charging point's SAE ID.
+        #[arg(long = "as", value_name = "SAE")]
+        as_sae: String,
+        /// The medium file.
+        #[arg(long, value_name = "FILE")]
+        medium: PathBuf,
+        /// Keys to charge (256 bits each).
+        #[arg(long)]
+        keys: u64,
+        /// The key service (host:port).
+        #[arg(long, value_name = "ADDR")]
+        service: String,
+        /// The key service's SAE ID.
+        #[arg(long, value_name = "SAE")]
+        service_sae: String,
+        /// Keys per offer to the service (1..=256).
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Seconds to wait for key when the link has none before giving up.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// As a terminal: open a session with a peer (--peer) or join one (--join),
+    /// spending two keys of the medium; prints the session ID, the key's source
+    /// and a fingerprint of the key (SM3, not the key).
+    ///
+    /// Example: qkdnet media session --medium alice.medium --service 127.0.0.1:7700 --peer sip:bob@example.net
+    Session {
+        /// The medium file.
+        #[arg(long, value_name = "FILE")]
+        medium: PathBuf,
+        /// The key service (host:port).
+        #[arg(long, value_name = "ADDR")]
+        service: String,
+        /// Open a session with this peer.
+        #[arg(long, conflicts_with = "join", required_unless_present = "join")]
+        peer: Option<String>,
+        /// Session ID (32 hex digits) to open; random if not given.
+        #[arg(long, value_name = "HEX", requires = "peer")]
+        session: Option<String>,
+        /// Join the session with this ID (32 hex digits).
+        #[arg(long, value_name = "HEX")]
+        join: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// At the key service: revoke a medium (lost, stolen, retired). Its keys
+    /// there are destroyed; its owner can be charged a new medium.
+    Revoke {
+        #[command(flatten)]
+        store: crate::cmd::keyservice::StoreArgs,
+        /// The medium's ID.
+        #[arg(long, value_name = "ID")]
+        medium: uuid::Uuid,
+        /// Why (for the audit trail).
+        #[arg(long, default_value = "reported lost")]
+        reason: String,
+    },
     /// Keys remaining and charges of a medium (never a key).
     Status {
         /// The medium file.
@@ -87,6 +168,52 @@ pub fn run(c: MediaCommand) -> anyhow::Result<()> {
                 m.owner(),
                 medium.display(),
                 m.capacity()
+            );
+            Ok(())
+        }
+        MediaCommand::Charge {
+            connect,
+            as_sae,
+            medium,
+            keys,
+            service,
+            service_sae,
+            batch,
+            wait,
+            json,
+            pin,
+        } => charge(
+            &ChargeArgs {
+                connect,
+                as_sae,
+                service,
+                service_sae,
+                batch,
+                wait,
+                json,
+            },
+            &medium,
+            keys,
+            &pin,
+        ),
+        MediaCommand::Session {
+            medium,
+            service,
+            peer,
+            session,
+            join,
+            json,
+            pin,
+        } => session_cmd(&medium, &service, peer, session, join, json, &pin),
+        MediaCommand::Revoke {
+            store,
+            medium,
+            reason,
+        } => {
+            let r = store.open()?.revoke(&medium, &reason, unix_now())?;
+            println!(
+                "medium {medium} of {} revoked ({reason}); {} unused keys destroyed at the key service",
+                r.identity, r.destroyed
             );
             Ok(())
         }
@@ -144,4 +271,132 @@ pub fn run(c: MediaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+struct ChargeArgs {
+    connect: PathBuf,
+    as_sae: String,
+    service: String,
+    service_sae: String,
+    batch: usize,
+    wait: u64,
+    json: bool,
+}
+
+fn charge(a: &ChargeArgs, medium: &Path, keys: u64, pin: &PinArgs) -> anyhow::Result<()> {
+    let pin = pin.read()?;
+    let mut m = FileMedium::open(medium, &pin)
+        .with_context(|| format!("opening the medium {}", medium.display()))?;
+    let client = ConnectFile::load(&a.connect)?.client(&a.as_sae, Duration::from_secs(30))?;
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(keys)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("charging {bar:30} {pos}/{len} keys  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let report = crate::cmd::msg::runtime()?.block_on(async {
+        let mut conn = Connection::connect(&a.service, Duration::from_secs(30)).await?;
+        Charger {
+            kme: &client,
+            charger_sae: &a.as_sae,
+            service_sae: &a.service_sae,
+            batch: a.batch,
+            max_wait: Duration::from_secs(a.wait),
+        }
+        .charge(&mut conn, &mut m, keys, |done| bar.set_position(done))
+        .await
+    });
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("charging {}", medium.display()))?;
+    let rate = report.charged as f64 / report.seconds.max(1e-9);
+    let st = m.status()?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"medium": st.id.to_string(), "charged": report.charged,
+                "first_index": report.first_index, "seconds": report.seconds,
+                "keys_per_second": rate, "remaining": st.remaining})
+        );
+    } else {
+        println!(
+            "charged {} keys into {} (#{}–#{}) in {:.1} s: {:.0} keys/s ({:.0} bit/s of QKD key); {} remaining",
+            report.charged,
+            st.id,
+            report.first_index,
+            report.first_index + report.charged.saturating_sub(1),
+            report.seconds,
+            rate,
+            rate * 256.0,
+            st.remaining
+        );
+    }
+    Ok(())
+}
+
+fn parse_session(s: &str) -> anyhow::Result<[u8; 16]> {
+    let b = hex::decode(s).map_err(|_| anyhow::anyhow!("{s:?} is not hex"))?;
+    b.try_into()
+        .map_err(|_| anyhow::anyhow!("a session ID is 32 hex digits (16 bytes)"))
+}
+
+fn session_cmd(
+    medium: &Path,
+    service: &str,
+    peer: Option<String>,
+    session: Option<String>,
+    join: Option<String>,
+    json: bool,
+    pin: &PinArgs,
+) -> anyhow::Result<()> {
+    let pin = pin.read()?;
+    let mut m = FileMedium::open(medium, &pin)
+        .with_context(|| format!("opening the medium {}", medium.display()))?;
+    let key = crate::cmd::msg::runtime()?.block_on(async {
+        let mut conn = Connection::connect(service, Duration::from_secs(30)).await?;
+        let mut t = Terminal::new(&mut m)?;
+        match (peer, join) {
+            (Some(p), _) => {
+                let peer = Identity::new(p.clone()).map_err(|e| anyhow::anyhow!("{p:?}: {e}"))?;
+                let sid = match session {
+                    Some(s) => parse_session(&s)?,
+                    None => {
+                        let mut b = [0u8; 16];
+                        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("CSPRNG: {e}"))?;
+                        b
+                    }
+                };
+                anyhow::Ok(t.open(&mut conn, &peer, sid).await?)
+            }
+            (None, Some(j)) => Ok(t.join(&mut conn, parse_session(&j)?).await?),
+            (None, None) => anyhow::bail!("give --peer or --join"),
+        }
+    })?;
+    let fp = qkdnet_crypto::sm3::sm3(
+        &[&b"qkdnet/media/fingerprint/v1"[..], &key.key.expose_secret()[..]].concat(),
+    );
+    let source = match key.source {
+        KeySource::Qkd => "qkd",
+        _ => "csprng",
+    };
+    let remaining = m.status()?.remaining;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"session": hex::encode(key.session_id), "peer": key.peer.as_str(),
+                "source": source, "fingerprint": hex::encode(&fp[..8]), "remaining": remaining})
+        );
+    } else {
+        println!(
+            "session {} with {}: 256-bit key from {}, fingerprint {} ({} keys left in the medium)",
+            hex::encode(key.session_id),
+            key.peer,
+            if source == "qkd" { "the QKD network" } else { "the key service's CSPRNG" },
+            hex::encode(&fp[..8]),
+            remaining
+        );
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod crypto;
 pub mod demo;
+pub mod keyservice;
 pub mod kme;
 pub mod link;
 pub mod media;
@@ -64,6 +65,9 @@ enum Command {
     /// Quantum security media: files charged with quantum keys for terminals.
     #[command(subcommand)]
     Media(media::MediaCommand),
+    /// The key service of quantum security media: subscribers, session keys, charging.
+    #[command(subcommand)]
+    Keyservice(keyservice::KeyserviceCommand),
 }
 
 /// Runs the parsed command line.
@@ -80,5 +84,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kme(c) => kme::run(c),
         Command::Pki(c) => pki::run(c),
         Command::Media(c) => media::run(c),
+        Command::Keyservice(c) => keyservice::run(c),
     }
 }

@@ -101,6 +101,16 @@ impl MasterKey {
             .ok_or_else(|| err(format!("must hold exactly {MASTER_KEY_LEN} bytes")))
     }
 
+    /// Derives a 16-byte key for another store of the node (the key service's)
+    /// with HKDF-SM3: extract with `salt`, expand with `label`. The master key's
+    /// bytes never leave this type.
+    pub fn derive_sm4(&self, salt: &[u8], label: &[u8]) -> Zeroizing<[u8; 16]> {
+        let prk = hkdf_sm3_extract(salt, &[&self.0[..]]);
+        let mut k = Zeroizing::new([0u8; 16]);
+        hkdf_sm3_expand(&prk, &[label], &mut k[..]).expect("invariant: 16 bytes");
+        k
+    }
+
     /// Creates a master key file: 32 bytes from the operating system's CSPRNG,
     /// mode 0600, never overwriting an existing file.
     pub fn create_file(path: &Path) -> Result<(), crate::KmsError> {

@@ -1,0 +1,30 @@
+//! The key service of quantum security media: terminals that carry charged
+//! keys (a SIM, a card, a file) obtain session keys from it over an untrusted
+//! network; charging points fill media with keys from the QKD network and hand
+//! the service the same keys by ID.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`core`] | the rules, sans-IO: who gets a key, what is written ([`core::decide_grant`], [`core::decide_charge`]) |
+//! | [`sqlite`] | the durable store (SQLite, WAL, `synchronous=FULL`), keys sealed at rest ([`seal`]) |
+//! | [`store`] | the writer thread: group commit, answers after the commit |
+//! | [`server`] | TCP front end: challenge, request, answer; charging; metrics |
+//! | [`qkd`] | session keys from the QKD network (ETSI 014), CSPRNG when there is none |
+//! | [`client`] | the terminal and the charging point |
+//! | [`wire`] | frames over a byte stream |
+//!
+//! The protocol itself (frames, tags, grants) is [`qkdnet_media::proto`].
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod core;
+pub mod error;
+pub mod qkd;
+pub mod seal;
+pub mod server;
+pub mod sqlite;
+pub mod store;
+pub mod wire;
+
+pub use error::{KsError, Result};

@@ -1,0 +1,232 @@
+//! The store as the server sees it: one writer thread that owns the SQLite
+//! connection and commits requests in groups.
+//!
+//! Requests are queued to the thread; it takes every request waiting (up to
+//! [`MAX_BATCH`]), decides and writes them in one transaction, commits (one
+//! `fsync` for the group) and only then hands each connection its answer. Under
+//! load the groups grow and the cost of the sync is shared; alone, a request
+//! commits by itself. A failed transaction fails every request of its group with
+//! [`KsError::Store`] (the server answers "unavailable: retry"); none of their
+//! answers has left, and the terminals' next requests fit the skip window.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use qkdnet_crypto::gcm::GcmNonce;
+use qkdnet_kms::store::MasterKey;
+use qkdnet_media::Key256;
+use qkdnet_media::proto::{AuthRequest, Challenge, ChargeOffer, KeySource, RefuseReason};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::core::{GrantPlan, MediumRow};
+use crate::error::{KsError, Result};
+use crate::sqlite::SqliteStore;
+
+/// Most requests committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+
+/// One terminal request, as the server hands it to the store.
+#[derive(Debug)]
+pub struct GrantOp {
+    /// The challenge sent on the connection.
+    pub challenge: Challenge,
+    /// The request.
+    pub req: AuthRequest,
+    /// A random nonce for the wrap.
+    pub nonce: GcmNonce,
+    /// The skip window.
+    pub max_skip: u64,
+    /// How long a session can be joined, in seconds.
+    pub session_ttl: u64,
+}
+
+/// Where new session keys come from.
+pub trait SessionKeys: Send {
+    /// A fresh 256-bit session key and where it came from.
+    fn draw(&mut self) -> (Key256, KeySource);
+}
+
+/// A revocation's effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The subscriber whose medium it was.
+    pub identity: String,
+    /// Unused keys destroyed.
+    pub destroyed: u64,
+}
+
+/// A subscriber.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberInfo {
+    /// SIP URI or device ID.
+    pub identity: String,
+    /// Display name.
+    pub name: String,
+    /// When enrolled (Unix seconds).
+    pub enrolled_at: u64,
+    /// The active medium, if any.
+    pub medium: Option<Uuid>,
+}
+
+/// A medium as the service records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediumInfo {
+    /// Its row.
+    pub row: MediumRow,
+    /// When it was bound (first charged).
+    pub bound_at: u64,
+    /// When it was revoked.
+    pub revoked_at: Option<u64>,
+    /// Why.
+    pub revoke_reason: Option<String>,
+}
+
+/// One audit line as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub seq: u64,
+    /// When (Unix seconds).
+    pub at: u64,
+    /// What.
+    pub event: String,
+    /// Which medium.
+    pub medium: Option<Uuid>,
+    /// Which subscriber.
+    pub identity: Option<String>,
+    /// Details.
+    pub detail: String,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+type ChargeReply = oneshot::Sender<Result<Result<(), RefuseReason>>>;
+
+enum Job {
+    Grant(Box<GrantOp>, oneshot::Sender<Result<GrantPlan>>),
+    Charge(Box<ChargeOffer>, Vec<Key256>, ChargeReply),
+}
+
+/// The server's handle on the store (cheap to clone).
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl core::fmt::Debug for Store {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the SQLite store at `path` and starts its writer thread. `keys`
+    /// draws new session keys; expired sessions (older than `session_ttl`
+    /// seconds) are purged every few seconds.
+    pub fn sqlite(
+        path: &Path,
+        master: &MasterKey,
+        mut keys: Box<dyn SessionKeys>,
+        session_ttl: u64,
+    ) -> Result<Self> {
+        let mut store = SqliteStore::open(path, master)?;
+        let (tx, rx) = mpsc::sync_channel::<Job>(4 * MAX_BATCH);
+        std::thread::Builder::new()
+            .name("keyservice-store".into())
+            .spawn(move || {
+                let mut last_purge = unix_now();
+                while let Ok(first) = rx.recv() {
+                    let mut grants = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(job) = next.take() {
+                        match job {
+                            Job::Grant(op, reply) => grants.push((op, reply)),
+                            Job::Charge(offer, ks, reply) => {
+                                let _ = reply.send(store.charge(&offer, &ks, unix_now()));
+                            }
+                        }
+                        if grants.len() < MAX_BATCH {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if !grants.is_empty() {
+                        let now = unix_now();
+                        let (ops, replies): (Vec<GrantOp>, Vec<_>) =
+                            grants.into_iter().map(|(op, r)| (*op, r)).unzip();
+                        match store.grant_batch(&ops, keys.as_mut(), now) {
+                            Ok(plans) => {
+                                for (plan, reply) in plans.into_iter().zip(replies) {
+                                    let _ = reply.send(Ok(plan));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("key service store: a group of {} requests failed: {e}", ops.len());
+                                for reply in replies {
+                                    let _ = reply.send(Err(KsError::Store(e.to_string())));
+                                }
+                            }
+                        }
+                    }
+                    let now = unix_now();
+                    if now >= last_purge + 5 {
+                        last_purge = now;
+                        if let Err(e) = store.purge_sessions(now.saturating_sub(session_ttl)) {
+                            tracing::warn!("key service store: purging expired sessions: {e}");
+                        }
+                    }
+                }
+            })
+            .map_err(|e| KsError::Store(format!("cannot start the store thread: {e}")))?;
+        Ok(Self { jobs: tx })
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        self.jobs
+            .send(job)
+            .map_err(|_| KsError::Store("the store thread has stopped".into()))
+    }
+
+    /// Decides and commits a terminal's request.
+    pub async fn grant(&self, op: GrantOp) -> Result<GrantPlan> {
+        let (tx, rx) = oneshot::channel();
+        let jobs = self.jobs.clone();
+        // A full queue blocks: do that off the async threads.
+        let job = Job::Grant(Box::new(op), tx);
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(job)) => {
+                tokio::task::spawn_blocking(move || jobs.send(job))
+                    .await
+                    .map_err(|e| KsError::Store(e.to_string()))?
+                    .map_err(|_| KsError::Store("the store thread has stopped".into()))?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                return Err(KsError::Store("the store thread has stopped".into()));
+            }
+        }
+        rx.await
+            .map_err(|_| KsError::Store("the store thread has stopped".into()))?
+    }
+
+    /// Stores a verified charge.
+    pub async fn charge(
+        &self,
+        offer: ChargeOffer,
+        keys: Vec<Key256>,
+    ) -> Result<Result<(), RefuseReason>> {
+        let (tx, rx) = oneshot::channel();
+        let jobs = self.clone();
+        tokio::task::spawn_blocking(move || jobs.send(Job::Charge(Box::new(offer), keys, tx)))
+            .await
+            .map_err(|e| KsError::Store(e.to_string()))??;
+        rx.await
+            .map_err(|_| KsError::Store("the store thread has stopped".into()))?
+    }
+}
