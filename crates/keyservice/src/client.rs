@@ -94,7 +94,7 @@ fn unexpected(m: &Message) -> KsError {
 /// Takes two consecutive keys from the medium (the request's tag key and its
 /// wrap key). A medium that passed over a bad slot gives a gap; the lone key
 /// before it is abandoned and the pair taken again.
-fn take_pair(medium: &mut dyn Medium) -> Result<(u64, Key256, Key256)> {
+fn take_pair(medium: &mut (dyn Medium + Send)) -> Result<(u64, Key256, Key256)> {
     let exhausted = || KsError::Refused(RefuseReason::Exhausted);
     let status = medium.status()?;
     if status.remaining < 2 {
@@ -119,7 +119,7 @@ fn map_exhausted(e: MediaError) -> KsError {
 
 /// A terminal: a medium and its owner's identity.
 pub struct Terminal<'m> {
-    medium: &'m mut dyn Medium,
+    medium: &'m mut (dyn Medium + Send),
     identity: Identity,
 }
 
@@ -133,7 +133,7 @@ impl core::fmt::Debug for Terminal<'_> {
 
 impl<'m> Terminal<'m> {
     /// The terminal of `medium`, whose owner is the subscriber's identity.
-    pub fn new(medium: &'m mut dyn Medium) -> Result<Self> {
+    pub fn new(medium: &'m mut (dyn Medium + Send)) -> Result<Self> {
         let identity = Identity::new(medium.owner().to_owned())
             .map_err(|e| KsError::Config(format!("the medium's owner is not an identity: {e}")))?;
         Ok(Self { medium, identity })
@@ -252,7 +252,7 @@ impl Charger<'_> {
     pub async fn charge(
         &self,
         conn: &mut Connection,
-        medium: &mut dyn Medium,
+        medium: &mut (dyn Medium + Send),
         count: u64,
         mut progress: impl FnMut(u64),
     ) -> Result<ChargeReport> {

@@ -1,0 +1,253 @@
+//! Benchmark of the key service: authenticated session setups per second and
+//! their latency with many terminals at once, on the SQLite store.
+//!
+//! The service runs in this process as `qkdnet keyservice serve` runs it (TCP
+//! on loopback, the writer thread, group commit, `synchronous=FULL`); so do
+//! the terminals (the real client: challenge, two keys, HMAC-SM3 tag, grant
+//! opened with SM4-GCM), sharing the machine's cores with it. Terminals come in
+//! pairs: one opens a session naming the other, which then joins it; a *session
+//! setup* is both requests. Media are charged straight into the store (no QKD
+//! network here) and the terminals hold the same keys in memory. Session keys
+//! come from a pool refilled in memory with `--qkd-fraction` of the demand (as
+//! if the node's link supplied that much), the rest from the CSPRNG; the
+//! figure reports the fraction granted from QKD. Prints one JSON object.
+//!
+//! ```sh
+//! cargo run --release -p qkdnet-keyservice --example keyservice_bench -- --terminals 64 --setups 200
+//! ```
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use qkdnet_crypto::sm3::sm3;
+use qkdnet_keyservice::client::{Connection, Terminal};
+use qkdnet_keyservice::qkd::KeyPool;
+use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
+use qkdnet_keyservice::sqlite::SqliteStore;
+use qkdnet_keyservice::store::Store;
+use qkdnet_kms::store::MasterKey;
+use qkdnet_media::medium::MediumStatus;
+use qkdnet_media::proto::{ChargeOffer, ChargeTerms, Challenge, Identity};
+use qkdnet_media::{ChargeEntry, ChargeRecord, Key256, MediaError, Medium};
+use uuid::Uuid;
+
+fn arg(name: &str, default: u64) -> Result<u64, String> {
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == name {
+            return it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a number"));
+        }
+    }
+    Ok(default)
+}
+
+fn key_for(medium: &Uuid, index: u64) -> Key256 {
+    Key256::new(sm3(&[&medium.as_bytes()[..], &index.to_be_bytes()].concat()))
+}
+
+/// A medium held in memory: the bench measures the service, not a disk.
+struct MemMedium {
+    id: Uuid,
+    owner: String,
+    next: u64,
+    charged: u64,
+}
+
+impl Medium for MemMedium {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+    fn capacity(&self) -> u64 {
+        self.charged
+    }
+    fn status(&self) -> qkdnet_media::Result<MediumStatus> {
+        Ok(MediumStatus {
+            id: self.id,
+            owner: self.owner.clone(),
+            capacity: self.charged,
+            charged: self.charged,
+            used: self.next,
+            remaining: self.charged - self.next,
+            free: self.next,
+            charges: Vec::new(),
+        })
+    }
+    fn charge(&mut self, _: &[Key256], _: ChargeRecord) -> qkdnet_media::Result<ChargeEntry> {
+        Err(MediaError::InvalidCharger("not in the benchmark"))
+    }
+    fn take_next(&mut self) -> qkdnet_media::Result<(u64, Key256)> {
+        if self.next >= self.charged {
+            return Err(MediaError::Exhausted);
+        }
+        let i = self.next;
+        self.next += 1;
+        Ok((i, key_for(&self.id, i)))
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let terminals = (arg("--terminals", 64)?.max(2) / 2 * 2) as usize;
+    let setups = arg("--setups", 200)?.max(1);
+    let qkd_percent = arg("--qkd-percent", 100)?.min(100);
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("ks.db");
+    let master = MasterKey::from_bytes([7; 32]);
+
+    // Subscribers and their media, charged straight into the store.
+    let keys_per_medium = 2 * setups + 4;
+    let mut media = Vec::new();
+    let t = Instant::now();
+    {
+        let mut s = SqliteStore::open(&db, &master)?;
+        for i in 0..terminals {
+            let identity = Identity::new(format!("sip:user{i}@bench.example"))?;
+            s.enrol(&identity, "", 0)?;
+            let id = Uuid::new_v4();
+            let mut first = 0;
+            while first < keys_per_medium {
+                let n = (keys_per_medium - first).min(256);
+                let keys: Vec<Key256> = (first..first + n).map(|j| key_for(&id, j)).collect();
+                let offer = ChargeOffer::sign(
+                    ChargeTerms {
+                        medium_id: id,
+                        owner: identity.clone(),
+                        charger: "bench".into(),
+                        first_index: first,
+                        auth_key_id: Uuid::new_v4(),
+                        key_ids: (0..n).map(|_| Uuid::new_v4()).collect(),
+                    },
+                    &Challenge { challenge: [0; 32] },
+                    &Key256::new([1; 32]),
+                )?;
+                s.charge(&offer, &keys, 0)?
+                    .map_err(|r| format!("seeding refused: {r}"))?;
+                first += n;
+            }
+            media.push((id, identity));
+        }
+    }
+    let seed_s = t.elapsed().as_secs_f64();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async move {
+        let pool = KeyPool::new();
+        let store = Store::sqlite(&db, &master, pool.drawer(), 300)?;
+        let service = Arc::new(Service {
+            store,
+            config: ServerConfig::default(),
+            kme: None,
+            metrics: Metrics::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        tokio::spawn(serve(listener, service.clone()));
+        // The "link": QKD keys for qkd_percent of the sessions, topped up as used.
+        let feeder = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut given = 0u64;
+                loop {
+                    let used = pool.stats.qkd.load(Ordering::Relaxed)
+                        + pool.stats.csprng.load(Ordering::Relaxed);
+                    let due = (used + 64) * qkd_percent / 100;
+                    if due > given && pool.level() < 64 {
+                        let n = due - given;
+                        let mut k = [0u8; 32];
+                        pool.extend((0..n).map(|j| {
+                            k[..8].copy_from_slice(&(given + j).to_be_bytes());
+                            Key256::new(sm3(&k))
+                        }));
+                        given += n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for pair in media.chunks(2) {
+            let (a_id, a) = pair[0].clone();
+            let (b_id, b) = pair[1].clone();
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ma = MemMedium { id: a_id, owner: a.as_str().into(), next: 0, charged: keys_per_medium };
+                let mut mb = MemMedium { id: b_id, owner: b.as_str().into(), next: 0, charged: keys_per_medium };
+                let mut ca = Connection::connect(&addr, Duration::from_secs(30)).await?;
+                let mut cb = Connection::connect(&addr, Duration::from_secs(30)).await?;
+                let mut lat = Vec::with_capacity(2 * setups as usize);
+                let mut setup_lat = Vec::with_capacity(setups as usize);
+                for n in 0..setups {
+                    let mut sid = [0u8; 16];
+                    sid[..8].copy_from_slice(&n.to_be_bytes());
+                    sid[8..].copy_from_slice(&a_id.as_bytes()[..8]);
+                    let t0 = Instant::now();
+                    let ka = Terminal::new(&mut ma)?.open(&mut ca, &b, sid).await?;
+                    let t1 = Instant::now();
+                    let kb = Terminal::new(&mut mb)?.join(&mut cb, sid).await?;
+                    let t2 = Instant::now();
+                    assert_eq!(ka.key, kb.key, "both sides hold one key");
+                    lat.push((t1 - t0).as_secs_f64() * 1e3);
+                    lat.push((t2 - t1).as_secs_f64() * 1e3);
+                    setup_lat.push((t2 - t0).as_secs_f64() * 1e3);
+                }
+                Ok::<_, qkdnet_keyservice::KsError>((lat, setup_lat))
+            }));
+        }
+        // Two connections per pair: the pairs run side by side, so `terminals`
+        // requests are in flight at most... half of them at a time (a pair's
+        // join waits for its open).
+        let mut lat = Vec::new();
+        let mut setup_lat = Vec::new();
+        for t in tasks {
+            let (l, s) = t.await.map_err(|e| e.to_string())??;
+            lat.extend(l);
+            setup_lat.extend(s);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        feeder.abort();
+        lat.sort_by(f64::total_cmp);
+        setup_lat.sort_by(f64::total_cmp);
+        let requests = lat.len() as f64;
+        let qkd = pool.stats.qkd.load(Ordering::Relaxed) as f64;
+        let csprng = pool.stats.csprng.load(Ordering::Relaxed) as f64;
+        Ok::<_, Box<dyn std::error::Error>>(serde_json::json!({
+            "bench": "keyservice",
+            "store": "sqlite",
+            "terminals": terminals,
+            "session_setups": setup_lat.len(),
+            "seconds": secs,
+            "requests_per_second": requests / secs,
+            "session_setups_per_second": setup_lat.len() as f64 / secs,
+            "request_p50_ms": percentile(&lat, 0.50),
+            "request_p99_ms": percentile(&lat, 0.99),
+            "setup_p50_ms": percentile(&setup_lat, 0.50),
+            "setup_p99_ms": percentile(&setup_lat, 0.99),
+            "fraction_from_qkd": qkd / (qkd + csprng).max(1.0),
+            "grants": service.metrics.grants.load(Ordering::Relaxed),
+        }))
+    })?;
+    let mut report = report;
+    report["seed_seconds"] = serde_json::json!(seed_s);
+    println!("{report}");
+    Ok(())
+}
