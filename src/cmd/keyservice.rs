@@ -4,7 +4,7 @@
 //! (SAEs of the QKD network) charge media through it. See the
 //! `qkdnet-keyservice` crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +12,12 @@ use anyhow::Context;
 use clap::Subcommand;
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
+use qkdnet_keyservice::postgres::PgStore;
 use qkdnet_keyservice::sqlite::SqliteStore;
-use qkdnet_keyservice::store::{Store, unix_now};
+use qkdnet_keyservice::store::{
+    AuditEntry, MediumInfo, Revocation, Store, SubscriberInfo, unix_now,
+};
+use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_kms::connect::ConnectFile;
 use qkdnet_kms::store::MasterKey;
 use qkdnet_media::proto::Identity;
@@ -22,28 +26,107 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Where the service's store is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
-    /// The service's SQLite database.
-    #[arg(long, value_name = "FILE")]
-    pub store: PathBuf,
+    /// The service's store: a SQLite file, or a PostgreSQL URL
+    /// (`postgres://user:password@host/db`) that several front ends share.
+    #[arg(long, value_name = "FILE|URL")]
+    pub store: String,
     /// The master key file its keys are sealed under (32 bytes, mode 0600;
-    /// made by `qkdnet keyservice init`).
+    /// made by `qkdnet keyservice init`; the same file on every front end).
     #[arg(long, value_name = "FILE")]
     pub master_key: PathBuf,
+    /// PostgreSQL schema of the service's tables.
+    #[arg(long, value_name = "NAME", default_value = "qkdnet_keyservice")]
+    pub pg_schema: String,
+}
+
+/// The store as the admin commands use it.
+pub enum AdminStore {
+    /// SQLite.
+    Sqlite(Box<SqliteStore>),
+    /// PostgreSQL (with a runtime to drive it).
+    Postgres(Box<PgStore>, tokio::runtime::Runtime),
 }
 
 impl StoreArgs {
+    fn schema(&self) -> anyhow::Result<SchemaName> {
+        SchemaName::new(&self.pg_schema).map_err(|e| anyhow::anyhow!("--pg-schema: {e}"))
+    }
+
+    fn url(&self) -> Option<anyhow::Result<PostgresUrl>> {
+        (self.store.starts_with("postgres://") || self.store.starts_with("postgresql://"))
+            .then(|| self.store.parse::<PostgresUrl>().map_err(|e| anyhow::anyhow!(e)))
+    }
+
     /// Opens the store (it must have been made by `init`).
-    pub fn open(&self) -> anyhow::Result<SqliteStore> {
-        if !self.store.exists() {
+    pub fn open(&self) -> anyhow::Result<AdminStore> {
+        let master = MasterKey::read_file(&self.master_key)?;
+        if let Some(url) = self.url() {
+            let url = url?;
+            let rt = crate::cmd::msg::runtime()?;
+            let db = rt.block_on(PgStore::open(&url, &self.schema()?, &master, 1))?;
+            return Ok(AdminStore::Postgres(Box::new(db), rt));
+        }
+        let path = Path::new(&self.store);
+        if !path.exists() {
             anyhow::bail!(
                 "{} does not exist: make it with `qkdnet keyservice init --store {} --master-key {}`",
-                self.store.display(),
-                self.store.display(),
+                self.store,
+                self.store,
                 self.master_key.display()
             );
         }
-        let master = MasterKey::read_file(&self.master_key)?;
-        Ok(SqliteStore::open(&self.store, &master)?)
+        Ok(AdminStore::Sqlite(Box::new(SqliteStore::open(path, &master)?)))
+    }
+}
+
+impl StoreArgs {
+    /// Opens the store, creating a SQLite file if missing (for `init`).
+    fn open_or_create(&self) -> anyhow::Result<AdminStore> {
+        if self.url().is_none() && !Path::new(&self.store).exists() {
+            let master = MasterKey::read_file(&self.master_key)?;
+            SqliteStore::open(Path::new(&self.store), &master)?;
+        }
+        self.open()
+    }
+}
+
+impl AdminStore {
+    /// Enrols a subscriber.
+    pub fn enrol(&mut self, id: &Identity, name: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(s) => s.enrol(id, name, unix_now())?,
+            Self::Postgres(s, rt) => rt.block_on(s.enrol(id, name, unix_now()))?,
+        }
+        Ok(())
+    }
+
+    /// Revokes a medium.
+    pub fn revoke(&mut self, medium: &uuid::Uuid, reason: &str) -> anyhow::Result<Revocation> {
+        Ok(match self {
+            Self::Sqlite(s) => s.revoke(medium, reason, unix_now())?,
+            Self::Postgres(s, rt) => rt.block_on(s.revoke(medium, reason, unix_now()))?,
+        })
+    }
+
+    fn subscribers(&self) -> anyhow::Result<Vec<SubscriberInfo>> {
+        Ok(match self {
+            Self::Sqlite(s) => s.subscribers()?,
+            Self::Postgres(s, rt) => rt.block_on(s.subscribers())?,
+        })
+    }
+
+    fn media(&self) -> anyhow::Result<Vec<MediumInfo>> {
+        Ok(match self {
+            Self::Sqlite(s) => s.media()?,
+            Self::Postgres(s, rt) => rt.block_on(s.media())?,
+        })
+    }
+
+    fn audit_tail(&self, limit: u32) -> anyhow::Result<Vec<AuditEntry>> {
+        Ok(match self {
+            Self::Sqlite(s) => s.audit_tail(limit)?,
+            Self::Postgres(s, rt) => rt.block_on(s.audit_tail(limit))?,
+        })
     }
 }
 
@@ -136,15 +219,16 @@ pub enum KeyserviceCommand {
 pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
     match c {
         KeyserviceCommand::Init { store } => {
-            if store.store.exists() {
-                anyhow::bail!("{} exists already", store.store.display());
+            if store.url().is_none() && Path::new(&store.store).exists() {
+                anyhow::bail!("{} exists already", store.store);
             }
-            MasterKey::create_file(&store.master_key)?;
-            let master = MasterKey::read_file(&store.master_key)?;
-            SqliteStore::open(&store.store, &master)?;
+            if !store.master_key.exists() {
+                MasterKey::create_file(&store.master_key)?;
+            }
+            drop(store.open_or_create()?);
             println!(
-                "key service store {} created; its keys are sealed under {} (keep it apart from backups of the store)",
-                store.store.display(),
+                "key service store {} ready; its keys are sealed under {} (keep it apart from backups of the store)",
+                if store.url().is_some() { "(PostgreSQL)" } else { &store.store },
                 store.master_key.display()
             );
             Ok(())
@@ -161,8 +245,11 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
             session_ttl,
             metrics,
         } => {
-            drop(store.open()?);
             let master = MasterKey::read_file(&store.master_key)?;
+            let url = store.url().transpose()?;
+            if url.is_none() {
+                drop(store.open()?);
+            }
             let rt = crate::cmd::msg::runtime()?;
             rt.block_on(async move {
                 let kme = match (&connect, &as_sae) {
@@ -177,7 +264,13 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
                 if let (Some(client), Some(peer)) = (&kme, &qkd_peer) {
                     pool.spawn_refill(client.clone(), peer.clone(), qkd_pool.max(2));
                 }
-                let db = Store::sqlite(&store.store, &master, pool.drawer(), session_ttl)?;
+                let db = match &url {
+                    Some(u) => {
+                        Store::postgres(u, &store.schema()?, &master, pool.drawer(), session_ttl, 16)
+                            .await?
+                    }
+                    None => Store::sqlite(Path::new(&store.store), &master, pool.drawer(), session_ttl)?,
+                };
                 let service = Arc::new(Service {
                     store: db,
                     config: ServerConfig {
@@ -202,7 +295,7 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
                 }
                 println!(
                     "key service listening on {addr} (store {}; session keys from {})",
-                    store.store.display(),
+                    if url.is_some() { "PostgreSQL" } else { &store.store },
                     match &qkd_peer {
                         Some(p) => format!("the QKD network via {p}, the CSPRNG when it has none"),
                         None => "the CSPRNG (no --qkd-peer)".into(),
@@ -222,7 +315,7 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
         } => {
             let id = Identity::new(identity.clone())
                 .map_err(|e| anyhow::anyhow!("{identity:?}: {e}"))?;
-            store.open()?.enrol(&id, &name, unix_now())?;
+            store.open()?.enrol(&id, &name)?;
             println!("enrolled {id}; charge a medium whose owner is {id} to bind it");
             Ok(())
         }

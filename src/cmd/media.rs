@@ -12,7 +12,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use qkdnet_keyservice::client::{Charger, Connection, Terminal};
-use qkdnet_keyservice::store::unix_now;
 use qkdnet_kms::connect::ConnectFile;
 use qkdnet_media::proto::{Identity, KeySource};
 use qkdnet_crypto::SecretBytes;
@@ -210,7 +209,7 @@ pub fn run(c: MediaCommand) -> anyhow::Result<()> {
             medium,
             reason,
         } => {
-            let r = store.open()?.revoke(&medium, &reason, unix_now())?;
+            let r = store.open()?.revoke(&medium, &reason)?;
             println!(
                 "medium {medium} of {} revoked ({reason}); {} unused keys destroyed at the key service",
                 r.identity, r.destroyed

@@ -26,11 +26,10 @@ use qkdnet_keyservice::client::{Connection, Terminal};
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
 use qkdnet_keyservice::sqlite::SqliteStore;
-use qkdnet_keyservice::store::Store;
+use qkdnet_keyservice::store::{Store, direct_offer};
 use qkdnet_kms::store::MasterKey;
-use qkdnet_media::medium::MediumStatus;
-use qkdnet_media::proto::{ChargeOffer, ChargeTerms, Challenge, Identity};
-use qkdnet_media::{ChargeEntry, ChargeRecord, Key256, MediaError, Medium};
+use qkdnet_media::proto::{Challenge, Identity};
+use qkdnet_media::{ChargeRecord, Key256, Medium, MemoryMedium};
 use uuid::Uuid;
 
 fn arg(name: &str, default: u64) -> Result<u64, String> {
@@ -50,47 +49,14 @@ fn key_for(medium: &Uuid, index: u64) -> Key256 {
     Key256::new(sm3(&[&medium.as_bytes()[..], &index.to_be_bytes()].concat()))
 }
 
-/// A medium held in memory: the bench measures the service, not a disk.
-struct MemMedium {
-    id: Uuid,
-    owner: String,
-    next: u64,
-    charged: u64,
-}
-
-impl Medium for MemMedium {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-    fn owner(&self) -> &str {
-        &self.owner
-    }
-    fn capacity(&self) -> u64 {
-        self.charged
-    }
-    fn status(&self) -> qkdnet_media::Result<MediumStatus> {
-        Ok(MediumStatus {
-            id: self.id,
-            owner: self.owner.clone(),
-            capacity: self.charged,
-            charged: self.charged,
-            used: self.next,
-            remaining: self.charged - self.next,
-            free: self.next,
-            charges: Vec::new(),
-        })
-    }
-    fn charge(&mut self, _: &[Key256], _: ChargeRecord) -> qkdnet_media::Result<ChargeEntry> {
-        Err(MediaError::InvalidCharger("not in the benchmark"))
-    }
-    fn take_next(&mut self) -> qkdnet_media::Result<(u64, Key256)> {
-        if self.next >= self.charged {
-            return Err(MediaError::Exhausted);
-        }
-        let i = self.next;
-        self.next += 1;
-        Ok((i, key_for(&self.id, i)))
-    }
+/// A medium in memory charged with the same keys as the store: the bench
+/// measures the service, not a disk.
+fn charged(id: Uuid, owner: &Identity, n: u64) -> MemoryMedium {
+    let mut m = MemoryMedium::new(id, owner.as_str(), n);
+    let keys: Vec<Key256> = (0..n).map(|j| key_for(&id, j)).collect();
+    m.charge(&keys, ChargeRecord::new("direct", 0).expect("valid"))
+        .expect("fits");
+    m
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -123,18 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             while first < keys_per_medium {
                 let n = (keys_per_medium - first).min(256);
                 let keys: Vec<Key256> = (first..first + n).map(|j| key_for(&id, j)).collect();
-                let offer = ChargeOffer::sign(
-                    ChargeTerms {
-                        medium_id: id,
-                        owner: identity.clone(),
-                        charger: "bench".into(),
-                        first_index: first,
-                        auth_key_id: Uuid::new_v4(),
-                        key_ids: (0..n).map(|_| Uuid::new_v4()).collect(),
-                    },
-                    &Challenge { challenge: [0; 32] },
-                    &Key256::new([1; 32]),
-                )?;
+                let offer = direct_offer(id, &identity, first, n as usize)?;
                 s.charge(&offer, &keys, 0)?
                     .map_err(|r| format!("seeding refused: {r}"))?;
                 first += n;
@@ -143,6 +98,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let seed_s = t.elapsed().as_secs_f64();
+
+    if arg("--store-only", 0)? == 1 {
+        // The store alone, no network: requests signed here, decided and
+        // committed in groups of `--group`, as the writer thread does.
+        let group = arg("--group", 32)?.max(1) as usize;
+        let mut s = SqliteStore::open(&db, &master)?;
+        let mut pool = KeyPool::new();
+        let mut ops = Vec::new();
+        let mut next = vec![0u64; media.len()];
+        let total = setups as usize * media.len();
+        let ch = Challenge { challenge: [3; 32] };
+        let t = Instant::now();
+        let mut done = 0usize;
+        let mut sid_n = 0u64;
+        while done < total {
+            ops.clear();
+            for _ in 0..group.min(total - done) {
+                let m = done % media.len();
+                let (id, _) = &media[m];
+                let (_, peer) = &media[(m + 1) % media.len()];
+                let i = next[m];
+                next[m] += 2;
+                sid_n += 1;
+                let mut sid = [0u8; 16];
+                sid[..8].copy_from_slice(&sid_n.to_be_bytes());
+                let req = qkdnet_media::proto::AuthRequest::sign(
+                    *id,
+                    i,
+                    &key_for(id, i),
+                    &ch,
+                    qkdnet_media::proto::Request::SessionKey { session_id: sid, peer: peer.clone() },
+                );
+                ops.push(qkdnet_keyservice::store::GrantOp { challenge: ch, req, nonce: [0; 12], max_skip: 64, session_ttl: 300 });
+                done += 1;
+            }
+            let plans = s.grant_batch(&ops, &mut pool, 1)?;
+            assert!(plans.iter().all(|p| p.answer.is_ok()));
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("{}", serde_json::json!({"bench": "keyservice-store", "requests": total, "group": group,
+            "requests_per_second": total as f64 / secs, "us_per_request": secs * 1e6 / total as f64}));
+        return Ok(());
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -190,8 +188,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (b_id, b) = pair[1].clone();
             let addr = addr.clone();
             tasks.push(tokio::spawn(async move {
-                let mut ma = MemMedium { id: a_id, owner: a.as_str().into(), next: 0, charged: keys_per_medium };
-                let mut mb = MemMedium { id: b_id, owner: b.as_str().into(), next: 0, charged: keys_per_medium };
+                let mut ma = charged(a_id, &a, keys_per_medium);
+                let mut mb = charged(b_id, &b, keys_per_medium);
                 let mut ca = Connection::connect(&addr, Duration::from_secs(30)).await?;
                 let mut cb = Connection::connect(&addr, Duration::from_secs(30)).await?;
                 let mut lat = Vec::with_capacity(2 * setups as usize);

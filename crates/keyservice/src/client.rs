@@ -20,7 +20,8 @@ use crate::wire::{read_message, write_messages};
 /// A connection to the key service, with the challenge it last sent.
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    stream: tokio::net::tcp::OwnedWriteHalf,
     challenge: Challenge,
     timeout: Duration,
 }
@@ -33,7 +34,9 @@ impl Connection {
             .map_err(|_| KsError::Net(format!("{addr}: no connection within {} s", timeout.as_secs())))?
             .map_err(|e| KsError::Net(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let (reader, stream) = stream.into_split();
         let mut c = Self {
+            reader: tokio::io::BufReader::new(reader),
             stream,
             challenge: Challenge {
                 challenge: [0; 32],
@@ -48,7 +51,7 @@ impl Connection {
     }
 
     async fn read(&mut self) -> Result<Message> {
-        read_message(&mut self.stream, self.timeout)
+        read_message(&mut self.reader, self.timeout)
             .await?
             .ok_or_else(|| KsError::Net("the key service closed the connection".into()))
     }

@@ -376,3 +376,53 @@ pub fn hex(bytes: &[u8]) -> String {
         s
     })
 }
+
+impl AuditLine {
+    /// A subscriber enrolled.
+    pub fn enrol(identity: &Identity, name: &str) -> Self {
+        Self {
+            event: "enrol",
+            medium: None,
+            identity: Some(identity.as_str().to_owned()),
+            detail: format!("name {name:?}"),
+        }
+    }
+
+    /// A medium bound to its owner at its first charge.
+    pub fn bind(offer: &ChargeOffer) -> Self {
+        Self {
+            event: "bind",
+            medium: Some(offer.medium_id),
+            identity: Some(offer.owner.as_str().to_owned()),
+            detail: format!("bound at its first charge by {}", offer.charger),
+        }
+    }
+
+    /// A medium revoked.
+    pub fn revoke(medium: &MediumRow, reason: &str, destroyed: u64) -> Self {
+        Self {
+            event: "revoke",
+            medium: Some(medium.id),
+            identity: Some(medium.identity.clone()),
+            detail: format!("{reason}; {destroyed} unused keys destroyed"),
+        }
+    }
+}
+
+/// The medium a revocation applies to: known here and not revoked yet.
+pub fn revocable(row: Option<MediumRow>, medium: &Uuid) -> Result<MediumRow, crate::KsError> {
+    let row = row.ok_or_else(|| {
+        crate::KsError::Config(format!("medium {medium} is not known here"))
+    })?;
+    if row.revoked {
+        return Err(crate::KsError::Config(format!(
+            "medium {medium} is already revoked"
+        )));
+    }
+    Ok(row)
+}
+
+/// The error for a second enrolment of one identity.
+pub fn already_enrolled(identity: &Identity) -> crate::KsError {
+    crate::KsError::Config(format!("{identity} is already enrolled"))
+}

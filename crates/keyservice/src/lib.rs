@@ -7,7 +7,8 @@
 //! |---|---|
 //! | [`core`] | the rules, sans-IO: who gets a key, what is written ([`core::decide_grant`], [`core::decide_charge`]) |
 //! | [`sqlite`] | the durable store (SQLite, WAL, `synchronous=FULL`), keys sealed at rest ([`seal`]) |
-//! | [`store`] | the writer thread: group commit, answers after the commit |
+//! | [`postgres`] | the store in PostgreSQL, shared by several front ends (row locks per medium) |
+//! | [`store`] | the server's handle: SQLite's writer thread (group commit, answers after the commit) or PostgreSQL |
 //! | [`server`] | TCP front end: challenge, request, answer; charging; metrics |
 //! | [`qkd`] | session keys from the QKD network (ETSI 014), CSPRNG when there is none |
 //! | [`client`] | the terminal and the charging point |
@@ -20,6 +21,7 @@
 pub mod client;
 pub mod core;
 pub mod error;
+pub mod postgres;
 pub mod qkd;
 pub mod seal;
 pub mod server;

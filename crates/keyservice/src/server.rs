@@ -163,12 +163,14 @@ fn challenge() -> Challenge {
     Challenge { challenge: c }
 }
 
-async fn connection(mut stream: TcpStream, service: &Service) -> Result<(), KsError> {
+async fn connection(stream: TcpStream, service: &Service) -> Result<(), KsError> {
     let _ = stream.set_nodelay(true);
+    let (reader, mut stream) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(reader);
     let mut ch = challenge();
     write_messages(&mut stream, &[Message::Challenge(ch)]).await?;
     loop {
-        let msg = match read_message(&mut stream, service.config.idle_timeout).await {
+        let msg = match read_message(&mut reader, service.config.idle_timeout).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
             Err(e @ KsError::Proto(_)) => {

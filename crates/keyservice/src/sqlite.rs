@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::core::{
     AuditLine, ChargeInputs, ChargePlan, GrantInputs, GrantPlan, MediumRow, SessionRow,
-    decide_charge, decide_grant, fetch_plan,
+    already_enrolled, decide_charge, decide_grant, fetch_plan, revocable,
 };
 use crate::error::{KsError, Result};
 use crate::seal::Sealer;
@@ -200,25 +200,18 @@ impl SqliteStore {
     /// Enrols a subscriber (a SIP URI or a device ID). Enrolling one twice is
     /// an error.
     pub fn enrol(&mut self, identity: &Identity, name: &str, now: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute(
             "INSERT INTO subscribers (identity, name, enrolled_at) VALUES (?1, ?2, ?3)
              ON CONFLICT DO NOTHING",
             params![identity.as_str(), name, to_i64(now, "time")?],
         )?;
         if n == 0 {
-            return Err(KsError::Config(format!("{identity} is already enrolled")));
+            return Err(already_enrolled(identity));
         }
-        Self::audit(
-            &tx,
-            now,
-            &AuditLine {
-                event: "enrol",
-                medium: None,
-                identity: Some(identity.as_str().to_owned()),
-                detail: format!("name {name:?}"),
-            },
-        )?;
+        Self::audit(&tx, now, &AuditLine::enrol(identity, name))?;
         tx.commit()?;
         Ok(())
     }
@@ -226,7 +219,9 @@ impl SqliteStore {
     /// Revokes a medium (lost, stolen, retired): its keys are destroyed at once
     /// and every later request or charge with it is refused.
     pub fn revoke(&mut self, medium: &Uuid, reason: &str, now: u64) -> Result<Revocation> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = tx
             .query_row(
                 &format!("SELECT {MEDIUM_COLS} FROM media WHERE id = ?1"),
@@ -234,25 +229,14 @@ impl SqliteStore {
                 medium_row,
             )
             .optional()?
-            .ok_or_else(|| KsError::Config(format!("medium {medium} is not known here")))?;
-        if row.revoked {
-            return Err(KsError::Config(format!("medium {medium} is already revoked")));
-        }
+            ;
+        let row = revocable(row, medium)?;
         tx.execute(
             "UPDATE media SET revoked = 1, revoked_at = ?2, revoke_reason = ?3 WHERE rid = ?1",
             params![row.rid, to_i64(now, "time")?, reason],
         )?;
         let destroyed = tx.execute("DELETE FROM media_keys WHERE rid = ?1", [row.rid])?;
-        Self::audit(
-            &tx,
-            now,
-            &AuditLine {
-                event: "revoke",
-                medium: Some(*medium),
-                identity: Some(row.identity.clone()),
-                detail: format!("{reason}; {destroyed} unused keys destroyed"),
-            },
-        )?;
+        Self::audit(&tx, now, &AuditLine::revoke(&row, reason, destroyed as u64))?;
         tx.commit()?;
         Ok(Revocation {
             identity: row.identity,
@@ -373,15 +357,29 @@ impl SqliteStore {
         keys: &mut dyn SessionKeys,
         now: u64,
     ) -> Result<Vec<GrantPlan>> {
-        let tx = self.conn.unchecked_transaction()?;
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            let plan = self.grant_one(&tx, op, keys, now)?;
-            self.write_plan(&tx, &plan, now)?;
-            out.push(plan);
+        // IMMEDIATE: the write lock is taken before anything is read, so another
+        // writer of the same file (a second front end, an admin command) cannot
+        // change a medium between this group's read and its write.
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut run = || -> Result<Vec<GrantPlan>> {
+            let mut out = Vec::with_capacity(ops.len());
+            for op in ops {
+                let plan = self.grant_one(&self.conn, op, keys, now)?;
+                self.write_plan(&self.conn, &plan, now)?;
+                out.push(plan);
+            }
+            Ok(out)
+        };
+        match run().and_then(|out| {
+            self.conn.execute_batch("COMMIT")?;
+            Ok(out)
+        }) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
         }
-        tx.commit()?;
-        Ok(out)
     }
 
     fn grant_one(
@@ -463,7 +461,9 @@ impl SqliteStore {
         keys: &[Key256],
         now: u64,
     ) -> Result<Result<(), RefuseReason>> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let enrolled = tx
             .query_row(
                 "SELECT 1 FROM subscribers WHERE identity = ?1",
@@ -508,16 +508,7 @@ impl SqliteStore {
                 ],
             )?;
             let rid = tx.last_insert_rowid();
-            Self::audit(
-                &tx,
-                now,
-                &AuditLine {
-                    event: "bind",
-                    medium: Some(offer.medium_id),
-                    identity: Some(offer.owner.as_str().to_owned()),
-                    detail: format!("bound at its first charge by {}", offer.charger),
-                },
-            )?;
+            Self::audit(&tx, now, &AuditLine::bind(offer))?;
             rid
         } else {
             medium.as_ref().map(|m| m.rid).expect("invariant: not bind ⇒ known")

@@ -10,18 +10,22 @@
 //! answers has left, and the terminals' next requests fit the skip window.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use qkdnet_crypto::gcm::GcmNonce;
 use qkdnet_kms::store::MasterKey;
 use qkdnet_media::Key256;
-use qkdnet_media::proto::{AuthRequest, Challenge, ChargeOffer, KeySource, RefuseReason};
+use qkdnet_media::proto::{
+    AuthRequest, Challenge, ChargeOffer, ChargeTerms, Identity, KeySource, RefuseReason,
+};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::core::{GrantPlan, MediumRow};
 use crate::error::{KsError, Result};
+use crate::postgres::PgStore;
+use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use crate::sqlite::SqliteStore;
 
 /// Most requests committed in one transaction.
@@ -117,7 +121,15 @@ enum Job {
 /// The server's handle on the store (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::SyncSender<Job>,
+    inner: Inner,
+}
+
+type SharedKeys = Arc<std::sync::Mutex<Box<dyn SessionKeys>>>;
+
+#[derive(Clone)]
+enum Inner {
+    Sqlite(mpsc::SyncSender<Job>),
+    Postgres(Arc<PgStore>, SharedKeys),
 }
 
 impl core::fmt::Debug for Store {
@@ -184,19 +196,53 @@ impl Store {
                 }
             })
             .map_err(|e| KsError::Store(format!("cannot start the store thread: {e}")))?;
-        Ok(Self { jobs: tx })
+        Ok(Self {
+            inner: Inner::Sqlite(tx),
+        })
+    }
+
+    /// Connects to the PostgreSQL store at `url` (shared with other front
+    /// ends) with up to `pool_size` connections; expired sessions are purged
+    /// every few seconds.
+    pub async fn postgres(
+        url: &PostgresUrl,
+        schema: &SchemaName,
+        master: &MasterKey,
+        keys: Box<dyn SessionKeys>,
+        session_ttl: u64,
+        pool_size: usize,
+    ) -> Result<Self> {
+        let db = Arc::new(PgStore::open(url, schema, master, pool_size).await?);
+        let purge = Arc::downgrade(&db);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                let Some(db) = purge.upgrade() else { return };
+                if let Err(e) = db.purge_sessions(unix_now().saturating_sub(session_ttl)).await {
+                    tracing::warn!("key service store: purging expired sessions: {e}");
+                }
+            }
+        });
+        Ok(Self {
+            inner: Inner::Postgres(db, Arc::new(std::sync::Mutex::new(keys))),
+        })
     }
 
     fn send(&self, job: Job) -> Result<()> {
-        self.jobs
-            .send(job)
+        let Inner::Sqlite(jobs) = &self.inner else {
+            return Err(KsError::Store("not a SQLite store".into()));
+        };
+        jobs.send(job)
             .map_err(|_| KsError::Store("the store thread has stopped".into()))
     }
 
     /// Decides and commits a terminal's request.
     pub async fn grant(&self, op: GrantOp) -> Result<GrantPlan> {
+        let jobs = match &self.inner {
+            Inner::Sqlite(jobs) => jobs.clone(),
+            Inner::Postgres(db, keys) => return db.grant(&op, keys, unix_now()).await,
+        };
         let (tx, rx) = oneshot::channel();
-        let jobs = self.jobs.clone();
         // A full queue blocks: do that off the async threads.
         let job = Job::Grant(Box::new(op), tx);
         match jobs.try_send(job) {
@@ -221,6 +267,9 @@ impl Store {
         offer: ChargeOffer,
         keys: Vec<Key256>,
     ) -> Result<Result<(), RefuseReason>> {
+        if let Inner::Postgres(db, _) = &self.inner {
+            return db.charge(&offer, &keys, unix_now()).await;
+        }
         let (tx, rx) = oneshot::channel();
         let jobs = self.clone();
         tokio::task::spawn_blocking(move || jobs.send(Job::Charge(Box::new(offer), keys, tx)))
@@ -229,4 +278,25 @@ impl Store {
         rx.await
             .map_err(|_| KsError::Store("the store thread has stopped".into()))?
     }
+}
+
+/// An offer for `n` keys of `medium` at `first ..`, as a charging point would
+/// make it but with made-up key IDs and tag: for loading keys straight into a
+/// store ([`Store::charge`], [`SqliteStore::charge`]) in tests and benchmarks,
+/// where no QKD network hands the keys over. The store does not check an
+/// offer's tag (the server does, before it stores anything).
+pub fn direct_offer(medium: Uuid, owner: &Identity, first: u64, n: usize) -> Result<ChargeOffer> {
+    let ids = (0..n).map(|_| Uuid::new_v4()).collect();
+    Ok(ChargeOffer::sign(
+        ChargeTerms {
+            medium_id: medium,
+            owner: owner.clone(),
+            charger: "direct".into(),
+            first_index: first,
+            auth_key_id: Uuid::new_v4(),
+            key_ids: ids,
+        },
+        &Challenge { challenge: [0; 32] },
+        &Key256::new([0; 32]),
+    )?)
 }

@@ -1,6 +1,8 @@
 //! Frames over a byte stream: the adapter between TCP and the sans-IO
 //! [`qkdnet_media::proto`] codec, shared by the server, terminals and charging
-//! points. Reads are bounded by [`MAX_FRAME`] and by a deadline.
+//! points. Reads are bounded by [`MAX_FRAME`] and by a deadline; callers wrap
+//! their stream's read half in a `BufReader`, so a frame (and the challenge
+//! that follows an answer) costs one `read` system call, not three.
 
 use std::time::Duration;
 
@@ -20,11 +22,11 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 }
 
 async fn read_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
-    let mut buf = [0u8; MAX_FRAME];
+    let mut head = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
         let n = r
-            .read(&mut buf[got..HEADER_LEN])
+            .read(&mut head[got..])
             .await
             .map_err(|e| KsError::Net(e.to_string()))?;
         if n == 0 {
@@ -35,13 +37,16 @@ async fn read_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> 
         }
         got += n;
         // Garbage is refused as soon as its first bytes show it.
-        frame_len(&buf[..got])?;
+        frame_len(&head[..got])?;
     }
-    let len = frame_len(&buf[..HEADER_LEN])?.expect("invariant: the header is complete");
-    r.read_exact(&mut buf[HEADER_LEN..len])
+    let len = frame_len(&head)?.expect("invariant: the header is complete");
+    debug_assert!(len <= MAX_FRAME);
+    let mut frame = vec![0u8; len];
+    frame[..HEADER_LEN].copy_from_slice(&head);
+    r.read_exact(&mut frame[HEADER_LEN..])
         .await
         .map_err(|e| KsError::Net(format!("connection closed inside a frame: {e}")))?;
-    Ok(Some(Message::decode(&buf[..len])?))
+    Ok(Some(Message::decode(&frame)?))
 }
 
 /// Writes messages as consecutive frames in one write.

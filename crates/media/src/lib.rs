@@ -25,6 +25,7 @@
 //! | [`medium`] | the [`Medium`] trait, keys, charge records, status |
 //! | [`mod@format`] | file format v1: layout table, encoders, bounded decoders, charge planning |
 //! | [`mod@file`] | [`FileMedium`]: the medium in one file, write-ahead counter, `flock` |
+//! | [`memory`] | [`MemoryMedium`]: in memory, for tests and benchmarks (not durable) |
 //! | [`proto`] | the key-service protocol core (sans-IO): challenge, authenticated request, session key grants |
 //! | [`error`] | [`MediaError`] |
 //!
@@ -36,10 +37,12 @@ pub mod error;
 pub mod file;
 pub mod format;
 pub mod medium;
+pub mod memory;
 pub mod proto;
 
 pub use error::{MediaError, Result};
 pub use file::FileMedium;
 pub use format::{KdfParams, MediumSpec};
 pub use medium::{ChargeEntry, ChargeRecord, Key256, Medium, MediumStatus};
+pub use memory::MemoryMedium;
 pub use proto::{Message, ProtoError};

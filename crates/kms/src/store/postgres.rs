@@ -154,6 +154,11 @@ impl PostgresUrl {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The parsed connection settings (for other stores of the node).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
 }
 
 impl FromStr for PostgresUrl {
