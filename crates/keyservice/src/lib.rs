@@ -21,6 +21,7 @@
 pub mod client;
 pub mod core;
 pub mod error;
+pub mod nonce;
 pub mod postgres;
 pub mod qkd;
 pub mod seal;

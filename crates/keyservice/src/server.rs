@@ -159,7 +159,7 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
 
 fn challenge() -> Challenge {
     let mut c = [0u8; CHALLENGE_LEN];
-    getrandom::fill(&mut c).expect("invariant: the OS CSPRNG works");
+    crate::nonce::fill_public(&mut c);
     Challenge { challenge: c }
 }
 
@@ -200,7 +200,7 @@ async fn connection(stream: TcpStream, service: &Service) -> Result<(), KsError>
 
 async fn terminal_request(service: &Service, challenge: Challenge, req: AuthRequest) -> Message {
     let mut nonce = [0u8; 12];
-    getrandom::fill(&mut nonce).expect("invariant: the OS CSPRNG works");
+    crate::nonce::fill_public(&mut nonce);
     let op = GrantOp {
         challenge,
         req,
