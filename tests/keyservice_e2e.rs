@@ -5,7 +5,8 @@
 //! relayed); terminals open and join a session and get the same key from the
 //! QKD network; then the failure cases a user meets: a wrong PIN, an owner who
 //! is not enrolled, the key service SIGKILLed between the two sides of a
-//! session, a tampered medium, an exhausted medium, a revoked one.
+//! session, a terminal SIGKILLed after taking its keys, a tampered medium, an
+//! exhausted medium, a revoked one.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -276,6 +277,46 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
         &["media", "session", "--medium", "bob.medium", "--service", &addr, "--join", &sid, "--json"],
     ));
     assert_eq!(again["fingerprint"], open["fingerprint"]);
+
+    // A terminal SIGKILLed during session setup: it has taken its two keys
+    // (durably gone from the medium) and sent its request, which this
+    // "service" reads and never answers. The real service then accepts the
+    // terminal's next request, two keys further on.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stall_addr = stall.local_addr().expect("addr").to_string();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let hold = std::thread::spawn(move || {
+        let (mut s, _) = stall.accept().expect("accept");
+        let ch = qkdnet_media::proto::Message::Challenge(qkdnet_media::proto::Challenge {
+            challenge: [5; 32],
+        });
+        std::io::Write::write_all(&mut s, &ch.encode()).expect("challenge");
+        let mut head = [0u8; 8];
+        std::io::Read::read_exact(&mut s, &mut head).expect("the request's first bytes");
+        sent_tx.send(()).expect("signal");
+        // Hold the connection until the terminal is gone.
+        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+    });
+    let before = remaining(d, "alice.medium");
+    let mut term = Command::new(BIN)
+        .current_dir(d)
+        .env("QKDNET_MEDIA_PIN", PIN)
+        .args(["media", "session", "--medium", "alice.medium", "--service", &stall_addr])
+        .args(["--peer", "sip:bob@qkd.example"])
+        .spawn()
+        .expect("terminal");
+    sent_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the terminal sent its request");
+    term.kill().expect("SIGKILL the terminal");
+    term.wait().expect("reap");
+    hold.join().expect("stall thread");
+    assert_eq!(remaining(d, "alice.medium"), before - 2, "two keys gone, none handed out twice");
+    let after = json(&ok(
+        d,
+        &["media", "session", "--medium", "alice.medium", "--service", &addr, "--peer", "sip:bob@qkd.example", "--json"],
+    ));
+    assert_eq!(after["peer"], "sip:bob@qkd.example");
 
     // Bob has two keys left: one more request, then "recharge".
     ok(
