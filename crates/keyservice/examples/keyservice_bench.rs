@@ -186,34 +186,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for pair in media.chunks(2) {
             let (a_id, a) = pair[0].clone();
             let (b_id, b) = pair[1].clone();
+            let b_identity = b.clone();
             let addr = addr.clone();
             tasks.push(tokio::spawn(async move {
-                let mut ma = charged(a_id, &a, keys_per_medium);
-                let mut mb = charged(b_id, &b, keys_per_medium);
-                let mut ca = Connection::connect(&addr, Duration::from_secs(30)).await?;
+                // The opener and the joiner run side by side (the joiner one
+                // session behind), so every terminal has a request in flight.
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<([u8; 16], Key256, Instant)>(4);
+                let opener = {
+                    let addr = addr.clone();
+                    tokio::spawn(async move {
+                        let mut ma = charged(a_id, &a, keys_per_medium);
+                        let mut ca = Connection::connect(&addr, Duration::from_secs(30)).await?;
+                        let mut lat = Vec::with_capacity(setups as usize);
+                        for n in 0..setups {
+                            let mut sid = [0u8; 16];
+                            sid[..8].copy_from_slice(&n.to_be_bytes());
+                            sid[8..].copy_from_slice(&a_id.as_bytes()[..8]);
+                            let t0 = Instant::now();
+                            let ka = Terminal::new(&mut ma)?.open(&mut ca, &b, sid).await?;
+                            lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                            if tx.send((sid, ka.key, t0)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok::<_, qkdnet_keyservice::KsError>(lat)
+                    })
+                };
+                let mut mb = charged(b_id, &b_identity, keys_per_medium);
                 let mut cb = Connection::connect(&addr, Duration::from_secs(30)).await?;
                 let mut lat = Vec::with_capacity(2 * setups as usize);
                 let mut setup_lat = Vec::with_capacity(setups as usize);
-                for n in 0..setups {
-                    let mut sid = [0u8; 16];
-                    sid[..8].copy_from_slice(&n.to_be_bytes());
-                    sid[8..].copy_from_slice(&a_id.as_bytes()[..8]);
-                    let t0 = Instant::now();
-                    let ka = Terminal::new(&mut ma)?.open(&mut ca, &b, sid).await?;
+                while let Some((sid, key, t0)) = rx.recv().await {
                     let t1 = Instant::now();
                     let kb = Terminal::new(&mut mb)?.join(&mut cb, sid).await?;
-                    let t2 = Instant::now();
-                    assert_eq!(ka.key, kb.key, "both sides hold one key");
-                    lat.push((t1 - t0).as_secs_f64() * 1e3);
-                    lat.push((t2 - t1).as_secs_f64() * 1e3);
-                    setup_lat.push((t2 - t0).as_secs_f64() * 1e3);
+                    lat.push(t1.elapsed().as_secs_f64() * 1e3);
+                    setup_lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                    assert_eq!(key, kb.key, "both sides hold one key");
                 }
+                lat.extend(opener.await.map_err(|e| qkdnet_keyservice::KsError::Net(e.to_string()))??);
                 Ok::<_, qkdnet_keyservice::KsError>((lat, setup_lat))
             }));
         }
-        // Two connections per pair: the pairs run side by side, so `terminals`
-        // requests are in flight at most... half of them at a time (a pair's
-        // join waits for its open).
         let mut lat = Vec::new();
         let mut setup_lat = Vec::new();
         for t in tasks {

@@ -306,14 +306,21 @@ impl SqliteStore {
             .optional()?)
     }
 
-    fn key_at(&self, tx: &Connection, m: &MediumRow, idx: u64) -> Result<Option<Key256>> {
-        let sealed: Option<Vec<u8>> = tx
-            .prepare_cached("SELECT sealed FROM media_keys WHERE rid = ?1 AND idx = ?2")?
-            .query_row(params![m.rid, to_i64(idx, "index")?], |r| r.get(0))
-            .optional()?;
-        sealed
-            .map(|s| self.sealer.open_medium_key(&m.id, idx, &s))
-            .transpose()
+    /// The keys at indices `idx` (one statement), each if charged.
+    fn keys_at(&self, tx: &Connection, m: &MediumRow, idx: [u64; 2]) -> Result<[Option<Key256>; 2]> {
+        let mut st = tx.prepare_cached(
+            "SELECT idx, sealed FROM media_keys WHERE rid = ?1 AND idx IN (?2, ?3)",
+        )?;
+        let mut rows = st.query(params![m.rid, to_i64(idx[0], "index")?, to_i64(idx[1], "index")?])?;
+        let mut out = [None, None];
+        while let Some(r) = rows.next()? {
+            let i = to_u64(r.get(0)?, "index")?;
+            let sealed: Vec<u8> = r.get(1)?;
+            if let Some(p) = idx.iter().position(|x| *x == i) {
+                out[p] = Some(self.sealer.open_medium_key(&m.id, i, &sealed)?);
+            }
+        }
+        Ok(out)
     }
 
     fn session(&self, tx: &Connection, sid: &[u8], not_before: u64) -> Result<Option<SessionRow>> {
@@ -391,9 +398,9 @@ impl SqliteStore {
     ) -> Result<GrantPlan> {
         let medium = Self::medium_by_id(tx, &op.req.medium_id)?;
         let fetch = fetch_plan(medium.as_ref(), &op.req, op.max_skip);
-        let (k0, k1) = match (fetch.keys, &medium) {
-            (Some([i, j]), Some(m)) => (self.key_at(tx, m, i)?, self.key_at(tx, m, j)?),
-            _ => (None, None),
+        let keys_read = match (fetch.keys, &medium) {
+            (Some(idx), Some(m)) => self.keys_at(tx, m, idx)?,
+            _ => [None, None],
         };
         let sid = op.req.request.session_id();
         let session = self.session(tx, &sid, now.saturating_sub(op.session_ttl))?;
@@ -408,7 +415,7 @@ impl SqliteStore {
                 challenge: &op.challenge,
                 req: &op.req,
                 medium: medium.as_ref(),
-                keys: [k0, k1],
+                keys: keys_read,
                 session,
                 peer_active,
                 max_skip: op.max_skip,
