@@ -74,9 +74,10 @@
 //!   new charge number, then write the state that makes them live. A charge
 //!   that fails or is cut short leaves objects that the next charge (or the
 //!   next open) destroys; none of their keys is ever handed out.
-//! - **Opening:** one search for the medium's objects and one label read per
-//!   object (no key bytes); then the repairs of [`crate::token`]'s table, before
-//!   anything is handed out.
+//! - **Opening:** a search for the token's media and, under the medium's
+//!   lock, another for its objects, reading one label per object (no key
+//!   bytes); then the repairs of [`crate::token`]'s table, before anything is
+//!   handed out.
 //!
 //! # Log-in, sharing, exclusion
 //!
@@ -223,22 +224,21 @@ impl Pkcs11Medium {
         medium_id: Option<Uuid>,
     ) -> Result<Self> {
         let session = connect(module, token_label, pin)?;
-        let id = match medium_id {
-            Some(id) => id,
-            None => {
-                let mut ids: Vec<Uuid> = objects(&session)?
-                    .into_iter()
-                    .filter(|(_, l)| matches!(l.role, Role::Header(_)))
-                    .map(|(_, l)| l.id)
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                match ids[..] {
-                    [] => return Err(MediaError::NoMedium { id: None }),
-                    [id] => id,
-                    _ => return Err(MediaError::SeveralMedia { ids }),
-                }
-            }
+        // The media on the token (before the lock, so that no lock file is
+        // made for a medium that is not there).
+        let mut ids: Vec<Uuid> = objects(&session)?
+            .into_iter()
+            .filter(|(_, l)| matches!(l.role, Role::Header(_)))
+            .map(|(_, l)| l.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let id = match (medium_id, &ids[..]) {
+            (Some(id), _) if ids.contains(&id) => id,
+            (Some(id), _) => return Err(MediaError::NoMedium { id: Some(id) }),
+            (None, []) => return Err(MediaError::NoMedium { id: None }),
+            (None, [id]) => *id,
+            (None, _) => return Err(MediaError::SeveralMedia { ids }),
         };
         let lock = lock_medium(id)?;
         // Surveyed under the lock: no one else changes the medium from here on.
