@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Throwaway PKCS#11 tokens (SoftHSM2) for the tests of the node master key in
-# a token (crates/kms/tests/pkcs11.rs).
+# a token (crates/kms/tests/pkcs11.rs) and of the PKCS#11 security medium
+# (crates/media/tests/pkcs11_medium.rs).
 #
 # Installs Debian's `softhsm2` package if softhsm2-util or the module is
 # missing, writes a SoftHSM2 configuration whose token directory is
-# target/softhsm/tokens (owner-only), initialises two tokens there (once; a
-# re-run reuses them): `qkdnet-test`, which the tests share, and
-# `qkdnet-test-solo`, which only the wrong-PIN test logs in to (PKCS#11 log-in
-# is per process and token: a wrong PIN is only checked while no other
-# session of the process is logged in). Both get the same random user PIN,
-# kept in target/softhsm/user.pin (0600), and prints on stdout, one per line:
+# target/softhsm/tokens (owner-only), initialises three tokens there (once; a
+# re-run reuses them): `qkdnet-test`, which the kms tests share,
+# `qkdnet-test-solo`, which only the wrong-PIN tests of kms and media log in
+# to (PKCS#11 log-in is per process and token: a wrong PIN is only checked
+# while no other session of the process is logged in), and
+# `qkdnet-test-media`, which holds the other media tests' media (SoftHSM2
+# lists its whole token directory on every object it destroys, so the media's
+# objects are kept out of the kms tests' token). All get the same random user PIN, kept in target/softhsm/user.pin
+# (0600), and it prints on stdout, one per line:
 #
 #   SOFTHSM2_CONF=…/target/softhsm/softhsm2.conf
 #   QKDNET_TEST_PKCS11_MODULE=/usr/lib/softhsm/libsofthsm2.so
@@ -17,12 +21,16 @@
 #   QKDNET_TEST_PKCS11_TOKEN_SOLO=qkdnet-test-solo
 #   QKDNET_TEST_PKCS11_PIN_FILE=…/target/softhsm/user.pin
 #   QKDNET_TEST_PKCS11_PIN=…            (the same PIN, for the pin_env test)
+#   QKDNET_TEST_PKCS11_TOKEN_MEDIA=qkdnet-test-media
 #
 # Everything else goes to stderr, so a caller can do
 #
 #   hsm_env=$(bash scripts/softhsm.sh) && while IFS= read -r l; do export "$l"; done <<<"$hsm_env"
 #
-# Delete target/softhsm to start from scratch. The tokens are test data only
+# The media tests kill processes that are writing to qkdnet-test-media; each
+# run leaves a few empty object files there that no PKCS#11 call can remove
+# (SoftHSM2 rewrites files in place), which slows the token a little as they
+# add up. Delete target/softhsm to start from scratch. The tokens are test data only
 # (their PINs appear on softhsm2-util's command line while they are made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +78,7 @@ fi
 pin=$(cat "$base/user.pin")
 so_pin=$(cat "$base/so.pin")
 
-for label in qkdnet-test qkdnet-test-solo; do
+for label in qkdnet-test qkdnet-test-solo qkdnet-test-media; do
   if softhsm2-util --show-slots 2>/dev/null | grep -Eq "^[[:space:]]*Label:[[:space:]]+$label[[:space:]]*$"; then
     log "reusing token $label"
   else
@@ -85,3 +93,4 @@ echo "QKDNET_TEST_PKCS11_TOKEN=qkdnet-test"
 echo "QKDNET_TEST_PKCS11_TOKEN_SOLO=qkdnet-test-solo"
 echo "QKDNET_TEST_PKCS11_PIN_FILE=$base/user.pin"
 echo "QKDNET_TEST_PKCS11_PIN=$pin"
+echo "QKDNET_TEST_PKCS11_TOKEN_MEDIA=qkdnet-test-media"

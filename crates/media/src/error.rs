@@ -9,6 +9,11 @@
 //! environment failed (I/O, another process holds the medium). A wrong PIN and a
 //! header that belongs to another medium are one error on purpose: the medium key
 //! simply does not unwrap, and nothing tells the two apart.
+//!
+//! A medium in a PKCS#11 token adds a fourth group: the token refused or failed
+//! (no such module or token, a PIN the token refused, a call that returned an
+//! error). Those errors name the `CKR_…` code the token gave, never a PIN or a
+//! key byte.
 
 use thiserror::Error;
 
@@ -117,6 +122,70 @@ pub enum MediaError {
         /// The key's index.
         index: u64,
     },
+    /// A token object's label is not in the form this version writes.
+    #[error("a token object of the medium has a malformed label: {0}")]
+    BadLabel(&'static str),
+    /// No key group on the token holds a key the counter says is unused: it was
+    /// erased and the counter then rolled back, or it was lost with a charge
+    /// that failed after it committed. The counter has moved past it.
+    #[error(
+        "key {index} is not on the token (erased before the counter rolled back, or lost): \
+         the counter has moved past it"
+    )]
+    KeyMissing {
+        /// The key's index.
+        index: u64,
+    },
+
+    // ---- the PKCS#11 token ----
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("PKCS#11 module {module}: {reason}")]
+    Pkcs11Module {
+        /// The module's path.
+        module: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The token is not there, or there are several with its label.
+    #[error("PKCS#11 token '{label}': {reason}")]
+    TokenUnavailable {
+        /// The token's label.
+        label: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The token refused the user PIN.
+    #[error("the token refused the PIN (CKR_PIN_INCORRECT): nothing was read or changed")]
+    PinIncorrect,
+    /// The token's user PIN is locked.
+    #[error("the token's user PIN is locked (CKR_PIN_LOCKED): unlock it with its security officer")]
+    PinLocked,
+    /// A PKCS#11 call failed.
+    #[error("{op}: {rv}")]
+    Pkcs11 {
+        /// What was being done.
+        op: &'static str,
+        /// The call and the `CKR_…` code it returned.
+        rv: String,
+    },
+    /// The token holds no medium (with the ID asked for).
+    #[error(
+        "the token holds no medium{}",
+        .id.map(|id| format!(" {id}")).unwrap_or_default()
+    )]
+    NoMedium {
+        /// The ID asked for, if any.
+        id: Option<uuid::Uuid>,
+    },
+    /// The token holds several media and none was chosen.
+    #[error("the token holds {} media: choose one by its ID", .ids.len())]
+    SeveralMedia {
+        /// Their IDs.
+        ids: Vec<uuid::Uuid>,
+    },
+    /// The token holds a medium with this ID already.
+    #[error("the token already holds a medium {0}")]
+    MediumExists(uuid::Uuid),
 
     // ---- the environment ----
     /// Another process has the medium open.

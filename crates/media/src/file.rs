@@ -68,7 +68,7 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250)
 /// instant, by a child process that another thread of this process forks while it
 /// has the medium open (the child shares the open file until it execs), so a
 /// held lock is retried for a short while before the medium is reported busy.
-fn lock(file: &File) -> Result<()> {
+pub(crate) fn lock(file: &File) -> Result<()> {
     use rustix::fs::{FlockOperation, flock};
     let start = std::time::Instant::now();
     loop {

@@ -135,7 +135,8 @@ use zeroize::Zeroizing;
 
 use crate::error::{MediaError, Result};
 use crate::medium::{
-    ChargeEntry, ChargeRecord, KEY_LEN, Key256, MAX_CHARGER_LEN, MAX_OWNER_LEN, check_text,
+    ChargeEntry, ChargeRecord, KEY_LEN, Key256, MAX_CHARGER_LEN, MAX_OWNER_LEN, check_charge,
+    check_text,
 };
 
 /// First bytes of every medium file.
@@ -358,7 +359,8 @@ impl MediumSpec {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the owner, capacity and charge-log size.
+    pub(crate) fn check(&self) -> Result<()> {
         check_text(&self.owner, MAX_OWNER_LEN).map_err(MediaError::InvalidOwner)?;
         if self.capacity == 0 || self.capacity > MAX_CAPACITY {
             return Err(MediaError::InvalidCapacity {
@@ -915,15 +917,8 @@ pub fn plan_charge(
     count: usize,
     charge: ChargeRecord,
 ) -> Result<ChargePlan> {
-    if count == 0 {
-        return Err(MediaError::EmptyCharge);
-    }
     let spec = &header.spec;
-    let free = spec.capacity - (state.end - state.next);
-    let requested = count as u64;
-    if requested > free {
-        return Err(MediaError::CapacityExceeded { requested, free });
-    }
+    check_charge(count, spec.capacity, state.end - state.next)?;
     // count <= capacity <= 2^24.
     let count = u32::try_from(count).expect("invariant: count <= capacity <= 2^24");
     let mut begin = state.successor()?;

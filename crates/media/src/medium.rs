@@ -121,6 +121,20 @@ pub trait Medium {
     fn take_next(&mut self) -> Result<(u64, Key256)>;
 }
 
+/// Checks that a charge of `count` keys is not empty and fits next to the
+/// `unused` keys of a medium that holds `capacity`; returns the count.
+pub(crate) fn check_charge(count: usize, capacity: u64, unused: u64) -> Result<u64> {
+    if count == 0 {
+        return Err(MediaError::EmptyCharge);
+    }
+    let free = capacity - unused;
+    let requested = count as u64;
+    if requested > free {
+        return Err(MediaError::CapacityExceeded { requested, free });
+    }
+    Ok(requested)
+}
+
 /// Checks a text field: 1..=`max` bytes, no control characters.
 pub(crate) fn check_text(s: &str, max: usize) -> Result<(), &'static str> {
     if s.is_empty() {

@@ -7,19 +7,17 @@
 //! checked against the one charged under that number. Argon2id runs with its
 //! minimal parameters here: the tests open media thousands of times.
 
+mod common;
+
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{charge, indices, key_for, keys, record, take_all};
 use proptest::prelude::*;
 use qkdnet_crypto::secret::SecretBytes;
-use qkdnet_crypto::sm3::sm3;
 use qkdnet_media::format::{LOG_OFFSET, PAGE_LEN, RECORD_LEN, SLOT_LEN, STATE_LEN};
-use qkdnet_media::{
-    ChargeRecord, FileMedium, KdfParams, Key256, MediaError, Medium, MediumSpec, MediumStatus,
-};
+use qkdnet_media::{FileMedium, KdfParams, MediaError, Medium, MediumSpec, MediumStatus};
 use uuid::Uuid;
 
 const PIN: &[u8] = b"246810";
@@ -36,21 +34,6 @@ fn spec(capacity: u64, log_capacity: u32) -> MediumSpec {
         log_capacity,
         kdf: KdfParams::MINIMAL,
     }
-}
-
-/// The key charged under `index`.
-fn key_for(index: u64) -> Key256 {
-    let mut input = b"qkdnet-media test key ".to_vec();
-    input.extend_from_slice(&index.to_be_bytes());
-    Key256::new(sm3(&input))
-}
-
-fn keys(first: u64, count: u64) -> Vec<Key256> {
-    (first..first + count).map(key_for).collect()
-}
-
-fn record(n: u64) -> ChargeRecord {
-    ChargeRecord::new("charger-sae-1", 1_750_000_000 + n).expect("valid charger")
 }
 
 fn open(path: &Path) -> FileMedium {
@@ -84,65 +67,10 @@ fn created_in(
     (dir, path, m)
 }
 
-/// Charges `count` keys after the last charged one.
-fn charge(m: &mut FileMedium, count: u64) {
-    let first = m.status().expect("status").charged;
-    let entry = m
-        .charge(&keys(first, count), record(first))
-        .expect("the keys fit");
-    assert_eq!((entry.first, entry.count), (first, count));
-}
-
-/// Takes keys until the medium is exhausted, checking each against `key_for`.
-fn take_all(m: &mut FileMedium) -> Vec<Result<u64, MediaError>> {
-    let mut out = Vec::new();
-    loop {
-        match m.take_next() {
-            Ok((i, k)) => {
-                assert!(k == key_for(i), "key {i} is not the key charged under {i}");
-                out.push(Ok(i));
-            }
-            Err(MediaError::Exhausted) => return out,
-            Err(e) => out.push(Err(e)),
-        }
-        assert!(out.len() < 1_000_000, "bounded");
-    }
-}
-
-fn indices(r: &[Result<u64, MediaError>]) -> Vec<u64> {
-    r.iter().map(|x| *x.as_ref().expect("no error")).collect()
-}
-
 #[test]
 fn charged_keys_come_out_once_in_order_and_survive_reopening() {
-    let (_dir, path, mut m) = new_medium(100, 8);
-    assert!(matches!(m.take_next(), Err(MediaError::Exhausted)));
-    charge(&mut m, 5);
-    charge(&mut m, 1);
-    let (i, k) = m.take_next().expect("a key");
-    assert_eq!(i, 0);
-    assert!(k == key_for(0));
-    drop(m);
-
-    let mut m = open(&path);
-    let st = m.status().expect("status");
-    assert_eq!(st.id, spec(1, 1).id);
-    assert_eq!(st.owner, "sip:alice@qkd.example");
-    assert_eq!((st.charged, st.used, st.remaining, st.free), (6, 1, 5, 95));
-    assert_eq!(st.charges.len(), 2);
-    let c = &st.charges[1];
-    assert_eq!((c.first, c.last, c.count), (5, 5, 1));
-    assert_eq!(c.record.charger(), "charger-sae-1");
-    assert_eq!(c.record.charged_at(), 1_750_000_005);
-    charge(&mut m, 3);
-    drop(m);
-    let mut m = open(&path);
-    assert_eq!(indices(&take_all(&mut m)), (1..9).collect::<Vec<_>>());
-    drop(m);
-    let mut m = open(&path);
-    assert!(matches!(m.take_next(), Err(MediaError::Exhausted)));
-    let st = m.status().expect("status");
-    assert_eq!((st.charged, st.used, st.remaining), (9, 9, 0));
+    let (_dir, path, m) = new_medium(100, 8);
+    common::keys_come_out_once_in_order_and_survive_reopening(m, || open(&path));
 }
 
 #[test]
@@ -183,24 +111,7 @@ fn a_second_open_is_refused_while_the_first_is_held() {
 #[test]
 fn the_ring_reuses_used_slots_and_capacity_is_enforced() {
     let (_dir, path, mut m) = new_medium(4, 8);
-    charge(&mut m, 3);
-    let e = m
-        .charge(&keys(3, 2), record(3))
-        .expect_err("5 keys in a medium of 4");
-    assert!(
-        matches!(
-            e,
-            MediaError::CapacityExceeded {
-                requested: 2,
-                free: 1
-            }
-        ),
-        "{e}"
-    );
-    assert!(matches!(
-        m.charge(&[], record(3)),
-        Err(MediaError::EmptyCharge)
-    ));
+    common::a_charge_too_large_or_empty_is_refused(&mut m);
     assert_eq!(m.take_next().expect("key").0, 0);
     assert_eq!(m.take_next().expect("key").0, 1);
     // Keys 3..6 go to slots 3, 0, 1: the ring wraps inside one charge.
@@ -293,19 +204,12 @@ fn a_rolled_back_counter_finds_the_erased_slot() {
 
 #[test]
 fn status_and_debug_never_show_key_bytes() {
-    let (_dir, path, mut m) = new_medium(8, 2);
-    let k = Key256::new([0xAB; 32]);
-    m.charge(&[k.clone(), k], record(0)).expect("charge");
-    let (_, taken) = m.take_next().expect("key");
-    let shown = format!(
-        "{m:?} {:?} {taken:?} {:?}",
-        m.status().expect("status"),
-        FileMedium::open(&path, &pin()).expect_err("busy")
+    let (_dir, path, m) = new_medium(8, 2);
+    common::status_and_debug_never_show_key_bytes(
+        m,
+        |_| FileMedium::open(&path, &pin()).expect_err("busy"),
+        &[],
     );
-    for needle in ["171, 171", "abababab", "ABABABAB"] {
-        assert!(!shown.contains(needle), "{needle} in {shown}");
-    }
-    assert!(shown.contains("REDACTED"), "{shown}");
 }
 
 #[test]
@@ -582,77 +486,15 @@ proptest! {
 
 // ---- SIGKILL ----
 
-const CHILD_ENV: &str = "QKDNET_MEDIA_CRASH_CHILD";
-
 /// Child side of the SIGKILL tests (does nothing unless the parent set
-/// `QKDNET_MEDIA_CRASH_CHILD` to `take:<path>` or `charge:<path>`). `take`: takes
-/// keys until killed, printing `T <index>` after `take_next` returned. `charge`:
-/// charges batches of 20 keys until killed, printing `C <end>` after `charge`
-/// returned.
+/// `QKDNET_MEDIA_CRASH_CHILD` to `take:<path>` or `charge:<path>`): see
+/// `common::crash_child_loop`.
 #[test]
 fn crash_child() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
+    let Some((mode, path)) = common::crash_child_spec() else {
         return;
     };
-    // libtest has printed "test crash_child ... " without a newline: end that line.
-    println!();
-    let (mode, path) = spec.split_once(':').expect("mode:path");
-    let mut m = open(Path::new(path));
-    for _ in 0..100_000 {
-        if mode == "take" {
-            match m.take_next() {
-                Ok((i, k)) => {
-                    assert!(k == key_for(i), "wrong key {i}");
-                    println!("T {i}");
-                }
-                Err(e) => {
-                    println!("E {e}");
-                    return;
-                }
-            }
-        } else {
-            let first = m.status().expect("status").charged;
-            if let Err(e) = m.charge(&keys(first, 20), record(first)) {
-                println!("E {e}");
-                return;
-            }
-            println!("C {}", first + 20);
-        }
-    }
-}
-
-/// Runs a crash child and kills it (SIGKILL) `delay` after it has printed
-/// `kill_after` lines of its kind; returns the numbers it printed.
-fn run_and_kill(mode: &str, path: &Path, kill_after: usize, delay: Duration) -> Vec<u64> {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, format!("{mode}:{}", path.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("stdout");
-    let prefix = if mode == "take" { "T " } else { "C " };
-    let mut seen = Vec::new();
-    let mut killed = false;
-    // After the kill, read on to the end of the pipe: all the child printed counts.
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        assert!(!line.starts_with("E "), "the child failed: {line}");
-        // A line cut short by the kill does not parse and is ignored.
-        let Some(n) = line.strip_prefix(prefix).and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        seen.push(n);
-        if !killed && seen.len() >= kill_after {
-            std::thread::sleep(delay);
-            child.kill().expect("SIGKILL"); // SIGKILL on Unix
-            killed = true;
-        }
-    }
-    assert!(killed, "the child stopped before it was killed");
-    let _ = child.wait();
-    seen
+    common::crash_child_loop(&mode, &mut open(Path::new(&path)));
 }
 
 #[test]
@@ -660,55 +502,27 @@ fn sigkill_while_taking_never_hands_a_key_out_twice() {
     let (_dir, path, mut m) = new_medium(4000, 4);
     charge(&mut m, 4000);
     drop(m);
-    let mut printed: Vec<u64> = Vec::new();
-    for (round, kill_after) in [1usize, 7, 40, 3, 150, 25].into_iter().enumerate() {
-        let delay = Duration::from_micros(137 * (round as u64 % 3));
-        let seen = run_and_kill("take", &path, kill_after, delay);
-        assert!(!seen.is_empty());
-        printed.extend(&seen);
-        let last = *seen.last().expect("non-empty");
-        let m = open(&path);
-        let next = m.status().expect("status").used;
-        // The counter is past every key the child had; at most the one key it was
-        // taking when killed is lost.
-        assert!(next > last, "round {round}: next {next} <= printed {last}");
-        assert!(
-            next <= last + 2,
-            "round {round}: next {next}, printed {last}"
-        );
-    }
-    assert!(
-        printed.windows(2).all(|w| w[0] < w[1]),
-        "a key was handed out twice across crashes"
-    );
-    let mut m = open(&path);
-    let (i, k) = m.take_next().expect("a key");
-    assert!(i > *printed.last().expect("some"));
-    assert!(k == key_for(i));
+    let rounds: Vec<(usize, Duration)> = [1usize, 7, 40, 3, 150, 25]
+        .into_iter()
+        .enumerate()
+        .map(|(round, k)| (k, Duration::from_micros(137 * (round as u64 % 3))))
+        .collect();
+    let medium = path.display().to_string();
+    common::sigkill_while_taking(&medium, || open(&path), &rounds, |_| {});
 }
 
 #[test]
 fn sigkill_while_charging_loses_no_committed_charge() {
     let (_dir, path, m) = new_medium(100_000, 1024);
     drop(m);
-    let mut printed_end = 0;
-    for (round, kill_after) in [1usize, 4, 2, 9].into_iter().enumerate() {
-        let delay = Duration::from_micros(211 * (round as u64 % 3));
-        let seen = run_and_kill("charge", &path, kill_after, delay);
-        printed_end = *seen.last().expect("non-empty");
-        let m = open(&path);
-        let charged = m.status().expect("status").charged;
-        // Every charge the child saw return is there; the one it was making when
-        // killed is there whole or not at all.
-        assert!(
-            charged == printed_end || charged == printed_end + 20,
-            "round {round}: {charged} keys, the child had charged {printed_end}"
-        );
-    }
-    let mut m = open(&path);
-    let taken = indices(&take_all(&mut m));
-    assert!(taken.len() as u64 >= printed_end);
-    assert_eq!(taken, (0..taken.len() as u64).collect::<Vec<_>>());
+    let rounds: Vec<(usize, Duration)> = [1usize, 4, 2, 9]
+        .into_iter()
+        .enumerate()
+        .map(|(round, k)| (k, Duration::from_micros(211 * (round as u64 % 3))))
+        .collect();
+    let medium = path.display().to_string();
+    let m = common::sigkill_while_charging(&medium, || open(&path), &rounds, |_| {});
+    // The file medium remembers every charge (the log is large enough).
     let st = m.status().expect("status");
     assert_eq!(st.charges.iter().map(|c| c.count).sum::<u64>(), st.charged);
 }
