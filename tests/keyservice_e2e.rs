@@ -168,7 +168,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let mut init = vec!["keyservice", "init"];
     init.extend(STORE);
     ok(d, &init);
-    for who in ["sip:alice@qkd.example", "sip:bob@qkd.example"] {
+    for who in ["sip:alice@qkd.example", "sip:bob@qkd.example", "sip:tess@qkd.example"] {
         let mut a = vec!["keyservice", "enrol", who];
         a.extend(STORE);
         ok(d, &a);
@@ -198,14 +198,14 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     };
     // Alice at beta (one hop from the service's node), Bob at gamma (two hops:
     // the keys are relayed through beta).
-    let out = charge("alice.medium", "charger-beta", "10");
+    let out = charge("alice.medium", "charger-beta", "20");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rep = json(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(rep["charged"], 10);
+    assert_eq!(rep["charged"], 20);
     assert!(rep["keys_per_second"].as_f64().expect("rate") > 0.0);
     let out = charge("bob.medium", "charger-gamma", "6");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(remaining(d, "alice.medium"), 10);
+    assert_eq!(remaining(d, "alice.medium"), 20);
     assert_eq!(remaining(d, "bob.medium"), 6);
     let media = service_media(d);
     assert_eq!(media.as_array().expect("list").len(), 2);
@@ -235,7 +235,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(remaining(d, "alice.medium"), 10);
+    assert_eq!(remaining(d, "alice.medium"), 20);
 
     // Session keys come from the QKD network once the service's pool has key.
     let t0 = Instant::now();
@@ -318,6 +318,10 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     ));
     assert_eq!(after["peer"], "sip:bob@qkd.example");
 
+    // A medium in a PKCS#11 token (SoftHSM2, from scripts/softhsm.sh) works the
+    // same: charged at a charging point, it opens a session Alice joins.
+    token_medium_opens_a_session(d, &addr);
+
     // Bob has two keys left: one more request, then "recharge".
     ok(
         d,
@@ -373,4 +377,68 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The SoftHSM2 token of scripts/softhsm.sh, or `None` (skip) outside CI.
+fn softhsm() -> Option<(String, String, String)> {
+    let get = |k: &str| std::env::var(k).ok();
+    match (
+        get("QKDNET_TEST_PKCS11_MODULE"),
+        get("QKDNET_TEST_PKCS11_TOKEN_MEDIA"),
+        get("QKDNET_TEST_PKCS11_PIN"),
+    ) {
+        (Some(m), Some(t), Some(p)) => Some((m, t, p)),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "SoftHSM2 environment missing in CI: scripts/test.sh runs scripts/softhsm.sh"
+            );
+            eprintln!("token medium skipped: run with the environment of scripts/softhsm.sh");
+            None
+        }
+    }
+}
+
+fn token_medium_opens_a_session(d: &Path, addr: &str) {
+    let Some((module, token, pin)) = softhsm() else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .current_dir(d)
+            .env("QKDNET_TEST_PKCS11_PIN", &pin)
+            .args(args)
+            .args(["--token", &token, "--module", &module, "--pin-env", "QKDNET_TEST_PKCS11_PIN"])
+            .output()
+            .expect("run qkdnet");
+        assert!(
+            out.status.success(),
+            "qkdnet {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let made = run(&["media", "init", "--owner", "sip:tess@qkd.example", "--capacity", "16"]);
+    let id = made
+        .split_whitespace()
+        .nth(1)
+        .expect("medium ID in the init line")
+        .to_owned();
+    let charged = run(&[
+        "media", "charge", "--connect", "state/connect.json", "--as", "charger-beta",
+        "--keys", "4", "--service", addr, "--service-sae", "keyservice", "--wait", "240",
+        "--json", "--medium-id", &id,
+    ]);
+    assert_eq!(json(&charged)["charged"], 4);
+    let open = json(&run(&[
+        "media", "session", "--service", addr, "--peer", "sip:alice@qkd.example", "--json",
+        "--medium-id", &id,
+    ]));
+    let sid = open["session"].as_str().expect("session").to_owned();
+    let join = json(&ok(
+        d,
+        &["media", "session", "--medium", "alice.medium", "--service", addr, "--join", &sid, "--json"],
+    ));
+    assert_eq!(join["fingerprint"], open["fingerprint"]);
+    assert_eq!(join["peer"], "sip:tess@qkd.example");
 }

@@ -16,7 +16,7 @@ use qkdnet_kms::connect::ConnectFile;
 use qkdnet_media::proto::{Identity, KeySource};
 use qkdnet_crypto::SecretBytes;
 use qkdnet_kms::store::pkcs11::PinSource;
-use qkdnet_media::{FileMedium, Medium, MediumSpec};
+use qkdnet_media::{FileMedium, Medium, MediumSpec, Pkcs11Medium};
 
 /// Default environment variable holding a medium's PIN.
 const PIN_ENV: &str = "QKDNET_MEDIA_PIN";
@@ -43,6 +43,62 @@ impl PinArgs {
     }
 }
 
+/// Which medium: a file, or a PKCS#11 token (smart card, secure element, HSM).
+#[derive(Debug, clap::Args)]
+pub struct MediumArgs {
+    /// The medium file.
+    #[arg(long, value_name = "FILE", required_unless_present = "token", conflicts_with = "token")]
+    medium: Option<PathBuf>,
+    /// Or: the label of the PKCS#11 token holding the medium (its user PIN is the PIN).
+    #[arg(long, value_name = "LABEL", requires = "module")]
+    token: Option<String>,
+    /// The token's PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, value_name = "PATH")]
+    module: Option<PathBuf>,
+    /// Which medium of the token, if it holds several.
+    #[arg(long, value_name = "ID", requires = "token")]
+    medium_id: Option<uuid::Uuid>,
+}
+
+impl MediumArgs {
+    fn name(&self) -> String {
+        match (&self.medium, &self.token) {
+            (Some(f), _) => f.display().to_string(),
+            (None, Some(t)) => format!("token {t:?}"),
+            (None, None) => "(no medium)".into(),
+        }
+    }
+
+    fn token(&self) -> anyhow::Result<(&Path, &str)> {
+        match (&self.module, &self.token) {
+            (Some(m), Some(t)) => Ok((m, t)),
+            _ => anyhow::bail!("give --medium FILE, or --token LABEL with --module PATH"),
+        }
+    }
+
+    fn create(&self, spec: &MediumSpec, pin: &SecretBytes) -> anyhow::Result<Box<dyn Medium + Send>> {
+        let what = || format!("creating the medium {}", self.name());
+        Ok(match &self.medium {
+            Some(f) => Box::new(FileMedium::create(f, spec, pin).with_context(what)?),
+            None => {
+                let (module, token) = self.token()?;
+                Box::new(Pkcs11Medium::create(module, token, pin, spec).with_context(what)?)
+            }
+        })
+    }
+
+    fn open(&self, pin: &SecretBytes) -> anyhow::Result<Box<dyn Medium + Send>> {
+        let what = || format!("opening the medium {}", self.name());
+        Ok(match &self.medium {
+            Some(f) => Box::new(FileMedium::open(f, pin).with_context(what)?),
+            None => {
+                let (module, token) = self.token()?;
+                Box::new(Pkcs11Medium::open(module, token, pin, self.medium_id).with_context(what)?)
+            }
+        })
+    }
+}
+
 /// Media subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MediaCommand {
@@ -50,9 +106,8 @@ pub enum MediaCommand {
     ///
     /// Example: QKDNET_MEDIA_PIN=… qkdnet media init --medium alice.medium --owner sip:alice@example.net
     Init {
-        /// The medium file to create (refused if it exists).
-        #[arg(long, value_name = "FILE")]
-        medium: PathBuf,
+        #[command(flatten)]
+        medium: MediumArgs,
         /// Who the medium belongs to.
         #[arg(long)]
         owner: String,
@@ -72,9 +127,8 @@ pub enum MediaCommand {
         /// The charging point's SAE ID.
         #[arg(long = "as", value_name = "SAE")]
         as_sae: String,
-        /// The medium file.
-        #[arg(long, value_name = "FILE")]
-        medium: PathBuf,
+        #[command(flatten)]
+        medium: MediumArgs,
         /// Keys to charge (256 bits each).
         #[arg(long)]
         keys: u64,
@@ -102,9 +156,8 @@ pub enum MediaCommand {
     ///
     /// Example: qkdnet media session --medium alice.medium --service 127.0.0.1:7700 --peer sip:bob@example.net
     Session {
-        /// The medium file.
-        #[arg(long, value_name = "FILE")]
-        medium: PathBuf,
+        #[command(flatten)]
+        medium: MediumArgs,
         /// The key service (host:port).
         #[arg(long, value_name = "ADDR")]
         service: String,
@@ -137,9 +190,8 @@ pub enum MediaCommand {
     },
     /// Keys remaining and charges of a medium (never a key).
     Status {
-        /// The medium file.
-        #[arg(long, value_name = "FILE")]
-        medium: PathBuf,
+        #[command(flatten)]
+        medium: MediumArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -159,13 +211,12 @@ pub fn run(c: MediaCommand) -> anyhow::Result<()> {
         } => {
             let pin = pin.read()?;
             let spec = MediumSpec::new(owner, capacity);
-            let m = FileMedium::create(&medium, &spec, &pin)
-                .with_context(|| format!("creating the medium {}", medium.display()))?;
+            let m = medium.create(&spec, &pin)?;
             println!(
                 "medium {} for {} created in {} (room for {} keys of 256 bits; empty until charged)",
                 m.id(),
                 m.owner(),
-                medium.display(),
+                medium.name(),
                 m.capacity()
             );
             Ok(())
@@ -218,8 +269,7 @@ pub fn run(c: MediaCommand) -> anyhow::Result<()> {
         }
         MediaCommand::Status { medium, json, pin } => {
             let pin = pin.read()?;
-            let m = FileMedium::open(&medium, &pin)
-                .with_context(|| format!("opening the medium {}", medium.display()))?;
+            let m = medium.open(&pin)?;
             let st = m.status()?;
             let charges: Vec<serde_json::Value> = st
                 .charges
@@ -282,10 +332,9 @@ struct ChargeArgs {
     json: bool,
 }
 
-fn charge(a: &ChargeArgs, medium: &Path, keys: u64, pin: &PinArgs) -> anyhow::Result<()> {
+fn charge(a: &ChargeArgs, medium: &MediumArgs, keys: u64, pin: &PinArgs) -> anyhow::Result<()> {
     let pin = pin.read()?;
-    let mut m = FileMedium::open(medium, &pin)
-        .with_context(|| format!("opening the medium {}", medium.display()))?;
+    let mut m = medium.open(&pin)?;
     let client = ConnectFile::load(&a.connect)?.client(&a.as_sae, Duration::from_secs(30))?;
     let bar = if a.json {
         ProgressBar::hidden()
@@ -305,11 +354,11 @@ fn charge(a: &ChargeArgs, medium: &Path, keys: u64, pin: &PinArgs) -> anyhow::Re
             batch: a.batch,
             max_wait: Duration::from_secs(a.wait),
         }
-        .charge(&mut conn, &mut m, keys, |done| bar.set_position(done))
+        .charge(&mut conn, m.as_mut(), keys, |done| bar.set_position(done))
         .await
     });
     bar.finish_and_clear();
-    let report = report.with_context(|| format!("charging {}", medium.display()))?;
+    let report = report.with_context(|| format!("charging {}", medium.name()))?;
     let rate = report.charged as f64 / report.seconds.max(1e-9);
     let st = m.status()?;
     if a.json {
@@ -342,7 +391,7 @@ fn parse_session(s: &str) -> anyhow::Result<[u8; 16]> {
 }
 
 fn session_cmd(
-    medium: &Path,
+    medium: &MediumArgs,
     service: &str,
     peer: Option<String>,
     session: Option<String>,
@@ -351,11 +400,10 @@ fn session_cmd(
     pin: &PinArgs,
 ) -> anyhow::Result<()> {
     let pin = pin.read()?;
-    let mut m = FileMedium::open(medium, &pin)
-        .with_context(|| format!("opening the medium {}", medium.display()))?;
+    let mut m = medium.open(&pin)?;
     let key = crate::cmd::msg::runtime()?.block_on(async {
         let mut conn = Connection::connect(service, Duration::from_secs(30)).await?;
-        let mut t = Terminal::new(&mut m)?;
+        let mut t = Terminal::new(m.as_mut())?;
         match (peer, join) {
             (Some(p), _) => {
                 let peer = Identity::new(p.clone()).map_err(|e| anyhow::anyhow!("{p:?}: {e}"))?;
