@@ -158,7 +158,10 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("topology.toml"), TOPOLOGY).expect("topology");
     let d = dir.as_path();
-    ok(d, &["net", "up", "topology.toml", "--dir", "state", "--detach"]);
+    ok(
+        d,
+        &["net", "up", "topology.toml", "--dir", "state", "--detach"],
+    );
     let mut net = Net {
         dir: dir.clone(),
         service: None,
@@ -168,7 +171,11 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let mut init = vec!["keyservice", "init"];
     init.extend(STORE);
     ok(d, &init);
-    for who in ["sip:alice@qkd.example", "sip:bob@qkd.example", "sip:tess@qkd.example"] {
+    for who in [
+        "sip:alice@qkd.example",
+        "sip:bob@qkd.example",
+        "sip:tess@qkd.example",
+    ] {
         let mut a = vec!["keyservice", "enrol", who];
         a.extend(STORE);
         ok(d, &a);
@@ -183,33 +190,72 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     ] {
         ok(
             d,
-            &["media", "init", "--medium", file, "--owner", owner, "--capacity", "64"],
+            &[
+                "media",
+                "init",
+                "--medium",
+                file,
+                "--owner",
+                owner,
+                "--capacity",
+                "64",
+            ],
         );
     }
     let charge = |medium: &str, charger: &str, keys: &str| {
         qkdnet(
             d,
             &[
-                "media", "charge", "--connect", "state/connect.json", "--as", charger,
-                "--medium", medium, "--keys", keys, "--service", &addr, "--service-sae",
-                "keyservice", "--batch", "4", "--wait", "240", "--json",
+                "media",
+                "charge",
+                "--connect",
+                "state/connect.json",
+                "--as",
+                charger,
+                "--medium",
+                medium,
+                "--keys",
+                keys,
+                "--service",
+                &addr,
+                "--service-sae",
+                "keyservice",
+                "--batch",
+                "4",
+                "--wait",
+                "240",
+                "--json",
             ],
         )
     };
     // Alice at beta (one hop from the service's node), Bob at gamma (two hops:
     // the keys are relayed through beta).
     let out = charge("alice.medium", "charger-beta", "20");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rep = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(rep["charged"], 20);
     assert!(rep["keys_per_second"].as_f64().expect("rate") > 0.0);
     let out = charge("bob.medium", "charger-gamma", "6");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(remaining(d, "alice.medium"), 20);
     assert_eq!(remaining(d, "bob.medium"), 6);
     let media = service_media(d);
     assert_eq!(media.as_array().expect("list").len(), 2);
-    assert!(media.as_array().expect("list").iter().all(|m| m["charged"] == m["remaining"]));
+    assert!(
+        media
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|m| m["charged"] == m["remaining"])
+    );
 
     // Carol's owner is not enrolled: refused, nothing charged into her medium.
     let out = charge("carol.medium", "charger-beta", "2");
@@ -225,13 +271,22 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let out = Command::new(BIN)
         .current_dir(d)
         .env("QKDNET_MEDIA_PIN", "000000")
-        .args(["media", "session", "--medium", "alice.medium", "--service", &addr])
+        .args([
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            &addr,
+        ])
         .args(["--peer", "sip:bob@qkd.example"])
         .output()
         .expect("run");
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).to_lowercase().contains("pin"),
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("pin"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -243,8 +298,15 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
         let open = json(&ok(
             d,
             &[
-                "media", "session", "--medium", "alice.medium", "--service", &addr,
-                "--peer", "sip:bob@qkd.example", "--json",
+                "media",
+                "session",
+                "--medium",
+                "alice.medium",
+                "--service",
+                &addr,
+                "--peer",
+                "sip:bob@qkd.example",
+                "--json",
             ],
         ));
         if open["source"] == "qkd" {
@@ -264,17 +326,40 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let addr = net.start_service(&addr);
     let join = json(&ok(
         d,
-        &["media", "session", "--medium", "bob.medium", "--service", &addr, "--join", &sid, "--json"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "bob.medium",
+            "--service",
+            &addr,
+            "--join",
+            &sid,
+            "--json",
+        ],
     ));
     assert_eq!(join["peer"], "sip:alice@qkd.example");
     assert_eq!(join["source"], "qkd");
-    assert_eq!(join["fingerprint"], open["fingerprint"], "both sides hold one key");
+    assert_eq!(
+        join["fingerprint"], open["fingerprint"],
+        "both sides hold one key"
+    );
     assert_eq!(remaining(d, "bob.medium"), 4);
     // A retry of the join (say its answer was lost) gets the same key again,
     // under two fresh keys.
     let again = json(&ok(
         d,
-        &["media", "session", "--medium", "bob.medium", "--service", &addr, "--join", &sid, "--json"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "bob.medium",
+            "--service",
+            &addr,
+            "--join",
+            &sid,
+            "--json",
+        ],
     ));
     assert_eq!(again["fingerprint"], open["fingerprint"]);
 
@@ -301,7 +386,14 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let mut term = Command::new(BIN)
         .current_dir(d)
         .env("QKDNET_MEDIA_PIN", PIN)
-        .args(["media", "session", "--medium", "alice.medium", "--service", &stall_addr])
+        .args([
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            &stall_addr,
+        ])
         .args(["--peer", "sip:bob@qkd.example"])
         .spawn()
         .expect("terminal");
@@ -311,10 +403,24 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     term.kill().expect("SIGKILL the terminal");
     term.wait().expect("reap");
     hold.join().expect("stall thread");
-    assert_eq!(remaining(d, "alice.medium"), before - 2, "two keys gone, none handed out twice");
+    assert_eq!(
+        remaining(d, "alice.medium"),
+        before - 2,
+        "two keys gone, none handed out twice"
+    );
     let after = json(&ok(
         d,
-        &["media", "session", "--medium", "alice.medium", "--service", &addr, "--peer", "sip:bob@qkd.example", "--json"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            &addr,
+            "--peer",
+            "sip:bob@qkd.example",
+            "--json",
+        ],
     ));
     assert_eq!(after["peer"], "sip:bob@qkd.example");
 
@@ -325,11 +431,29 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     // Bob has two keys left: one more request, then "recharge".
     ok(
         d,
-        &["media", "session", "--medium", "bob.medium", "--service", &addr, "--join", &sid],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "bob.medium",
+            "--service",
+            &addr,
+            "--join",
+            &sid,
+        ],
     );
     let err = fails(
         d,
-        &["media", "session", "--medium", "bob.medium", "--service", &addr, "--join", &sid],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "bob.medium",
+            "--service",
+            &addr,
+            "--join",
+            &sid,
+        ],
     );
     assert!(err.contains("recharge at a charging point"), "{err}");
 
@@ -343,7 +467,16 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     std::fs::write(&path, &bytes).expect("tamper");
     let err = fails(
         d,
-        &["media", "session", "--medium", "alice.medium", "--service", &addr, "--peer", "sip:bob@qkd.example"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            &addr,
+            "--peer",
+            "sip:bob@qkd.example",
+        ],
     );
     assert!(err.contains("alice.medium"), "{err}");
     assert_eq!(service_media(d), before);
@@ -364,7 +497,16 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     assert!(out.contains("revoked"), "{out}");
     let err = fails(
         d,
-        &["media", "session", "--medium", "alice.medium", "--service", &addr, "--peer", "sip:bob@qkd.example"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            &addr,
+            "--peer",
+            "sip:bob@qkd.example",
+        ],
     );
     assert!(err.contains("revoked"), "{err}");
 
@@ -373,7 +515,10 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     audit.extend(STORE);
     let trail = ok(d, &audit);
     for event in ["enrol", "bind", "charge", "open", "join", "revoke"] {
-        assert!(trail.contains(&format!("  {event} ")), "no {event} in\n{trail}");
+        assert!(
+            trail.contains(&format!("  {event} ")),
+            "no {event} in\n{trail}"
+        );
     }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
@@ -408,7 +553,14 @@ fn token_medium_opens_a_session(d: &Path, addr: &str) {
             .current_dir(d)
             .env("QKDNET_TEST_PKCS11_PIN", &pin)
             .args(args)
-            .args(["--token", &token, "--module", &module, "--pin-env", "QKDNET_TEST_PKCS11_PIN"])
+            .args([
+                "--token",
+                &token,
+                "--module",
+                &module,
+                "--pin-env",
+                "QKDNET_TEST_PKCS11_PIN",
+            ])
             .output()
             .expect("run qkdnet");
         assert!(
@@ -418,26 +570,64 @@ fn token_medium_opens_a_session(d: &Path, addr: &str) {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let made = run(&["media", "init", "--owner", "sip:tess@qkd.example", "--capacity", "16"]);
+    let made = run(&[
+        "media",
+        "init",
+        "--owner",
+        "sip:tess@qkd.example",
+        "--capacity",
+        "16",
+    ]);
     let id = made
         .split_whitespace()
         .nth(1)
         .expect("medium ID in the init line")
         .to_owned();
     let charged = run(&[
-        "media", "charge", "--connect", "state/connect.json", "--as", "charger-beta",
-        "--keys", "4", "--service", addr, "--service-sae", "keyservice", "--wait", "240",
-        "--json", "--medium-id", &id,
+        "media",
+        "charge",
+        "--connect",
+        "state/connect.json",
+        "--as",
+        "charger-beta",
+        "--keys",
+        "4",
+        "--service",
+        addr,
+        "--service-sae",
+        "keyservice",
+        "--wait",
+        "240",
+        "--json",
+        "--medium-id",
+        &id,
     ]);
     assert_eq!(json(&charged)["charged"], 4);
     let open = json(&run(&[
-        "media", "session", "--service", addr, "--peer", "sip:alice@qkd.example", "--json",
-        "--medium-id", &id,
+        "media",
+        "session",
+        "--service",
+        addr,
+        "--peer",
+        "sip:alice@qkd.example",
+        "--json",
+        "--medium-id",
+        &id,
     ]));
     let sid = open["session"].as_str().expect("session").to_owned();
     let join = json(&ok(
         d,
-        &["media", "session", "--medium", "alice.medium", "--service", addr, "--join", &sid, "--json"],
+        &[
+            "media",
+            "session",
+            "--medium",
+            "alice.medium",
+            "--service",
+            addr,
+            "--join",
+            &sid,
+            "--json",
+        ],
     ));
     assert_eq!(join["fingerprint"], open["fingerprint"]);
     assert_eq!(join["peer"], "sip:tess@qkd.example");

@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
+use qkdnet_keyservice::postgres::PgStore;
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
-use qkdnet_keyservice::postgres::PgStore;
 use qkdnet_keyservice::sqlite::SqliteStore;
 use qkdnet_keyservice::store::{
     AuditEntry, MediumInfo, Revocation, Store, SubscriberInfo, unix_now,
 };
-use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_kms::connect::ConnectFile;
 use qkdnet_kms::store::MasterKey;
+use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_media::proto::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,8 +53,13 @@ impl StoreArgs {
     }
 
     fn url(&self) -> Option<anyhow::Result<PostgresUrl>> {
-        (self.store.starts_with("postgres://") || self.store.starts_with("postgresql://"))
-            .then(|| self.store.parse::<PostgresUrl>().map_err(|e| anyhow::anyhow!(e)))
+        (self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")).then(
+            || {
+                self.store
+                    .parse::<PostgresUrl>()
+                    .map_err(|e| anyhow::anyhow!(e))
+            },
+        )
     }
 
     /// Opens the store (it must have been made by `init`).
@@ -75,7 +80,9 @@ impl StoreArgs {
                 self.master_key.display()
             );
         }
-        Ok(AdminStore::Sqlite(Box::new(SqliteStore::open(path, &master)?)))
+        Ok(AdminStore::Sqlite(Box::new(SqliteStore::open(
+            path, &master,
+        )?)))
     }
 }
 
@@ -228,7 +235,11 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
             drop(store.open_or_create()?);
             println!(
                 "key service store {} ready; its keys are sealed under {} (keep it apart from backups of the store)",
-                if store.url().is_some() { "(PostgreSQL)" } else { &store.store },
+                if store.url().is_some() {
+                    "(PostgreSQL)"
+                } else {
+                    &store.store
+                },
                 store.master_key.display()
             );
             Ok(())
@@ -266,10 +277,19 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
                 }
                 let db = match &url {
                     Some(u) => {
-                        Store::postgres(u, &store.schema()?, &master, pool.drawer(), session_ttl, 16)
-                            .await?
+                        Store::postgres(
+                            u,
+                            &store.schema()?,
+                            &master,
+                            pool.drawer(),
+                            session_ttl,
+                            16,
+                        )
+                        .await?
                     }
-                    None => Store::sqlite(Path::new(&store.store), &master, pool.drawer(), session_ttl)?,
+                    None => {
+                        Store::sqlite(Path::new(&store.store), &master, pool.drawer(), session_ttl)?
+                    }
                 };
                 let service = Arc::new(Service {
                     store: db,
@@ -295,7 +315,11 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
                 }
                 println!(
                     "key service listening on {addr} (store {}; session keys from {})",
-                    if url.is_some() { "PostgreSQL" } else { &store.store },
+                    if url.is_some() {
+                        "PostgreSQL"
+                    } else {
+                        &store.store
+                    },
                     match &qkd_peer {
                         Some(p) => format!("the QKD network via {p}, the CSPRNG when it has none"),
                         None => "the CSPRNG (no --qkd-peer)".into(),

@@ -11,11 +11,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
+use qkdnet_crypto::SecretBytes;
 use qkdnet_keyservice::client::{Charger, Connection, Terminal};
 use qkdnet_kms::connect::ConnectFile;
-use qkdnet_media::proto::{Identity, KeySource};
-use qkdnet_crypto::SecretBytes;
 use qkdnet_kms::store::pkcs11::PinSource;
+use qkdnet_media::proto::{Identity, KeySource};
 use qkdnet_media::{FileMedium, Medium, MediumSpec, Pkcs11Medium};
 
 /// Default environment variable holding a medium's PIN.
@@ -47,7 +47,12 @@ impl PinArgs {
 #[derive(Debug, clap::Args)]
 pub struct MediumArgs {
     /// The medium file.
-    #[arg(long, value_name = "FILE", required_unless_present = "token", conflicts_with = "token")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "token",
+        conflicts_with = "token"
+    )]
     medium: Option<PathBuf>,
     /// Or: the label of the PKCS#11 token holding the medium (its user PIN is the PIN).
     #[arg(long, value_name = "LABEL", requires = "module")]
@@ -76,7 +81,11 @@ impl MediumArgs {
         }
     }
 
-    fn create(&self, spec: &MediumSpec, pin: &SecretBytes) -> anyhow::Result<Box<dyn Medium + Send>> {
+    fn create(
+        &self,
+        spec: &MediumSpec,
+        pin: &SecretBytes,
+    ) -> anyhow::Result<Box<dyn Medium + Send>> {
         let what = || format!("creating the medium {}", self.name());
         Ok(match &self.medium {
             Some(f) => Box::new(FileMedium::create(f, spec, pin).with_context(what)?),
@@ -422,7 +431,11 @@ fn session_cmd(
         }
     })?;
     let fp = qkdnet_crypto::sm3::sm3(
-        &[&b"qkdnet/media/fingerprint/v1"[..], &key.key.expose_secret()[..]].concat(),
+        &[
+            &b"qkdnet/media/fingerprint/v1"[..],
+            &key.key.expose_secret()[..],
+        ]
+        .concat(),
     );
     let source = match key.source {
         KeySource::Qkd => "qkd",
@@ -440,7 +453,11 @@ fn session_cmd(
             "session {} with {}: 256-bit key from {}, fingerprint {} ({} keys left in the medium)",
             hex::encode(key.session_id),
             key.peer,
-            if source == "qkd" { "the QKD network" } else { "the key service's CSPRNG" },
+            if source == "qkd" {
+                "the QKD network"
+            } else {
+                "the key service's CSPRNG"
+            },
             hex::encode(&fp[..8]),
             remaining
         );

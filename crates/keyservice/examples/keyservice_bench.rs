@@ -128,17 +128,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     i,
                     &key_for(id, i),
                     &ch,
-                    qkdnet_media::proto::Request::SessionKey { session_id: sid, peer: peer.clone() },
+                    qkdnet_media::proto::Request::SessionKey {
+                        session_id: sid,
+                        peer: peer.clone(),
+                    },
                 );
-                ops.push(qkdnet_keyservice::store::GrantOp { challenge: ch, req, nonce: [0; 12], max_skip: 64, session_ttl: 300 });
+                ops.push(qkdnet_keyservice::store::GrantOp {
+                    challenge: ch,
+                    req,
+                    nonce: [0; 12],
+                    max_skip: 64,
+                    session_ttl: 300,
+                });
                 done += 1;
             }
             let plans = s.grant_batch(&ops, &mut pool, 1)?;
             assert!(plans.iter().all(|p| p.answer.is_ok()));
         }
         let secs = t.elapsed().as_secs_f64();
-        println!("{}", serde_json::json!({"bench": "keyservice-store", "requests": total, "group": group,
-            "requests_per_second": total as f64 / secs, "us_per_request": secs * 1e6 / total as f64}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "keyservice-store", "requests": total, "group": group,
+            "requests_per_second": total as f64 / secs, "us_per_request": secs * 1e6 / total as f64})
+        );
         return Ok(());
     }
 
@@ -223,7 +235,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     setup_lat.push(t0.elapsed().as_secs_f64() * 1e3);
                     assert_eq!(key, kb.key, "both sides hold one key");
                 }
-                lat.extend(opener.await.map_err(|e| qkdnet_keyservice::KsError::Net(e.to_string()))??);
+                lat.extend(
+                    opener
+                        .await
+                        .map_err(|e| qkdnet_keyservice::KsError::Net(e.to_string()))??,
+                );
                 Ok::<_, qkdnet_keyservice::KsError>((lat, setup_lat))
             }));
         }

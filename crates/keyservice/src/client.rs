@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use qkdnet_etsi::client::EtsiClient;
+use qkdnet_media::proto::{AuthRequest, RefuseReason};
 use qkdnet_media::proto::{
-    ChargeOffer, ChargeTerms, Challenge, GrantExpect, Identity, MAX_CHARGE_KEYS, Message, Request,
+    Challenge, ChargeOffer, ChargeTerms, GrantExpect, Identity, MAX_CHARGE_KEYS, Message, Request,
     SESSION_ID_LEN, SessionKey, open_grant,
 };
-use qkdnet_media::proto::{AuthRequest, RefuseReason};
 use qkdnet_media::{ChargeRecord, Key256, MediaError, Medium};
 use tokio::net::TcpStream;
 
@@ -31,16 +31,19 @@ impl Connection {
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Self> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| KsError::Net(format!("{addr}: no connection within {} s", timeout.as_secs())))?
+            .map_err(|_| {
+                KsError::Net(format!(
+                    "{addr}: no connection within {} s",
+                    timeout.as_secs()
+                ))
+            })?
             .map_err(|e| KsError::Net(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (reader, stream) = stream.into_split();
         let mut c = Self {
             reader: tokio::io::BufReader::new(reader),
             stream,
-            challenge: Challenge {
-                challenge: [0; 32],
-            },
+            challenge: Challenge { challenge: [0; 32] },
             timeout,
         };
         c.challenge = match c.read().await? {
@@ -227,7 +230,12 @@ impl Charger<'_> {
         let start = std::time::Instant::now();
         let kme = |e: qkdnet_etsi::client::ClientError| KsError::Kme(e.to_string());
         loop {
-            let held = self.kme.status(self.service_sae).await.map_err(kme)?.stored_key_count;
+            let held = self
+                .kme
+                .status(self.service_sae)
+                .await
+                .map_err(kme)?
+                .stored_key_count;
             if held >= 2 {
                 let n = want.min(held - 1);
                 match self.kme.enc_keys(self.service_sae, n + 1, Some(256)).await {
@@ -279,8 +287,9 @@ impl Charger<'_> {
             for k in &keys {
                 ids.push(k.id);
                 material.push(
-                    Key256::from_slice(&k.material)
-                        .map_err(|_| KsError::Kme("the KME gave a key that is not 256 bits".into()))?,
+                    Key256::from_slice(&k.material).map_err(|_| {
+                        KsError::Kme("the KME gave a key that is not 256 bits".into())
+                    })?,
                 );
             }
             let auth_key = material.remove(0);

@@ -170,10 +170,7 @@ fn refused(reason: RefuseReason) -> GrantPlan {
 
 /// Decides a terminal's request. `draw` gives a fresh session key and its source;
 /// it is called only when a new session is opened.
-pub fn decide_grant(
-    inp: GrantInputs<'_>,
-    draw: impl FnOnce() -> (Key256, KeySource),
-) -> GrantPlan {
+pub fn decide_grant(inp: GrantInputs<'_>, draw: impl FnOnce() -> (Key256, KeySource)) -> GrantPlan {
     let Some(medium) = inp.medium else {
         return refused(RefuseReason::UnknownMedium);
     };
@@ -257,7 +254,11 @@ pub fn decide_grant(
             };
             let detail = format!(
                 "session {sid_hex} with {}, keys {}..={}, key from {src}",
-                if event == "open" { &g.b_identity } else { &g.a_identity },
+                if event == "open" {
+                    &g.b_identity
+                } else {
+                    &g.a_identity
+                },
                 consume.first,
                 consume.last
             );
@@ -371,10 +372,12 @@ pub fn decide_charge(inp: &ChargeInputs<'_>) -> ChargePlan {
 /// Lower-case hex of a session ID, for audit lines and logs.
 pub fn hex(bytes: &[u8]) -> String {
     use core::fmt::Write;
-    bytes.iter().fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 impl AuditLine {
@@ -411,9 +414,8 @@ impl AuditLine {
 
 /// The medium a revocation applies to: known here and not revoked yet.
 pub fn revocable(row: Option<MediumRow>, medium: &Uuid) -> Result<MediumRow, crate::KsError> {
-    let row = row.ok_or_else(|| {
-        crate::KsError::Config(format!("medium {medium} is not known here"))
-    })?;
+    let row =
+        row.ok_or_else(|| crate::KsError::Config(format!("medium {medium} is not known here")))?;
     if row.revoked {
         return Err(crate::KsError::Config(format!(
             "medium {medium} is already revoked"

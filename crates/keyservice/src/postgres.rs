@@ -230,11 +230,7 @@ impl PgStore {
         })
     }
 
-    async fn audit(
-        tx: &tokio_postgres::Transaction<'_>,
-        now: u64,
-        line: &AuditLine,
-    ) -> Result<()> {
+    async fn audit(tx: &tokio_postgres::Transaction<'_>, now: u64, line: &AuditLine) -> Result<()> {
         tx.execute(
             "INSERT INTO ks_audit (at, event, medium, identity, detail) VALUES ($1, $2, $3, $4, $5)",
             &[&i64_of(now, "time")?, &line.event, &line.medium, &line.identity, &line.detail],
@@ -285,7 +281,10 @@ impl PgStore {
             let rows = tx
                 .query(
                     "SELECT idx, sealed FROM ks_media_keys WHERE rid = $1 AND idx = ANY($2)",
-                    &[&m.rid, &vec![i64_of(idx[0], "index")?, i64_of(idx[1], "index")?]],
+                    &[
+                        &m.rid,
+                        &vec![i64_of(idx[0], "index")?, i64_of(idx[1], "index")?],
+                    ],
                 )
                 .await
                 .map_err(|e| pg(&e))?;
@@ -352,7 +351,11 @@ impl PgStore {
         if let Some(c) = plan.consume {
             tx.execute(
                 "DELETE FROM ks_media_keys WHERE rid = $1 AND idx BETWEEN $2 AND $3",
-                &[&c.rid, &i64_of(c.first, "index")?, &i64_of(c.last, "index")?],
+                &[
+                    &c.rid,
+                    &i64_of(c.first, "index")?,
+                    &i64_of(c.last, "index")?,
+                ],
             )
             .await
             .map_err(|e| pg(&e))?;
@@ -368,7 +371,10 @@ impl PgStore {
             // fail with a duplicate key, and the retry sees its session.
             tx.execute(
                 "DELETE FROM ks_sessions WHERE sid = $1 AND created < $2",
-                &[&&s.session_id[..], &i64_of(now.saturating_sub(op.session_ttl), "time")?],
+                &[
+                    &&s.session_id[..],
+                    &i64_of(now.saturating_sub(op.session_ttl), "time")?,
+                ],
             )
             .await
             .map_err(|e| pg(&e))?;
@@ -405,7 +411,10 @@ impl PgStore {
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
         let owner = offer.owner.as_str();
         let enrolled = tx
-            .query_opt("SELECT 1 FROM ks_subscribers WHERE identity = $1", &[&owner])
+            .query_opt(
+                "SELECT 1 FROM ks_subscribers WHERE identity = $1",
+                &[&owner],
+            )
             .await
             .map_err(|e| pg(&e))?
             .is_some();
@@ -449,11 +458,13 @@ impl PgStore {
                 .await
                 .map_err(|e| pg(&e))?
                 .get(0);
-            Self::audit(&tx, now, &AuditLine::bind(offer))
-            .await?;
+            Self::audit(&tx, now, &AuditLine::bind(offer)).await?;
             rid
         } else {
-            medium.as_ref().map(|m| m.rid).expect("invariant: not bind ⇒ known")
+            medium
+                .as_ref()
+                .map(|m| m.rid)
+                .expect("invariant: not bind ⇒ known")
         };
         tx.execute(
             "DELETE FROM ks_media_keys WHERE rid = $1 AND idx >= $2",
@@ -467,7 +478,10 @@ impl PgStore {
         let sealed: Vec<Vec<u8>> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| self.sealer.seal_medium_key(&offer.medium_id, first + i as u64, k))
+            .map(|(i, k)| {
+                self.sealer
+                    .seal_medium_key(&offer.medium_id, first + i as u64, k)
+            })
             .collect();
         tx.execute(
             "INSERT INTO ks_media_keys (rid, idx, sealed) SELECT $1, * FROM unnest($2::bigint[], $3::bytea[])",
@@ -501,8 +515,7 @@ impl PgStore {
         if n == 0 {
             return Err(already_enrolled(identity));
         }
-        Self::audit(&tx, now, &AuditLine::enrol(identity, name))
-        .await?;
+        Self::audit(&tx, now, &AuditLine::enrol(identity, name)).await?;
         tx.commit().await.map_err(|e| pg(&e))
     }
 
@@ -518,8 +531,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| pg(&e))?
-            .map(|r| medium_row(&r))
-            ;
+            .map(|r| medium_row(&r));
         let row = revocable(row, medium)?;
         tx.execute(
             "UPDATE ks_media SET revoked = true, revoked_at = $2, revoke_reason = $3 WHERE rid = $1",
@@ -531,8 +543,7 @@ impl PgStore {
             .execute("DELETE FROM ks_media_keys WHERE rid = $1", &[&row.rid])
             .await
             .map_err(|e| pg(&e))?;
-        Self::audit(&tx, now, &AuditLine::revoke(&row, reason, destroyed as u64))
-        .await?;
+        Self::audit(&tx, now, &AuditLine::revoke(&row, reason, destroyed as u64)).await?;
         tx.commit().await.map_err(|e| pg(&e))?;
         Ok(Revocation {
             identity: row.identity,
@@ -617,7 +628,10 @@ impl PgStore {
         let lease = self.lease().await?;
         let client = lease.client.as_ref().expect("invariant: leased");
         client
-            .execute("DELETE FROM ks_sessions WHERE created < $1", &[&i64_of(before, "time")?])
+            .execute(
+                "DELETE FROM ks_sessions WHERE created < $1",
+                &[&i64_of(before, "time")?],
+            )
             .await
             .map_err(|e| pg(&e))
     }

@@ -60,8 +60,7 @@ impl Sealer {
             Ok(())
         } else {
             Err(KsError::Config(
-                "the store was written under another master key (wrong --master-key file?)"
-                    .into(),
+                "the store was written under another master key (wrong --master-key file?)".into(),
             ))
         }
     }

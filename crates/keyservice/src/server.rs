@@ -18,8 +18,7 @@ use std::time::Duration;
 use qkdnet_etsi::client::EtsiClient;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::{
-    AuthRequest, CHALLENGE_LEN, Challenge, ChargeAck, ChargeOffer, KeySource, Message,
-    RefuseReason,
+    AuthRequest, CHALLENGE_LEN, Challenge, ChargeAck, ChargeOffer, KeySource, Message, RefuseReason,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -175,8 +174,8 @@ async fn connection(stream: TcpStream, service: &Service) -> Result<(), KsError>
             Ok(None) => return Ok(()),
             Err(e @ KsError::Proto(_)) => {
                 service.metrics.refuse(RefuseReason::Malformed);
-                let _ = write_messages(&mut stream, &[Message::Refused(RefuseReason::Malformed)])
-                    .await;
+                let _ =
+                    write_messages(&mut stream, &[Message::Refused(RefuseReason::Malformed)]).await;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -236,10 +235,16 @@ async fn charge(service: &Service, challenge: Challenge, offer: ChargeOffer) -> 
         Message::Refused(r)
     };
     if !service.config.chargers.is_empty() && !service.config.chargers.contains(&offer.charger) {
-        return refuse("not an allowed charging point", RefuseReason::ChargeRejected);
+        return refuse(
+            "not an allowed charging point",
+            RefuseReason::ChargeRejected,
+        );
     }
     let Some(kme) = &service.kme else {
-        return refuse("the service has no KME to fetch keys from", RefuseReason::ChargeRejected);
+        return refuse(
+            "the service has no KME to fetch keys from",
+            RefuseReason::ChargeRejected,
+        );
     };
     let ids: Vec<_> = std::iter::once(offer.auth_key_id)
         .chain(offer.key_ids.iter().copied())

@@ -175,7 +175,8 @@ impl SqliteStore {
             }
         }
         tx.commit()?;
-        let salt: Vec<u8> = conn.query_row("SELECT v FROM meta WHERE k = 'salt'", [], |r| r.get(0))?;
+        let salt: Vec<u8> =
+            conn.query_row("SELECT v FROM meta WHERE k = 'salt'", [], |r| r.get(0))?;
         let check: Vec<u8> =
             conn.query_row("SELECT v FROM meta WHERE k = 'check'", [], |r| r.get(0))?;
         let sealer = Sealer::new(master, &salt);
@@ -228,8 +229,7 @@ impl SqliteStore {
                 [medium.as_bytes()],
                 medium_row,
             )
-            .optional()?
-            ;
+            .optional()?;
         let row = revocable(row, medium)?;
         tx.execute(
             "UPDATE media SET revoked = 1, revoked_at = ?2, revoke_reason = ?3 WHERE rid = ?1",
@@ -307,11 +307,20 @@ impl SqliteStore {
     }
 
     /// The keys at indices `idx` (one statement), each if charged.
-    fn keys_at(&self, tx: &Connection, m: &MediumRow, idx: [u64; 2]) -> Result<[Option<Key256>; 2]> {
+    fn keys_at(
+        &self,
+        tx: &Connection,
+        m: &MediumRow,
+        idx: [u64; 2],
+    ) -> Result<[Option<Key256>; 2]> {
         let mut st = tx.prepare_cached(
             "SELECT idx, sealed FROM media_keys WHERE rid = ?1 AND idx IN (?2, ?3)",
         )?;
-        let mut rows = st.query(params![m.rid, to_i64(idx[0], "index")?, to_i64(idx[1], "index")?])?;
+        let mut rows = st.query(params![
+            m.rid,
+            to_i64(idx[0], "index")?,
+            to_i64(idx[1], "index")?
+        ])?;
         let mut out = [None, None];
         while let Some(r) = rows.next()? {
             let i = to_u64(r.get(0)?, "index")?;
@@ -429,7 +438,11 @@ impl SqliteStore {
     fn write_plan(&self, tx: &Connection, plan: &GrantPlan, now: u64) -> Result<()> {
         if let Some(c) = plan.consume {
             tx.prepare_cached("DELETE FROM media_keys WHERE rid = ?1 AND idx BETWEEN ?2 AND ?3")?
-                .execute(params![c.rid, to_i64(c.first, "index")?, to_i64(c.last, "index")?])?;
+                .execute(params![
+                    c.rid,
+                    to_i64(c.first, "index")?,
+                    to_i64(c.last, "index")?
+                ])?;
             tx.prepare_cached("UPDATE media SET next = ?2 WHERE rid = ?1")?
                 .execute(params![c.rid, to_i64(c.next, "index")?])?;
         }
@@ -455,9 +468,10 @@ impl SqliteStore {
 
     /// Deletes sessions opened before `before` (expired); returns how many.
     pub fn purge_sessions(&mut self, before: u64) -> Result<usize> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM sessions WHERE created < ?1", [to_i64(before, "time")?])?)
+        Ok(self.conn.execute(
+            "DELETE FROM sessions WHERE created < ?1",
+            [to_i64(before, "time")?],
+        )?)
     }
 
     /// Stores the keys of a verified charge offer (`keys[i]` at index
@@ -518,7 +532,10 @@ impl SqliteStore {
             Self::audit(&tx, now, &AuditLine::bind(offer))?;
             rid
         } else {
-            medium.as_ref().map(|m| m.rid).expect("invariant: not bind ⇒ known")
+            medium
+                .as_ref()
+                .map(|m| m.rid)
+                .expect("invariant: not bind ⇒ known")
         };
         tx.execute(
             "DELETE FROM media_keys WHERE rid = ?1 AND idx >= ?2",

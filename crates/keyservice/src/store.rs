@@ -25,8 +25,8 @@ use uuid::Uuid;
 use crate::core::{GrantPlan, MediumRow};
 use crate::error::{KsError, Result};
 use crate::postgres::PgStore;
-use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use crate::sqlite::SqliteStore;
+use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 
 /// Most requests committed in one transaction.
 pub const MAX_BATCH: usize = 512;
@@ -179,7 +179,10 @@ impl Store {
                                 }
                             }
                             Err(e) => {
-                                tracing::error!("key service store: a group of {} requests failed: {e}", ops.len());
+                                tracing::error!(
+                                    "key service store: a group of {} requests failed: {e}",
+                                    ops.len()
+                                );
                                 for reply in replies {
                                     let _ = reply.send(Err(KsError::Store(e.to_string())));
                                 }
@@ -218,7 +221,10 @@ impl Store {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 let Some(db) = purge.upgrade() else { return };
-                if let Err(e) = db.purge_sessions(unix_now().saturating_sub(session_ttl)).await {
+                if let Err(e) = db
+                    .purge_sessions(unix_now().saturating_sub(session_ttl))
+                    .await
+                {
                     tracing::warn!("key service store: purging expired sessions: {e}");
                 }
             }

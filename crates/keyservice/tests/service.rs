@@ -51,20 +51,28 @@ impl Backend {
                 std::env::var_os("CI").is_none(),
                 "QKDNET_TEST_PG is not set in CI: scripts/test.sh starts PostgreSQL"
             );
-            eprintln!("skipped: QKDNET_TEST_PG is not set (bash scripts/postgres.sh starts a server)");
+            eprintln!(
+                "skipped: QKDNET_TEST_PG is not set (bash scripts/postgres.sh starts a server)"
+            );
             return None;
         };
         let schema = SchemaName::new(&format!("ks_{name}_{}", std::process::id())).expect("schema");
-        Some(Self::Postgres(url.parse().expect("a PostgreSQL URL"), schema))
+        Some(Self::Postgres(
+            url.parse().expect("a PostgreSQL URL"),
+            schema,
+        ))
     }
 
     /// A front end on this store: the service's address.
     async fn front_end(&self) -> String {
         let store = match self {
-            Self::Sqlite(dir) => {
-                Store::sqlite(&dir.path().join("ks.db"), &master(), KeyPool::new().drawer(), 300)
-                    .expect("store")
-            }
+            Self::Sqlite(dir) => Store::sqlite(
+                &dir.path().join("ks.db"),
+                &master(),
+                KeyPool::new().drawer(),
+                300,
+            )
+            .expect("store"),
             Self::Postgres(url, schema) => {
                 Store::postgres(url, schema, &master(), KeyPool::new().drawer(), 300, 4)
                     .await
@@ -80,7 +88,9 @@ impl Backend {
             kme: None,
             metrics: Metrics::default(),
         });
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         tokio::spawn(serve(l, service));
         addr
@@ -185,8 +195,14 @@ async fn open_join_and_refusals(b: &Backend) {
     // Carol is not the peer; nobody opened session 9.
     let mut c = connect(&fe2).await;
     let mut carol_t = Terminal::new(&mut carol).expect("terminal");
-    assert_eq!(refusal(carol_t.join(&mut c, sid).await), RefuseReason::NotAParty);
-    assert_eq!(refusal(carol_t.join(&mut c, [9; 16]).await), RefuseReason::UnknownSession);
+    assert_eq!(
+        refusal(carol_t.join(&mut c, sid).await),
+        RefuseReason::NotAParty
+    );
+    assert_eq!(
+        refusal(carol_t.join(&mut c, [9; 16]).await),
+        RefuseReason::UnknownSession
+    );
     // Alice opening the same session with Carol instead: not hers to reuse.
     let carol_id = Identity::new("sip:carol@test").expect("id");
     let r = Terminal::new(&mut alice)
@@ -260,7 +276,11 @@ async fn a_cloned_medium_racing_through_two_front_ends_is_served_once_per_index(
                 let used = m.status().expect("status").used;
                 let r = Terminal::new(&mut m)
                     .expect("terminal")
-                    .open(&mut c, &peer, [tag, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                    .open(
+                        &mut c,
+                        &peer,
+                        [tag, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    )
                     .await;
                 match r {
                     Ok(_) => served.push(used),
@@ -276,7 +296,11 @@ async fn a_cloned_medium_racing_through_two_front_ends_is_served_once_per_index(
     let (a, b2) = (a.await.expect("task"), b2.await.expect("task"));
     let all: Vec<u64> = a.iter().chain(&b2).copied().collect();
     let distinct: HashSet<u64> = all.iter().copied().collect();
-    assert_eq!(distinct.len(), all.len(), "an index served twice: {a:?} {b2:?}");
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "an index served twice: {a:?} {b2:?}"
+    );
     assert!(!all.is_empty());
 }
 
@@ -314,9 +338,9 @@ fn postgres_a_terminal_ahead_gets_back_in_step() {
 
 #[test]
 fn sqlite_a_cloned_medium_is_served_once_per_index() {
-    rt().block_on(a_cloned_medium_racing_through_two_front_ends_is_served_once_per_index(
-        &Backend::sqlite(),
-    ));
+    rt().block_on(
+        a_cloned_medium_racing_through_two_front_ends_is_served_once_per_index(&Backend::sqlite()),
+    );
 }
 
 #[test]

@@ -1045,7 +1045,9 @@ impl ChargeAck {
             || self.first_index != offer.first_index
             || usize::from(self.count) != offer.key_ids.len()
         {
-            return Err(ProtoError::InvalidField("acknowledgement of another charge"));
+            return Err(ProtoError::InvalidField(
+                "acknowledgement of another charge",
+            ));
         }
         self.mac(offer, challenge, auth_key)
             .verify(&self.tag)

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use qkdnet_crypto::sm3::sm3;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::{
-    AuthRequest, Authenticated, ChargeAck, ChargeOffer, ChargeTerms, Challenge, GrantExpect,
+    AuthRequest, Authenticated, Challenge, ChargeAck, ChargeOffer, ChargeTerms, GrantExpect,
     Identity, KeySource, MAX_CHARGE_KEYS, MAX_FRAME, Message, ProtoError, RefuseReason, Request,
     STRICT, Session, SessionKeyGrant, frame_len, open_grant, verify_auth,
 };
@@ -130,7 +130,10 @@ fn every_message_round_trips() {
     )));
     roundtrip(Message::ChargeOffer(offer));
     // The largest offer fits a frame.
-    roundtrip(Message::ChargeOffer(charge_offer(&challenge(7), MAX_CHARGE_KEYS)));
+    roundtrip(Message::ChargeOffer(charge_offer(
+        &challenge(7),
+        MAX_CHARGE_KEYS,
+    )));
     // The largest identities still fit a frame.
     let long = Identity::new("x".repeat(256)).expect("256 bytes is the limit");
     let g = SessionKeyGrant {
@@ -368,11 +371,21 @@ fn grant_parties_must_match_the_request() {
     };
     for (why, auth, s, me) in [
         ("the opener is not A", &open, session(SESSION, &a, &b), &b),
-        ("B is not the peer asked for", &open, session(SESSION, &a, &carol), &a),
+        (
+            "B is not the peer asked for",
+            &open,
+            session(SESSION, &a, &carol),
+            &a,
+        ),
         ("another session", &open, session([7; 16], &a, &b), &a),
         ("one identity for both", &open, session(SESSION, &a, &a), &a),
         ("the joiner is not B", &join, session(SESSION, &a, &b), &a),
-        ("the joiner is a stranger", &join, session(SESSION, &a, &b), &carol),
+        (
+            "the joiner is a stranger",
+            &join,
+            session(SESSION, &a, &b),
+            &carol,
+        ),
     ] {
         let err = auth.grant(&s, me, &k, [0; 12]).expect_err(why);
         assert!(matches!(err, ProtoError::PartyMismatch(_)), "{why}");
@@ -640,7 +653,8 @@ fn a_charge_offer_verifies_only_under_its_key_challenge_and_bytes() {
     }
     // The acknowledgement binds the same offer.
     let ack = ChargeAck::for_offer(&offer, &ch, &charge_auth_key());
-    ack.verify(&offer, &ch, &charge_auth_key()).expect("ack verifies");
+    ack.verify(&offer, &ch, &charge_auth_key())
+        .expect("ack verifies");
     let other = charge_offer(&ch, 6);
     assert!(ack.verify(&other, &ch, &charge_auth_key()).is_err());
     let mut forged = ack.clone();
@@ -667,7 +681,9 @@ fn charge_offers_with_bad_fields_are_refused_before_signing() {
             "too many keys",
             terms(
                 "c",
-                (0..=MAX_CHARGE_KEYS as u128).map(|i| Uuid::from_u128(10 + i)).collect(),
+                (0..=MAX_CHARGE_KEYS as u128)
+                    .map(|i| Uuid::from_u128(10 + i))
+                    .collect(),
                 0,
             ),
         ),
