@@ -14,6 +14,11 @@
 //!
 //! ```sh
 //! cargo run --release -p qkdnet-keyservice --example keyservice_bench -- --terminals 64 --setups 200
+//! # PostgreSQL (a fresh schema on the server in QKDNET_TEST_PG):
+//! eval "export $(bash scripts/postgres.sh)"
+//! cargo run --release -p qkdnet-keyservice --example keyservice_bench -- --terminals 64 --setups 200 --postgres
+//! # the SQLite store alone (no network, no terminals), requests committed in groups of N:
+//! cargo run --release -p qkdnet-keyservice --example keyservice_bench -- --store-only 1 --group N
 //! ```
 #![allow(missing_docs)]
 
@@ -23,11 +28,13 @@ use std::time::{Duration, Instant};
 
 use qkdnet_crypto::sm3::sm3;
 use qkdnet_keyservice::client::{Connection, Terminal};
+use qkdnet_keyservice::postgres::PgStore;
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
 use qkdnet_keyservice::sqlite::SqliteStore;
 use qkdnet_keyservice::store::{Store, direct_offer};
 use qkdnet_kms::store::MasterKey;
+use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_media::proto::{Challenge, Identity};
 use qkdnet_media::{ChargeRecord, Key256, Medium, MemoryMedium};
 use uuid::Uuid;
@@ -74,27 +81,61 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("ks.db");
     let master = MasterKey::from_bytes([7; 32]);
+    // `--postgres`: the store is the PostgreSQL server in QKDNET_TEST_PG (a fresh schema).
+    let pg = if std::env::args().any(|a| a == "--postgres") {
+        let url: PostgresUrl = std::env::var("QKDNET_TEST_PG")
+            .map_err(
+                |_| "--postgres needs QKDNET_TEST_PG (eval \"export $(bash scripts/postgres.sh)\")",
+            )?
+            .parse()?;
+        let schema = SchemaName::new(&format!("ks_bench_{}", std::process::id()))?;
+        Some((url, schema))
+    } else {
+        None
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
 
     // Subscribers and their media, charged straight into the store.
     let keys_per_medium = 2 * setups + 4;
     let mut media = Vec::new();
     let t = Instant::now();
     {
-        let mut s = SqliteStore::open(&db, &master)?;
+        let mut lite = match &pg {
+            None => Some(SqliteStore::open(&db, &master)?),
+            Some(_) => None,
+        };
+        let pgs = match &pg {
+            Some((url, schema)) => Some(rt.block_on(PgStore::open(url, schema, &master, 1))?),
+            None => None,
+        };
         for i in 0..terminals {
             let identity = Identity::new(format!("sip:user{i}@bench.example"))?;
-            s.enrol(&identity, "", 0)?;
             let id = Uuid::new_v4();
             let mut first = 0;
+            match (&mut lite, &pgs) {
+                (Some(s), _) => s.enrol(&identity, "", 0)?,
+                (None, Some(s)) => rt.block_on(s.enrol(&identity, "", 0))?,
+                _ => unreachable!("one store"),
+            }
             while first < keys_per_medium {
                 let n = (keys_per_medium - first).min(256);
                 let keys: Vec<Key256> = (first..first + n).map(|j| key_for(&id, j)).collect();
                 let offer = direct_offer(id, &identity, first, n as usize)?;
-                s.charge(&offer, &keys, 0)?
-                    .map_err(|r| format!("seeding refused: {r}"))?;
+                match (&mut lite, &pgs) {
+                    (Some(s), _) => s.charge(&offer, &keys, 0)?,
+                    (None, Some(s)) => rt.block_on(s.charge(&offer, &keys, 0))?,
+                    _ => unreachable!("one store"),
+                }
+                .map_err(|r| format!("seeding refused: {r}"))?;
                 first += n;
             }
             media.push((id, identity));
+        }
+        if let Some(s) = &pgs {
+            rt.block_on(s.analyze())?;
         }
     }
     let seed_s = t.elapsed().as_secs_f64();
@@ -154,13 +195,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let store_name = if pg.is_some() { "postgres" } else { "sqlite" };
     let report = rt.block_on(async move {
         let pool = KeyPool::new();
-        let store = Store::sqlite(&db, &master, pool.drawer(), 300)?;
+        let store = match &pg {
+            Some((url, schema)) => {
+                Store::postgres(url, schema, &master, pool.drawer(), 300, 16).await?
+            }
+            None => Store::sqlite(&db, &master, pool.drawer(), 300)?,
+        };
         let service = Arc::new(Service {
             store,
             config: ServerConfig::default(),
@@ -259,7 +302,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let csprng = pool.stats.csprng.load(Ordering::Relaxed) as f64;
         Ok::<_, Box<dyn std::error::Error>>(serde_json::json!({
             "bench": "keyservice",
-            "store": "sqlite",
+            "store": store_name,
             "terminals": terminals,
             "session_setups": setup_lat.len(),
             "seconds": secs,

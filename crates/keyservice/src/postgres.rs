@@ -24,7 +24,7 @@ use qkdnet_media::proto::{ChargeOffer, Identity, KeySource, RefuseReason, Reques
 use std::sync::Mutex;
 
 use tokio::sync::Semaphore;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
 use crate::core::{
@@ -114,7 +114,7 @@ fn source_code(s: KeySource) -> i16 {
 
 /// The PostgreSQL store: a small pool of connections.
 pub struct PgStore {
-    conns: Mutex<Vec<Client>>,
+    conns: Mutex<Vec<PgConn>>,
     slots: Semaphore,
     config: tokio_postgres::Config,
     schema: SchemaName,
@@ -145,16 +145,74 @@ async fn connect(config: &tokio_postgres::Config, schema: &SchemaName) -> Result
     Ok(client)
 }
 
+/// A pooled connection and the statements it has prepared.
+struct PgConn {
+    client: Client,
+    grant: Option<GrantStmts>,
+}
+
+/// The statements of a terminal request, prepared once per connection: parsing
+/// and planning each statement anew was most of PostgreSQL's work per request.
+#[derive(Clone)]
+struct GrantStmts {
+    medium: Statement,
+    keys: Statement,
+    session: Statement,
+    peer_active: Statement,
+    consume: Statement,
+    advance: Statement,
+    drop_expired: Statement,
+    insert_session: Statement,
+    audit: Statement,
+}
+
+const SQL_MEDIUM_FOR_UPDATE: &str =
+    "SELECT rid, id, identity, revoked, next, charged FROM ks_media WHERE id = $1 FOR UPDATE";
+const SQL_KEYS: &str = "SELECT idx, sealed FROM ks_media_keys WHERE rid = $1 AND idx = ANY($2)";
+const SQL_SESSION: &str =
+    "SELECT a, b, source, sealed, created FROM ks_sessions WHERE sid = $1 AND created >= $2";
+const SQL_PEER_ACTIVE: &str = "SELECT 1 FROM ks_media WHERE identity = $1 AND NOT revoked";
+const SQL_CONSUME: &str = "DELETE FROM ks_media_keys WHERE rid = $1 AND idx BETWEEN $2 AND $3";
+const SQL_ADVANCE: &str = "UPDATE ks_media SET next = $2 WHERE rid = $1";
+const SQL_DROP_EXPIRED: &str = "DELETE FROM ks_sessions WHERE sid = $1 AND created < $2";
+const SQL_INSERT_SESSION: &str =
+    "INSERT INTO ks_sessions (sid, a, b, source, sealed, created) VALUES ($1, $2, $3, $4, $5, $6)";
+const SQL_AUDIT: &str =
+    "INSERT INTO ks_audit (at, event, medium, identity, detail) VALUES ($1, $2, $3, $4, $5)";
+
+impl PgConn {
+    async fn grant_stmts(&mut self) -> Result<GrantStmts> {
+        if let Some(g) = &self.grant {
+            return Ok(g.clone());
+        }
+        let c = &self.client;
+        let p = |sql: &'static str| async move { c.prepare(sql).await.map_err(|e| pg(&e)) };
+        let g = GrantStmts {
+            medium: p(SQL_MEDIUM_FOR_UPDATE).await?,
+            keys: p(SQL_KEYS).await?,
+            session: p(SQL_SESSION).await?,
+            peer_active: p(SQL_PEER_ACTIVE).await?,
+            consume: p(SQL_CONSUME).await?,
+            advance: p(SQL_ADVANCE).await?,
+            drop_expired: p(SQL_DROP_EXPIRED).await?,
+            insert_session: p(SQL_INSERT_SESSION).await?,
+            audit: p(SQL_AUDIT).await?,
+        };
+        self.grant = Some(g.clone());
+        Ok(g)
+    }
+}
+
 /// A connection leased from the pool; back on drop (a broken one is dropped).
 struct Lease<'a> {
     store: &'a PgStore,
-    client: Option<Client>,
+    client: Option<PgConn>,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take().filter(|c| !c.is_closed()) {
+        if let Some(c) = self.client.take().filter(|c| !c.client.is_closed()) {
             if let Ok(mut v) = self.store.conns.lock() {
                 v.push(c);
             }
@@ -204,7 +262,10 @@ impl PgStore {
         sealer.verify_check(&check)?;
         let size = pool_size.max(1);
         Ok(Self {
-            conns: Mutex::new(vec![client]),
+            conns: Mutex::new(vec![PgConn {
+                client,
+                grant: None,
+            }]),
             slots: Semaphore::new(size),
             config,
             schema: schema.clone(),
@@ -221,7 +282,10 @@ impl PgStore {
         let pooled = self.conns.lock().ok().and_then(|mut v| v.pop());
         let client = match pooled {
             Some(c) => c,
-            None => connect(&self.config, &self.schema).await?,
+            None => PgConn {
+                client: connect(&self.config, &self.schema).await?,
+                grant: None,
+            },
         };
         Ok(Lease {
             store: self,
@@ -231,9 +295,24 @@ impl PgStore {
     }
 
     async fn audit(tx: &tokio_postgres::Transaction<'_>, now: u64, line: &AuditLine) -> Result<()> {
+        Self::audit_with(tx, SQL_AUDIT, now, line).await
+    }
+
+    async fn audit_with<T: tokio_postgres::ToStatement + ?Sized>(
+        tx: &tokio_postgres::Transaction<'_>,
+        stmt: &T,
+        now: u64,
+        line: &AuditLine,
+    ) -> Result<()> {
         tx.execute(
-            "INSERT INTO ks_audit (at, event, medium, identity, detail) VALUES ($1, $2, $3, $4, $5)",
-            &[&i64_of(now, "time")?, &line.event, &line.medium, &line.identity, &line.detail],
+            stmt,
+            &[
+                &i64_of(now, "time")?,
+                &line.event,
+                &line.medium,
+                &line.identity,
+                &line.detail,
+            ],
         )
         .await
         .map_err(|e| pg(&e))?;
@@ -249,9 +328,10 @@ impl PgStore {
         now: u64,
     ) -> Result<GrantPlan> {
         let mut lease = self.lease().await?;
-        let client = lease.client.as_mut().expect("invariant: leased");
+        let conn = lease.client.as_mut().expect("invariant: leased");
+        let st = conn.grant_stmts().await?;
         for attempt in 0..3 {
-            match self.grant_once(client, op, keys, now).await {
+            match self.grant_once(&mut conn.client, &st, op, keys, now).await {
                 Err(KsError::Store(e)) if attempt < 2 && e.contains("duplicate key") => continue,
                 r => return r,
             }
@@ -262,16 +342,14 @@ impl PgStore {
     async fn grant_once(
         &self,
         client: &mut Client,
+        st: &GrantStmts,
         op: &GrantOp,
         keys: &std::sync::Mutex<Box<dyn SessionKeys>>,
         now: u64,
     ) -> Result<GrantPlan> {
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
         let medium = tx
-            .query_opt(
-                &format!("SELECT {MEDIUM_COLS} FROM ks_media WHERE id = $1 FOR UPDATE"),
-                &[&op.req.medium_id],
-            )
+            .query_opt(&st.medium, &[&op.req.medium_id])
             .await
             .map_err(|e| pg(&e))?
             .map(|r| medium_row(&r));
@@ -280,7 +358,7 @@ impl PgStore {
         if let (Some(idx), Some(m)) = (fetch.keys, &medium) {
             let rows = tx
                 .query(
-                    "SELECT idx, sealed FROM ks_media_keys WHERE rid = $1 AND idx = ANY($2)",
+                    &st.keys,
                     &[
                         &m.rid,
                         &vec![i64_of(idx[0], "index")?, i64_of(idx[1], "index")?],
@@ -299,8 +377,11 @@ impl PgStore {
         let sid = op.req.request.session_id();
         let session = tx
             .query_opt(
-                "SELECT a, b, source, sealed, created FROM ks_sessions WHERE sid = $1 AND created >= $2",
-                &[&&sid[..], &i64_of(now.saturating_sub(op.session_ttl), "time")?],
+                &st.session,
+                &[
+                    &&sid[..],
+                    &i64_of(now.saturating_sub(op.session_ttl), "time")?,
+                ],
             )
             .await
             .map_err(|e| pg(&e))?
@@ -322,10 +403,7 @@ impl PgStore {
             .transpose()?;
         let peer_active = match &op.req.request {
             Request::SessionKey { peer, .. } if session.is_none() => tx
-                .query_opt(
-                    "SELECT 1 FROM ks_media WHERE identity = $1 AND NOT revoked",
-                    &[&peer.as_str()],
-                )
+                .query_opt(&st.peer_active, &[&peer.as_str()])
                 .await
                 .map_err(|e| pg(&e))?
                 .is_some(),
@@ -350,7 +428,7 @@ impl PgStore {
         );
         if let Some(c) = plan.consume {
             tx.execute(
-                "DELETE FROM ks_media_keys WHERE rid = $1 AND idx BETWEEN $2 AND $3",
+                &st.consume,
                 &[
                     &c.rid,
                     &i64_of(c.first, "index")?,
@@ -359,18 +437,15 @@ impl PgStore {
             )
             .await
             .map_err(|e| pg(&e))?;
-            tx.execute(
-                "UPDATE ks_media SET next = $2 WHERE rid = $1",
-                &[&c.rid, &i64_of(c.next, "index")?],
-            )
-            .await
-            .map_err(|e| pg(&e))?;
+            tx.execute(&st.advance, &[&c.rid, &i64_of(c.next, "index")?])
+                .await
+                .map_err(|e| pg(&e))?;
         }
         if let Some(s) = &plan.new_session {
             // A plain insert: a concurrent opener of the same ID makes this
             // fail with a duplicate key, and the retry sees its session.
             tx.execute(
-                "DELETE FROM ks_sessions WHERE sid = $1 AND created < $2",
+                &st.drop_expired,
                 &[
                     &&s.session_id[..],
                     &i64_of(now.saturating_sub(op.session_ttl), "time")?,
@@ -379,7 +454,7 @@ impl PgStore {
             .await
             .map_err(|e| pg(&e))?;
             tx.execute(
-                "INSERT INTO ks_sessions (sid, a, b, source, sealed, created) VALUES ($1, $2, $3, $4, $5, $6)",
+                &st.insert_session,
                 &[
                     &&s.session_id[..],
                     &s.a.as_str(),
@@ -393,7 +468,7 @@ impl PgStore {
             .map_err(|e| pg(&e))?;
         }
         if let Some(line) = &plan.audit {
-            Self::audit(&tx, now, line).await?;
+            Self::audit_with(&tx, &st.audit, now, line).await?;
         }
         tx.commit().await.map_err(|e| pg(&e))?;
         Ok(plan)
@@ -407,7 +482,7 @@ impl PgStore {
         now: u64,
     ) -> Result<Result<(), RefuseReason>> {
         let mut lease = self.lease().await?;
-        let client = lease.client.as_mut().expect("invariant: leased");
+        let client = &mut lease.client.as_mut().expect("invariant: leased").client;
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
         let owner = offer.owner.as_str();
         let enrolled = tx
@@ -503,7 +578,7 @@ impl PgStore {
     /// Enrols a subscriber.
     pub async fn enrol(&self, identity: &Identity, name: &str, now: u64) -> Result<()> {
         let mut lease = self.lease().await?;
-        let client = lease.client.as_mut().expect("invariant: leased");
+        let client = &mut lease.client.as_mut().expect("invariant: leased").client;
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
         let n = tx
             .execute(
@@ -522,7 +597,7 @@ impl PgStore {
     /// Revokes a medium; its keys are destroyed at once.
     pub async fn revoke(&self, medium: &Uuid, reason: &str, now: u64) -> Result<Revocation> {
         let mut lease = self.lease().await?;
-        let client = lease.client.as_mut().expect("invariant: leased");
+        let client = &mut lease.client.as_mut().expect("invariant: leased").client;
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
         let row = tx
             .query_opt(
@@ -554,7 +629,7 @@ impl PgStore {
     /// Every subscriber with its active medium.
     pub async fn subscribers(&self) -> Result<Vec<SubscriberInfo>> {
         let lease = self.lease().await?;
-        let client = lease.client.as_ref().expect("invariant: leased");
+        let client = &lease.client.as_ref().expect("invariant: leased").client;
         let rows = client
             .query(
                 "SELECT s.identity, s.name, s.enrolled_at, m.id FROM ks_subscribers s
@@ -577,7 +652,7 @@ impl PgStore {
     /// Every medium the service knows.
     pub async fn media(&self) -> Result<Vec<MediumInfo>> {
         let lease = self.lease().await?;
-        let client = lease.client.as_ref().expect("invariant: leased");
+        let client = &lease.client.as_ref().expect("invariant: leased").client;
         let rows = client
             .query(
                 &format!(
@@ -601,7 +676,7 @@ impl PgStore {
     /// The last `limit` audit lines, oldest first.
     pub async fn audit_tail(&self, limit: u32) -> Result<Vec<AuditEntry>> {
         let lease = self.lease().await?;
-        let client = lease.client.as_ref().expect("invariant: leased");
+        let client = &lease.client.as_ref().expect("invariant: leased").client;
         let rows = client
             .query(
                 "SELECT seq, at, event, medium, identity, detail FROM
@@ -623,10 +698,21 @@ impl PgStore {
             .collect())
     }
 
+    /// Refreshes the planner's statistics (`ANALYZE`), as autovacuum would in
+    /// service; a benchmark runs it after loading media in bulk.
+    pub async fn analyze(&self) -> Result<()> {
+        let lease = self.lease().await?;
+        let client = &lease.client.as_ref().expect("invariant: leased").client;
+        client
+            .batch_execute("ANALYZE ks_media; ANALYZE ks_media_keys; ANALYZE ks_sessions")
+            .await
+            .map_err(|e| pg(&e))
+    }
+
     /// Deletes sessions opened before `before`.
     pub async fn purge_sessions(&self, before: u64) -> Result<u64> {
         let lease = self.lease().await?;
-        let client = lease.client.as_ref().expect("invariant: leased");
+        let client = &lease.client.as_ref().expect("invariant: leased").client;
         client
             .execute(
                 "DELETE FROM ks_sessions WHERE created < $1",
