@@ -223,27 +223,33 @@ pub struct Charger<'a> {
 }
 
 impl Charger<'_> {
-    /// Up to `want` keys plus the authentication key, as soon as the KME holds
-    /// at least two for the service; waits (up to `max_wait`) while it holds
-    /// fewer.
+    /// `want` keys plus the authentication key; when the KME cannot supply that
+    /// many yet (503), as many as it holds for the service (at least two), or
+    /// waits for key (up to `max_wait`): charging runs at the link's key rate.
     async fn next_keys(&self, want: u64) -> Result<Vec<qkdnet_etsi::client::Key>> {
+        use qkdnet_etsi::client::ClientError;
         let start = std::time::Instant::now();
-        let kme = |e: qkdnet_etsi::client::ClientError| KsError::Kme(e.to_string());
+        let kme = |e: ClientError| KsError::Kme(e.to_string());
+        let mut ask = want;
         loop {
+            match self
+                .kme
+                .enc_keys(self.service_sae, ask + 1, Some(256))
+                .await
+            {
+                Ok(keys) => return Ok(keys),
+                Err(ClientError::Api { status: 503, .. }) => {}
+                Err(e) => return Err(kme(e)),
+            }
             let held = self
                 .kme
                 .status(self.service_sae)
                 .await
                 .map_err(kme)?
                 .stored_key_count;
-            if held >= 2 {
-                let n = want.min(held - 1);
-                match self.kme.enc_keys(self.service_sae, n + 1, Some(256)).await {
-                    Ok(keys) => return Ok(keys),
-                    // Another SAE took the key in between: wait for more.
-                    Err(qkdnet_etsi::client::ClientError::Api { status: 503, .. }) => {}
-                    Err(e) => return Err(kme(e)),
-                }
+            if held >= 2 && held - 1 < ask {
+                ask = want.min(held - 1);
+                continue;
             }
             if start.elapsed() >= self.max_wait {
                 return Err(KsError::Kme(format!(
@@ -253,6 +259,7 @@ impl Charger<'_> {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+            ask = want;
         }
     }
 
