@@ -14,7 +14,7 @@ use qkdnet_media::{ChargeRecord, Key256, MediaError, Medium};
 use tokio::net::TcpStream;
 
 use crate::error::{KsError, Result};
-use crate::store::unix_now;
+use crate::records::unix_now;
 use crate::wire::{read_message, write_messages};
 
 /// A connection to the key service, with the challenge it last sent.

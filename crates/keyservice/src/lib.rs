@@ -8,6 +8,7 @@
 //! | [`core`] | the rules, sans-IO: who gets a key, what is written ([`core::decide_grant`], [`core::decide_charge`]) |
 //! | [`sqlite`] | the durable store (SQLite, WAL, `synchronous=FULL`), keys sealed at rest ([`seal`]) |
 //! | [`postgres`] | the store in PostgreSQL, shared by several front ends (row locks per medium) |
+//! | [`records`] | what stores and server exchange: the request, session-key source, listings |
 //! | [`store`] | the server's handle: SQLite's writer thread (group commit, answers after the commit) or PostgreSQL |
 //! | [`server`] | TCP front end: challenge, request, answer; charging; metrics |
 //! | [`qkd`] | session keys from the QKD network (ETSI 014), CSPRNG when there is none |
@@ -24,6 +25,7 @@ pub mod error;
 pub mod nonce;
 pub mod postgres;
 pub mod qkd;
+pub mod records;
 pub mod seal;
 pub mod server;
 pub mod sqlite;

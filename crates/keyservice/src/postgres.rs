@@ -32,8 +32,8 @@ use crate::core::{
     already_enrolled, decide_charge, decide_grant, fetch_plan, revocable,
 };
 use crate::error::{KsError, Result};
+use crate::records::{AuditEntry, GrantOp, MediumInfo, Revocation, SessionKeys, SubscriberInfo};
 use crate::seal::Sealer;
-use crate::store::{AuditEntry, GrantOp, MediumInfo, Revocation, SessionKeys, SubscriberInfo};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ks_meta (k TEXT PRIMARY KEY, v BYTEA NOT NULL);

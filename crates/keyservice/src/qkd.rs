@@ -24,7 +24,7 @@ use qkdnet_etsi::client::EtsiClient;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::KeySource;
 
-use crate::store::SessionKeys;
+use crate::records::SessionKeys;
 
 /// Counters of where session keys came from.
 #[derive(Debug, Default)]

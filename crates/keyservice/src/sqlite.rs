@@ -1,6 +1,6 @@
 //! The key service's store in SQLite: WAL, `synchronous=FULL`, group commit.
 //!
-//! One writer thread owns the connection ([`crate::store::Store`] feeds it);
+//! One writer thread owns the connection (the server's store handle feeds it);
 //! requests that arrive together are decided and written in one transaction, and
 //! their answers leave only after the commit (so an answer never names keys the
 //! store could still hand out again after a crash). Admin commands (`qkdnet
@@ -29,8 +29,8 @@ use crate::core::{
     already_enrolled, decide_charge, decide_grant, fetch_plan, revocable,
 };
 use crate::error::{KsError, Result};
+use crate::records::{GrantOp, MediumInfo, Revocation, SessionKeys, SubscriberInfo};
 use crate::seal::Sealer;
-use crate::store::{GrantOp, MediumInfo, Revocation, SessionKeys, SubscriberInfo};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -280,14 +280,14 @@ impl SqliteStore {
     }
 
     /// The last `limit` audit lines, oldest first: (time, event, medium, identity, detail).
-    pub fn audit_tail(&self, limit: u32) -> Result<Vec<crate::store::AuditEntry>> {
+    pub fn audit_tail(&self, limit: u32) -> Result<Vec<crate::records::AuditEntry>> {
         let mut st = self.conn.prepare(
             "SELECT seq, at, event, medium, identity, detail FROM
              (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
         )?;
         let rows = st.query_map([limit], |r| {
             let m: Option<Vec<u8>> = r.get(3)?;
-            Ok(crate::store::AuditEntry {
+            Ok(crate::records::AuditEntry {
                 seq: to_u64(r.get(0)?, "sequence")?,
                 at: to_u64(r.get(1)?, "time")?,
                 event: r.get(2)?,
