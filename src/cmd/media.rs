@@ -111,7 +111,7 @@ impl MediumArgs {
 /// Media subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MediaCommand {
-    /// Create an empty medium file for an owner (a SIP URI, a device ID).
+    /// Create an empty medium (a file, or in a PKCS#11 token) for an owner (a SIP URI, a device ID).
     ///
     /// Example: QKDNET_MEDIA_PIN=… qkdnet media init --medium alice.medium --owner sip:alice@example.net
     Init {

@@ -62,7 +62,7 @@ enum Command {
     /// Certificates for KMEs and SAEs (mutual TLS).
     #[command(subcommand)]
     Pki(pki::PkiCommand),
-    /// Quantum security media: files charged with quantum keys for terminals.
+    /// Quantum security media: files or PKCS#11 tokens charged with quantum keys for terminals.
     #[command(subcommand)]
     Media(media::MediaCommand),
     /// The key service of quantum security media: subscribers, session keys, charging.
