@@ -135,6 +135,13 @@ impl Net {
     }
 }
 
+/// The arguments of `qkdnet media session --medium MEDIUM --service SERVICE …`.
+fn session_args<'a>(medium: &'a str, service: &'a str, tail: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["media", "session", "--medium", medium, "--service", service];
+    v.extend_from_slice(tail);
+    v
+}
+
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
@@ -271,15 +278,11 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let out = Command::new(BIN)
         .current_dir(d)
         .env("QKDNET_MEDIA_PIN", "000000")
-        .args([
-            "media",
-            "session",
-            "--medium",
+        .args(session_args(
             "alice.medium",
-            "--service",
             &addr,
-        ])
-        .args(["--peer", "sip:bob@qkd.example"])
+            &["--peer", "sip:bob@qkd.example"],
+        ))
         .output()
         .expect("run");
     assert!(!out.status.success());
@@ -297,17 +300,11 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let (open, sid) = loop {
         let open = json(&ok(
             d,
-            &[
-                "media",
-                "session",
-                "--medium",
+            &session_args(
                 "alice.medium",
-                "--service",
                 &addr,
-                "--peer",
-                "sip:bob@qkd.example",
-                "--json",
-            ],
+                &["--peer", "sip:bob@qkd.example", "--json"],
+            ),
         ));
         if open["source"] == "qkd" {
             let sid = open["session"].as_str().expect("session").to_owned();
@@ -326,17 +323,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let addr = net.start_service(&addr);
     let join = json(&ok(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "bob.medium",
-            "--service",
-            &addr,
-            "--join",
-            &sid,
-            "--json",
-        ],
+        &session_args("bob.medium", &addr, &["--join", &sid, "--json"]),
     ));
     assert_eq!(join["peer"], "sip:alice@qkd.example");
     assert_eq!(join["source"], "qkd");
@@ -349,17 +336,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     // under two fresh keys.
     let again = json(&ok(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "bob.medium",
-            "--service",
-            &addr,
-            "--join",
-            &sid,
-            "--json",
-        ],
+        &session_args("bob.medium", &addr, &["--join", &sid, "--json"]),
     ));
     assert_eq!(again["fingerprint"], open["fingerprint"]);
 
@@ -386,15 +363,11 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     let mut term = Command::new(BIN)
         .current_dir(d)
         .env("QKDNET_MEDIA_PIN", PIN)
-        .args([
-            "media",
-            "session",
-            "--medium",
+        .args(session_args(
             "alice.medium",
-            "--service",
             &stall_addr,
-        ])
-        .args(["--peer", "sip:bob@qkd.example"])
+            &["--peer", "sip:bob@qkd.example"],
+        ))
         .spawn()
         .expect("terminal");
     sent_rx
@@ -410,17 +383,11 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     );
     let after = json(&ok(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
+        &session_args(
             "alice.medium",
-            "--service",
             &addr,
-            "--peer",
-            "sip:bob@qkd.example",
-            "--json",
-        ],
+            &["--peer", "sip:bob@qkd.example", "--json"],
+        ),
     ));
     assert_eq!(after["peer"], "sip:bob@qkd.example");
 
@@ -429,32 +396,8 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     token_medium_opens_a_session(d, &addr);
 
     // Bob has two keys left: one more request, then "recharge".
-    ok(
-        d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "bob.medium",
-            "--service",
-            &addr,
-            "--join",
-            &sid,
-        ],
-    );
-    let err = fails(
-        d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "bob.medium",
-            "--service",
-            &addr,
-            "--join",
-            &sid,
-        ],
-    );
+    ok(d, &session_args("bob.medium", &addr, &["--join", &sid]));
+    let err = fails(d, &session_args("bob.medium", &addr, &["--join", &sid]));
     assert!(err.contains("recharge at a charging point"), "{err}");
 
     // A tampered medium file: a clear error, and the service's record of it
@@ -467,16 +410,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     std::fs::write(&path, &bytes).expect("tamper");
     let err = fails(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "alice.medium",
-            "--service",
-            &addr,
-            "--peer",
-            "sip:bob@qkd.example",
-        ],
+        &session_args("alice.medium", &addr, &["--peer", "sip:bob@qkd.example"]),
     );
     assert!(err.contains("alice.medium"), "{err}");
     assert_eq!(service_media(d), before);
@@ -497,16 +431,7 @@ fn media_charged_at_two_nodes_share_a_session_key_from_the_qkd_network() {
     assert!(out.contains("revoked"), "{out}");
     let err = fails(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "alice.medium",
-            "--service",
-            &addr,
-            "--peer",
-            "sip:bob@qkd.example",
-        ],
+        &session_args("alice.medium", &addr, &["--peer", "sip:bob@qkd.example"]),
     );
     assert!(err.contains("revoked"), "{err}");
 
@@ -617,17 +542,7 @@ fn token_medium_opens_a_session(d: &Path, addr: &str) {
     let sid = open["session"].as_str().expect("session").to_owned();
     let join = json(&ok(
         d,
-        &[
-            "media",
-            "session",
-            "--medium",
-            "alice.medium",
-            "--service",
-            addr,
-            "--join",
-            &sid,
-            "--json",
-        ],
+        &session_args("alice.medium", &addr, &["--join", &sid, "--json"]),
     ));
     assert_eq!(join["fingerprint"], open["fingerprint"]);
     assert_eq!(join["peer"], "sip:tess@qkd.example");

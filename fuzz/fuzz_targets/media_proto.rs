@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         Message::ChargeOffer(offer) => {
             // A decoded offer re-signs to the same fields; a random tag does not
             // verify, and an acknowledgement made for it verifies only for it.
-            assert!(offer.key_ids.len() <= qkdnet_media::proto::MAX_CHARGE_KEYS);
+            assert!(offer.terms.key_ids.len() <= qkdnet_media::proto::MAX_CHARGE_KEYS);
             assert!(offer.verify(&challenge, &key).is_err());
             let ack = qkdnet_media::proto::ChargeAck::for_offer(&offer, &challenge, &key);
             assert!(ack.verify(&offer, &challenge, &key).is_ok());

@@ -430,13 +430,11 @@ fn session_cmd(
             (None, None) => anyhow::bail!("give --peer or --join"),
         }
     })?;
-    let fp = qkdnet_crypto::sm3::sm3(
-        &[
-            &b"qkdnet/media/fingerprint/v1"[..],
-            &key.key.expose_secret()[..],
-        ]
-        .concat(),
-    );
+    // Streamed into the hash: no unzeroized copy of the key.
+    let mut h = qkdnet_crypto::sm3::Sm3Hasher::new();
+    h.update(b"qkdnet/media/fingerprint/v1");
+    h.update(key.key.expose_secret());
+    let fp = h.finalize();
     let source = match key.source {
         KeySource::Qkd => "qkd",
         _ => "csprng",

@@ -184,7 +184,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 done += 1;
             }
             let plans = s.grant_batch(&ops, &mut pool, 1)?;
-            assert!(plans.iter().all(|p| p.answer.is_ok()));
+            assert!(
+                plans
+                    .iter()
+                    .all(|p| p.as_ref().is_ok_and(|p| p.answer.is_ok()))
+            );
         }
         let secs = t.elapsed().as_secs_f64();
         println!(

@@ -325,13 +325,13 @@ pub fn decide_charge(inp: &ChargeInputs<'_>) -> ChargePlan {
     if !inp.enrolled {
         return ChargePlan::Refuse(RefuseReason::NotEnrolled);
     }
-    let n = o.key_ids.len() as u64;
+    let n = o.terms.key_ids.len() as u64;
     let bind = match inp.medium {
         None => {
             if inp.owner_active.is_some() {
                 return ChargePlan::Refuse(RefuseReason::MediumConflict);
             }
-            if o.first_index != 0 {
+            if o.terms.first_index != 0 {
                 return ChargePlan::Refuse(RefuseReason::IndexMismatch);
             }
             true
@@ -340,30 +340,30 @@ pub fn decide_charge(inp: &ChargeInputs<'_>) -> ChargePlan {
             if m.revoked {
                 return ChargePlan::Refuse(RefuseReason::Revoked);
             }
-            if m.identity != o.owner.as_str() {
+            if m.identity != o.terms.owner.as_str() {
                 return ChargePlan::Refuse(RefuseReason::MediumConflict);
             }
             // Keys below `next` are used; keys past `charged` would leave a gap.
-            if o.first_index < m.next || o.first_index > m.charged {
+            if o.terms.first_index < m.next || o.terms.first_index > m.charged {
                 return ChargePlan::Refuse(RefuseReason::IndexMismatch);
             }
             false
         }
     };
-    let charged = o.first_index + n;
+    let charged = o.terms.first_index + n;
     ChargePlan::Apply {
         bind,
-        first: o.first_index,
+        first: o.terms.first_index,
         charged,
         audit: AuditLine {
             event: "charge",
-            medium: Some(o.medium_id),
-            identity: Some(o.owner.as_str().to_owned()),
+            medium: Some(o.terms.medium_id),
+            identity: Some(o.terms.owner.as_str().to_owned()),
             detail: format!(
                 "{n} keys at {}..={} by charger {}",
-                o.first_index,
+                o.terms.first_index,
                 charged - 1,
-                o.charger
+                o.terms.charger
             ),
         },
     }
@@ -395,9 +395,9 @@ impl AuditLine {
     pub fn bind(offer: &ChargeOffer) -> Self {
         Self {
             event: "bind",
-            medium: Some(offer.medium_id),
-            identity: Some(offer.owner.as_str().to_owned()),
-            detail: format!("bound at its first charge by {}", offer.charger),
+            medium: Some(offer.terms.medium_id),
+            identity: Some(offer.terms.owner.as_str().to_owned()),
+            detail: format!("bound at its first charge by {}", offer.terms.charger),
         }
     }
 

@@ -484,7 +484,7 @@ impl PgStore {
         let mut lease = self.lease().await?;
         let client = &mut lease.client.as_mut().expect("invariant: leased").client;
         let tx = client.transaction().await.map_err(|e| pg(&e))?;
-        let owner = offer.owner.as_str();
+        let owner = offer.terms.owner.as_str();
         let enrolled = tx
             .query_opt(
                 "SELECT 1 FROM ks_subscribers WHERE identity = $1",
@@ -496,7 +496,7 @@ impl PgStore {
         let medium = tx
             .query_opt(
                 &format!("SELECT {MEDIUM_COLS} FROM ks_media WHERE id = $1 FOR UPDATE"),
-                &[&offer.medium_id],
+                &[&offer.terms.medium_id],
             )
             .await
             .map_err(|e| pg(&e))?
@@ -528,7 +528,7 @@ impl PgStore {
             let rid = tx
                 .query_one(
                     "INSERT INTO ks_media (id, identity, next, charged, bound_at) VALUES ($1, $2, 0, 0, $3) RETURNING rid",
-                    &[&offer.medium_id, &owner, &i64_of(now, "time")?],
+                    &[&offer.terms.medium_id, &owner, &i64_of(now, "time")?],
                 )
                 .await
                 .map_err(|e| pg(&e))?
@@ -555,7 +555,7 @@ impl PgStore {
             .enumerate()
             .map(|(i, k)| {
                 self.sealer
-                    .seal_medium_key(&offer.medium_id, first + i as u64, k)
+                    .seal_medium_key(&offer.terms.medium_id, first + i as u64, k)
             })
             .collect();
         tx.execute(

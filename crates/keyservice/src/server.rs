@@ -229,12 +229,14 @@ async fn charge(service: &Service, challenge: Challenge, offer: ChargeOffer) -> 
     let refuse = |why: &str, r: RefuseReason| {
         tracing::warn!(
             "key service: charge of medium {} by {} refused: {why}",
-            offer.medium_id,
-            offer.charger
+            offer.terms.medium_id,
+            offer.terms.charger
         );
         Message::Refused(r)
     };
-    if !service.config.chargers.is_empty() && !service.config.chargers.contains(&offer.charger) {
+    if !service.config.chargers.is_empty()
+        && !service.config.chargers.contains(&offer.terms.charger)
+    {
         return refuse(
             "not an allowed charging point",
             RefuseReason::ChargeRejected,
@@ -246,10 +248,10 @@ async fn charge(service: &Service, challenge: Challenge, offer: ChargeOffer) -> 
             RefuseReason::ChargeRejected,
         );
     };
-    let ids: Vec<_> = std::iter::once(offer.auth_key_id)
-        .chain(offer.key_ids.iter().copied())
+    let ids: Vec<_> = std::iter::once(offer.terms.auth_key_id)
+        .chain(offer.terms.key_ids.iter().copied())
         .collect();
-    let fetched = match kme.dec_keys(&offer.charger, &ids).await {
+    let fetched = match kme.dec_keys(&offer.terms.charger, &ids).await {
         Ok(k) => k,
         Err(e) => {
             return refuse(

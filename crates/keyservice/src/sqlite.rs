@@ -366,23 +366,29 @@ impl SqliteStore {
     }
 
     /// Decides and writes a batch of requests in one transaction; the answers
-    /// are valid only once this returns `Ok` (the commit happened).
+    /// are valid only once this returns `Ok` (the commit happened). A request
+    /// whose rows cannot be read (a stored key that does not open) fails alone:
+    /// nothing of it was written yet. A failed write fails the whole group.
     pub fn grant_batch(
         &mut self,
         ops: &[GrantOp],
         keys: &mut dyn SessionKeys,
         now: u64,
-    ) -> Result<Vec<GrantPlan>> {
+    ) -> Result<Vec<Result<GrantPlan>>> {
         // IMMEDIATE: the write lock is taken before anything is read, so another
         // writer of the same file (a second front end, an admin command) cannot
         // change a medium between this group's read and its write.
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let mut run = || -> Result<Vec<GrantPlan>> {
+        let mut run = || -> Result<Vec<Result<GrantPlan>>> {
             let mut out = Vec::with_capacity(ops.len());
             for op in ops {
-                let plan = self.grant_one(&self.conn, op, keys, now)?;
-                self.write_plan(&self.conn, &plan, now)?;
-                out.push(plan);
+                match self.grant_one(&self.conn, op, keys, now) {
+                    Ok(plan) => {
+                        self.write_plan(&self.conn, &plan, now)?;
+                        out.push(Ok(plan));
+                    }
+                    Err(e) => out.push(Err(e)),
+                }
             }
             Ok(out)
         };
@@ -488,16 +494,16 @@ impl SqliteStore {
         let enrolled = tx
             .query_row(
                 "SELECT 1 FROM subscribers WHERE identity = ?1",
-                [offer.owner.as_str()],
+                [offer.terms.owner.as_str()],
                 |_| Ok(()),
             )
             .optional()?
             .is_some();
-        let medium = Self::medium_by_id(&tx, &offer.medium_id)?;
+        let medium = Self::medium_by_id(&tx, &offer.terms.medium_id)?;
         let owner_active: Option<Vec<u8>> = tx
             .query_row(
                 "SELECT id FROM media WHERE identity = ?1 AND revoked = 0",
-                [offer.owner.as_str()],
+                [offer.terms.owner.as_str()],
                 |r| r.get(0),
             )
             .optional()?;
@@ -523,8 +529,8 @@ impl SqliteStore {
             tx.execute(
                 "INSERT INTO media (id, identity, next, charged, bound_at) VALUES (?1, ?2, 0, 0, ?3)",
                 params![
-                    offer.medium_id.as_bytes(),
-                    offer.owner.as_str(),
+                    offer.terms.medium_id.as_bytes(),
+                    offer.terms.owner.as_str(),
                     to_i64(now, "time")?
                 ],
             )?;
@@ -549,7 +555,7 @@ impl SqliteStore {
                 ins.execute(params![
                     rid,
                     to_i64(idx, "index")?,
-                    self.sealer.seal_medium_key(&offer.medium_id, idx, k)
+                    self.sealer.seal_medium_key(&offer.terms.medium_id, idx, k)
                 ])?;
             }
         }

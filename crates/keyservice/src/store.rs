@@ -7,7 +7,9 @@
 //! load the groups grow and the cost of the sync is shared; alone, a request
 //! commits by itself. A failed transaction fails every request of its group with
 //! [`KsError::Store`] (the server answers "unavailable: retry"); none of their
-//! answers has left, and the terminals' next requests fit the skip window.
+//! answers has left, and the terminals' next requests fit the skip window. A
+//! request whose own rows cannot be read (a stored key that does not open)
+//! fails alone; the rest of its group is served.
 
 use std::path::Path;
 use std::sync::{Arc, mpsc};
@@ -94,7 +96,10 @@ impl Store {
                         match store.grant_batch(&ops, keys.as_mut(), now) {
                             Ok(plans) => {
                                 for (plan, reply) in plans.into_iter().zip(replies) {
-                                    let _ = reply.send(Ok(plan));
+                                    if let Err(e) = &plan {
+                                        tracing::error!("key service store: a request failed: {e}");
+                                    }
+                                    let _ = reply.send(plan);
                                 }
                             }
                             Err(e) => {

@@ -866,6 +866,16 @@ pub fn open_grant(
 /// (the KME vouches for that) for exactly this medium, owner and indices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeOffer {
+    /// What the offer says.
+    pub terms: ChargeTerms,
+    /// HMAC-SM3(auth key, `qkdnet/media/proto/v1/charge` ‖ challenge ‖ body
+    /// without the tag).
+    pub tag: [u8; TAG_LEN],
+}
+
+/// What a [`ChargeOffer`] says: everything but its tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeTerms {
     /// The medium being charged.
     pub medium_id: Uuid,
     /// Its owner, as written in the medium (a subscriber's identity).
@@ -878,61 +888,35 @@ pub struct ChargeOffer {
     pub auth_key_id: Uuid,
     /// IDs of the charged keys, in index order (1..=[`MAX_CHARGE_KEYS`], distinct).
     pub key_ids: Vec<Uuid>,
-    /// HMAC-SM3(auth key, `qkdnet/media/proto/v1/charge` ‖ challenge ‖ body
-    /// without the tag).
-    pub tag: [u8; TAG_LEN],
-}
-
-/// What a [`ChargeOffer`] says, before it is signed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChargeTerms {
-    /// The medium being charged.
-    pub medium_id: Uuid,
-    /// Its owner, as written in the medium.
-    pub owner: Identity,
-    /// The charging point's SAE ID.
-    pub charger: String,
-    /// Index of the first charged key.
-    pub first_index: u64,
-    /// ID of the authentication key.
-    pub auth_key_id: Uuid,
-    /// IDs of the charged keys, in index order.
-    pub key_ids: Vec<Uuid>,
 }
 
 impl ChargeOffer {
     /// Signs `terms` in answer to `challenge` with the authentication key.
     /// Checks what the decoder would refuse.
     pub fn sign(terms: ChargeTerms, challenge: &Challenge, auth_key: &Key256) -> Result<Self> {
-        let ChargeTerms {
-            medium_id,
-            owner,
-            charger,
-            first_index,
-            auth_key_id,
-            key_ids,
-        } = terms;
-        let mut offer = Self {
-            medium_id,
-            owner,
-            charger,
-            first_index,
-            auth_key_id,
-            key_ids,
-            tag: [0; TAG_LEN],
-        };
-        offer.check()?;
-        offer.tag = offer.mac(challenge, auth_key).finalize();
-        Ok(offer)
+        terms.check()?;
+        let tag = terms.mac(challenge, auth_key).finalize();
+        Ok(Self { terms, tag })
     }
 
     /// Checks the tag under the authentication key, in constant time.
     pub fn verify(&self, challenge: &Challenge, auth_key: &Key256) -> Result<()> {
-        self.mac(challenge, auth_key)
+        self.terms
+            .mac(challenge, auth_key)
             .verify(&self.tag)
             .map_err(|_| ProtoError::BadTag)
     }
 
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let terms = ChargeTerms::decode(r)?;
+        Ok(Self {
+            terms,
+            tag: r.array("tag")?,
+        })
+    }
+}
+
+impl ChargeTerms {
     fn check(&self) -> Result<()> {
         check_text(&self.charger, MAX_CHARGER_LEN)
             .map_err(|_| ProtoError::InvalidField("charger SAE ID"))?;
@@ -954,7 +938,7 @@ impl ChargeOffer {
         Ok(())
     }
 
-    fn fields(&self, out: &mut Vec<u8>) {
+    fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.medium_id.as_bytes());
         self.owner.encode(out);
         encode_text(&self.charger, out);
@@ -969,7 +953,7 @@ impl ChargeOffer {
 
     fn mac(&self, challenge: &Challenge, key: &Key256) -> HmacSm3 {
         let mut body = Vec::with_capacity(64 + 16 * self.key_ids.len());
-        self.fields(&mut body);
+        self.encode(&mut body);
         let mut m = HmacSm3::new(key.expose_secret());
         m.update(LABEL_CHARGE);
         m.update(&challenge.challenge);
@@ -990,17 +974,16 @@ impl ChargeOffer {
         let key_ids = (0..n)
             .map(|_| r.array("key ID").map(Uuid::from_bytes))
             .collect::<Result<Vec<_>>>()?;
-        let offer = Self {
+        let terms = Self {
             medium_id,
             owner,
             charger,
             first_index,
             auth_key_id,
             key_ids,
-            tag: r.array("tag")?,
         };
-        offer.check()?;
-        Ok(offer)
+        terms.check()?;
+        Ok(terms)
     }
 }
 
@@ -1023,10 +1006,10 @@ pub struct ChargeAck {
 impl ChargeAck {
     /// The acknowledgement of `offer` (made in answer to `challenge`).
     pub fn for_offer(offer: &ChargeOffer, challenge: &Challenge, auth_key: &Key256) -> Self {
-        let count = u16::try_from(offer.key_ids.len()).expect("invariant: ≤ MAX_CHARGE_KEYS");
+        let count = u16::try_from(offer.terms.key_ids.len()).expect("invariant: ≤ MAX_CHARGE_KEYS");
         let mut ack = Self {
-            medium_id: offer.medium_id,
-            first_index: offer.first_index,
+            medium_id: offer.terms.medium_id,
+            first_index: offer.terms.first_index,
             count,
             tag: [0; TAG_LEN],
         };
@@ -1041,9 +1024,9 @@ impl ChargeAck {
         challenge: &Challenge,
         auth_key: &Key256,
     ) -> Result<()> {
-        if self.medium_id != offer.medium_id
-            || self.first_index != offer.first_index
-            || usize::from(self.count) != offer.key_ids.len()
+        if self.medium_id != offer.terms.medium_id
+            || self.first_index != offer.terms.first_index
+            || usize::from(self.count) != offer.terms.key_ids.len()
         {
             return Err(ProtoError::InvalidField(
                 "acknowledgement of another charge",
@@ -1130,7 +1113,7 @@ impl Message {
                 TYPE_REFUSED
             }
             Self::ChargeOffer(o) => {
-                o.fields(&mut body);
+                o.terms.encode(&mut body);
                 body.extend_from_slice(&o.tag);
                 TYPE_CHARGE_OFFER
             }
