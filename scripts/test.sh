@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
+# Unmodified softphones for the secret-call tests (tests/call_baresip.rs).
+command -v baresip >/dev/null || need_apt+=(baresip-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing ${need_apt[*]} (Debian packages) for the OpenSSL cross-checks"
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
+  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks, baresip softphones"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; fi
 fi
 
 # A throwaway PostgreSQL server for the networked key-store tests (installs

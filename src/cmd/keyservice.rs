@@ -15,7 +15,7 @@ use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
 use qkdnet_keyservice::sqlite::SqliteStore;
 use qkdnet_keyservice::store::{
-    AuditEntry, MediumInfo, Revocation, Store, SubscriberInfo, unix_now,
+    AuditEntry, Durability, MediumInfo, Revocation, Store, SubscriberInfo, unix_now,
 };
 use qkdnet_kms::connect::ConnectFile;
 use qkdnet_kms::store::MasterKey;
@@ -184,6 +184,12 @@ pub enum KeyserviceCommand {
         /// Serve Prometheus metrics over HTTP here (`/metrics`).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// SQLite store: `full` answers a terminal once its request is on disk
+        /// (survives power loss); `normal` once committed (survives a crash of
+        /// the service, not of the machine's power; a lost commit would make
+        /// keys the terminals destroyed usable again here). Only to compare.
+        #[arg(long, value_enum, default_value = "full")]
+        synchronous: Synchronous,
     },
     /// Enrol a subscriber (a SIP URI, a device ID). Its medium is bound at its
     /// first charge.
@@ -222,6 +228,15 @@ pub enum KeyserviceCommand {
     },
 }
 
+/// `keyservice serve --synchronous`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    /// Answer once the request is on disk.
+    Full,
+    /// Answer once committed (not synced).
+    Normal,
+}
+
 /// Runs a key service subcommand.
 pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
     match c {
@@ -255,6 +270,7 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
             max_skip,
             session_ttl,
             metrics,
+            synchronous,
         } => {
             let master = MasterKey::read_file(&store.master_key)?;
             let url = store.url().transpose()?;
@@ -288,7 +304,21 @@ pub fn run(c: KeyserviceCommand) -> anyhow::Result<()> {
                         .await?
                     }
                     None => {
-                        Store::sqlite(Path::new(&store.store), &master, pool.drawer(), session_ttl)?
+                        if synchronous == Synchronous::Normal {
+                            tracing::warn!(
+                                "--synchronous normal: answers leave before their commit is on disk"
+                            );
+                        }
+                        Store::sqlite(
+                            Path::new(&store.store),
+                            &master,
+                            pool.drawer(),
+                            session_ttl,
+                            match synchronous {
+                                Synchronous::Full => Durability::Full,
+                                Synchronous::Normal => Durability::Normal,
+                            },
+                        )?
                     }
                 };
                 let service = Arc::new(Service {

@@ -33,7 +33,7 @@ pub struct PinArgs {
 }
 
 impl PinArgs {
-    fn read(&self) -> anyhow::Result<SecretBytes> {
+    pub(crate) fn read(&self) -> anyhow::Result<SecretBytes> {
         let source = match &self.pin_file {
             Some(f) => PinSource::File(f.clone()),
             None => PinSource::Env(self.pin_env.clone()),
@@ -96,7 +96,7 @@ impl MediumArgs {
         })
     }
 
-    fn open(&self, pin: &SecretBytes) -> anyhow::Result<Box<dyn Medium + Send>> {
+    pub(crate) fn open(&self, pin: &SecretBytes) -> anyhow::Result<Box<dyn Medium + Send>> {
         let what = || format!("opening the medium {}", self.name());
         Ok(match &self.medium {
             Some(f) => Box::new(FileMedium::open(f, pin).with_context(what)?),

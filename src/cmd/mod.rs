@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod call;
 pub mod crypto;
 pub mod demo;
 pub mod keyservice;
@@ -68,6 +69,9 @@ enum Command {
     /// The key service of quantum security media: subscribers, session keys, charging.
     #[command(subcommand)]
     Keyservice(keyservice::KeyserviceCommand),
+    /// Quantum secret calls: the SIP edge beside a softphone.
+    #[command(subcommand)]
+    Call(call::CallCommand),
 }
 
 /// Runs the parsed command line.
@@ -85,5 +89,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pki(c) => pki::run(c),
         Command::Media(c) => media::run(c),
         Command::Keyservice(c) => keyservice::run(c),
+        Command::Call(c) => call::run(c),
     }
 }

@@ -32,7 +32,7 @@ use qkdnet_keyservice::postgres::PgStore;
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
 use qkdnet_keyservice::sqlite::SqliteStore;
-use qkdnet_keyservice::store::{Store, direct_offer};
+use qkdnet_keyservice::store::{Durability, Store, direct_offer};
 use qkdnet_kms::store::MasterKey;
 use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_media::proto::{Challenge, Identity};
@@ -78,6 +78,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let terminals = (arg("--terminals", 64)?.max(2) / 2 * 2) as usize;
     let setups = arg("--setups", 200)?.max(1);
     let qkd_percent = arg("--qkd-percent", 100)?.min(100);
+    // `--synchronous-normal 1`: answers after the commit, before it is on disk.
+    let durability = if arg("--synchronous-normal", 0)? == 1 {
+        Durability::Normal
+    } else {
+        Durability::Full
+    };
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("ks.db");
     let master = MasterKey::from_bytes([7; 32]);
@@ -206,7 +212,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some((url, schema)) => {
                 Store::postgres(url, schema, &master, pool.drawer(), 300, 16).await?
             }
-            None => Store::sqlite(&db, &master, pool.drawer(), 300)?,
+            None => Store::sqlite(&db, &master, pool.drawer(), 300, durability)?,
         };
         let service = Arc::new(Service {
             store,
@@ -268,7 +274,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 break;
                             }
                         }
-                        Ok::<_, qkdnet_keyservice::KsError>(lat)
+                        Ok::<_, qkdnet_keyservice::TerminalError>(lat)
                     })
                 };
                 let mut mb = charged(b_id, &b_identity, keys_per_medium);
@@ -285,9 +291,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 lat.extend(
                     opener
                         .await
-                        .map_err(|e| qkdnet_keyservice::KsError::Net(e.to_string()))??,
+                        .map_err(|e| qkdnet_keyservice::TerminalError::Net(e.to_string()))??,
                 );
-                Ok::<_, qkdnet_keyservice::KsError>((lat, setup_lat))
+                Ok::<_, qkdnet_keyservice::TerminalError>((lat, setup_lat))
             }));
         }
         let mut lat = Vec::new();

@@ -30,6 +30,21 @@ pub enum KsError {
     Kme(String),
 }
 
+impl From<qkdnet_terminal::TerminalError> for KsError {
+    fn from(e: qkdnet_terminal::TerminalError) -> Self {
+        use qkdnet_terminal::TerminalError as T;
+        match e {
+            T::Config(s) => Self::Config(s),
+            T::Refused(r) => Self::Refused(r),
+            T::Proto(p) => Self::Proto(p),
+            T::Medium(m) => Self::Medium(m),
+            T::Net(s) => Self::Net(s),
+            T::Kme(s) => Self::Kme(s),
+            other => Self::Net(other.to_string()),
+        }
+    }
+}
+
 impl From<rusqlite::Error> for KsError {
     fn from(e: rusqlite::Error) -> Self {
         Self::Store(e.to_string())

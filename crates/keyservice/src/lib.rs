@@ -12,14 +12,13 @@
 //! | [`store`] | the server's handle: SQLite's writer thread (group commit, answers after the commit) or PostgreSQL |
 //! | [`server`] | TCP front end: challenge, request, answer; charging; metrics |
 //! | [`qkd`] | session keys from the QKD network (ETSI 014), CSPRNG when there is none |
-//! | [`client`] | the terminal and the charging point |
-//! | [`wire`] | frames over a byte stream |
+//! | [`client`] | the terminal and the charging point (re-exported from `qkdnet-terminal`, which a terminal links alone) |
+//! | [`wire`] | frames over a byte stream (from `qkdnet-terminal`) |
 //!
 //! The protocol itself (frames, tags, grants) is [`qkdnet_media::proto`].
 
 #![warn(missing_docs)]
 
-pub mod client;
 pub mod core;
 pub mod error;
 pub mod nonce;
@@ -30,6 +29,6 @@ pub mod seal;
 pub mod server;
 pub mod sqlite;
 pub mod store;
-pub mod wire;
 
 pub use error::{KsError, Result};
+pub use qkdnet_terminal::{TerminalError, client, wire};

@@ -26,7 +26,8 @@ use tokio::sync::Semaphore;
 use crate::error::KsError;
 use crate::qkd::KeyPool;
 use crate::store::{GrantOp, Store};
-use crate::wire::{read_message, write_messages};
+use qkdnet_terminal::TerminalError;
+use qkdnet_terminal::wire::{read_message, write_messages};
 
 /// How the server behaves.
 #[derive(Clone, Debug)]
@@ -172,13 +173,13 @@ async fn connection(stream: TcpStream, service: &Service) -> Result<(), KsError>
         let msg = match read_message(&mut reader, service.config.idle_timeout).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
-            Err(e @ KsError::Proto(_)) => {
+            Err(e @ TerminalError::Proto(_)) => {
                 service.metrics.refuse(RefuseReason::Malformed);
                 let _ =
                     write_messages(&mut stream, &[Message::Refused(RefuseReason::Malformed)]).await;
-                return Err(e);
+                return Err(e.into());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let answer = match msg {
             Message::AuthRequest(req) => terminal_request(service, ch, req).await,

@@ -14,11 +14,18 @@
 //! per subscriber), `media_keys` (sealed keys by medium and index, deleted when
 //! used), `sessions` (sealed session key, parties, creation time), `audit`.
 //! `PRAGMA secure_delete` overwrites deleted rows in the database file.
+//!
+//! The server's writer commits with `synchronous=NORMAL` ([`SqliteStore::defer_sync`])
+//! and a second thread makes each group durable with one `fdatasync` of the WAL
+//! ([`WalSync`]) before any of its answers leaves: the writer decides and
+//! commits the next group while the disk syncs the last, and an answer still
+//! never leaves before its commit is on disk.
 
 use std::path::Path;
 use std::time::Duration;
 
 use qkdnet_kms::store::MasterKey;
+use qkdnet_kms::store::sqlite::Durability;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::{ChargeOffer, Identity, KeySource, RefuseReason};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -77,6 +84,26 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 ";
+
+/// Makes the commits of a [`SqliteStore::defer_sync`] connection durable.
+#[derive(Debug, Clone)]
+pub struct WalSync {
+    wal: Option<std::path::PathBuf>,
+}
+
+impl WalSync {
+    /// Flushes the WAL to disk: every transaction committed before this call
+    /// survives a power loss once it returns `Ok`. The file is opened anew
+    /// each time (a checkpoint may have reset it; fsync flushes a file's
+    /// pages whichever descriptor asks).
+    pub fn sync(&self) -> Result<()> {
+        let Some(wal) = &self.wal else { return Ok(()) };
+        let f = std::fs::File::open(wal)
+            .map_err(|e| KsError::Store(format!("{}: {e}", wal.display())))?;
+        f.sync_data()
+            .map_err(|e| KsError::Store(format!("syncing {}: {e}", wal.display())))
+    }
+}
 
 /// The store.
 pub struct SqliteStore {
@@ -182,6 +209,24 @@ impl SqliteStore {
         let sealer = Sealer::new(master, &salt);
         sealer.verify_check(&check)?;
         Ok(Self { conn, sealer })
+    }
+
+    /// Switches this connection to commits that do not wait for the disk
+    /// (`synchronous=NORMAL`; a commit then survives a crash of the process but
+    /// not yet a power loss). The caller must make every commit durable with
+    /// the returned [`WalSync`] before it answers anybody on its strength.
+    ///
+    /// With [`Durability::Normal`] the returned `WalSync` does nothing: commits
+    /// survive a crash of the process but may be lost with power (an operator's
+    /// choice, as for the KME's store; a lost commit makes keys the terminals
+    /// have destroyed usable again at the service).
+    pub fn defer_sync(&mut self, path: &Path, durability: Durability) -> Result<WalSync> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(WalSync {
+            wal: (durability == Durability::Full).then(|| wal.into()),
+        })
     }
 
     fn audit(tx: &Connection, now: u64, line: &AuditLine) -> Result<()> {

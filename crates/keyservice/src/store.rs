@@ -2,10 +2,12 @@
 //! connection and commits requests in groups.
 //!
 //! Requests are queued to the thread; it takes every request waiting (up to
-//! [`MAX_BATCH`]), decides and writes them in one transaction, commits (one
-//! `fsync` for the group) and only then hands each connection its answer. Under
+//! [`MAX_BATCH`]) and decides and writes them in one transaction. The commit
+//! does not wait for the disk: the group goes to a second thread, which syncs
+//! the WAL (one `fdatasync` for every group waiting) and only then hands each
+//! connection its answer, while the writer goes on with the next group. Under
 //! load the groups grow and the cost of the sync is shared; alone, a request
-//! commits by itself. A failed transaction fails every request of its group with
+//! commits and syncs by itself. A failed transaction fails every request of its group with
 //! [`KsError::Store`] (the server answers "unavailable: retry"); none of their
 //! answers has left, and the terminals' next requests fit the skip window. A
 //! request whose own rows cannot be read (a stored key that does not open)
@@ -15,6 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, mpsc};
 
 use qkdnet_kms::store::MasterKey;
+pub use qkdnet_kms::store::sqlite::Durability;
 use qkdnet_media::Key256;
 use qkdnet_media::proto::{Challenge, ChargeOffer, ChargeTerms, Identity, RefuseReason};
 use tokio::sync::oneshot;
@@ -26,7 +29,7 @@ use crate::postgres::PgStore;
 pub use crate::records::{
     AuditEntry, GrantOp, MediumInfo, Revocation, SessionKeys, SubscriberInfo, unix_now,
 };
-use crate::sqlite::SqliteStore;
+use crate::sqlite::{SqliteStore, WalSync};
 use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 
 /// Most requests committed in one transaction.
@@ -37,6 +40,34 @@ type ChargeReply = oneshot::Sender<Result<Result<(), RefuseReason>>>;
 enum Job {
     Grant(Box<GrantOp>, oneshot::Sender<Result<GrantPlan>>),
     Charge(Box<ChargeOffer>, Vec<Key256>, ChargeReply),
+}
+
+/// An answer committed but not yet known to be on disk.
+enum Reply {
+    Grant(oneshot::Sender<Result<GrantPlan>>, Result<GrantPlan>),
+    Charge(ChargeReply, Result<Result<(), RefuseReason>>),
+}
+
+/// Answers committed groups once a sync of the WAL that began after their
+/// commit has returned; a failed sync fails them (the terminals retry).
+fn syncer(wal: &WalSync, groups: &mpsc::Receiver<Vec<Reply>>) {
+    while let Ok(mut answers) = groups.recv() {
+        while let Ok(more) = groups.try_recv() {
+            answers.extend(more);
+        }
+        let synced = wal.sync();
+        if let Err(e) = &synced {
+            tracing::error!("key service store: {e}");
+        }
+        for answer in answers {
+            match (answer, &synced) {
+                (Reply::Grant(r, plan), Ok(())) => drop(r.send(plan)),
+                (Reply::Charge(r, done), Ok(())) => drop(r.send(done)),
+                (Reply::Grant(r, _), Err(e)) => drop(r.send(Err(KsError::Store(e.to_string())))),
+                (Reply::Charge(r, _), Err(e)) => drop(r.send(Err(KsError::Store(e.to_string())))),
+            }
+        }
+    }
 }
 
 /// The server's handle on the store (cheap to clone).
@@ -60,29 +91,43 @@ impl core::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the SQLite store at `path` and starts its writer thread. `keys`
-    /// draws new session keys; expired sessions (older than `session_ttl`
-    /// seconds) are purged every few seconds.
+    /// Opens the SQLite store at `path` and starts its writer and sync
+    /// threads. `keys` draws new session keys; expired sessions (older than
+    /// `session_ttl` seconds) are purged every few seconds. With
+    /// [`Durability::Full`] (the default to choose) an answer leaves once its
+    /// commit is on disk; with `Normal`, once committed (see
+    /// [`SqliteStore::defer_sync`]).
     pub fn sqlite(
         path: &Path,
         master: &MasterKey,
         mut keys: Box<dyn SessionKeys>,
         session_ttl: u64,
+        durability: Durability,
     ) -> Result<Self> {
         let mut store = SqliteStore::open(path, master)?;
+        let wal = store.defer_sync(path, durability)?;
         let (tx, rx) = mpsc::sync_channel::<Job>(4 * MAX_BATCH);
+        // Committed groups go to the syncer, which answers them after the
+        // fdatasync that makes them durable; several groups share one sync.
+        let (synced_tx, synced_rx) = mpsc::channel::<Vec<Reply>>();
+        std::thread::Builder::new()
+            .name("keyservice-sync".into())
+            .spawn(move || syncer(&wal, &synced_rx))
+            .map_err(|e| KsError::Store(format!("cannot start the sync thread: {e}")))?;
         std::thread::Builder::new()
             .name("keyservice-store".into())
             .spawn(move || {
                 let mut last_purge = unix_now();
                 while let Ok(first) = rx.recv() {
                     let mut grants = Vec::new();
+                    let mut answers = Vec::new();
                     let mut next = Some(first);
                     while let Some(job) = next.take() {
                         match job {
                             Job::Grant(op, reply) => grants.push((op, reply)),
                             Job::Charge(offer, ks, reply) => {
-                                let _ = reply.send(store.charge(&offer, &ks, unix_now()));
+                                let done = store.charge(&offer, &ks, unix_now());
+                                answers.push(Reply::Charge(reply, done));
                             }
                         }
                         if grants.len() < MAX_BATCH {
@@ -99,7 +144,7 @@ impl Store {
                                     if let Err(e) = &plan {
                                         tracing::error!("key service store: a request failed: {e}");
                                     }
-                                    let _ = reply.send(plan);
+                                    answers.push(Reply::Grant(reply, plan));
                                 }
                             }
                             Err(e) => {
@@ -112,6 +157,10 @@ impl Store {
                                 }
                             }
                         }
+                    }
+                    if !answers.is_empty() && synced_tx.send(answers).is_err() {
+                        tracing::error!("key service store: the sync thread has stopped");
+                        return;
                     }
                     let now = unix_now();
                     if now >= last_purge + 5 {

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qkdnet_crypto::sm3::sm3;
-use qkdnet_keyservice::KsError;
+use qkdnet_keyservice::TerminalError;
 use qkdnet_keyservice::client::{Connection, Terminal};
 use qkdnet_keyservice::qkd::KeyPool;
 use qkdnet_keyservice::server::{Metrics, ServerConfig, Service, serve};
-use qkdnet_keyservice::store::{Store, direct_offer};
+use qkdnet_keyservice::store::{Durability, Store, direct_offer};
 use qkdnet_kms::store::MasterKey;
 use qkdnet_kms::store::postgres::{PostgresUrl, SchemaName};
 use qkdnet_media::proto::{Identity, RefuseReason};
@@ -71,6 +71,7 @@ impl Backend {
                 &master(),
                 KeyPool::new().drawer(),
                 300,
+                Durability::Full,
             )
             .expect("store"),
             Self::Postgres(url, schema) => {
@@ -153,9 +154,9 @@ async fn connect(addr: &str) -> Connection {
         .expect("connect")
 }
 
-fn refusal(r: Result<qkdnet_media::proto::SessionKey, KsError>) -> RefuseReason {
+fn refusal(r: Result<qkdnet_media::proto::SessionKey, TerminalError>) -> RefuseReason {
     match r {
-        Err(KsError::Refused(reason)) => reason,
+        Err(TerminalError::Refused(reason)) => reason,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -284,7 +285,7 @@ async fn a_cloned_medium_racing_through_two_front_ends_is_served_once_per_index(
                     .await;
                 match r {
                     Ok(_) => served.push(used),
-                    Err(KsError::Refused(_)) => {}
+                    Err(TerminalError::Refused(_)) => {}
                     Err(e) => panic!("{e}"),
                 }
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use qkdnet_media::proto::{HEADER_LEN, MAX_FRAME, Message, frame_len};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::{KsError, Result};
+use crate::error::{Result, TerminalError};
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
 pub async fn read_message<R: AsyncRead + Unpin>(
@@ -18,7 +18,7 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 ) -> Result<Option<Message>> {
     tokio::time::timeout(timeout, read_inner(r))
         .await
-        .map_err(|_| KsError::Net(format!("no message within {} s", timeout.as_secs())))?
+        .map_err(|_| TerminalError::Net(format!("no message within {} s", timeout.as_secs())))?
 }
 
 async fn read_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> {
@@ -28,12 +28,14 @@ async fn read_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> 
         let n = r
             .read(&mut head[got..])
             .await
-            .map_err(|e| KsError::Net(e.to_string()))?;
+            .map_err(|e| TerminalError::Net(e.to_string()))?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
             }
-            return Err(KsError::Net("connection closed inside a frame".into()));
+            return Err(TerminalError::Net(
+                "connection closed inside a frame".into(),
+            ));
         }
         got += n;
         // Garbage is refused as soon as its first bytes show it.
@@ -45,7 +47,7 @@ async fn read_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>> 
     frame[..HEADER_LEN].copy_from_slice(&head);
     r.read_exact(&mut frame[HEADER_LEN..])
         .await
-        .map_err(|e| KsError::Net(format!("connection closed inside a frame: {e}")))?;
+        .map_err(|e| TerminalError::Net(format!("connection closed inside a frame: {e}")))?;
     Ok(Some(Message::decode(&frame)?))
 }
 
@@ -57,5 +59,5 @@ pub async fn write_messages<W: AsyncWrite + Unpin>(w: &mut W, msgs: &[Message]) 
     }
     w.write_all(&out)
         .await
-        .map_err(|e| KsError::Net(e.to_string()))
+        .map_err(|e| TerminalError::Net(e.to_string()))
 }

@@ -13,8 +13,7 @@ use qkdnet_media::proto::{
 use qkdnet_media::{ChargeRecord, Key256, MediaError, Medium};
 use tokio::net::TcpStream;
 
-use crate::error::{KsError, Result};
-use crate::records::unix_now;
+use crate::error::{Result, TerminalError};
 use crate::wire::{read_message, write_messages};
 
 /// A connection to the key service, with the challenge it last sent.
@@ -32,12 +31,12 @@ impl Connection {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
-                KsError::Net(format!(
+                TerminalError::Net(format!(
                     "{addr}: no connection within {} s",
                     timeout.as_secs()
                 ))
             })?
-            .map_err(|e| KsError::Net(format!("{addr}: {e}")))?;
+            .map_err(|e| TerminalError::Net(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (reader, stream) = stream.into_split();
         let mut c = Self {
@@ -56,7 +55,7 @@ impl Connection {
     async fn read(&mut self) -> Result<Message> {
         read_message(&mut self.reader, self.timeout)
             .await?
-            .ok_or_else(|| KsError::Net("the key service closed the connection".into()))
+            .ok_or_else(|| TerminalError::Net("the key service closed the connection".into()))
     }
 
     /// Sends `msg` and returns the answer, keeping the next challenge.
@@ -64,7 +63,7 @@ impl Connection {
         write_messages(&mut self.stream, &[msg]).await?;
         let answer = self.read().await?;
         if let Message::Refused(RefuseReason::Malformed) = answer {
-            return Err(KsError::Refused(RefuseReason::Malformed));
+            return Err(TerminalError::Refused(RefuseReason::Malformed));
         }
         self.challenge = match self.read().await? {
             Message::Challenge(ch) => ch,
@@ -84,7 +83,7 @@ impl Connection {
     }
 }
 
-fn unexpected(m: &Message) -> KsError {
+fn unexpected(m: &Message) -> TerminalError {
     let what = match m {
         Message::Challenge(_) => "a challenge",
         Message::AuthRequest(_) => "a request",
@@ -94,14 +93,14 @@ fn unexpected(m: &Message) -> KsError {
         Message::ChargeAck(_) => "a charge acknowledgement",
         _ => "an unknown message",
     };
-    KsError::Net(format!("the key service sent {what} out of turn"))
+    TerminalError::Net(format!("the key service sent {what} out of turn"))
 }
 
 /// Takes two consecutive keys from the medium (the request's tag key and its
 /// wrap key). A medium that passed over a bad slot gives a gap; the lone key
 /// before it is abandoned and the pair taken again.
 fn take_pair(medium: &mut (dyn Medium + Send)) -> Result<(u64, Key256, Key256)> {
-    let exhausted = || KsError::Refused(RefuseReason::Exhausted);
+    let exhausted = || TerminalError::Refused(RefuseReason::Exhausted);
     let status = medium.status()?;
     if status.remaining < 2 {
         return Err(exhausted());
@@ -116,10 +115,10 @@ fn take_pair(medium: &mut (dyn Medium + Send)) -> Result<(u64, Key256, Key256)> 
     }
 }
 
-fn map_exhausted(e: MediaError) -> KsError {
+fn map_exhausted(e: MediaError) -> TerminalError {
     match e {
-        MediaError::Exhausted => KsError::Refused(RefuseReason::Exhausted),
-        e => KsError::Medium(e),
+        MediaError::Exhausted => TerminalError::Refused(RefuseReason::Exhausted),
+        e => TerminalError::Medium(e),
     }
 }
 
@@ -140,8 +139,9 @@ impl core::fmt::Debug for Terminal<'_> {
 impl<'m> Terminal<'m> {
     /// The terminal of `medium`, whose owner is the subscriber's identity.
     pub fn new(medium: &'m mut (dyn Medium + Send)) -> Result<Self> {
-        let identity = Identity::new(medium.owner().to_owned())
-            .map_err(|e| KsError::Config(format!("the medium's owner is not an identity: {e}")))?;
+        let identity = Identity::new(medium.owner().to_owned()).map_err(|e| {
+            TerminalError::Config(format!("the medium's owner is not an identity: {e}"))
+        })?;
         Ok(Self { medium, identity })
     }
 
@@ -188,7 +188,7 @@ impl<'m> Terminal<'m> {
                 i + 1,
                 &wrap_key,
             )?),
-            Message::Refused(r) => Err(KsError::Refused(r)),
+            Message::Refused(r) => Err(TerminalError::Refused(r)),
             other => Err(unexpected(&other)),
         }
     }
@@ -229,7 +229,7 @@ impl Charger<'_> {
     async fn next_keys(&self, want: u64) -> Result<Vec<qkdnet_etsi::client::Key>> {
         use qkdnet_etsi::client::ClientError;
         let start = std::time::Instant::now();
-        let kme = |e: ClientError| KsError::Kme(e.to_string());
+        let kme = |e: ClientError| TerminalError::Kme(e.to_string());
         let mut ask = want;
         loop {
             match self
@@ -252,7 +252,7 @@ impl Charger<'_> {
                 continue;
             }
             if start.elapsed() >= self.max_wait {
-                return Err(KsError::Kme(format!(
+                return Err(TerminalError::Kme(format!(
                     "the KME had no key for {} for {} s (is the link up?)",
                     self.service_sae,
                     self.max_wait.as_secs()
@@ -277,13 +277,14 @@ impl Charger<'_> {
         let start = std::time::Instant::now();
         let status = medium.status()?;
         if status.free < count {
-            return Err(KsError::Medium(MediaError::CapacityExceeded {
+            return Err(TerminalError::Medium(MediaError::CapacityExceeded {
                 requested: count,
                 free: status.free,
             }));
         }
-        let owner = Identity::new(medium.owner().to_owned())
-            .map_err(|e| KsError::Config(format!("the medium's owner is not an identity: {e}")))?;
+        let owner = Identity::new(medium.owner().to_owned()).map_err(|e| {
+            TerminalError::Config(format!("the medium's owner is not an identity: {e}"))
+        })?;
         let batch = self.batch.clamp(1, MAX_CHARGE_KEYS) as u64;
         let mut done = 0u64;
         while done < count {
@@ -293,11 +294,9 @@ impl Charger<'_> {
             let mut material = Vec::with_capacity(keys.len());
             for k in &keys {
                 ids.push(k.id);
-                material.push(
-                    Key256::from_slice(&k.material).map_err(|_| {
-                        KsError::Kme("the KME gave a key that is not 256 bits".into())
-                    })?,
-                );
+                material.push(Key256::from_slice(&k.material).map_err(|_| {
+                    TerminalError::Kme("the KME gave a key that is not 256 bits".into())
+                })?);
             }
             let auth_key = material.remove(0);
             let auth_key_id = ids.remove(0);
@@ -317,7 +316,7 @@ impl Charger<'_> {
             )?;
             match conn.exchange(Message::ChargeOffer(offer.clone())).await? {
                 Message::ChargeAck(ack) => ack.verify(&offer, &challenge, &auth_key)?,
-                Message::Refused(r) => return Err(KsError::Refused(r)),
+                Message::Refused(r) => return Err(TerminalError::Refused(r)),
                 other => return Err(unexpected(&other)),
             }
             let record = ChargeRecord::new(self.charger_sae, unix_now())?;
@@ -331,4 +330,10 @@ impl Charger<'_> {
             seconds: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -1,0 +1,769 @@
+//! The call edge: the softphone's outbound SIP proxy and RTP relay.
+//!
+//! One UDP socket carries SIP from the local softphone and from other edges.
+//! The edge is a record-routing proxy (RFC 3261 §16) that keeps a little
+//! state per call:
+//!
+//! - an **INVITE from its softphone** (no To tag) gets `100 Trying` at once;
+//!   the edge opens a session at the key service naming the callee
+//!   (`sip:USER@DOMAIN`, USER from the Request-URI), spending two keys of its
+//!   medium; it points the SDP at its own relay (no `a=crypto` line leaves),
+//!   adds `X-QKD-Session` (the session ID only) and `X-QKD-Mode`, and sends
+//!   the INVITE to the edge the Request-URI names. If the key service cannot
+//!   give a key, the softphone gets `503` with a `Warning` saying why — never a
+//!   call in the clear;
+//! - an **INVITE from another edge** must carry those headers (else `488`);
+//!   the edge joins the session with its own medium (the service checks that
+//!   its owner is the callee), checks that the key's other party is the From
+//!   identity, points the SDP at its relay and retargets the INVITE to its
+//!   softphone;
+//! - responses follow the Via chain back; an answer's SDP is pointed at the
+//!   relay the same way; in-dialog requests (ACK, BYE, re-INVITE) follow the
+//!   Route set the two Record-Route headers built;
+//! - a BYE, or a final failure of the INVITE, ends the call: the relay stops
+//!   and the call's report (mode, key source, packets, drops) is written.
+//!
+//! The relay (mode `sm4`, [`crate::media`]) takes plain RTP/RTCP from the
+//! softphone on loopback and sends it SM4-GCM-protected to the far edge, and
+//! the reverse.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qkdnet_media::Medium;
+use qkdnet_media::proto::{Identity, KeySource, SESSION_ID_LEN};
+use qkdnet_terminal::client::{Connection, Terminal};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::media::{Direction, Protect, Unprotect, is_rtcp};
+use crate::sdp;
+use crate::sip::{self, Message, StartLine, Uri, Via};
+
+/// Header carrying the session ID between edges.
+pub const SESSION_HEADER: &str = "X-QKD-Session";
+/// Header carrying the media mode between edges.
+pub const MODE_HEADER: &str = "X-QKD-Mode";
+
+/// How the media of a call is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// SM4-GCM between the edges (national algorithms).
+    Sm4,
+}
+
+impl Mode {
+    /// The mode's name on the wire and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sm4 => "sm4",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "sm4" => Some(Self::Sm4),
+            _ => None,
+        }
+    }
+}
+
+/// What an edge needs to know.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// SIP (UDP) for the softphone and for other edges.
+    pub listen: SocketAddr,
+    /// The softphone's SIP address: requests from it are outgoing calls.
+    pub ua: SocketAddr,
+    /// The domain of subscribers' identities (`sip:USER@DOMAIN`).
+    pub domain: String,
+    /// The key service (`host:port`).
+    pub keyservice: String,
+    /// Media mode of the calls this edge places.
+    pub mode: Mode,
+    /// Where the relay listens for the far edge (its address on the network).
+    pub media_ip: IpAddr,
+    /// Where the relay listens for the softphone (loopback).
+    pub local_ip: IpAddr,
+}
+
+/// One finished call, as the edge reports it (one JSON line on stdout).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CallReport {
+    /// SIP Call-ID.
+    pub call_id: String,
+    /// `caller` or `callee`.
+    pub role: &'static str,
+    /// Media mode.
+    pub mode: &'static str,
+    /// The key-service session (hex).
+    pub session: String,
+    /// `qkd` or `csprng`: where the service got the session key.
+    pub key_source: &'static str,
+    /// The other party, as the key service named it.
+    pub peer: String,
+    /// Seconds the relay ran.
+    pub seconds: f64,
+    /// Packets protected and sent to the far edge.
+    pub sent: u64,
+    /// Packets from the far edge that verified and went to the softphone.
+    pub received: u64,
+    /// Dropped: failed authentication (tampered, wrong key).
+    pub dropped_auth: u64,
+    /// Dropped: replayed or too old.
+    pub dropped_replay: u64,
+    /// Dropped: malformed or beyond the SSRC limit.
+    pub dropped_other: u64,
+    /// Medium keys spent on this call's key (the request's two).
+    pub medium_keys: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Caller,
+    Callee,
+}
+
+struct Call {
+    role: Role,
+    session: [u8; SESSION_ID_LEN],
+    source: KeySource,
+    peer: String,
+    /// The relay's addresses: toward the softphone, toward the far edge.
+    ua_leg: SocketAddr,
+    wire_leg: SocketAddr,
+    /// Where the softphone and the far edge receive RTP (RTCP: +1).
+    ua_rtp: watch::Sender<Option<SocketAddr>>,
+    far_rtp: watch::Sender<Option<SocketAddr>>,
+    relay: tokio::task::JoinHandle<()>,
+    stats: Arc<Mutex<RelayStats>>,
+    started: Instant,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RelayStats {
+    sent: u64,
+    received: u64,
+    auth: u64,
+    replay: u64,
+    other: u64,
+}
+
+enum Ask {
+    Open(Identity, [u8; SESSION_ID_LEN]),
+    Join([u8; SESSION_ID_LEN]),
+}
+
+enum Pending {
+    /// The key step of this INVITE is running; retransmissions are absorbed.
+    Keying,
+}
+
+struct State {
+    calls: HashMap<String, Call>,
+    pending: HashMap<String, Pending>,
+}
+
+/// A running edge.
+pub struct Edge {
+    cfg: EdgeConfig,
+    sock: UdpSocket,
+    medium: tokio::sync::Mutex<Box<dyn Medium + Send>>,
+    state: Mutex<State>,
+    reports: Mutex<Vec<CallReport>>,
+    on_report: Box<dyn Fn(&CallReport) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; SESSION_ID_LEN]> {
+    let s = s.trim();
+    if s.len() != 2 * SESSION_ID_LEN {
+        return None;
+    }
+    let mut out = [0u8; SESSION_ID_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Binds an even RTP port and the RTCP port after it on `ip`.
+async fn bind_pair(ip: IpAddr) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    for _ in 0..64 {
+        let rtp = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+        let port = rtp.local_addr()?.port();
+        if port % 2 != 0 || port == u16::MAX {
+            continue;
+        }
+        if let Ok(rtcp) = UdpSocket::bind(SocketAddr::new(ip, port + 1)).await {
+            return Ok((rtp, rtcp));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free even/odd port pair for RTP/RTCP",
+    ))
+}
+
+fn plus_one(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip(), a.port().wrapping_add(1))
+}
+
+impl Edge {
+    /// Binds the SIP socket. `on_report` is called with each finished call.
+    pub async fn bind(
+        cfg: EdgeConfig,
+        medium: Box<dyn Medium + Send>,
+        on_report: Box<dyn Fn(&CallReport) + Send + Sync>,
+    ) -> std::io::Result<Arc<Self>> {
+        let sock = UdpSocket::bind(cfg.listen).await?;
+        let mut cfg = cfg;
+        cfg.listen = sock.local_addr()?;
+        Ok(Arc::new(Self {
+            cfg,
+            sock,
+            medium: tokio::sync::Mutex::new(medium),
+            state: Mutex::new(State {
+                calls: HashMap::new(),
+                pending: HashMap::new(),
+            }),
+            reports: Mutex::new(Vec::new()),
+            on_report,
+        }))
+    }
+
+    /// The SIP address the edge listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.cfg.listen
+    }
+
+    /// Reports of the calls finished so far.
+    pub fn reports(&self) -> Vec<CallReport> {
+        self.reports.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Serves until the socket fails.
+    pub async fn run(self: Arc<Self>) -> std::io::Result<()> {
+        let mut buf = vec![0u8; sip::MAX_MESSAGE + 1];
+        loop {
+            let (n, src) = self.sock.recv_from(&mut buf).await?;
+            let bytes = &buf[..n];
+            if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+                continue; // keep-alive
+            }
+            match sip::parse(bytes) {
+                Ok(msg) => {
+                    tokio::spawn(self.clone().handle(msg, src));
+                }
+                Err(e) => tracing::warn!(%src, "dropped a datagram that is not SIP: {e}"),
+            }
+        }
+    }
+
+    async fn send(&self, msg: &Message, to: SocketAddr) {
+        if let Err(e) = self.sock.send_to(&msg.encode(), to).await {
+            tracing::warn!(%to, "SIP send failed: {e}");
+        }
+    }
+
+    fn my_uri(&self) -> String {
+        format!("sip:{}", self.cfg.listen)
+    }
+
+    fn is_me(&self, uri: &str) -> bool {
+        Uri::parse(uri).and_then(|u| u.socket_addr()) == Some(self.cfg.listen)
+    }
+
+    /// Answers `req` (from `src`) with a failure and a reason the user sees.
+    async fn refuse(&self, req: &Message, src: SocketAddr, code: u16, reason: &str, why: &str) {
+        let mut r = req.response(code, reason, "qkdnet-edge");
+        r.headers.push((
+            "Warning".into(),
+            format!("399 qkdnet-edge \"{}\"", why.replace('"', "'")),
+        ));
+        tracing::warn!(code, "refused a call: {why}");
+        self.send_response(r, src).await;
+    }
+
+    async fn send_response(&self, r: Message, fallback: SocketAddr) {
+        let to = r
+            .top_via()
+            .and_then(|v| v.response_target())
+            .unwrap_or(fallback);
+        self.send(&r, to).await;
+    }
+
+    async fn handle(self: Arc<Self>, mut msg: Message, src: SocketAddr) {
+        match msg.start.clone() {
+            StartLine::Response { .. } => self.response(msg).await,
+            StartLine::Request { method, uri } => {
+                // Mark where the request came from (RFC 3581) for the way back.
+                if let Some(mut via) = msg.top_via() {
+                    via.set_param("received", Some(src.ip().to_string()));
+                    via.set_param("rport", Some(src.port().to_string()));
+                    msg.pop_front("Via");
+                    msg.push_front("Via", &via.to_string());
+                } else {
+                    return;
+                }
+                let mf = msg
+                    .header("Max-Forwards")
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .unwrap_or(70);
+                if mf == 0 {
+                    self.refuse(&msg, src, 483, "Too Many Hops", "Max-Forwards reached 0")
+                        .await;
+                    return;
+                }
+                msg.set("Max-Forwards", &(mf - 1).to_string());
+                let initial = msg
+                    .header("To")
+                    .is_some_and(|t| sip::header_param(t, "tag").is_none());
+                if method == "INVITE" && initial {
+                    let call_id = msg.call_id().unwrap_or_default().to_owned();
+                    let busy = {
+                        let Ok(st) = self.state.lock() else { return };
+                        st.pending.contains_key(&call_id) || st.calls.contains_key(&call_id)
+                    };
+                    let trying = msg.response(100, "Trying", "");
+                    self.send_response(trying, src).await;
+                    if busy {
+                        return; // a retransmission
+                    }
+                    if let Ok(mut st) = self.state.lock() {
+                        st.pending.insert(call_id.clone(), Pending::Keying);
+                    }
+                    let from_ua = src == self.cfg.ua;
+                    let r = if from_ua {
+                        self.outgoing_invite(msg.clone(), src).await
+                    } else {
+                        self.incoming_invite(msg.clone(), src, &uri).await
+                    };
+                    if let Ok(mut st) = self.state.lock() {
+                        st.pending.remove(&call_id);
+                    }
+                    if let Err((code, reason, why)) = r {
+                        self.refuse(&msg, src, code, reason, &why).await;
+                    }
+                    return;
+                }
+                self.forward_request(msg, src, &method).await;
+            }
+        }
+    }
+
+    /// Where a request goes next: the next Route (after ours), else the
+    /// Request-URI — or, for a request addressed to this edge from outside,
+    /// the softphone.
+    fn next_hop(&self, msg: &mut Message, src: SocketAddr) -> Option<SocketAddr> {
+        while msg.elements("Route").first().is_some_and(|r| self.is_me(r)) {
+            msg.pop_front("Route");
+        }
+        if let Some(r) = msg.elements("Route").first() {
+            return Uri::parse(r).and_then(|u| u.socket_addr());
+        }
+        let StartLine::Request { uri, .. } = &mut msg.start else {
+            return None;
+        };
+        if self.is_me(uri) && src != self.cfg.ua {
+            // Addressed to this edge: the subscriber behind it.
+            let user = Uri::parse(uri).map(|u| u.user).unwrap_or_default();
+            *uri = format!("sip:{user}@{}", self.cfg.ua);
+            return Some(self.cfg.ua);
+        }
+        Uri::parse(uri).and_then(|u| u.socket_addr())
+    }
+
+    fn add_via(&self, msg: &mut Message) {
+        let branch_in = msg
+            .top_via()
+            .and_then(|v| v.param("branch").flatten().map(str::to_owned))
+            .unwrap_or_default();
+        let h = qkdnet_crypto::sm3::sm3(
+            format!("{branch_in}|{}|qkdnet-edge", self.cfg.listen).as_bytes(),
+        );
+        let via = Via {
+            transport: "UDP".into(),
+            host: self.cfg.listen.ip().to_string(),
+            port: Some(self.cfg.listen.port()),
+            params: vec![
+                ("branch".into(), Some(format!("z9hG4bK{}", hex(&h[..10])))),
+                ("rport".into(), None),
+            ],
+        };
+        msg.push_front("Via", &via.to_string());
+    }
+
+    async fn forward_request(&self, mut msg: Message, src: SocketAddr, method: &str) {
+        let Some(to) = self.next_hop(&mut msg, src) else {
+            if method != "ACK" {
+                self.refuse(&msg, src, 404, "Not Found", "no route to the Request-URI")
+                    .await;
+            }
+            return;
+        };
+        let call_id = msg.call_id().unwrap_or_default().to_owned();
+        if method == "BYE" || method == "CANCEL" {
+            self.end_call(&call_id);
+        } else if !msg.body.is_empty()
+            && (method == "INVITE" || method == "ACK" || method == "UPDATE")
+        {
+            // A re-INVITE (or late answer in ACK): keep the media on the relay.
+            if let Err(e) = self.relay_sdp(&mut msg, &call_id, src == self.cfg.ua) {
+                self.refuse(&msg, src, 488, "Not Acceptable Here", &e).await;
+                return;
+            }
+        }
+        self.add_via(&mut msg);
+        self.send(&msg, to).await;
+    }
+
+    /// Rewrites the SDP of a message of call `call_id`: what the softphone
+    /// sends points at the wire leg (for the far edge), what comes from the
+    /// far edge points at the softphone leg. Records where each side receives.
+    fn relay_sdp(&self, msg: &mut Message, call_id: &str, from_ua: bool) -> Result<(), String> {
+        let audio = sdp::audio(&msg.body).map_err(|e| e.to_string())?;
+        let Ok(st) = self.state.lock() else {
+            return Err("edge state poisoned".into());
+        };
+        let call = st
+            .calls
+            .get(call_id)
+            .ok_or_else(|| "SDP for a call this edge does not relay".to_string())?;
+        let (leg, proto) = if from_ua {
+            let _ = call.ua_rtp.send(Some(audio.rtp));
+            (call.wire_leg, "RTP/AVP")
+        } else {
+            let _ = call.far_rtp.send(Some(audio.rtp));
+            (call.ua_leg, "RTP/AVP")
+        };
+        msg.body = sdp::rewrite(&msg.body, leg, proto).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn response(&self, mut msg: Message) {
+        // Our Via on top, else not ours to route.
+        let Some(top) = msg.top_via() else { return };
+        if top.host != self.cfg.listen.ip().to_string() || top.port != Some(self.cfg.listen.port())
+        {
+            tracing::warn!("dropped a response whose top Via is not this edge");
+            return;
+        }
+        msg.pop_front("Via");
+        let Some(next) = msg.top_via().and_then(|v| v.response_target()) else {
+            return;
+        };
+        let call_id = msg.call_id().unwrap_or_default().to_owned();
+        let code = msg.code().unwrap_or(0);
+        let is_invite = msg.cseq().is_some_and(|(_, m)| m == "INVITE");
+        if is_invite && (180..300).contains(&code) && !msg.body.is_empty() {
+            let from_ua = next != self.cfg.ua;
+            if let Err(e) = self.relay_sdp(&mut msg, &call_id, from_ua) {
+                tracing::warn!("answer SDP not relayed: {e}");
+                msg.body.clear();
+            }
+        }
+        if is_invite && code >= 300 {
+            self.end_call(&call_id);
+        }
+        self.send(&msg, next).await;
+    }
+
+    /// The caller's side of the key step and the INVITE toward the far edge.
+    async fn outgoing_invite(
+        self: &Arc<Self>,
+        mut msg: Message,
+        src: SocketAddr,
+    ) -> Result<(), (u16, &'static str, String)> {
+        let call_id = msg
+            .call_id()
+            .ok_or((400, "Bad Request", "no Call-ID".into()))?
+            .to_owned();
+        let audio = sdp::audio(&msg.body)
+            .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
+        let Some(to) = self.next_hop(&mut msg, src) else {
+            return Err((
+                404,
+                "Not Found",
+                "the callee's edge is not an address".into(),
+            ));
+        };
+        let StartLine::Request { uri, .. } = &msg.start else {
+            return Err((400, "Bad Request", "not a request".into()));
+        };
+        let user = Uri::parse(uri).map(|u| u.user).unwrap_or_default();
+        let callee = Identity::new(format!("sip:{user}@{}", self.cfg.domain))
+            .map_err(|e| (404, "Not Found", format!("callee: {e}")))?;
+        let mut sid = [0u8; SESSION_ID_LEN];
+        getrandom::fill(&mut sid).map_err(|e| (500, "Server Internal Error", e.to_string()))?;
+        let key = self.key_step(Ask::Open(callee, sid)).await?;
+        let peer = key.peer.as_str().to_owned();
+        let call = self
+            .start_call(Role::Caller, &key, Some(audio.rtp), None)
+            .await
+            .map_err(|e| (500, "Server Internal Error", e))?;
+        let wire = call.wire_leg;
+        if let Ok(mut st) = self.state.lock() {
+            st.calls.insert(call_id, call);
+        }
+        msg.body = sdp::rewrite(&msg.body, wire, "RTP/AVP")
+            .map_err(|e| (488, "Not Acceptable Here", e.to_string()))?;
+        msg.set(SESSION_HEADER, &hex(&sid));
+        msg.set(MODE_HEADER, self.cfg.mode.name());
+        msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
+        self.add_via(&mut msg);
+        tracing::info!(peer, "calling with a quantum session key");
+        self.send(&msg, to).await;
+        Ok(())
+    }
+
+    /// The callee's side: join the session, check the caller, pass the INVITE on.
+    async fn incoming_invite(
+        self: &Arc<Self>,
+        mut msg: Message,
+        src: SocketAddr,
+        _uri: &str,
+    ) -> Result<(), (u16, &'static str, String)> {
+        let call_id = msg
+            .call_id()
+            .ok_or((400, "Bad Request", "no Call-ID".into()))?
+            .to_owned();
+        let not_quantum = |what: &str| {
+            (
+                488,
+                "Not Acceptable Here",
+                format!("not a quantum-keyed call: {what}"),
+            )
+        };
+        let sid = msg
+            .header(SESSION_HEADER)
+            .and_then(unhex)
+            .ok_or_else(|| not_quantum("no session ID"))?;
+        let mode = msg
+            .header(MODE_HEADER)
+            .and_then(Mode::parse)
+            .ok_or_else(|| not_quantum("no supported media mode"))?;
+        let audio = sdp::audio(&msg.body)
+            .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
+        let key = self.key_step(Ask::Join(sid)).await?;
+        let claimed = msg
+            .header("From")
+            .and_then(Uri::parse)
+            .map(|u| format!("sip:{}@{}", u.user, self.cfg.domain))
+            .unwrap_or_default();
+        if key.peer.as_str() != claimed {
+            return Err((
+                403,
+                "Forbidden",
+                format!(
+                    "the session's other party is {}, the call claims {claimed}",
+                    key.peer.as_str()
+                ),
+            ));
+        }
+        let call = self
+            .start_call(Role::Callee, &key, None, Some(audio.rtp))
+            .await
+            .map_err(|e| (500, "Server Internal Error", e))?;
+        let ua_leg = call.ua_leg;
+        if let Ok(mut st) = self.state.lock() {
+            st.calls.insert(call_id, call);
+        }
+        let Some(to) = self.next_hop(&mut msg, src) else {
+            self.end_call(msg.call_id().unwrap_or_default());
+            return Err((404, "Not Found", "no route to the softphone".into()));
+        };
+        msg.body = sdp::rewrite(&msg.body, ua_leg, "RTP/AVP")
+            .map_err(|e| (488, "Not Acceptable Here", e.to_string()))?;
+        msg.remove(SESSION_HEADER);
+        msg.remove(MODE_HEADER);
+        msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
+        self.add_via(&mut msg);
+        tracing::info!(
+            caller = key.peer.as_str(),
+            mode = mode.name(),
+            "incoming quantum call"
+        );
+        self.send(&msg, to).await;
+        Ok(())
+    }
+
+    /// Runs one request at the key service with the medium.
+    async fn key_step(
+        &self,
+        ask: Ask,
+    ) -> Result<qkdnet_media::proto::SessionKey, (u16, &'static str, String)> {
+        let unavailable = |e: String| {
+            (
+                503,
+                "Service Unavailable",
+                format!("no quantum key for this call: {e}"),
+            )
+        };
+        let mut conn = Connection::connect(&self.cfg.keyservice, Duration::from_secs(5))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut medium = self.medium.lock().await;
+        let mut t = Terminal::new(medium.as_mut()).map_err(|e| unavailable(e.to_string()))?;
+        let r = match ask {
+            Ask::Open(peer, sid) => t.open(&mut conn, &peer, sid).await,
+            Ask::Join(sid) => t.join(&mut conn, sid).await,
+        };
+        r.map_err(|e| unavailable(e.to_string()))
+    }
+
+    async fn start_call(
+        self: &Arc<Self>,
+        role: Role,
+        key: &qkdnet_media::proto::SessionKey,
+        ua_rtp: Option<SocketAddr>,
+        far_rtp: Option<SocketAddr>,
+    ) -> Result<Call, String> {
+        let (ua_a, ua_b) = bind_pair(self.cfg.local_ip)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (w_a, w_b) = bind_pair(self.cfg.media_ip)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ua_leg = ua_a.local_addr().map_err(|e| e.to_string())?;
+        let wire_leg = w_a.local_addr().map_err(|e| e.to_string())?;
+        let (out_dir, in_dir) = match role {
+            Role::Caller => (Direction::CallerToCallee, Direction::CalleeToCaller),
+            Role::Callee => (Direction::CalleeToCaller, Direction::CallerToCallee),
+        };
+        let protect = Protect::new(&key.key, out_dir);
+        let unprotect = Unprotect::new(&key.key, in_dir);
+        let (ua_tx, ua_rx) = watch::channel(ua_rtp);
+        let (far_tx, far_rx) = watch::channel(far_rtp);
+        let stats = Arc::new(Mutex::new(RelayStats::default()));
+        let relay = tokio::spawn(relay(
+            [ua_a, ua_b, w_a, w_b],
+            protect,
+            unprotect,
+            ua_rx,
+            far_rx,
+            stats.clone(),
+        ));
+        Ok(Call {
+            role,
+            session: key.session_id,
+            source: key.source,
+            peer: key.peer.as_str().to_owned(),
+            ua_leg,
+            wire_leg,
+            ua_rtp: ua_tx,
+            far_rtp: far_tx,
+            relay,
+            stats,
+            started: Instant::now(),
+        })
+    }
+
+    fn end_call(&self, call_id: &str) {
+        let call = match self.state.lock() {
+            Ok(mut st) => st.calls.remove(call_id),
+            Err(_) => None,
+        };
+        let Some(call) = call else { return };
+        call.relay.abort();
+        let s = call.stats.lock().map(|s| *s).unwrap_or_default();
+        let report = CallReport {
+            call_id: call_id.to_owned(),
+            role: match call.role {
+                Role::Caller => "caller",
+                Role::Callee => "callee",
+            },
+            mode: self.cfg.mode.name(),
+            session: hex(&call.session),
+            key_source: match call.source {
+                KeySource::Qkd => "qkd",
+                _ => "csprng",
+            },
+            peer: call.peer,
+            seconds: call.started.elapsed().as_secs_f64(),
+            sent: s.sent,
+            received: s.received,
+            dropped_auth: s.auth,
+            dropped_replay: s.replay,
+            dropped_other: s.other,
+            medium_keys: 2,
+        };
+        (self.on_report)(&report);
+        if let Ok(mut r) = self.reports.lock() {
+            r.push(report);
+        }
+    }
+}
+
+/// The media relay of one call: `[ua_rtp, ua_rtcp, wire_rtp, wire_rtcp]`.
+async fn relay(
+    socks: [UdpSocket; 4],
+    mut protect: Protect,
+    mut unprotect: Unprotect,
+    ua: watch::Receiver<Option<SocketAddr>>,
+    far: watch::Receiver<Option<SocketAddr>>,
+    stats: Arc<Mutex<RelayStats>>,
+) {
+    let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
+    let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
+    loop {
+        let (which, p) = tokio::select! {
+            r = ua_rtp.recv_from(&mut b0) => (0, r.map(|(n, _)| b0[..n].to_vec())),
+            r = ua_rtcp.recv_from(&mut b1) => (1, r.map(|(n, _)| b1[..n].to_vec())),
+            r = wire_rtp.recv_from(&mut b2) => (2, r.map(|(n, _)| b2[..n].to_vec())),
+            r = wire_rtcp.recv_from(&mut b3) => (3, r.map(|(n, _)| b3[..n].to_vec())),
+        };
+        let Ok(mut p) = p else { continue };
+        match which {
+            0 | 1 => {
+                let Some(far) = *far.borrow() else { continue };
+                let r = if which == 1 || is_rtcp(&p) {
+                    protect.rtcp(&mut p)
+                } else {
+                    protect.rtp(&mut p)
+                };
+                if r.is_ok() {
+                    let to = if which == 0 { far } else { plus_one(far) };
+                    let sock = if which == 0 { &wire_rtp } else { &wire_rtcp };
+                    if sock.send_to(&p, to).await.is_ok() {
+                        if let Ok(mut s) = stats.lock() {
+                            s.sent += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                let r = unprotect.open(&mut p);
+                if let Ok(mut s) = stats.lock() {
+                    s.received = unprotect.passed;
+                    s.auth = unprotect.dropped.auth;
+                    s.replay = unprotect.dropped.replay;
+                    s.other = unprotect.dropped.malformed + unprotect.dropped.ssrcs;
+                }
+                if r.is_err() {
+                    continue;
+                }
+                let Some(ua) = *ua.borrow() else { continue };
+                let (to, sock) = if which == 2 {
+                    (ua, &ua_rtp)
+                } else {
+                    (plus_one(ua), &ua_rtcp)
+                };
+                let _ = sock.send_to(&p, to).await;
+            }
+        }
+    }
+}

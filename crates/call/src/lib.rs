@@ -1,0 +1,17 @@
+//! Quantum secret calls: the edge that runs beside an unmodified softphone as
+//! its outbound SIP proxy and RTP relay, and keys each call from the key
+//! service of quantum security media (`qkdnet-terminal`).
+//!
+//! | module | what |
+//! |---|---|
+//! | [`sip`] | SIP messages: parse, headers, encode (sans-IO, fuzzed) |
+//! | [`sdp`] | the audio stream of an SDP, and the SDP pointed at the relay |
+//! | [`media`] | `sm4` mode: RTP/RTCP under SM4-GCM with replay window (sans-IO) |
+//! | [`edge`] | the running edge: proxy, key step, relay, call reports |
+
+#![warn(missing_docs)]
+
+pub mod edge;
+pub mod media;
+pub mod sdp;
+pub mod sip;

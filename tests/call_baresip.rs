@@ -1,0 +1,571 @@
+//! Quantum secret calls between two unmodified baresip softphones (Debian's
+//! `baresip-core`, installed by scripts/test.sh), each behind its own
+//! `qkdnet call edge`, keyed by a `qkdnet keyservice serve` process.
+//!
+//! The media are charged straight into the service's store and the medium
+//! files with the same keys (no QKD network in this test, so session keys
+//! come from the service's CSPRNG and the report says so); the edges, the
+//! service and the softphones are real processes talking SIP, RTP and the key
+//! service protocol over loopback. baresip is driven through its `ctrl_tcp`
+//! module (netstring JSON): A dials B through the edges, plays a WAV with
+//! `aufile` and hangs up at its end; B auto-answers and records with
+//! `sndfile`; the recording must match the WAV (normalised correlation ≥ 0.9
+//! at the best lag).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qkdnet_crypto::SecretBytes;
+use qkdnet_keyservice::sqlite::SqliteStore;
+use qkdnet_keyservice::store::direct_offer;
+use qkdnet_kms::store::MasterKey;
+use qkdnet_media::proto::Identity;
+use qkdnet_media::{ChargeRecord, FileMedium, Key256, Medium, MediumSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qkdnet");
+const PIN: &str = "482916";
+const DOMAIN: &str = "qkd.test";
+const RATE: u32 = 8_000;
+
+/// Children killed when the test ends, however it ends.
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port `p` with `p` and `p + 1` free for UDP and TCP on loopback.
+fn free_port_pair() -> u16 {
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let p = u.local_addr().expect("addr").port();
+        if p % 2 != 0 || p > 60_000 {
+            continue;
+        }
+        let ok = UdpSocket::bind(("127.0.0.1", p + 1)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok();
+        drop(u);
+        if ok {
+            return p;
+        }
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn write_wav(path: &Path, samples: &[i16]) {
+    let data_len = (samples.len() * 2) as u32;
+    let mut b = Vec::with_capacity(44 + samples.len() * 2);
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data_len).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    b.extend_from_slice(&1u16.to_le_bytes()); // mono
+    b.extend_from_slice(&RATE.to_le_bytes());
+    b.extend_from_slice(&(RATE * 2).to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, b).expect("write wav");
+}
+
+/// The 16-bit mono samples of a PCM WAV file (chunks walked, not assumed).
+fn read_wav(path: &Path) -> Vec<i16> {
+    let b = std::fs::read(path).expect("read wav");
+    assert!(
+        b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WAVE",
+        "{path:?} is not a WAV"
+    );
+    let mut at = 12;
+    while at + 8 <= b.len() {
+        let id = &b[at..at + 4];
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().expect("4")) as usize;
+        let body = &b[at + 8..(at + 8 + len).min(b.len())];
+        if id == b"data" {
+            return body
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect();
+        }
+        at += 8 + len + (len & 1);
+    }
+    Vec::new()
+}
+
+/// Speech-like test signal: a gliding tone with two formant-like partials,
+/// syllable-rate amplitude modulation and pauses, so a wrong alignment
+/// cannot correlate.
+fn test_signal(seconds: f64) -> Vec<i16> {
+    let n = (seconds * f64::from(RATE)) as usize;
+    let mut phase = [0f64; 3];
+    (0..n)
+        .map(|i| {
+            let t = i as f64 / f64::from(RATE);
+            let f0 = 140.0 + 60.0 * (2.0 * std::f64::consts::PI * 0.7 * t).sin();
+            let freqs = [f0, 3.1 * f0 + 200.0, 7.3 * f0 + 500.0];
+            let mut v = 0.0;
+            for (k, f) in freqs.iter().enumerate() {
+                phase[k] += 2.0 * std::f64::consts::PI * f / f64::from(RATE);
+                v += [0.6, 0.3, 0.15][k] * phase[k].sin();
+            }
+            let syllable = (2.0 * std::f64::consts::PI * 3.3 * t).sin().max(0.0);
+            let pause = if (t * 1.3).fract() < 0.2 { 0.0 } else { 1.0 };
+            (v * syllable * pause * 12_000.0) as i16
+        })
+        .collect()
+}
+
+/// Normalised cross-correlation of `rec` against `reference` at the best lag
+/// in `0..max_lag` (the recording may start late, never early).
+fn best_correlation(reference: &[i16], rec: &[i16], max_lag: usize) -> (usize, f64) {
+    let mut best = (0, f64::MIN);
+    for lag in 0..max_lag.min(rec.len()) {
+        let n = reference.len().min(rec.len() - lag);
+        if n < RATE as usize {
+            break;
+        }
+        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+        for i in 0..n {
+            let x = f64::from(reference[i]);
+            let y = f64::from(rec[lag + i]);
+            xy += x * y;
+            xx += x * x;
+            yy += y * y;
+        }
+        let c = xy / (xx.sqrt() * yy.sqrt()).max(1.0);
+        if c > best.1 {
+            best = (lag, c);
+        }
+    }
+    best
+}
+
+/// A baresip `ctrl_tcp` connection (netstring-framed JSON both ways).
+struct Ctrl {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    log: Vec<serde_json::Value>,
+}
+
+impl Ctrl {
+    fn connect(port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_millis(200)))
+                        .expect("timeout");
+                    return Self {
+                        stream,
+                        buf: Vec::new(),
+                        log: Vec::new(),
+                    };
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("baresip ctrl_tcp on {port}: {e}"),
+            }
+        }
+    }
+
+    fn command(&mut self, command: &str, params: &str) {
+        let body =
+            serde_json::json!({"command": command, "params": params, "token": command}).to_string();
+        self.stream
+            .write_all(format!("{}:{body},", body.len()).as_bytes())
+            .expect("ctrl write");
+    }
+
+    /// Reads messages until `pred` matches one or `secs` pass.
+    fn wait_for(
+        &mut self,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            while let Some(colon) = self.buf.iter().position(|&b| b == b':') {
+                let Ok(n) = std::str::from_utf8(&self.buf[..colon])
+                    .unwrap_or("x")
+                    .parse::<usize>()
+                else {
+                    panic!("bad netstring from baresip");
+                };
+                if self.buf.len() < colon + 2 + n {
+                    break;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_slice(&self.buf[colon + 1..colon + 1 + n]).expect("json");
+                self.buf.drain(..colon + 2 + n);
+                self.log.push(v.clone());
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn event(v: &serde_json::Value, ty: &str) -> bool {
+    v["event"] == true && v["type"] == ty
+}
+
+struct Phone {
+    dir: PathBuf,
+    sip: u16,
+    ctrl: u16,
+    rec: PathBuf,
+}
+
+fn baresip_config(dir: &Path, name: &str, edge: SocketAddr, source: &Path, answer: &str) -> Phone {
+    let sip = free_port_pair();
+    let ctrl = free_tcp_port();
+    let rtp = free_port_pair();
+    let rec = dir.join(format!("rec-{name}"));
+    let conf = dir.join(format!("baresip-{name}"));
+    std::fs::create_dir_all(&rec).expect("mkdir");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    let config = format!(
+        "poll_method epoll
+sip_listen 127.0.0.1:{sip}
+call_local_timeout 120
+call_max_calls 4
+audio_buffer 20-160
+audio_path /usr/share/baresip
+audio_player aubridge,sink{name}
+audio_source aufile,{}
+audio_alert aubridge,sink{name}
+ausrc_format s16
+auplay_format s16
+auenc_format s16
+audec_format s16
+rtp_ports {rtp}-{}
+rtcp_mux no
+jitter_buffer_delay 5-10
+net_interface 127.0.0.1
+module_path /usr/lib/baresip/modules
+module g711.so
+module aufile.so
+module aubridge.so
+module sndfile.so
+module_tmp uuid.so
+module_tmp account.so
+module_app contact.so
+module_app menu.so
+module_app ctrl_tcp.so
+ctrl_tcp_listen 127.0.0.1:{ctrl}
+snd_path {}
+statmode_default off
+",
+        source.display(),
+        rtp + 9,
+        rec.display()
+    );
+    std::fs::write(conf.join("config"), config).expect("config");
+    std::fs::write(
+        conf.join("accounts"),
+        format!(
+            "<sip:{name}@127.0.0.1:{sip}>;regint=0;audio_codecs=PCMU;answermode={answer};outbound=\"sip:{edge}\"\n"
+        ),
+    )
+    .expect("accounts");
+    std::fs::write(conf.join("contacts"), "").expect("contacts");
+    Phone {
+        dir: conf,
+        sip,
+        ctrl,
+        rec,
+    }
+}
+
+fn spawn(procs: &mut Procs, name: &str, cmd: &mut Command, log: &Path) {
+    let out = std::fs::File::create(log).expect("log");
+    let err = out.try_clone().expect("log");
+    let child = cmd
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    procs.0.push((name.to_owned(), child));
+}
+
+/// Creates a medium file for `owner` with `n` keys and charges the same keys
+/// into the key service's store.
+fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> PathBuf {
+    let path = dir.join(format!("{}.medium", owner.replace([':', '@', '.'], "_")));
+    let identity = Identity::new(owner.to_owned()).expect("identity");
+    store.enrol(&identity, owner, 0).expect("enrol");
+    let mut m = FileMedium::create(
+        &path,
+        &MediumSpec::new(owner, n),
+        &SecretBytes::from_slice(PIN.as_bytes()),
+    )
+    .expect("medium");
+    let keys: Vec<Key256> = (0..n)
+        .map(|_| {
+            let mut k = [0u8; 32];
+            getrandom::fill(&mut k).expect("random");
+            Key256::new(k)
+        })
+        .collect();
+    let offer = direct_offer(m.id(), &identity, 0, n as usize).expect("offer");
+    store
+        .charge(&offer, &keys, 0)
+        .expect("store")
+        .expect("charge accepted");
+    m.charge(&keys, ChargeRecord::new("test", 0).expect("record"))
+        .expect("medium charge");
+    path
+}
+
+fn reports(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("call_id").is_some())
+        .collect()
+}
+
+#[test]
+fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let mut procs = Procs(Vec::new());
+
+    // The key service with two subscribers and their media.
+    let master = dir.join("ks.key");
+    MasterKey::create_file(&master).expect("master key");
+    let db = dir.join("ks.db");
+    let (alice_medium, bob_medium) = {
+        let mut store =
+            SqliteStore::open(&db, &MasterKey::read_file(&master).expect("read")).expect("store");
+        (
+            charged_medium(&mut store, dir, &format!("sip:alice@{DOMAIN}"), 16),
+            charged_medium(&mut store, dir, &format!("sip:bob@{DOMAIN}"), 16),
+        )
+    };
+    let ks_port = free_tcp_port();
+    let ks = format!("127.0.0.1:{ks_port}");
+    spawn(
+        &mut procs,
+        "keyservice",
+        Command::new(BIN).args([
+            "keyservice",
+            "serve",
+            "--store",
+            db.to_str().expect("utf8"),
+            "--master-key",
+            master.to_str().expect("utf8"),
+            "--listen",
+            &ks,
+        ]),
+        &dir.join("keyservice.log"),
+    );
+
+    // Sounds: A speaks the test signal; B sends a long tone (so its own file
+    // never ends the call first).
+    let speech = test_signal(4.0);
+    write_wav(&dir.join("speech.wav"), &speech);
+    let tone: Vec<i16> = (0..(60 * RATE))
+        .map(|i| {
+            ((i as f64 * 2.0 * std::f64::consts::PI * 1000.0 / f64::from(RATE)).sin() * 8000.0)
+                as i16
+        })
+        .collect();
+    write_wav(&dir.join("tone.wav"), &tone);
+
+    // Two edges, then the phones behind them.
+    let edge_a: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
+        .parse()
+        .expect("addr");
+    let edge_b: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
+        .parse()
+        .expect("addr");
+    let a = baresip_config(dir, "alice", edge_a, &dir.join("speech.wav"), "manual");
+    let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto");
+    for (name, edge, phone, medium) in [
+        ("edge-a", edge_a, &a, &alice_medium),
+        ("edge-b", edge_b, &b, &bob_medium),
+    ] {
+        spawn(
+            &mut procs,
+            name,
+            Command::new(BIN)
+                .args([
+                    "call",
+                    "edge",
+                    "--medium",
+                    medium.to_str().expect("utf8"),
+                    "--listen",
+                    &edge.to_string(),
+                    "--ua",
+                    &format!("127.0.0.1:{}", phone.sip),
+                    "--keyservice",
+                    &ks,
+                    "--domain",
+                    DOMAIN,
+                    "--mode",
+                    "sm4",
+                ])
+                .env("QKDNET_MEDIA_PIN", PIN)
+                .env("RUST_LOG", "info"),
+            &dir.join(format!("{name}.log")),
+        );
+    }
+    for (name, phone) in [("alice", &a), ("bob", &b)] {
+        spawn(
+            &mut procs,
+            name,
+            Command::new("baresip").arg("-f").arg(&phone.dir),
+            &dir.join(format!("baresip-{name}.log")),
+        );
+    }
+    // The edges print their SIP address once bound (the medium's PIN is
+    // stretched with Argon2id first).
+    for name in ["edge-a", "edge-b"] {
+        let log = dir.join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("call edge: SIP on")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut ca = Ctrl::connect(a.ctrl);
+    let mut cb = Ctrl::connect(b.ctrl);
+
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    let established = ca.wait_for(20, |v| {
+        event(v, "CALL_ESTABLISHED") || event(v, "CALL_CLOSED")
+    });
+    let dump = |dir: &Path| {
+        let mut s = String::new();
+        for f in [
+            "edge-a.log",
+            "edge-b.log",
+            "keyservice.log",
+            "baresip-alice.log",
+            "baresip-bob.log",
+        ] {
+            s += &format!(
+                "--- {f}\n{}\n",
+                std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+            );
+        }
+        s
+    };
+    assert!(
+        established
+            .as_ref()
+            .is_some_and(|v| event(v, "CALL_ESTABLISHED")),
+        "the call was not established: {established:?}\n{}",
+        dump(dir)
+    );
+    // A's file ends after 4 s; baresip then hangs up by itself.
+    let closed = ca.wait_for(30, |v| event(v, "CALL_CLOSED"));
+    assert!(closed.is_some(), "the call did not end:\n{}", dump(dir));
+    assert!(
+        cb.wait_for(10, |v| event(v, "CALL_CLOSED")).is_some(),
+        "B did not see the call end"
+    );
+
+    // B heard A.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rec = loop {
+        let found = std::fs::read_dir(&b.rec)
+            .expect("rec dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().ends_with("-dec.wav"));
+        if let Some(p) =
+            found.filter(|p| std::fs::metadata(p).map(|m| m.len() > 44).unwrap_or(false))
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B recorded nothing:\n{}",
+            dump(dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(300)); // the header is finalised at close
+    let heard = read_wav(&rec);
+    let (lag, corr) = best_correlation(&speech, &heard, RATE as usize);
+    eprintln!(
+        "B heard {} samples; correlation with A's speech {corr:.4} at lag {lag}",
+        heard.len()
+    );
+    assert!(
+        corr >= 0.9,
+        "B's recording does not match A's speech: correlation {corr:.3} at lag {lag} ({} samples heard)",
+        heard.len()
+    );
+
+    // Both edges reported the call: same session, keyed, no drops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ra, rb) = loop {
+        let (ra, rb) = (
+            reports(&dir.join("edge-a.log")),
+            reports(&dir.join("edge-b.log")),
+        );
+        if !ra.is_empty() && !rb.is_empty() {
+            break (ra, rb);
+        }
+        assert!(Instant::now() < deadline, "no call reports:\n{}", dump(dir));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (ra, rb) = (&ra[0], &rb[0]);
+    eprintln!("caller edge: {ra}\ncallee edge: {rb}");
+    assert_eq!(ra["role"], "caller");
+    assert_eq!(rb["role"], "callee");
+    assert_eq!(
+        ra["session"], rb["session"],
+        "one key-service session for both edges"
+    );
+    assert_eq!(ra["mode"], "sm4");
+    assert_eq!(ra["peer"], format!("sip:bob@{DOMAIN}"));
+    assert_eq!(rb["peer"], format!("sip:alice@{DOMAIN}"));
+    for r in [ra, rb] {
+        assert!(r["sent"].as_u64().unwrap_or(0) > 100, "{r}");
+        assert!(r["received"].as_u64().unwrap_or(0) > 100, "{r}");
+        assert_eq!(r["dropped_auth"], 0, "{r}");
+    }
+}
