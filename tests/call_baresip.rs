@@ -248,7 +248,14 @@ struct Phone {
     rec: PathBuf,
 }
 
-fn baresip_config(dir: &Path, name: &str, edge: SocketAddr, source: &Path, answer: &str) -> Phone {
+fn baresip_config(
+    dir: &Path,
+    name: &str,
+    edge: SocketAddr,
+    source: &Path,
+    answer: &str,
+    mode: &str,
+) -> Phone {
     let sip = free_port_pair();
     let ctrl = free_tcp_port();
     let rtp = free_port_pair();
@@ -279,6 +286,7 @@ module g711.so
 module aufile.so
 module aubridge.so
 module sndfile.so
+module srtp.so
 module_tmp uuid.so
 module_tmp account.so
 module_app contact.so
@@ -296,7 +304,8 @@ statmode_default off
     std::fs::write(
         conf.join("accounts"),
         format!(
-            "<sip:{name}@127.0.0.1:{sip}>;regint=0;audio_codecs=PCMU;answermode={answer};outbound=\"sip:{edge}\"\n"
+            "<sip:{name}@127.0.0.1:{sip}>;regint=0;audio_codecs=PCMU;answermode={answer};outbound=\"sip:{edge}\"{}\n",
+            if mode == "srtp" { ";mediaenc=srtp-mand" } else { "" }
         ),
     )
     .expect("accounts");
@@ -359,7 +368,18 @@ fn reports(log: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn two_baresip_phones_talk_through_srtp_edges_keyed_by_the_key_service() {
+    call_in_mode("srtp");
+}
+
+#[test]
 fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
+    call_in_mode("sm4");
+}
+
+/// A calls B through the edges in `mode`; B hears A; both edges report one
+/// keyed session.
+fn call_in_mode(mode: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
@@ -413,8 +433,15 @@ fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
     let edge_b: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
         .parse()
         .expect("addr");
-    let a = baresip_config(dir, "alice", edge_a, &dir.join("speech.wav"), "manual");
-    let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto");
+    let a = baresip_config(
+        dir,
+        "alice",
+        edge_a,
+        &dir.join("speech.wav"),
+        "manual",
+        mode,
+    );
+    let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto", mode);
     for (name, edge, phone, medium) in [
         ("edge-a", edge_a, &a, &alice_medium),
         ("edge-b", edge_b, &b, &bob_medium),
@@ -437,7 +464,7 @@ fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
                     "--domain",
                     DOMAIN,
                     "--mode",
-                    "sm4",
+                    mode,
                 ])
                 .env("QKDNET_MEDIA_PIN", PIN)
                 .env("RUST_LOG", "info"),
@@ -539,6 +566,19 @@ fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
         heard.len()
     );
 
+    // And A heard B's tone (the other direction, other key).
+    let a_rec = std::fs::read_dir(&a.rec)
+        .expect("rec dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .expect("A recorded");
+    let heard_a = read_wav(&a_rec);
+    let (_, corr_a) = best_correlation(&tone[..RATE as usize * 3], &heard_a, 16);
+    assert!(
+        corr_a >= 0.9,
+        "A's recording does not match B's tone: {corr_a:.3}"
+    );
+
     // Both edges reported the call: same session, keyed, no drops.
     let deadline = Instant::now() + Duration::from_secs(10);
     let (ra, rb) = loop {
@@ -560,7 +600,8 @@ fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
         ra["session"], rb["session"],
         "one key-service session for both edges"
     );
-    assert_eq!(ra["mode"], "sm4");
+    assert_eq!(ra["mode"], mode);
+    assert_eq!(rb["mode"], mode);
     assert_eq!(ra["peer"], format!("sip:bob@{DOMAIN}"));
     assert_eq!(rb["peer"], format!("sip:alice@{DOMAIN}"));
     for r in [ra, rb] {

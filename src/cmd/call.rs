@@ -37,7 +37,7 @@ pub enum CallCommand {
         #[arg(long)]
         domain: String,
         /// Media protection of the calls this edge places.
-        #[arg(long, value_enum, default_value = "sm4")]
+        #[arg(long, value_enum, default_value = "srtp")]
         mode: ModeArg,
     },
 }
@@ -45,6 +45,9 @@ pub enum CallCommand {
 /// `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeArg {
+    /// The softphone's own SRTP (SDES, `mediaenc=srtp-mand` in baresip) with
+    /// quantum-derived keys; the edge re-protects what its softphone sends.
+    Srtp,
     /// SM4-GCM between the edges; the softphone sends plain RTP to its edge on loopback.
     Sm4,
 }
@@ -68,6 +71,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
                 domain,
                 keyservice,
                 mode: match mode {
+                    ModeArg::Srtp => Mode::Srtp,
                     ModeArg::Sm4 => Mode::Sm4,
                 },
                 media_ip: listen.ip(),

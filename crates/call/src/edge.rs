@@ -38,9 +38,10 @@ use qkdnet_terminal::client::{Connection, Terminal};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::media::{Direction, Protect, Unprotect, is_rtcp};
+use crate::media::{Counters, Direction, Drop as Discard, Protect, Unprotect, is_rtcp};
 use crate::sdp;
 use crate::sip::{self, Message, StartLine, Uri, Via};
+use crate::srtp;
 
 /// Header carrying the session ID between edges.
 pub const SESSION_HEADER: &str = "X-QKD-Session";
@@ -50,7 +51,11 @@ pub const MODE_HEADER: &str = "X-QKD-Mode";
 /// How the media of a call is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// SM4-GCM between the edges (national algorithms).
+    /// The softphones' own SRTP (SDES); each decrypts with a quantum-derived
+    /// key the edge wrote into its SDP, and the edge re-protects what its
+    /// softphone sends under the quantum-derived key of that direction.
+    Srtp,
+    /// SM4-GCM between the edges (national algorithms); plain RTP on loopback.
     Sm4,
 }
 
@@ -58,12 +63,14 @@ impl Mode {
     /// The mode's name on the wire and in reports.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Srtp => "srtp",
             Self::Sm4 => "sm4",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
         match s.trim() {
+            "srtp" => Some(Self::Srtp),
             "sm4" => Some(Self::Sm4),
             _ => None,
         }
@@ -128,6 +135,13 @@ enum Role {
 
 struct Call {
     role: Role,
+    mode: Mode,
+    /// `srtp`: the quantum-derived key the softphone decrypts with, and the
+    /// crypto tag of its offer.
+    ua_rx_key: Option<srtp::MasterKey>,
+    crypto_tag: u32,
+    /// `srtp`: the softphone's own sending key (from its SDP).
+    ua_key: watch::Sender<Option<srtp::MasterKey>>,
     session: [u8; SESSION_ID_LEN],
     source: KeySource,
     peer: String,
@@ -443,14 +457,29 @@ impl Edge {
             .calls
             .get(call_id)
             .ok_or_else(|| "SDP for a call this edge does not relay".to_string())?;
-        let (leg, proto) = if from_ua {
+        if from_ua {
             let _ = call.ua_rtp.send(Some(audio.rtp));
-            (call.wire_leg, "RTP/AVP")
+            if call.mode == Mode::Srtp {
+                let (_, key) = srtp::crypto_of(&msg.body).ok_or_else(|| {
+                    format!(
+                        "srtp mode: the softphone's SDP has no {} key (mediaenc=srtp-mand)",
+                        srtp::SUITE
+                    )
+                })?;
+                let _ = call.ua_key.send(Some(key));
+            }
+            msg.body = sdp::rewrite(&msg.body, call.wire_leg, wire_proto(call.mode))
+                .map_err(|e| e.to_string())?;
         } else {
             let _ = call.far_rtp.send(Some(audio.rtp));
-            (call.ua_leg, "RTP/AVP")
-        };
-        msg.body = sdp::rewrite(&msg.body, leg, proto).map_err(|e| e.to_string())?;
+            msg.body = ua_sdp(
+                &msg.body,
+                call.ua_leg,
+                call.mode,
+                call.ua_rx_key.as_ref(),
+                call.crypto_tag,
+            )?;
+        }
         Ok(())
     }
 
@@ -494,6 +523,18 @@ impl Edge {
             .to_owned();
         let audio = sdp::audio(&msg.body)
             .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
+        let mode = self.cfg.mode;
+        let ua_crypto = srtp::crypto_of(&msg.body);
+        if mode == Mode::Srtp && ua_crypto.is_none() {
+            return Err((
+                488,
+                "Not Acceptable Here",
+                format!(
+                    "srtp mode: the softphone offered no {} key (mediaenc=srtp-mand)",
+                    srtp::SUITE
+                ),
+            ));
+        }
         let Some(to) = self.next_hop(&mut msg, src) else {
             return Err((
                 404,
@@ -511,18 +552,22 @@ impl Edge {
         getrandom::fill(&mut sid).map_err(|e| (500, "Server Internal Error", e.to_string()))?;
         let key = self.key_step(Ask::Open(callee, sid)).await?;
         let peer = key.peer.as_str().to_owned();
+        let (tag, ua_key) = match ua_crypto {
+            Some((t, k)) => (t, Some(k)),
+            None => (1, None),
+        };
         let call = self
-            .start_call(Role::Caller, &key, Some(audio.rtp), None)
+            .start_call(Role::Caller, mode, &key, Some(audio.rtp), None, ua_key, tag)
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
         let wire = call.wire_leg;
         if let Ok(mut st) = self.state.lock() {
             st.calls.insert(call_id, call);
         }
-        msg.body = sdp::rewrite(&msg.body, wire, "RTP/AVP")
+        msg.body = sdp::rewrite(&msg.body, wire, wire_proto(mode))
             .map_err(|e| (488, "Not Acceptable Here", e.to_string()))?;
         msg.set(SESSION_HEADER, &hex(&sid));
-        msg.set(MODE_HEADER, self.cfg.mode.name());
+        msg.set(MODE_HEADER, mode.name());
         msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
         self.add_via(&mut msg);
         tracing::info!(peer, "calling with a quantum session key");
@@ -575,19 +620,25 @@ impl Edge {
             ));
         }
         let call = self
-            .start_call(Role::Callee, &key, None, Some(audio.rtp))
+            .start_call(Role::Callee, mode, &key, None, Some(audio.rtp), None, 1)
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
-        let ua_leg = call.ua_leg;
+        let body = ua_sdp(&msg.body, call.ua_leg, mode, call.ua_rx_key.as_ref(), 1)
+            .map_err(|e| (488, "Not Acceptable Here", e));
         if let Ok(mut st) = self.state.lock() {
-            st.calls.insert(call_id, call);
+            st.calls.insert(call_id.clone(), call);
         }
         let Some(to) = self.next_hop(&mut msg, src) else {
-            self.end_call(msg.call_id().unwrap_or_default());
+            self.end_call(&call_id);
             return Err((404, "Not Found", "no route to the softphone".into()));
         };
-        msg.body = sdp::rewrite(&msg.body, ua_leg, "RTP/AVP")
-            .map_err(|e| (488, "Not Acceptable Here", e.to_string()))?;
+        msg.body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                self.end_call(&call_id);
+                return Err(e);
+            }
+        };
         msg.remove(SESSION_HEADER);
         msg.remove(MODE_HEADER);
         msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
@@ -625,12 +676,16 @@ impl Edge {
         r.map_err(|e| unavailable(e.to_string()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_call(
         self: &Arc<Self>,
         role: Role,
+        mode: Mode,
         key: &qkdnet_media::proto::SessionKey,
         ua_rtp: Option<SocketAddr>,
         far_rtp: Option<SocketAddr>,
+        ua_key: Option<srtp::MasterKey>,
+        crypto_tag: u32,
     ) -> Result<Call, String> {
         let (ua_a, ua_b) = bind_pair(self.cfg.local_ip)
             .await
@@ -644,21 +699,48 @@ impl Edge {
             Role::Caller => (Direction::CallerToCallee, Direction::CalleeToCaller),
             Role::Callee => (Direction::CalleeToCaller, Direction::CallerToCallee),
         };
-        let protect = Protect::new(&key.key, out_dir);
-        let unprotect = Unprotect::new(&key.key, in_dir);
+        let (key_tx, key_rx) = watch::channel(ua_key);
+        let (out, inn, ua_rx_key) = match mode {
+            Mode::Sm4 => (
+                Out::Sm4(Protect::new(&key.key, out_dir)),
+                In::Sm4(Unprotect::new(&key.key, in_dir)),
+                None,
+            ),
+            Mode::Srtp => {
+                let tx = srtp_key(&key.key, out_dir);
+                let rx = srtp_key(&key.key, in_dir);
+                (
+                    Out::Srtp {
+                        q: srtp::Context::new(&tx),
+                        ua: None,
+                        ua_key: key_rx,
+                    },
+                    In::Srtp {
+                        q: srtp::Context::new(&rx),
+                        dropped: Counters::default(),
+                        passed: 0,
+                    },
+                    Some(rx),
+                )
+            }
+        };
         let (ua_tx, ua_rx) = watch::channel(ua_rtp);
         let (far_tx, far_rx) = watch::channel(far_rtp);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let relay = tokio::spawn(relay(
             [ua_a, ua_b, w_a, w_b],
-            protect,
-            unprotect,
+            out,
+            inn,
             ua_rx,
             far_rx,
             stats.clone(),
         ));
         Ok(Call {
             role,
+            mode,
+            ua_rx_key,
+            crypto_tag,
+            ua_key: key_tx,
             session: key.session_id,
             source: key.source,
             peer: key.peer.as_str().to_owned(),
@@ -686,7 +768,7 @@ impl Edge {
                 Role::Caller => "caller",
                 Role::Callee => "callee",
             },
-            mode: self.cfg.mode.name(),
+            mode: call.mode.name(),
             session: hex(&call.session),
             key_source: match call.source {
                 KeySource::Qkd => "qkd",
@@ -708,11 +790,139 @@ impl Edge {
     }
 }
 
+fn wire_proto(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Srtp => "RTP/SAVP",
+        Mode::Sm4 => "RTP/AVP",
+    }
+}
+
+/// The SDP handed to the softphone: pointed at its leg of the relay; in
+/// `srtp` mode with the quantum-derived key it decrypts with.
+fn ua_sdp(
+    body: &[u8],
+    leg: SocketAddr,
+    mode: Mode,
+    rx_key: Option<&srtp::MasterKey>,
+    tag: u32,
+) -> Result<Vec<u8>, String> {
+    let crypto = match (mode, rx_key) {
+        (Mode::Srtp, Some(k)) => Some(format!(
+            "a=crypto:{tag} {} inline:{}",
+            srtp::SUITE,
+            k.to_inline()
+        )),
+        (Mode::Srtp, None) => return Err("srtp mode without a key".into()),
+        (Mode::Sm4, _) => None,
+    };
+    let proto = match mode {
+        Mode::Srtp => "RTP/SAVP",
+        Mode::Sm4 => "RTP/AVP",
+    };
+    sdp::rewrite_with(body, leg, proto, crypto.as_deref()).map_err(|e| e.to_string())
+}
+
+/// The SRTP master key of direction `dir` of a call keyed by `session`.
+fn srtp_key(session: &qkdnet_media::Key256, dir: Direction) -> srtp::MasterKey {
+    let okm = qkdnet_crypto::kdf::hkdf_sm3(
+        b"qkdnet call srtp v1",
+        session.expose_secret(),
+        &[match dir {
+            Direction::CallerToCallee => b"caller->callee",
+            Direction::CalleeToCaller => b"callee->caller",
+        }],
+        srtp::KEY_LEN + srtp::SALT_LEN,
+    )
+    .expect("invariant: 30 bytes is a valid HKDF-SM3 length");
+    srtp::MasterKey::from_bytes(okm.expose_secret()).expect("invariant: 30 bytes")
+}
+
+/// What the relay does to packets from the softphone.
+enum Out {
+    Sm4(Protect),
+    Srtp {
+        q: srtp::Context,
+        ua: Option<srtp::Context>,
+        ua_key: watch::Receiver<Option<srtp::MasterKey>>,
+    },
+}
+
+impl Out {
+    fn apply(&mut self, p: &mut Vec<u8>, rtcp: bool) -> Result<(), Discard> {
+        match self {
+            Self::Sm4(protect) => {
+                if rtcp || is_rtcp(p) {
+                    protect.rtcp(p)
+                } else {
+                    protect.rtp(p)
+                }
+            }
+            Self::Srtp { q, ua, ua_key } => {
+                if ua_key.has_changed().unwrap_or(false) || ua.is_none() {
+                    *ua = ua_key.borrow_and_update().as_ref().map(srtp::Context::new);
+                }
+                let Some(ua) = ua else {
+                    return Err(Discard::Malformed);
+                };
+                if rtcp {
+                    ua.unprotect_rtcp(p)?;
+                    q.protect_rtcp(p)
+                } else {
+                    ua.unprotect_rtp(p)?;
+                    q.protect_rtp(p)
+                }
+            }
+        }
+    }
+}
+
+/// What the relay does to packets from the far edge.
+enum In {
+    Sm4(Unprotect),
+    /// Checked with the quantum-derived key and passed on as they came (the
+    /// softphone decrypts them).
+    Srtp {
+        q: srtp::Context,
+        dropped: Counters,
+        passed: u64,
+    },
+}
+
+impl In {
+    fn apply(&mut self, p: &mut Vec<u8>, rtcp: bool) -> Result<(), Discard> {
+        match self {
+            Self::Sm4(u) => u.open(p),
+            Self::Srtp { q, dropped, passed } => {
+                let mut copy = p.clone();
+                let r = if rtcp {
+                    q.unprotect_rtcp(&mut copy)
+                } else {
+                    q.unprotect_rtp(&mut copy)
+                };
+                match r {
+                    Ok(()) => *passed += 1,
+                    Err(d) => dropped.count(d),
+                }
+                r
+            }
+        }
+    }
+
+    fn stats(&self) -> (u64, Counters) {
+        match self {
+            Self::Sm4(u) => (u.passed, u.dropped),
+            Self::Srtp {
+                dropped, passed, ..
+            } => (*passed, *dropped),
+        }
+    }
+}
+
 /// The media relay of one call: `[ua_rtp, ua_rtcp, wire_rtp, wire_rtcp]`.
 async fn relay(
     socks: [UdpSocket; 4],
-    mut protect: Protect,
-    mut unprotect: Unprotect,
+    mut out: Out,
+    mut inn: In,
     ua: watch::Receiver<Option<SocketAddr>>,
     far: watch::Receiver<Option<SocketAddr>>,
     stats: Arc<Mutex<RelayStats>>,
@@ -730,11 +940,7 @@ async fn relay(
         match which {
             0 | 1 => {
                 let Some(far) = *far.borrow() else { continue };
-                let r = if which == 1 || is_rtcp(&p) {
-                    protect.rtcp(&mut p)
-                } else {
-                    protect.rtp(&mut p)
-                };
+                let r = out.apply(&mut p, which == 1);
                 if r.is_ok() {
                     let to = if which == 0 { far } else { plus_one(far) };
                     let sock = if which == 0 { &wire_rtp } else { &wire_rtcp };
@@ -746,12 +952,13 @@ async fn relay(
                 }
             }
             _ => {
-                let r = unprotect.open(&mut p);
+                let r = inn.apply(&mut p, which == 3);
+                let (passed, dropped) = inn.stats();
                 if let Ok(mut s) = stats.lock() {
-                    s.received = unprotect.passed;
-                    s.auth = unprotect.dropped.auth;
-                    s.replay = unprotect.dropped.replay;
-                    s.other = unprotect.dropped.malformed + unprotect.dropped.ssrcs;
+                    s.received = passed;
+                    s.auth = dropped.auth;
+                    s.replay = dropped.replay;
+                    s.other = dropped.malformed + dropped.ssrcs;
                 }
                 if r.is_err() {
                     continue;

@@ -84,7 +84,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn count(&mut self, d: Drop) {
+    /// Counts one drop.
+    pub fn count(&mut self, d: Drop) {
         match d {
             Drop::Malformed => self.malformed += 1,
             Drop::Auth => self.auth += 1,
@@ -142,14 +143,14 @@ impl Keyed {
 
 /// Highest index seen and the replay bitmap below it.
 #[derive(Debug, Clone, Copy, Default)]
-struct Window {
+pub(crate) struct Window {
     started: bool,
     highest: u64,
     seen: u64,
 }
 
 impl Window {
-    fn check(&self, idx: u64) -> Result<(), Drop> {
+    pub(crate) fn check(&self, idx: u64) -> Result<(), Drop> {
         if !self.started || idx > self.highest {
             return Ok(());
         }
@@ -160,7 +161,7 @@ impl Window {
         Ok(())
     }
 
-    fn accept(&mut self, idx: u64) {
+    pub(crate) fn accept(&mut self, idx: u64) {
         if !self.started {
             *self = Self {
                 started: true,
@@ -182,7 +183,7 @@ impl Window {
     }
 
     /// The 48-bit index of sequence number `seq` (RFC 3711 §3.3.1).
-    fn estimate(&self, seq: u16) -> u64 {
+    pub(crate) fn estimate(&self, seq: u16) -> u64 {
         if !self.started {
             return u64::from(seq);
         }
@@ -203,7 +204,7 @@ impl Window {
     }
 }
 
-fn rtp_header_len(p: &[u8]) -> Result<usize, Drop> {
+pub(crate) fn rtp_header_len(p: &[u8]) -> Result<usize, Drop> {
     if p.len() < 12 || p[0] >> 6 != 2 {
         return Err(Drop::Malformed);
     }

@@ -83,6 +83,17 @@ pub fn audio(body: &[u8]) -> Result<Audio, SdpError> {
 /// m-line's port), the transport set to `proto` and every `a=crypto` and
 /// `a=rtcp:` line removed; other lines unchanged.
 pub fn rewrite(body: &[u8], relay: SocketAddr, proto: &str) -> Result<Vec<u8>, SdpError> {
+    rewrite_with(body, relay, proto, None)
+}
+
+/// [`rewrite`], and `add` (an attribute line such as the edge's own
+/// `a=crypto`) placed right after the audio m-line.
+pub fn rewrite_with(
+    body: &[u8],
+    relay: SocketAddr,
+    proto: &str,
+    add: Option<&str>,
+) -> Result<Vec<u8>, SdpError> {
     let text = std::str::from_utf8(body).map_err(|_| SdpError::NotText)?;
     let (family, ip) = match relay.ip() {
         IpAddr::V4(a) => ("IP4", a.to_string()),
@@ -108,6 +119,10 @@ pub fn rewrite(body: &[u8], relay: SocketAddr, proto: &str) -> Result<Vec<u8>, S
                 relay.port(),
                 fmts.join(" ")
             ));
+            if let Some(a) = add {
+                out.push_str(a);
+                out.push_str("\r\n");
+            }
             continue;
         }
         if let Some(o) = line.strip_prefix("o=") {
