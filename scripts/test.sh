@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
-# Unmodified softphones for the secret-call tests (tests/call_baresip.rs).
+# Unmodified softphones and a packet capture for the secret-call tests
+# (tests/call_baresip.rs).
 command -v baresip >/dev/null || need_apt+=(baresip-core)
+command -v tcpdump >/dev/null || need_apt+=(tcpdump)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks, baresip softphones"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; fi

@@ -329,9 +329,18 @@ fn spawn(procs: &mut Procs, name: &str, cmd: &mut Command, log: &Path) {
     procs.0.push((name.to_owned(), child));
 }
 
+/// A subscriber's medium as the test made it (the test keeps the keys, as a
+/// lab would, to check what the service issued).
+struct Charged {
+    path: PathBuf,
+    id: uuid::Uuid,
+    identity: Identity,
+    keys: Vec<Key256>,
+}
+
 /// Creates a medium file for `owner` with `n` keys and charges the same keys
 /// into the key service's store.
-fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> PathBuf {
+fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> Charged {
     let path = dir.join(format!("{}.medium", owner.replace([':', '@', '.'], "_")));
     let identity = Identity::new(owner.to_owned()).expect("identity");
     store.enrol(&identity, owner, 0).expect("enrol");
@@ -355,7 +364,12 @@ fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> P
         .expect("charge accepted");
     m.charge(&keys, ChargeRecord::new("test", 0).expect("record"))
         .expect("medium charge");
-    path
+    Charged {
+        path,
+        id: m.id(),
+        identity,
+        keys,
+    }
 }
 
 fn reports(log: &Path) -> Vec<serde_json::Value> {
@@ -365,6 +379,105 @@ fn reports(log: &Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v.get("call_id").is_some())
         .collect()
+}
+
+/// One packet of a capture: transport, addresses, payload.
+struct Packet {
+    tcp: bool,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: Vec<u8>,
+}
+
+/// The IPv4 TCP/UDP packets of a pcap file (Ethernet link type, as tcpdump
+/// writes for `lo`).
+fn read_pcap(path: &Path) -> Vec<Packet> {
+    let b = std::fs::read(path).expect("pcap");
+    assert!(b.len() >= 24, "empty capture");
+    let le = b[..4] == [0xd4, 0xc3, 0xb2, 0xa1];
+    let u32_at = |at: usize| {
+        let w: [u8; 4] = b[at..at + 4].try_into().expect("4");
+        if le {
+            u32::from_le_bytes(w)
+        } else {
+            u32::from_be_bytes(w)
+        }
+    };
+    assert_eq!(u32_at(20), 1, "not an Ethernet capture");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= b.len() {
+        let len = u32_at(at + 8) as usize;
+        let frame = &b[at + 16..(at + 16 + len).min(b.len())];
+        at += 16 + len;
+        if frame.len() < 14 + 20 || frame[12..14] != [8, 0] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        let proto = ip[9];
+        let addr = |o: usize| std::net::Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+        let (sa, da) = (addr(12), addr(16));
+        let l4 = &ip[ihl..total];
+        let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+        let (tcp, payload) = match proto {
+            17 if l4.len() >= 8 => (false, &l4[8..]),
+            6 if l4.len() >= 20 => (true, &l4[usize::from(l4[12] >> 4) * 4..]),
+            _ => continue,
+        };
+        out.push(Packet {
+            tcp,
+            src: SocketAddr::new(sa.into(), port(0)),
+            dst: SocketAddr::new(da.into(), port(2)),
+            payload: payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// The session key the key service issued, recovered from the captured key
+/// service traffic with a subscriber's own medium keys (the grant is wrapped
+/// under the key at its `wrap_index`).
+fn issued_key(cap: &[Packet], ks: SocketAddr, who: &Charged) -> Option<Key256> {
+    use qkdnet_media::proto::{GrantExpect, Message, frame_len, open_grant};
+    let mut flows: std::collections::BTreeMap<SocketAddr, Vec<u8>> = Default::default();
+    for p in cap.iter().filter(|p| p.tcp && p.src == ks) {
+        flows
+            .entry(p.dst)
+            .or_default()
+            .extend_from_slice(&p.payload);
+    }
+    for stream in flows.values() {
+        let mut at = 0;
+        while let Ok(Some(n)) = frame_len(&stream[at..]) {
+            if at + n > stream.len() {
+                break;
+            }
+            if let Ok(Message::SessionKeyGrant(g)) = Message::decode(&stream[at..at + n]) {
+                let Some(k) = who.keys.get(g.wrap_index as usize) else {
+                    break;
+                };
+                let expect = GrantExpect {
+                    medium_id: who.id,
+                    me: &who.identity,
+                    session_id: g.session_id,
+                };
+                if let Ok(sk) = open_grant(&g, &expect, g.wrap_index, k) {
+                    return Some(sk.key);
+                }
+            }
+            at += n;
+        }
+    }
+    None
+}
+
+/// μ-law (G.711 PCMU) to linear.
+fn ulaw(b: u8) -> i16 {
+    let b = !b;
+    let t = ((i32::from(b & 0x0f) << 3) + 0x84) << ((b & 0x70) >> 4);
+    (if b & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
 }
 
 #[test]
@@ -443,8 +556,8 @@ fn call_in_mode(mode: &str) {
     );
     let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto", mode);
     for (name, edge, phone, medium) in [
-        ("edge-a", edge_a, &a, &alice_medium),
-        ("edge-b", edge_b, &b, &bob_medium),
+        ("edge-a", edge_a, &a, &alice_medium.path),
+        ("edge-b", edge_b, &b, &bob_medium.path),
     ] {
         spawn(
             &mut procs,
@@ -499,6 +612,28 @@ fn call_in_mode(mode: &str) {
     let mut ca = Ctrl::connect(a.ctrl);
     let mut cb = Ctrl::connect(b.ctrl);
 
+    // Capture everything on loopback for the length of the call.
+    let pcap = dir.join("call.pcap");
+    let tcpdump_log = dir.join("tcpdump.log");
+    let mut tcpdump = Command::new("tcpdump")
+        .args(["-i", "lo", "-U", "-n", "-s", "0", "-w"])
+        .arg(&pcap)
+        .args(["udp or tcp port", &ks_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(&tcpdump_log).expect("log"),
+        ))
+        .spawn()
+        .expect("tcpdump (Debian package tcpdump)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&tcpdump_log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     ca.command("dial", &format!("sip:bob@{edge_b}"));
     let established = ca.wait_for(20, |v| {
         event(v, "CALL_ESTABLISHED") || event(v, "CALL_CLOSED")
@@ -532,6 +667,22 @@ fn call_in_mode(mode: &str) {
     assert!(
         cb.wait_for(10, |v| event(v, "CALL_CLOSED")).is_some(),
         "B did not see the call end"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // SIGINT: tcpdump flushes and closes the file.
+    let _ = Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let _ = tcpdump.wait();
+    check_capture(
+        &read_pcap(&pcap),
+        mode,
+        ks.parse().expect("addr"),
+        edge_a,
+        edge_b,
+        &alice_medium,
+        &bob_medium,
+        &speech,
     );
 
     // B heard A.
@@ -609,4 +760,131 @@ fn call_in_mode(mode: &str) {
         assert!(r["received"].as_u64().unwrap_or(0) > 100, "{r}");
         assert_eq!(r["dropped_auth"], 0, "{r}");
     }
+}
+
+/// What the capture between the two edges must show: SIP without key
+/// material, media only in protected form, opening with the key the service
+/// issued (to either party) and with no other, and carrying A's voice.
+#[allow(clippy::too_many_arguments)]
+fn check_capture(
+    cap: &[Packet],
+    mode: &str,
+    ks: SocketAddr,
+    edge_a: SocketAddr,
+    edge_b: SocketAddr,
+    alice: &Charged,
+    bob: &Charged,
+    speech: &[i16],
+) {
+    use qkdnet_call::edge::srtp_master_key;
+    use qkdnet_call::media::{Direction, Unprotect};
+    use qkdnet_call::srtp;
+
+    // The issued key, recovered independently by each party's medium keys.
+    let key = issued_key(cap, ks, alice).expect("alice's grant in the capture");
+    let key_b = issued_key(cap, ks, bob).expect("bob's grant in the capture");
+    assert_eq!(
+        key.expose_secret(),
+        key_b.expose_secret(),
+        "one session key"
+    );
+
+    // SIP between the edges: the session ID, never a key.
+    let between =
+        |p: &&Packet| (p.src == edge_a && p.dst == edge_b) || (p.src == edge_b && p.dst == edge_a);
+    let sip: Vec<&Packet> = cap.iter().filter(|p| !p.tcp).filter(between).collect();
+    assert!(
+        sip.len() >= 4,
+        "INVITE, 100, 200, ACK, BYE between the edges: {}",
+        sip.len()
+    );
+    let tx = srtp_master_key(&key, Direction::CallerToCallee);
+    let rx = srtp_master_key(&key, Direction::CalleeToCaller);
+    let secrets = [tx.to_inline(), rx.to_inline()];
+    let mut invite_sdp = None;
+    let mut answer_sdp = None;
+    for p in &sip {
+        let text = String::from_utf8_lossy(&p.payload);
+        assert!(
+            !text.contains("a=crypto"),
+            "a crypto line between the edges:\n{text}"
+        );
+        for sec in &secrets {
+            assert!(
+                !text.contains(sec.as_str()),
+                "a media key between the edges"
+            );
+        }
+        assert!(
+            !p.payload.windows(32).any(|w| w == key.expose_secret()),
+            "the session key between the edges"
+        );
+        let msg = qkdnet_call::sip::parse(&p.payload).expect("SIP between the edges parses");
+        if msg.method() == Some("INVITE") && msg.code().is_none() {
+            assert!(msg.header("X-QKD-Session").is_some());
+            invite_sdp = Some(qkdnet_call::sdp::audio(&msg.body).expect("offer"));
+        }
+        if msg.method() == Some("INVITE") && msg.code() == Some(200) {
+            answer_sdp = Some(qkdnet_call::sdp::audio(&msg.body).expect("answer"));
+        }
+    }
+    let (a_wire, b_wire) = (
+        invite_sdp.expect("the INVITE between the edges").rtp,
+        answer_sdp.expect("the 200 OK between the edges").rtp,
+    );
+
+    // Media from A's edge to B's edge: every packet opens with the issued
+    // key, none with another, and the plain payloads are A's voice.
+    let media: Vec<&Packet> = cap
+        .iter()
+        .filter(|p| !p.tcp && p.dst == b_wire && p.src.port() == a_wire.port())
+        .collect();
+    assert!(
+        media.len() > 100,
+        "A→B media packets captured: {}",
+        media.len()
+    );
+    let other = Key256::new([0x5a; 32]);
+    let mut voice = Vec::new();
+    let (mut ok, mut bad) = (0, 0);
+    let mut srtp_rx = srtp::Context::new(&tx);
+    let mut srtp_wrong = srtp::Context::new(&srtp_master_key(&other, Direction::CallerToCallee));
+    let mut sm4_rx = Unprotect::new(&key, Direction::CallerToCallee);
+    let mut sm4_wrong = Unprotect::new(&other, Direction::CallerToCallee);
+    for p in media {
+        let mut plain = p.payload.clone();
+        let mut wrong = p.payload.clone();
+        let (opened, wrong_opened) = match mode {
+            "srtp" => (
+                srtp_rx.unprotect_rtp(&mut plain).is_ok(),
+                srtp_wrong.unprotect_rtp(&mut wrong).is_ok(),
+            ),
+            _ => (
+                sm4_rx.open(&mut plain).is_ok(),
+                sm4_wrong.open(&mut wrong).is_ok(),
+            ),
+        };
+        assert!(!wrong_opened, "a packet opened under another key");
+        if opened {
+            ok += 1;
+            assert_ne!(
+                plain[12..],
+                p.payload[12..plain.len()],
+                "payload sent in the clear"
+            );
+            voice.extend(plain[12..].iter().map(|&b| ulaw(b)));
+        } else {
+            bad += 1;
+        }
+    }
+    assert_eq!(
+        bad, 0,
+        "captured packets that do not open with the issued key"
+    );
+    assert!(ok > 100);
+    let (_, corr) = best_correlation(speech, &voice, RATE as usize);
+    assert!(
+        corr >= 0.9,
+        "the decrypted capture is not A's voice: {corr:.3}"
+    );
 }

@@ -707,8 +707,8 @@ impl Edge {
                 None,
             ),
             Mode::Srtp => {
-                let tx = srtp_key(&key.key, out_dir);
-                let rx = srtp_key(&key.key, in_dir);
+                let tx = srtp_master_key(&key.key, out_dir);
+                let rx = srtp_master_key(&key.key, in_dir);
                 (
                     Out::Srtp {
                         q: srtp::Context::new(&tx),
@@ -822,8 +822,10 @@ fn ua_sdp(
     sdp::rewrite_with(body, leg, proto, crypto.as_deref()).map_err(|e| e.to_string())
 }
 
-/// The SRTP master key of direction `dir` of a call keyed by `session`.
-fn srtp_key(session: &qkdnet_media::Key256, dir: Direction) -> srtp::MasterKey {
+/// The SRTP master key of direction `dir` of a call keyed by `session`: what
+/// both edges derive (HKDF-SM3, one key per direction); public for audits
+/// and tests that decrypt a capture with the issued key.
+pub fn srtp_master_key(session: &qkdnet_media::Key256, dir: Direction) -> srtp::MasterKey {
     let okm = qkdnet_crypto::kdf::hkdf_sm3(
         b"qkdnet call srtp v1",
         session.expose_secret(),
