@@ -381,6 +381,63 @@ fn reports(log: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Starts tcpdump on loopback (UDP, and the key service's TCP port) and
+/// waits until it listens.
+fn start_capture(dir: &Path, ks_port: u16) -> (Child, PathBuf) {
+    let pcap = dir.join(format!("call-{}.pcap", free_tcp_port()));
+    let log = pcap.with_extension("log");
+    let child = Command::new("tcpdump")
+        .args(["-i", "lo", "-U", "-n", "-s", "0", "-w"])
+        .arg(&pcap)
+        .args(["udp or tcp port", &ks_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+        .spawn()
+        .expect("tcpdump (Debian package tcpdump)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, pcap)
+}
+
+/// SIGINT: tcpdump flushes and closes the file.
+fn stop_capture(c: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status();
+    let _ = c.wait();
+}
+
+/// The relay addresses of A's and B's edge toward each other, from the SDP
+/// of the INVITE and of its 200 OK between the edges.
+fn wire_legs(
+    cap: &[Packet],
+    edge_a: SocketAddr,
+    edge_b: SocketAddr,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let (mut a, mut b) = (None, None);
+    for p in cap.iter().filter(|p| !p.tcp) {
+        let Ok(msg) = qkdnet_call::sip::parse(&p.payload) else {
+            continue;
+        };
+        if msg.method() != Some("INVITE") {
+            continue;
+        }
+        if p.src == edge_a && p.dst == edge_b && msg.code().is_none() {
+            a = qkdnet_call::sdp::audio(&msg.body).ok().map(|x| x.rtp);
+        }
+        if p.src == edge_b && p.dst == edge_a && msg.code() == Some(200) {
+            b = qkdnet_call::sdp::audio(&msg.body).ok().map(|x| x.rtp);
+        }
+    }
+    Some((a?, b?))
+}
+
 /// One packet of a capture: transport, addresses, payload.
 struct Packet {
     tcp: bool,
@@ -490,9 +547,27 @@ fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
     call_in_mode("sm4");
 }
 
-/// A calls B through the edges in `mode`; B hears A; both edges report one
-/// keyed session.
-fn call_in_mode(mode: &str) {
+/// Everything a call needs, running: the key service, two edges, two phones.
+struct Rig {
+    tmp: tempfile::TempDir,
+    procs: Procs,
+    ks_port: u16,
+    ks: String,
+    master: PathBuf,
+    db: PathBuf,
+    edge_a: SocketAddr,
+    edge_b: SocketAddr,
+    a: Phone,
+    b: Phone,
+    alice: Charged,
+    bob: Charged,
+    speech: Vec<i16>,
+    tone: Vec<i16>,
+    ca: Ctrl,
+    cb: Ctrl,
+}
+
+fn rig(mode: &str) -> Rig {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
@@ -579,8 +654,7 @@ fn call_in_mode(mode: &str) {
                     "--mode",
                     mode,
                 ])
-                .env("QKDNET_MEDIA_PIN", PIN)
-                .env("RUST_LOG", "info"),
+                .env("QKDNET_MEDIA_PIN", PIN),
             &dir.join(format!("{name}.log")),
         );
     }
@@ -609,30 +683,53 @@ fn call_in_mode(mode: &str) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let mut ca = Ctrl::connect(a.ctrl);
-    let mut cb = Ctrl::connect(b.ctrl);
+    let ca = Ctrl::connect(a.ctrl);
+    let cb = Ctrl::connect(b.ctrl);
+    Rig {
+        tmp,
+        procs,
+        ks_port,
+        ks,
+        master,
+        db,
+        edge_a,
+        edge_b,
+        a,
+        b,
+        alice: alice_medium,
+        bob: bob_medium,
+        speech,
+        tone,
+        ca,
+        cb,
+    }
+}
+
+/// A calls B through the edges in `mode`; B hears A; both edges report one
+/// keyed session.
+fn call_in_mode(mode: &str) {
+    let Rig {
+        tmp,
+        procs: _procs,
+        ks_port,
+        ks,
+        master: _,
+        db: _,
+        edge_a,
+        edge_b,
+        a,
+        b,
+        alice: alice_medium,
+        bob: bob_medium,
+        speech,
+        tone,
+        mut ca,
+        mut cb,
+    } = rig(mode);
+    let dir = tmp.path();
 
     // Capture everything on loopback for the length of the call.
-    let pcap = dir.join("call.pcap");
-    let tcpdump_log = dir.join("tcpdump.log");
-    let mut tcpdump = Command::new("tcpdump")
-        .args(["-i", "lo", "-U", "-n", "-s", "0", "-w"])
-        .arg(&pcap)
-        .args(["udp or tcp port", &ks_port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(&tcpdump_log).expect("log"),
-        ))
-        .spawn()
-        .expect("tcpdump (Debian package tcpdump)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&tcpdump_log)
-        .unwrap_or_default()
-        .contains("listening on")
-    {
-        assert!(Instant::now() < deadline, "tcpdump did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut tcpdump, pcap) = start_capture(dir, ks_port);
 
     ca.command("dial", &format!("sip:bob@{edge_b}"));
     let established = ca.wait_for(20, |v| {
@@ -669,11 +766,7 @@ fn call_in_mode(mode: &str) {
         "B did not see the call end"
     );
     std::thread::sleep(Duration::from_millis(300));
-    // SIGINT: tcpdump flushes and closes the file.
-    let _ = Command::new("kill")
-        .args(["-INT", &tcpdump.id().to_string()])
-        .status();
-    let _ = tcpdump.wait();
+    stop_capture(&mut tcpdump);
     check_capture(
         &read_pcap(&pcap),
         mode,
@@ -886,5 +979,187 @@ fn check_capture(
     assert!(
         corr >= 0.9,
         "the decrypted capture is not A's voice: {corr:.3}"
+    );
+}
+
+/// The cases a user meets when something is wrong: a call that is not
+/// quantum-keyed is refused at the callee's edge and never rings; forged and
+/// replayed media are dropped and counted while the call goes on; a revoked
+/// callee and a key service that is down make the call fail with a clear SIP
+/// status — never a call in the clear.
+#[test]
+fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
+    let Rig {
+        tmp,
+        mut procs,
+        ks_port,
+        ks,
+        master,
+        db,
+        edge_a,
+        edge_b,
+        a: _,
+        b,
+        alice: _,
+        bob,
+        speech,
+        tone: _,
+        mut ca,
+        mut cb,
+    } = rig("srtp");
+    let dir = tmp.path();
+
+    // 1. A plain INVITE straight to B's edge (no session): 488, B never rings.
+    let mallory = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    mallory
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let me = mallory.local_addr().expect("addr");
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+    let invite = format!(
+        "INVITE sip:bob@{edge_b} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKplain1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:mallory@{DOMAIN}>;tag=m1\r\nTo: <sip:bob@{edge_b}>\r\nCall-ID: plain-call-1\r\nCSeq: 1 INVITE\r\nContact: <sip:mallory@{me}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    mallory.send_to(invite.as_bytes(), edge_b).expect("send");
+    let mut buf = [0u8; 4096];
+    let final_response = loop {
+        let (n, _) = mallory
+            .recv_from(&mut buf)
+            .expect("an answer from B's edge");
+        let msg = qkdnet_call::sip::parse(&buf[..n]).expect("SIP");
+        if msg.code().is_some_and(|c| c >= 200) {
+            break msg;
+        }
+    };
+    assert_eq!(final_response.code(), Some(488));
+    assert!(
+        final_response
+            .header("Warning")
+            .is_some_and(|w| w.contains("not a quantum-keyed call")),
+        "{final_response:?}"
+    );
+    assert!(
+        cb.wait_for(1, |v| event(v, "CALL_INCOMING")).is_none(),
+        "B rang for a call without a quantum key"
+    );
+
+    // 2. A real call; while it runs, forged and replayed packets reach B's edge.
+    let (mut tcpdump, pcap) = start_capture(dir, ks_port);
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    assert!(
+        ca.wait_for(20, |v| event(v, "CALL_ESTABLISHED")).is_some(),
+        "call not established"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let cap = read_pcap(&pcap);
+    let (a_wire, b_wire) = wire_legs(&cap, edge_a, edge_b).expect("the edges' relay legs");
+    let genuine = cap
+        .iter()
+        .rev()
+        .find(|p| !p.tcp && p.src == a_wire && p.dst == b_wire)
+        .expect("a media packet between the edges")
+        .payload
+        .clone();
+    let attacker = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for _ in 0..3 {
+        attacker.send_to(&genuine, b_wire).expect("replay");
+    }
+    for i in 0..5u16 {
+        // Ahead of the window (else it is a replay) with a changed payload.
+        let mut forged = genuine.clone();
+        let seq = u16::from_be_bytes([forged[2], forged[3]]).wrapping_add(1000 + i);
+        forged[2..4].copy_from_slice(&seq.to_be_bytes());
+        forged[12 + usize::from(i) * 7] ^= 0x40;
+        attacker.send_to(&forged, b_wire).expect("forge");
+    }
+    assert!(
+        ca.wait_for(30, |v| event(v, "CALL_CLOSED")).is_some(),
+        "call did not end"
+    );
+    assert!(cb.wait_for(10, |v| event(v, "CALL_CLOSED")).is_some());
+    stop_capture(&mut tcpdump);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        if let Some(r) = reports(&dir.join("edge-b.log")).pop() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no report from B's edge");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        report["dropped_replay"].as_u64().unwrap_or(0) >= 3,
+        "{report}"
+    );
+    assert!(
+        report["dropped_auth"].as_u64().unwrap_or(0) >= 5,
+        "{report}"
+    );
+    // …and B still heard A.
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = std::fs::read_dir(&b.rec)
+        .expect("rec")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .expect("B recorded");
+    let (_, corr) = best_correlation(&speech, &read_wav(&rec), RATE as usize);
+    assert!(corr >= 0.9, "B's audio suffered from the attack: {corr:.3}");
+
+    // 3. B's medium is reported lost: calls to B fail with 503 and a reason.
+    let out = Command::new(BIN)
+        .args(["media", "revoke", "--store"])
+        .arg(&db)
+        .arg("--master-key")
+        .arg(&master)
+        .args(["--medium", &bob.id.to_string()])
+        .output()
+        .expect("qkdnet media revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    let closed = ca
+        .wait_for(20, |v| {
+            event(v, "CALL_CLOSED") || event(v, "CALL_ESTABLISHED")
+        })
+        .expect("an outcome");
+    assert!(
+        event(&closed, "CALL_CLOSED"),
+        "a call to a revoked medium: {closed}"
+    );
+    assert!(
+        closed["param"].as_str().unwrap_or("").contains("503"),
+        "{closed}"
+    );
+    let log = std::fs::read_to_string(dir.join("edge-a.log")).unwrap_or_default();
+    assert!(log.contains("no quantum key for this call"), "{log}");
+
+    // 4. The key service is down: calls fail with 503, never in the clear.
+    for (name, c) in &mut procs.0 {
+        if name == "keyservice" {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    let _ = ks;
+    std::thread::sleep(Duration::from_millis(1100)); // sndfile names by the second
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    let closed = ca
+        .wait_for(20, |v| {
+            event(v, "CALL_CLOSED") || event(v, "CALL_ESTABLISHED")
+        })
+        .expect("an outcome");
+    assert!(
+        event(&closed, "CALL_CLOSED"),
+        "a call without the key service: {closed}"
+    );
+    assert!(
+        closed["param"].as_str().unwrap_or("").contains("503"),
+        "{closed}"
+    );
+    assert!(
+        cb.wait_for(1, |v| event(v, "CALL_INCOMING")).is_none(),
+        "B rang without a key"
     );
 }

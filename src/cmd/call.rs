@@ -64,6 +64,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
             domain,
             mode,
         } => {
+            crate::cmd::node::init_logging();
             let m = medium.open(&pin.read()?)?;
             let cfg = EdgeConfig {
                 listen,
@@ -92,7 +93,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
                 eprintln!("call edge: SIP on {}, softphone at {ua}", edge.local_addr());
                 tokio::select! {
                     r = edge.run() => r.context("the edge's SIP socket failed"),
-                    _ = tokio::signal::ctrl_c() => Ok(()),
+                    _ = crate::cmd::node::shutdown_signal() => Ok(()),
                 }
             })
         }
