@@ -125,6 +125,9 @@ pub struct CallReport {
     pub dropped_other: u64,
     /// Medium keys spent on this call's key (the request's two).
     pub medium_keys: u64,
+    /// Milliseconds the key step took at this edge (connect to the key
+    /// service, challenge, request, grant; the INVITE waits that long here).
+    pub key_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +157,7 @@ struct Call {
     relay: tokio::task::JoinHandle<()>,
     stats: Arc<Mutex<RelayStats>>,
     started: Instant,
+    key_ms: f64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -550,7 +554,9 @@ impl Edge {
             .map_err(|e| (404, "Not Found", format!("callee: {e}")))?;
         let mut sid = [0u8; SESSION_ID_LEN];
         getrandom::fill(&mut sid).map_err(|e| (500, "Server Internal Error", e.to_string()))?;
+        let t0 = Instant::now();
         let key = self.key_step(Ask::Open(callee, sid)).await?;
+        let key_ms = t0.elapsed().as_secs_f64() * 1e3;
         let peer = key.peer.as_str().to_owned();
         let (tag, ua_key) = match ua_crypto {
             Some((t, k)) => (t, Some(k)),
@@ -560,6 +566,8 @@ impl Edge {
             .start_call(Role::Caller, mode, &key, Some(audio.rtp), None, ua_key, tag)
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
+        let mut call = call;
+        call.key_ms = key_ms;
         let wire = call.wire_leg;
         if let Ok(mut st) = self.state.lock() {
             st.calls.insert(call_id, call);
@@ -603,7 +611,9 @@ impl Edge {
             .ok_or_else(|| not_quantum("no supported media mode"))?;
         let audio = sdp::audio(&msg.body)
             .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
+        let t0 = Instant::now();
         let key = self.key_step(Ask::Join(sid)).await?;
+        let key_ms = t0.elapsed().as_secs_f64() * 1e3;
         let claimed = msg
             .header("From")
             .and_then(Uri::parse)
@@ -623,6 +633,8 @@ impl Edge {
             .start_call(Role::Callee, mode, &key, None, Some(audio.rtp), None, 1)
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
+        let mut call = call;
+        call.key_ms = key_ms;
         let body = ua_sdp(&msg.body, call.ua_leg, mode, call.ua_rx_key.as_ref(), 1)
             .map_err(|e| (488, "Not Acceptable Here", e));
         if let Ok(mut st) = self.state.lock() {
@@ -751,6 +763,7 @@ impl Edge {
             relay,
             stats,
             started: Instant::now(),
+            key_ms: 0.0,
         })
     }
 
@@ -782,6 +795,7 @@ impl Edge {
             dropped_replay: s.replay,
             dropped_other: s.other,
             medium_keys: 2,
+            key_ms: call.key_ms,
         };
         (self.on_report)(&report);
         if let Ok(mut r) = self.reports.lock() {
