@@ -45,12 +45,14 @@ pub fn audio(body: &[u8]) -> Result<Audio, SdpError> {
     let mut session_c = None;
     let mut found: Option<(u16, String, Option<IpAddr>)> = None;
     let mut in_audio = false;
+    let mut in_session = true;
     let mut audio_lines = 0;
     for line in text.lines() {
         let line = line.trim_end();
         if let Some(m) = line.strip_prefix("m=") {
             let mut it = m.split_whitespace();
             let (kind, port, proto) = (it.next(), it.next(), it.next());
+            in_session = false;
             in_audio = kind == Some("audio");
             if in_audio {
                 audio_lines += 1;
@@ -61,9 +63,11 @@ pub fn audio(body: &[u8]) -> Result<Audio, SdpError> {
                 found = Some((port, proto.unwrap_or("RTP/AVP").to_owned(), None));
             }
         } else if line.starts_with("c=") {
+            // Session level (before any m=), or the audio section's own;
+            // another section's c= is that section's.
             match (&mut found, in_audio) {
                 (Some(f), true) => f.2 = conn_addr(line),
-                (None, false) => session_c = conn_addr(line),
+                _ if in_session => session_c = conn_addr(line),
                 _ => {}
             }
         }

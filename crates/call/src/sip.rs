@@ -106,17 +106,21 @@ pub fn parse(bytes: &[u8]) -> Result<Message, SipError> {
     if bytes.len() > MAX_MESSAGE {
         return Err(SipError::TooLarge(bytes.len()));
     }
-    let split = bytes
+    // The headers end at the first blank line, CRLF or bare LF: taking a
+    // later CRLF one would read part of the body as headers.
+    let crlf = bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, i + 4))
-        .or_else(|| {
-            bytes
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|i| (i, i + 2))
-        })
-        .ok_or_else(|| SipError::Header("no blank line after the headers".into()))?;
+        .map(|i| (i, i + 4));
+    let lf = bytes
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
+    let split = match (crlf, lf) {
+        (Some(c), Some(l)) => Some(if l.0 < c.0 { l } else { c }),
+        (c, l) => c.or(l),
+    }
+    .ok_or_else(|| SipError::Header("no blank line after the headers".into()))?;
     let head = std::str::from_utf8(&bytes[..split.0]).map_err(|_| SipError::NotText)?;
     let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let first = lines.next().unwrap_or_default();
@@ -128,8 +132,13 @@ pub fn parse(bytes: &[u8]) -> Result<Message, SipError> {
             let last = headers
                 .last_mut()
                 .ok_or_else(|| SipError::Header("continuation before any header".into()))?;
-            last.1.push(' ');
-            last.1.push_str(line.trim());
+            let more = line.trim();
+            if !more.is_empty() {
+                if !last.1.is_empty() {
+                    last.1.push(' ');
+                }
+                last.1.push_str(more);
+            }
             continue;
         }
         if line.is_empty() {
@@ -302,9 +311,17 @@ impl Message {
         self.headers.insert(at, (name.to_owned(), value.to_owned()));
     }
 
-    /// Removes and returns the first element of header `name`.
+    /// Removes and returns the first element of header `name` (fields of it
+    /// with no element before that one are removed too).
     pub fn pop_front(&mut self, name: &str) -> Option<String> {
-        let i = self.headers.iter().position(|(n, _)| same_name(n, name))?;
+        let i = loop {
+            let i = self.headers.iter().position(|(n, _)| same_name(n, name))?;
+            if split_elements(&self.headers[i].1).is_empty() {
+                self.headers.remove(i);
+            } else {
+                break i;
+            }
+        };
         let elems: Vec<String> = split_elements(&self.headers[i].1)
             .into_iter()
             .map(str::to_owned)
@@ -356,7 +373,7 @@ impl Message {
             {
                 r.headers.push((long_name(n).to_owned(), v.clone()));
             } else if same_name(n, "To") {
-                let v = if v.contains(";tag=") || code == 100 {
+                let v = if header_param(v, "tag").is_some() || code == 100 {
                     v.clone()
                 } else {
                     format!("{v};tag={to_tag}")
@@ -486,7 +503,8 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
         let (host, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
             Some(p) => Some(p.parse().ok()?),
-            None => None,
+            None if after.is_empty() => None,
+            None => return None,
         };
         return Some((format!("[{host}]"), port));
     }
