@@ -630,6 +630,12 @@ fn rig(mode: &str) -> Rig {
         mode,
     );
     let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto", mode);
+    // A's contact (for `message`) is Bob behind his edge.
+    std::fs::write(
+        a.dir.join("contacts"),
+        format!("\"Bob\" <sip:bob@{edge_b}>\n"),
+    )
+    .expect("contacts");
     for (name, edge, phone, medium) in [
         ("edge-a", edge_a, &a, &alice_medium.path),
         ("edge-b", edge_b, &b, &bob_medium.path),
@@ -662,7 +668,11 @@ fn rig(mode: &str) -> Rig {
         spawn(
             &mut procs,
             name,
-            Command::new("baresip").arg("-f").arg(&phone.dir),
+            // Line-buffered, so what baresip prints (an incoming MESSAGE) reaches its
+            // log while it runs.
+            Command::new("stdbuf")
+                .args(["-oL", "-eL", "baresip", "-f"])
+                .arg(&phone.dir),
             &dir.join(format!("baresip-{name}.log")),
         );
     }
@@ -1161,5 +1171,92 @@ fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
     assert!(
         cb.wait_for(1, |v| event(v, "CALL_INCOMING")).is_none(),
         "B rang without a key"
+    );
+}
+
+/// SIP MESSAGE between the same phones: sealed between the edges under a
+/// session of its own, delivered in the clear to B's softphone only.
+#[test]
+fn a_sip_message_is_sealed_between_the_edges() {
+    let Rig {
+        tmp,
+        procs: _procs,
+        ks_port,
+        edge_a,
+        edge_b,
+        b,
+        mut ca,
+        ..
+    } = rig("srtp");
+    let dir = tmp.path();
+    let (mut tcpdump, pcap) = start_capture(dir, ks_port);
+    let text = "Meet at the trusted node at nine";
+    ca.command("contact_next", "");
+    let _ = ca.wait_for(5, |v| v["response"] == true);
+    ca.command("message", text);
+    let answer = ca.wait_for(5, |v| v["response"] == true);
+    assert!(
+        answer.as_ref().is_some_and(|v| v["ok"] == true),
+        "{answer:?}"
+    );
+    // baresip shows a message only to a UI module; what it received is on
+    // the loopback between B's edge and B, and its 200 OK goes back to A.
+    let b_sip: SocketAddr = format!("127.0.0.1:{}", b.sip).parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let cap = read_pcap(&pcap);
+        let delivered = cap.iter().any(|p| {
+            !p.tcp
+                && p.src == edge_b
+                && p.dst == b_sip
+                && p.payload.windows(text.len()).any(|w| w == text.as_bytes())
+        });
+        let answered = cap.iter().any(|p| {
+            !p.tcp
+                && p.src == edge_a
+                && qkdnet_call::sip::parse(&p.payload)
+                    .is_ok_and(|m| m.method() == Some("MESSAGE") && m.code() == Some(200))
+        });
+        if delivered && answered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B did not get the message (delivered {delivered}, answered {answered}):\n{}\n{}",
+            std::fs::read_to_string(dir.join("edge-a.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("edge-b.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_capture(&mut tcpdump);
+    let cap = read_pcap(&pcap);
+    let between: Vec<&Packet> = cap
+        .iter()
+        .filter(|p| {
+            !p.tcp && ((p.src == edge_a && p.dst == edge_b) || (p.src == edge_b && p.dst == edge_a))
+        })
+        .collect();
+    let sealed = between
+        .iter()
+        .filter_map(|p| qkdnet_call::sip::parse(&p.payload).ok())
+        .find(|m| m.method() == Some("MESSAGE") && m.code().is_none())
+        .expect("the MESSAGE between the edges");
+    assert_eq!(
+        sealed.header("Content-Type"),
+        Some(qkdnet_call::message::SEALED_TYPE)
+    );
+    assert!(sealed.header("X-QKD-Session").is_some());
+    for p in &between {
+        assert!(
+            !p.payload.windows(text.len()).any(|w| w == text.as_bytes()),
+            "the message text between the edges"
+        );
+    }
+    assert!(
+        between
+            .iter()
+            .filter_map(|p| qkdnet_call::sip::parse(&p.payload).ok())
+            .any(|m| m.method() == Some("MESSAGE") && m.code() == Some(200)),
+        "B's 200 OK came back through the edges"
     );
 }

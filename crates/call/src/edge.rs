@@ -39,12 +39,15 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::media::{Counters, Direction, Drop as Discard, Protect, Unprotect, is_rtcp};
+use crate::message;
 use crate::sdp;
 use crate::sip::{self, Message, StartLine, Uri, Via};
 use crate::srtp;
 
 /// Header carrying the session ID between edges.
 pub const SESSION_HEADER: &str = "X-QKD-Session";
+/// Header carrying a sealed message's own Content-Type between edges.
+pub const CONTENT_TYPE_HEADER: &str = "X-QKD-Content-Type";
 /// Header carrying the media mode between edges.
 pub const MODE_HEADER: &str = "X-QKD-Mode";
 
@@ -378,9 +381,116 @@ impl Edge {
                     }
                     return;
                 }
+                if method == "MESSAGE" && !msg.body.is_empty() {
+                    let id = format!(
+                        "{}|{}",
+                        msg.call_id().unwrap_or_default(),
+                        msg.header("CSeq").unwrap_or_default()
+                    );
+                    {
+                        let Ok(mut st) = self.state.lock() else {
+                            return;
+                        };
+                        if st.pending.contains_key(&id) {
+                            return; // a retransmission; the first copy is on its way
+                        }
+                        st.pending.insert(id.clone(), Pending::Keying);
+                    }
+                    let r = if src == self.cfg.ua {
+                        self.outgoing_message(msg.clone(), src).await
+                    } else {
+                        self.incoming_message(msg.clone(), src).await
+                    };
+                    if let Ok(mut st) = self.state.lock() {
+                        st.pending.remove(&id);
+                    }
+                    if let Err((code, reason, why)) = r {
+                        self.refuse(&msg, src, code, reason, &why).await;
+                    }
+                    return;
+                }
                 self.forward_request(msg, src, &method).await;
             }
         }
+    }
+
+    /// A MESSAGE from the softphone: sealed under a fresh session with the
+    /// recipient, sent on with only the session ID in the clear.
+    async fn outgoing_message(
+        self: &Arc<Self>,
+        mut msg: Message,
+        src: SocketAddr,
+    ) -> Result<(), (u16, &'static str, String)> {
+        let Some(to) = self.next_hop(&mut msg, src) else {
+            return Err((
+                404,
+                "Not Found",
+                "the recipient's edge is not an address".into(),
+            ));
+        };
+        let user = msg
+            .header("To")
+            .and_then(Uri::parse)
+            .map(|u| u.user)
+            .unwrap_or_default();
+        let recipient = Identity::new(format!("sip:{user}@{}", self.cfg.domain))
+            .map_err(|e| (404, "Not Found", format!("recipient: {e}")))?;
+        let mut sid = [0u8; SESSION_ID_LEN];
+        getrandom::fill(&mut sid).map_err(|e| (500, "Server Internal Error", e.to_string()))?;
+        let key = self.key_step(Ask::Open(recipient, sid)).await?;
+        let call_id = msg.call_id().unwrap_or_default().to_owned();
+        let cseq = msg.header("CSeq").unwrap_or_default().to_owned();
+        msg.body = message::seal(&key.key, &call_id, &cseq, &msg.body)
+            .map_err(|e| (413, "Request Entity Too Large", e.to_string()))?;
+        let ctype = msg
+            .header("Content-Type")
+            .unwrap_or("text/plain")
+            .to_owned();
+        msg.set(CONTENT_TYPE_HEADER, &ctype);
+        msg.set("Content-Type", message::SEALED_TYPE);
+        msg.set(SESSION_HEADER, &hex(&sid));
+        self.add_via(&mut msg);
+        tracing::info!(
+            peer = key.peer.as_str(),
+            "message sealed with a quantum session key"
+        );
+        self.send(&msg, to).await;
+        Ok(())
+    }
+
+    /// A sealed MESSAGE from another edge: joined, checked, opened, passed on.
+    async fn incoming_message(
+        self: &Arc<Self>,
+        mut msg: Message,
+        src: SocketAddr,
+    ) -> Result<(), (u16, &'static str, String)> {
+        let sid = msg
+            .header(SESSION_HEADER)
+            .and_then(unhex)
+            .filter(|_| msg.header("Content-Type") == Some(message::SEALED_TYPE))
+            .ok_or((
+                488,
+                "Not Acceptable Here",
+                "not a quantum-sealed message".to_string(),
+            ))?;
+        let key = self.join_from(&msg, sid, "message").await?;
+        let call_id = msg.call_id().unwrap_or_default().to_owned();
+        let cseq = msg.header("CSeq").unwrap_or_default().to_owned();
+        msg.body = message::open(&key.key, &call_id, &cseq, &msg.body)
+            .map_err(|e| (400, "Bad Request", e.to_string()))?;
+        let ctype = msg
+            .header(CONTENT_TYPE_HEADER)
+            .unwrap_or("text/plain")
+            .to_owned();
+        msg.set("Content-Type", &ctype);
+        msg.remove(CONTENT_TYPE_HEADER);
+        msg.remove(SESSION_HEADER);
+        let Some(to) = self.next_hop(&mut msg, src) else {
+            return Err((404, "Not Found", "no route to the softphone".into()));
+        };
+        self.add_via(&mut msg);
+        self.send(&msg, to).await;
+        Ok(())
     }
 
     /// Where a request goes next: the next Route (after ours), else the
@@ -612,23 +722,8 @@ impl Edge {
         let audio = sdp::audio(&msg.body)
             .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
         let t0 = Instant::now();
-        let key = self.key_step(Ask::Join(sid)).await?;
+        let key = self.join_from(&msg, sid, "call").await?;
         let key_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let claimed = msg
-            .header("From")
-            .and_then(Uri::parse)
-            .map(|u| format!("sip:{}@{}", u.user, self.cfg.domain))
-            .unwrap_or_default();
-        if key.peer.as_str() != claimed {
-            return Err((
-                403,
-                "Forbidden",
-                format!(
-                    "the session's other party is {}, the call claims {claimed}",
-                    key.peer.as_str()
-                ),
-            ));
-        }
         let call = self
             .start_call(Role::Callee, mode, &key, None, Some(audio.rtp), None, 1)
             .await
@@ -662,6 +757,33 @@ impl Edge {
         );
         self.send(&msg, to).await;
         Ok(())
+    }
+
+    /// Joins session `sid` and checks that its other party is the one the
+    /// request's From names (`what`: "call", "message", for the refusal).
+    async fn join_from(
+        &self,
+        msg: &Message,
+        sid: [u8; SESSION_ID_LEN],
+        what: &str,
+    ) -> Result<qkdnet_media::proto::SessionKey, (u16, &'static str, String)> {
+        let key = self.key_step(Ask::Join(sid)).await?;
+        let claimed = msg
+            .header("From")
+            .and_then(Uri::parse)
+            .map(|u| format!("sip:{}@{}", u.user, self.cfg.domain))
+            .unwrap_or_default();
+        if key.peer.as_str() != claimed {
+            return Err((
+                403,
+                "Forbidden",
+                format!(
+                    "the session's other party is {}, the {what} claims {claimed}",
+                    key.peer.as_str()
+                ),
+            ));
+        }
+        Ok(key)
     }
 
     /// Runs one request at the key service with the medium.
