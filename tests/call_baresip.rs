@@ -35,7 +35,15 @@ struct Procs(Vec<(String, Child)>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
+        for (name, c) in &mut self.0 {
+            if name == "kamailio" {
+                // SIGTERM: the main process takes its worker children along.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                let _ = c.wait();
+                continue;
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -251,6 +259,7 @@ struct Phone {
 fn baresip_config(
     dir: &Path,
     name: &str,
+    registrar: bool,
     edge: SocketAddr,
     source: &Path,
     answer: &str,
@@ -304,7 +313,9 @@ statmode_default off
     std::fs::write(
         conf.join("accounts"),
         format!(
-            "<sip:{name}@127.0.0.1:{sip}>;regint=0;audio_codecs=PCMU;answermode={answer};outbound=\"sip:{edge}\"{}\n",
+            "<sip:{name}@{}>;regint={};audio_codecs=PCMU;answermode={answer};outbound=\"sip:{edge}\"{}\n",
+            if registrar { DOMAIN.to_owned() } else { format!("127.0.0.1:{sip}") },
+            if registrar { 60 } else { 0 },
             if mode == "srtp" { ";mediaenc=srtp-mand" } else { "" }
         ),
     )
@@ -383,7 +394,7 @@ fn reports(log: &Path) -> Vec<serde_json::Value> {
 
 /// Starts tcpdump on loopback (UDP, and the key service's TCP port) and
 /// waits until it listens.
-fn start_capture(dir: &Path, ks_port: u16) -> (Child, PathBuf) {
+fn start_capture(dir: &Path, ks_port: u16) -> (Capture, PathBuf) {
     let pcap = dir.join(format!("call-{}.pcap", free_tcp_port()));
     let log = pcap.with_extension("log");
     let child = Command::new("tcpdump")
@@ -402,15 +413,26 @@ fn start_capture(dir: &Path, ks_port: u16) -> (Child, PathBuf) {
         assert!(Instant::now() < deadline, "tcpdump did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, pcap)
+    (Capture(Some(child)), pcap)
+}
+
+/// A running tcpdump, stopped when dropped (also when a test fails).
+struct Capture(Option<Child>);
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        stop_capture(self);
+    }
 }
 
 /// SIGINT: tcpdump flushes and closes the file.
-fn stop_capture(c: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-INT", &c.id().to_string()])
-        .status();
-    let _ = c.wait();
+fn stop_capture(c: &mut Capture) {
+    if let Some(mut child) = c.0.take() {
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
 }
 
 /// The relay addresses of A's and B's edge toward each other, from the SDP
@@ -568,9 +590,37 @@ struct Rig {
 }
 
 fn rig(mode: &str) -> Rig {
+    rig_with(mode, false)
+}
+
+/// With `registrar`, a kamailio (deploy/kamailio.cfg) the phones register
+/// with through their edges, so callers dial sip:bob@DOMAIN.
+fn rig_with(mode: &str, registrar: bool) -> Rig {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
+    let kamailio: Option<SocketAddr> = registrar.then(|| {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
+            .parse()
+            .expect("addr");
+        let cfg =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kamailio.cfg"))
+                .expect("deploy/kamailio.cfg")
+                .replace("@LISTEN@", &format!("udp:{addr}"))
+                .replace("@DOMAIN@", DOMAIN);
+        std::fs::write(dir.join("kamailio.cfg"), cfg).expect("cfg");
+        spawn(
+            &mut procs,
+            "kamailio",
+            Command::new("kamailio")
+                .args(["-DD", "-E", "-f"])
+                .arg(dir.join("kamailio.cfg"))
+                .arg("-Y")
+                .arg(dir),
+            &dir.join("kamailio.log"),
+        );
+        addr
+    });
 
     // The key service with two subscribers and their media.
     let master = dir.join("ks.key");
@@ -624,12 +674,21 @@ fn rig(mode: &str) -> Rig {
     let a = baresip_config(
         dir,
         "alice",
+        registrar,
         edge_a,
         &dir.join("speech.wav"),
         "manual",
         mode,
     );
-    let b = baresip_config(dir, "bob", edge_b, &dir.join("tone.wav"), "auto", mode);
+    let b = baresip_config(
+        dir,
+        "bob",
+        registrar,
+        edge_b,
+        &dir.join("tone.wav"),
+        "auto",
+        mode,
+    );
     // A's contact (for `message`) is Bob behind his edge.
     std::fs::write(
         a.dir.join("contacts"),
@@ -660,6 +719,11 @@ fn rig(mode: &str) -> Rig {
                     "--mode",
                     mode,
                 ])
+                .args(
+                    kamailio
+                        .iter()
+                        .flat_map(|k| ["--registrar".to_owned(), k.to_string()]),
+                )
                 .env("QKDNET_MEDIA_PIN", PIN),
             &dir.join(format!("{name}.log")),
         );
@@ -1258,5 +1322,74 @@ fn a_sip_message_is_sealed_between_the_edges() {
             .filter_map(|p| qkdnet_call::sip::parse(&p.payload).ok())
             .any(|m| m.method() == Some("MESSAGE") && m.code() == Some(200)),
         "B's 200 OK came back through the edges"
+    );
+}
+
+/// With a registrar (Debian's kamailio, configured by deploy/kamailio.cfg):
+/// the phones register through their edges, A dials sip:bob@DOMAIN, the
+/// registrar sends the call along the Path to B's edge, and B hears A.
+#[test]
+fn calls_through_kamailio_reach_the_subscriber_by_name() {
+    let Rig {
+        tmp,
+        procs: _procs,
+        b,
+        speech,
+        mut ca,
+        mut cb,
+        ..
+    } = rig_with("srtp", true);
+    let dir = tmp.path();
+    for (c, who) in [(&mut ca, "alice"), (&mut cb, "bob")] {
+        assert!(
+            c.wait_for(15, |v| event(v, "REGISTER_OK")).is_some(),
+            "{who} did not register through its edge:\n{}\n{}",
+            std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join(if who == "alice" {
+                "edge-a.log"
+            } else {
+                "edge-b.log"
+            }))
+            .unwrap_or_default()
+        );
+    }
+    ca.command("dial", &format!("sip:bob@{DOMAIN}"));
+    let established = ca.wait_for(20, |v| {
+        event(v, "CALL_ESTABLISHED") || event(v, "CALL_CLOSED")
+    });
+    assert!(
+        established
+            .as_ref()
+            .is_some_and(|v| event(v, "CALL_ESTABLISHED")),
+        "{established:?}\n{}\n{}\n{}",
+        std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default(),
+        std::fs::read_to_string(dir.join("edge-a.log")).unwrap_or_default(),
+        std::fs::read_to_string(dir.join("edge-b.log")).unwrap_or_default()
+    );
+    assert!(
+        ca.wait_for(30, |v| event(v, "CALL_CLOSED")).is_some(),
+        "call did not end"
+    );
+    assert!(cb.wait_for(10, |v| event(v, "CALL_CLOSED")).is_some());
+    let log = std::fs::read_to_string(dir.join("kamailio.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("INVITE to sip:bob@{DOMAIN}")),
+        "the call did not pass the registrar:\n{log}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let rec = std::fs::read_dir(&b.rec)
+        .expect("rec")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .expect("B recorded");
+    let (_, corr) = best_correlation(&speech, &read_wav(&rec), RATE as usize);
+    assert!(
+        corr >= 0.9,
+        "B's recording does not match A's speech: {corr:.3}"
+    );
+    let ra = reports(&dir.join("edge-a.log"));
+    assert_eq!(
+        ra.first().map(|r| r["peer"].clone()),
+        Some(format!("sip:bob@{DOMAIN}").into())
     );
 }

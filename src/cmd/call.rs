@@ -36,6 +36,10 @@ pub enum CallCommand {
         /// for sip:USER@DOMAIN.
         #[arg(long)]
         domain: String,
+        /// A registrar/proxy (e.g. kamailio) for REGISTER and for calls to
+        /// sip:USER@DOMAIN; without it, callers dial USER@EDGE-ADDRESS.
+        #[arg(long, value_name = "ADDR")]
+        registrar: Option<SocketAddr>,
         /// Media protection of the calls this edge places.
         #[arg(long, value_enum, default_value = "srtp")]
         mode: ModeArg,
@@ -62,6 +66,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
             ua,
             keyservice,
             domain,
+            registrar,
             mode,
         } => {
             crate::cmd::node::init_logging();
@@ -77,6 +82,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
                 },
                 media_ip: listen.ip(),
                 local_ip: ua.ip(),
+                registrar,
             };
             crate::cmd::msg::runtime()?.block_on(async move {
                 let edge = Edge::bind(

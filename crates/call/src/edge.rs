@@ -97,6 +97,11 @@ pub struct EdgeConfig {
     pub media_ip: IpAddr,
     /// Where the relay listens for the softphone (loopback).
     pub local_ip: IpAddr,
+    /// The registrar/proxy (e.g. kamailio) for requests whose Request-URI
+    /// names a domain rather than an address: REGISTER (with a Path header
+    /// naming this edge, RFC 3327, so calls to the subscriber come through
+    /// it), and calls and messages to `sip:user@DOMAIN`.
+    pub registrar: Option<SocketAddr>,
 }
 
 /// One finished call, as the edge reports it (one JSON line on stdout).
@@ -381,6 +386,12 @@ impl Edge {
                     }
                     return;
                 }
+                if method == "REGISTER" && src == self.cfg.ua {
+                    // The subscriber's calls must come through this edge.
+                    msg.push_front("Path", &format!("<{};lr>", self.my_uri()));
+                    self.forward_request(msg, src, &method).await;
+                    return;
+                }
                 if method == "MESSAGE" && !msg.body.is_empty() {
                     let id = format!(
                         "{}|{}",
@@ -512,7 +523,10 @@ impl Edge {
             *uri = format!("sip:{user}@{}", self.cfg.ua);
             return Some(self.cfg.ua);
         }
-        Uri::parse(uri).and_then(|u| u.socket_addr())
+        match Uri::parse(uri) {
+            Some(u) => u.socket_addr().or(self.cfg.registrar),
+            None => None,
+        }
     }
 
     fn add_via(&self, msg: &mut Message) {
