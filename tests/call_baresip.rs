@@ -1117,6 +1117,23 @@ fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
         "B rang for a call without a quantum key"
     );
 
+    // 1b. A forged "response" with B's edge on top of its Via chain and a
+    // victim below it: the edge sent no such request, so it sends nothing.
+    let victim = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    victim
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let forged = format!(
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP {edge_b};branch=z9hG4bKforged0001;rport\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKvictim;rport\r\nFrom: <sip:x@{DOMAIN}>;tag=1\r\nTo: <sip:y@{DOMAIN}>;tag=2\r\nCall-ID: reflect-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 200\r\n\r\n{}",
+        victim.local_addr().expect("addr"),
+        "x".repeat(200)
+    );
+    mallory.send_to(forged.as_bytes(), edge_b).expect("send");
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "B's edge reflected a forged response to a third party"
+    );
+
     // 2. A real call; while it runs, forged and replayed packets reach B's edge.
     let (mut tcpdump, pcap) = start_capture(dir, ks_port);
     ca.command("dial", &format!("sip:bob@{edge_b}"));

@@ -190,7 +190,18 @@ enum Pending {
 struct State {
     calls: HashMap<String, Call>,
     pending: HashMap<String, Pending>,
+    /// Requests this edge sent on, by the branch of its Via: where their
+    /// responses go (the hop the request came from). A response for a branch
+    /// not here is dropped, so no one can make the edge send a "response"
+    /// to an address of their choosing.
+    sent: HashMap<String, (SocketAddr, Instant)>,
 }
+
+/// How long the edge routes responses to a request it sent on (64 × T1).
+const TRANSACTION_LIFE: Duration = Duration::from_secs(32);
+/// A call whose relay saw no packet for this long is ended (the BYE was
+/// lost, a softphone died); RTCP alone keeps a held call alive.
+pub const MEDIA_IDLE: Duration = Duration::from_secs(120);
 
 /// A running edge.
 pub struct Edge {
@@ -265,6 +276,7 @@ impl Edge {
             state: Mutex::new(State {
                 calls: HashMap::new(),
                 pending: HashMap::new(),
+                sent: HashMap::new(),
             }),
             reports: Mutex::new(Vec::new()),
             on_report,
@@ -537,14 +549,23 @@ impl Edge {
         let h = qkdnet_crypto::sm3::sm3(
             format!("{branch_in}|{}|qkdnet-edge", self.cfg.listen).as_bytes(),
         );
+        let branch = format!("z9hG4bK{}", hex(&h[..10]));
+        // Where the responses go: the previous hop, as it sent the request.
+        if let Some(back) = msg.top_via().and_then(|v| v.response_target()) {
+            if let Ok(mut st) = self.state.lock() {
+                let now = Instant::now();
+                if st.sent.len() > 4096 {
+                    st.sent
+                        .retain(|_, (_, t)| now.duration_since(*t) < TRANSACTION_LIFE);
+                }
+                st.sent.insert(branch.clone(), (back, now));
+            }
+        }
         let via = Via {
             transport: "UDP".into(),
             host: self.cfg.listen.ip().to_string(),
             port: Some(self.cfg.listen.port()),
-            params: vec![
-                ("branch".into(), Some(format!("z9hG4bK{}", hex(&h[..10])))),
-                ("rport".into(), None),
-            ],
+            params: vec![("branch".into(), Some(branch)), ("rport".into(), None)],
         };
         msg.push_front("Via", &via.to_string());
     }
@@ -619,10 +640,20 @@ impl Edge {
             tracing::warn!("dropped a response whose top Via is not this edge");
             return;
         }
-        msg.pop_front("Via");
-        let Some(next) = msg.top_via().and_then(|v| v.response_target()) else {
+        let branch = top.param("branch").flatten().unwrap_or_default().to_owned();
+        let sent = match self.state.lock() {
+            Ok(st) => st
+                .sent
+                .get(&branch)
+                .filter(|(_, t)| t.elapsed() < TRANSACTION_LIFE)
+                .map(|(a, _)| *a),
+            Err(_) => None,
+        };
+        let Some(next) = sent else {
+            tracing::warn!("dropped a response to no request this edge sent");
             return;
         };
+        msg.pop_front("Via");
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let code = msg.code().unwrap_or(0);
         let is_invite = msg.cseq().is_some_and(|(_, m)| m == "INVITE");
@@ -687,7 +718,16 @@ impl Edge {
             None => (1, None),
         };
         let call = self
-            .start_call(Role::Caller, mode, &key, Some(audio.rtp), None, ua_key, tag)
+            .start_call(
+                &call_id,
+                Role::Caller,
+                mode,
+                &key,
+                Some(audio.rtp),
+                None,
+                ua_key,
+                tag,
+            )
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
         let mut call = call;
@@ -739,7 +779,16 @@ impl Edge {
         let key = self.join_from(&msg, sid, "call").await?;
         let key_ms = t0.elapsed().as_secs_f64() * 1e3;
         let call = self
-            .start_call(Role::Callee, mode, &key, None, Some(audio.rtp), None, 1)
+            .start_call(
+                &call_id,
+                Role::Callee,
+                mode,
+                &key,
+                None,
+                Some(audio.rtp),
+                None,
+                1,
+            )
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
         let mut call = call;
@@ -827,6 +876,7 @@ impl Edge {
     #[allow(clippy::too_many_arguments)]
     async fn start_call(
         self: &Arc<Self>,
+        call_id: &str,
         role: Role,
         mode: Mode,
         key: &qkdnet_media::proto::SessionKey,
@@ -875,14 +925,28 @@ impl Edge {
         let (ua_tx, ua_rx) = watch::channel(ua_rtp);
         let (far_tx, far_rx) = watch::channel(far_rtp);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
-        let relay = tokio::spawn(relay(
+        let edge = Arc::downgrade(self);
+        let id = call_id.to_owned();
+        let media = relay(
             [ua_a, ua_b, w_a, w_b],
             out,
             inn,
             ua_rx,
             far_rx,
             stats.clone(),
-        ));
+        );
+        let relay = tokio::spawn(async move {
+            media.await;
+            // Idle for MEDIA_IDLE: the call is over whether or not a BYE came.
+            if let Some(edge) = edge.upgrade() {
+                tracing::warn!(
+                    call = id,
+                    "no media for {} s: call ended",
+                    MEDIA_IDLE.as_secs()
+                );
+                edge.end_call(&id);
+            }
+        });
         Ok(Call {
             role,
             mode,
@@ -1082,7 +1146,9 @@ async fn relay(
     let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
     let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
     loop {
+        let idle = tokio::time::sleep(MEDIA_IDLE);
         let (which, p) = tokio::select! {
+            () = idle => return,
             r = ua_rtp.recv_from(&mut b0) => (0, r.map(|(n, _)| b0[..n].to_vec())),
             r = ua_rtcp.recv_from(&mut b1) => (1, r.map(|(n, _)| b1[..n].to_vec())),
             r = wire_rtp.recv_from(&mut b2) => (2, r.map(|(n, _)| b2[..n].to_vec())),
