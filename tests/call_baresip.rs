@@ -1195,6 +1195,27 @@ fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
     let (_, corr) = best_correlation(&speech, &read_wav(&rec), RATE as usize);
     assert!(corr >= 0.9, "B's audio suffered from the attack: {corr:.3}");
 
+    // 2b. B is busy (rejects the ringing call): A hears "busy", the edges
+    // pass the refusal back and end the call.
+    cb.command("answermode", "manual");
+    let _ = cb.wait_for(5, |v| v["response"] == true);
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    assert!(
+        cb.wait_for(20, |v| event(v, "CALL_INCOMING")).is_some(),
+        "B's phone did not ring"
+    );
+    cb.command("hangup", "");
+    let closed = ca
+        .wait_for(20, |v| {
+            event(v, "CALL_CLOSED") || event(v, "CALL_ESTABLISHED")
+        })
+        .expect("an outcome");
+    assert!(event(&closed, "CALL_CLOSED"), "a rejected call: {closed}");
+    let why = closed["param"].as_str().unwrap_or("").to_owned();
+    assert!(why.starts_with("486"), "A was told: {why}");
+    cb.command("answermode", "auto");
+    let _ = cb.wait_for(5, |v| v["response"] == true);
+
     // 3. B's medium is reported lost: calls to B fail with 503 and a reason.
     let out = Command::new(BIN)
         .args(["media", "revoke", "--store"])
