@@ -1431,3 +1431,219 @@ fn calls_through_kamailio_reach_the_subscriber_by_name() {
         Some(format!("sip:bob@{DOMAIN}").into())
     );
 }
+
+/// Percentile of a sorted slice.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs a SIPp caller to completion; returns the INVITE → 200 OK times (ms)
+/// of its calls and its wall time.
+fn sipp_uac(
+    dir: &Path,
+    target: SocketAddr,
+    via: Option<SocketAddr>,
+    port: u16,
+    calls: u64,
+    rate: u64,
+) -> (Vec<f64>, f64) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut cmd = Command::new("sipp");
+    cmd.current_dir(dir)
+        .arg(target.to_string())
+        .args([
+            "-sn",
+            "uac",
+            "-s",
+            "bob",
+            "-i",
+            "127.0.0.1",
+            "-nostdin",
+            "-trace_rtt",
+            "-rtt_freq",
+            "1",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-m",
+            &calls.to_string(),
+            "-r",
+            &rate.to_string(),
+        ])
+        .args(["-timeout", "120s", "-timeout_error"]);
+    if let Some(v) = via {
+        cmd.args(["-rsa", &v.to_string()]);
+    }
+    let t = Instant::now();
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("sipp (Debian package sip-tester)");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "SIPp calls failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rtt = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        if e.file_name().to_string_lossy().ends_with("_rtt.csv") {
+            for line in std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+            {
+                if let Some(v) = line
+                    .split(';')
+                    .nth(1)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                {
+                    rtt.push(v);
+                }
+            }
+        }
+    }
+    rtt.sort_by(f64::total_cmp);
+    (rtt, secs)
+}
+
+/// SIPp load through two edges and the key service (`sm4` mode; SIPp's
+/// built-in caller and callee, no media). Also the same calls straight from
+/// caller to callee, so the setup delay the edges and the key step add is
+/// measured in one run. Bounded here (40 calls at 20/s); as a benchmark:
+/// `QKDNET_CALL_LOAD_CALLS=2000 QKDNET_CALL_LOAD_RATE=200 cargo test --test call_baresip sipp -- --nocapture`
+/// prints one JSON line.
+#[test]
+fn sipp_calls_through_the_edges_and_the_key_service() {
+    let calls: u64 = std::env::var("QKDNET_CALL_LOAD_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let rate: u64 = std::env::var("QKDNET_CALL_LOAD_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let mut procs = Procs(Vec::new());
+    let master = dir.join("ks.key");
+    MasterKey::create_file(&master).expect("master key");
+    let db = dir.join("ks.db");
+    let keys = 2 * calls + 16;
+    let (caller, callee) = {
+        let mut store =
+            SqliteStore::open(&db, &MasterKey::read_file(&master).expect("read")).expect("store");
+        (
+            charged_medium(&mut store, dir, &format!("sip:sipp@{DOMAIN}"), keys),
+            charged_medium(&mut store, dir, &format!("sip:bob@{DOMAIN}"), keys),
+        )
+    };
+    let ks = format!("127.0.0.1:{}", free_tcp_port());
+    spawn(
+        &mut procs,
+        "keyservice",
+        Command::new(BIN).args([
+            "keyservice",
+            "serve",
+            "--store",
+            db.to_str().expect("utf8"),
+            "--master-key",
+            master.to_str().expect("utf8"),
+            "--listen",
+            &ks,
+        ]),
+        &dir.join("keyservice.log"),
+    );
+    let (uac, uac_direct, uas) = (free_port_pair(), free_port_pair(), free_port_pair());
+    let edge_a: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
+        .parse()
+        .expect("addr");
+    let edge_b: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
+        .parse()
+        .expect("addr");
+    for (name, edge, ua, medium) in [
+        ("edge-a", edge_a, uac, &caller.path),
+        ("edge-b", edge_b, uas, &callee.path),
+    ] {
+        spawn(
+            &mut procs,
+            name,
+            Command::new(BIN)
+                .args(["call", "edge", "--medium", medium.to_str().expect("utf8")])
+                .args([
+                    "--listen",
+                    &edge.to_string(),
+                    "--ua",
+                    &format!("127.0.0.1:{ua}"),
+                ])
+                .args(["--keyservice", &ks, "--domain", DOMAIN, "--mode", "sm4"])
+                .env("QKDNET_MEDIA_PIN", PIN)
+                .env("QKDNET_LOG", "warn"),
+            &dir.join(format!("{name}.log")),
+        );
+    }
+    spawn(
+        &mut procs,
+        "sipp-uas",
+        Command::new("sipp").current_dir(dir).args([
+            "-sn",
+            "uas",
+            "-i",
+            "127.0.0.1",
+            "-nostdin",
+            "-p",
+            &uas.to_string(),
+        ]),
+        &dir.join("sipp-uas.log"),
+    );
+    for name in ["edge-a", "edge-b"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(dir.join(format!("{name}.log")))
+            .unwrap_or_default()
+            .contains("call edge: SIP on")
+        {
+            assert!(Instant::now() < deadline, "{name} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let uas_addr: SocketAddr = format!("127.0.0.1:{uas}").parse().expect("addr");
+    let (direct, direct_s) = sipp_uac(&dir.join("direct"), uas_addr, None, uac_direct, calls, rate);
+    let (edged, edged_s) = sipp_uac(&dir.join("edged"), edge_b, Some(edge_a), uac, calls, rate);
+    assert_eq!(
+        edged.len() as u64,
+        calls,
+        "every call through the edges was set up"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (reports(&dir.join("edge-a.log")).len() as u64) < calls {
+        assert!(
+            Instant::now() < deadline,
+            "the caller's edge reported {} of {calls} calls",
+            reports(&dir.join("edge-a.log")).len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut key_ms: Vec<f64> = reports(&dir.join("edge-a.log"))
+        .iter()
+        .chain(reports(&dir.join("edge-b.log")).iter())
+        .filter_map(|r| r["key_ms"].as_f64())
+        .collect();
+    key_ms.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "call_load", "calls": calls, "rate_offered": rate, "mode": "sm4",
+            "calls_per_second_through_edges": calls as f64 / edged_s,
+            "setup_ms_direct_p50": percentile(&direct, 0.5), "setup_ms_direct_p99": percentile(&direct, 0.99),
+            "setup_ms_edges_p50": percentile(&edged, 0.5), "setup_ms_edges_p99": percentile(&edged, 0.99),
+            "key_step_ms_p50": percentile(&key_ms, 0.5), "key_step_ms_p99": percentile(&key_ms, 0.99),
+            "direct_seconds": direct_s, "edges_seconds": edged_s,
+        })
+    );
+}
