@@ -368,11 +368,14 @@ fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> C
             Key256::new(k)
         })
         .collect();
-    let offer = direct_offer(m.id(), &identity, 0, n as usize).expect("offer");
-    store
-        .charge(&offer, &keys, 0)
-        .expect("store")
-        .expect("charge accepted");
+    // Offers hold at most 256 keys.
+    for (i, chunk) in keys.chunks(256).enumerate() {
+        let offer = direct_offer(m.id(), &identity, (i * 256) as u64, chunk.len()).expect("offer");
+        store
+            .charge(&offer, chunk, 0)
+            .expect("store")
+            .expect("charge accepted");
+    }
     m.charge(&keys, ChargeRecord::new("test", 0).expect("record"))
         .expect("medium charge");
     Charged {
@@ -1474,7 +1477,7 @@ fn sipp_uac(
             "-r",
             &rate.to_string(),
         ])
-        .args(["-timeout", "120s", "-timeout_error"]);
+        .args(["-timeout", "120s", "-timeout_error", "-trace_err"]);
     if let Some(v) = via {
         cmd.args(["-rsa", &v.to_string()]);
     }
@@ -1485,11 +1488,18 @@ fn sipp_uac(
         .output()
         .expect("sipp (Debian package sip-tester)");
     let secs = t.elapsed().as_secs_f64();
+    let errors: String = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("_errors.log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
     assert!(
         out.status.success(),
-        "SIPp calls failed ({:?}): {}",
+        "SIPp calls failed ({:?}): {}\n{}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        errors.chars().take(4000).collect::<String>()
     );
     let mut rtt = Vec::new();
     for e in std::fs::read_dir(dir).expect("dir").flatten() {

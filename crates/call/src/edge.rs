@@ -304,7 +304,18 @@ impl Edge {
             }
             match sip::parse(bytes) {
                 Ok(msg) => {
-                    tokio::spawn(self.clone().handle(msg, src));
+                    // Requests that wait for the key service run beside the
+                    // loop; everything else in arrival order (a 180 must not
+                    // overtake the 200 of the same INVITE).
+                    let keyed = matches!(&msg.start, StartLine::Request { method, .. }
+                        if (method == "INVITE"
+                            && msg.header("To").is_some_and(|t| sip::header_param(t, "tag").is_none()))
+                            || (method == "MESSAGE" && !msg.body.is_empty()));
+                    if keyed {
+                        tokio::spawn(self.clone().handle(msg, src));
+                    } else {
+                        self.clone().handle(msg, src).await;
+                    }
                 }
                 Err(e) => tracing::warn!(%src, "dropped a datagram that is not SIP: {e}"),
             }
