@@ -7,13 +7,14 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
-# Unmodified softphones, a registrar and a packet capture for the secret-call tests
+# Unmodified softphones, a registrar, SIPp and a packet capture for the call tests
 # (tests/call_baresip.rs).
 command -v baresip >/dev/null || need_apt+=(baresip-core)
 command -v tcpdump >/dev/null || need_apt+=(tcpdump)
 command -v kamailio >/dev/null || need_apt+=(kamailio)
+command -v sipp >/dev/null || need_apt+=(sip-tester)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, tcpdump for the call tests"
+  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, SIPp, tcpdump for the call tests"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; fi
 fi
 

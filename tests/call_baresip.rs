@@ -1527,7 +1527,7 @@ fn sipp_uac(
 /// built-in caller and callee, no media). Also the same calls straight from
 /// caller to callee, so the setup delay the edges and the key step add is
 /// measured in one run. Bounded here (40 calls at 20/s); as a benchmark:
-/// `QKDNET_CALL_LOAD_CALLS=2000 QKDNET_CALL_LOAD_RATE=200 cargo test --test call_baresip sipp -- --nocapture`
+/// `QKDNET_CALL_LOAD_CALLS=2000 QKDNET_CALL_LOAD_RATE=200 cargo test --release --test call_baresip sipp -- --nocapture`
 /// prints one JSON line.
 #[test]
 fn sipp_calls_through_the_edges_and_the_key_service() {
