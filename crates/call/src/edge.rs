@@ -343,7 +343,7 @@ impl Edge {
             "Warning".into(),
             format!("399 qkdnet-edge \"{}\"", why.replace('"', "'")),
         ));
-        tracing::warn!(code, "refused a call: {why}");
+        tracing::warn!(code, "refused: {why}");
         self.send_response(r, src).await;
     }
 
@@ -383,17 +383,23 @@ impl Edge {
                     .is_some_and(|t| sip::header_param(t, "tag").is_none());
                 if method == "INVITE" && initial {
                     let call_id = msg.call_id().unwrap_or_default().to_owned();
+                    // Check and mark in one lock: two copies of one INVITE
+                    // handled side by side start one key step, not two.
                     let busy = {
-                        let Ok(st) = self.state.lock() else { return };
-                        st.pending.contains_key(&call_id) || st.calls.contains_key(&call_id)
+                        let Ok(mut st) = self.state.lock() else {
+                            return;
+                        };
+                        let busy =
+                            st.pending.contains_key(&call_id) || st.calls.contains_key(&call_id);
+                        if !busy {
+                            st.pending.insert(call_id.clone(), Pending::Keying);
+                        }
+                        busy
                     };
                     let trying = msg.response(100, "Trying", "");
                     self.send_response(trying, src).await;
                     if busy {
                         return; // a retransmission
-                    }
-                    if let Ok(mut st) = self.state.lock() {
-                        st.pending.insert(call_id.clone(), Pending::Keying);
                     }
                     let from_ua = src == self.cfg.ua;
                     let r = if from_ua {
