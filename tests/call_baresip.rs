@@ -386,6 +386,106 @@ fn charged_medium(store: &mut SqliteStore, dir: &Path, owner: &str, n: u64) -> C
     }
 }
 
+/// The key service as a process, and a charged medium for each subscriber.
+struct KeyService {
+    port: u16,
+    addr: String,
+    master: PathBuf,
+    db: PathBuf,
+    media: Vec<Charged>,
+}
+
+/// Starts `qkdnet keyservice serve` on a store where each of `users`
+/// (`sip:USER@DOMAIN`) is enrolled with a medium charged with `keys` keys.
+fn start_key_service(dir: &Path, procs: &mut Procs, users: &[&str], keys: u64) -> KeyService {
+    let master = dir.join("ks.key");
+    MasterKey::create_file(&master).expect("master key");
+    let db = dir.join("ks.db");
+    let media = {
+        let mut store =
+            SqliteStore::open(&db, &MasterKey::read_file(&master).expect("read")).expect("store");
+        users
+            .iter()
+            .map(|u| charged_medium(&mut store, dir, &format!("sip:{u}@{DOMAIN}"), keys))
+            .collect()
+    };
+    let port = free_tcp_port();
+    let addr = format!("127.0.0.1:{port}");
+    spawn(
+        procs,
+        "keyservice",
+        Command::new(BIN)
+            .args(["keyservice", "serve", "--store"])
+            .arg(&db)
+            .arg("--master-key")
+            .arg(&master)
+            .args(["--listen", &addr]),
+        &dir.join("keyservice.log"),
+    );
+    KeyService {
+        port,
+        addr,
+        master,
+        db,
+        media,
+    }
+}
+
+/// Spawns `qkdnet call edge` as `name` (log `DIR/NAME.log`) for the softphone
+/// on loopback port `ua`; `quiet` logs warnings only (load runs).
+#[allow(clippy::too_many_arguments)]
+fn spawn_edge(
+    procs: &mut Procs,
+    dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    ua: u16,
+    ks: &str,
+    medium: &Path,
+    mode: &str,
+    registrar: Option<SocketAddr>,
+    quiet: bool,
+) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["call", "edge", "--medium"])
+        .arg(medium)
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--ua",
+            &format!("127.0.0.1:{ua}"),
+        ])
+        .args(["--keyservice", ks, "--domain", DOMAIN, "--mode", mode])
+        .env("QKDNET_MEDIA_PIN", PIN);
+    if let Some(r) = registrar {
+        cmd.args(["--registrar", &r.to_string()]);
+    }
+    if quiet {
+        cmd.env("QKDNET_LOG", "warn");
+    }
+    spawn(procs, name, &mut cmd, &dir.join(format!("{name}.log")));
+}
+
+/// Waits until each edge printed its SIP address (the medium's PIN is
+/// stretched with Argon2id first).
+fn wait_for_edges(dir: &Path, names: &[&str]) {
+    for name in names {
+        let log = dir.join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("call edge: SIP on")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn reports(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -626,34 +726,14 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
     });
 
     // The key service with two subscribers and their media.
-    let master = dir.join("ks.key");
-    MasterKey::create_file(&master).expect("master key");
-    let db = dir.join("ks.db");
-    let (alice_medium, bob_medium) = {
-        let mut store =
-            SqliteStore::open(&db, &MasterKey::read_file(&master).expect("read")).expect("store");
-        (
-            charged_medium(&mut store, dir, &format!("sip:alice@{DOMAIN}"), 16),
-            charged_medium(&mut store, dir, &format!("sip:bob@{DOMAIN}"), 16),
-        )
-    };
-    let ks_port = free_tcp_port();
-    let ks = format!("127.0.0.1:{ks_port}");
-    spawn(
-        &mut procs,
-        "keyservice",
-        Command::new(BIN).args([
-            "keyservice",
-            "serve",
-            "--store",
-            db.to_str().expect("utf8"),
-            "--master-key",
-            master.to_str().expect("utf8"),
-            "--listen",
-            &ks,
-        ]),
-        &dir.join("keyservice.log"),
-    );
+    let KeyService {
+        port: ks_port,
+        addr: ks,
+        master,
+        db,
+        media,
+    } = start_key_service(dir, &mut procs, &["alice", "bob"], 16);
+    let [alice_medium, bob_medium]: [Charged; 2] = media.try_into().ok().expect("two media");
 
     // Sounds: A speaks the test signal; B sends a long tone (so its own file
     // never ends the call first).
@@ -702,33 +782,8 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
         ("edge-a", edge_a, &a, &alice_medium.path),
         ("edge-b", edge_b, &b, &bob_medium.path),
     ] {
-        spawn(
-            &mut procs,
-            name,
-            Command::new(BIN)
-                .args([
-                    "call",
-                    "edge",
-                    "--medium",
-                    medium.to_str().expect("utf8"),
-                    "--listen",
-                    &edge.to_string(),
-                    "--ua",
-                    &format!("127.0.0.1:{}", phone.sip),
-                    "--keyservice",
-                    &ks,
-                    "--domain",
-                    DOMAIN,
-                    "--mode",
-                    mode,
-                ])
-                .args(
-                    kamailio
-                        .iter()
-                        .flat_map(|k| ["--registrar".to_owned(), k.to_string()]),
-                )
-                .env("QKDNET_MEDIA_PIN", PIN),
-            &dir.join(format!("{name}.log")),
+        spawn_edge(
+            &mut procs, dir, name, edge, phone.sip, &ks, medium, mode, kamailio, false,
         );
     }
     for (name, phone) in [("alice", &a), ("bob", &b)] {
@@ -743,23 +798,7 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
             &dir.join(format!("baresip-{name}.log")),
         );
     }
-    // The edges print their SIP address once bound (the medium's PIN is
-    // stretched with Argon2id first).
-    for name in ["edge-a", "edge-b"] {
-        let log = dir.join(format!("{name}.log"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("call edge: SIP on")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{name} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    wait_for_edges(dir, &["edge-a", "edge-b"]);
     let ca = Ctrl::connect(a.ctrl);
     let cb = Ctrl::connect(b.ctrl);
     Rig {
@@ -1542,34 +1581,10 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
-    let master = dir.join("ks.key");
-    MasterKey::create_file(&master).expect("master key");
-    let db = dir.join("ks.db");
-    let keys = 2 * calls + 16;
-    let (caller, callee) = {
-        let mut store =
-            SqliteStore::open(&db, &MasterKey::read_file(&master).expect("read")).expect("store");
-        (
-            charged_medium(&mut store, dir, &format!("sip:sipp@{DOMAIN}"), keys),
-            charged_medium(&mut store, dir, &format!("sip:bob@{DOMAIN}"), keys),
-        )
-    };
-    let ks = format!("127.0.0.1:{}", free_tcp_port());
-    spawn(
-        &mut procs,
-        "keyservice",
-        Command::new(BIN).args([
-            "keyservice",
-            "serve",
-            "--store",
-            db.to_str().expect("utf8"),
-            "--master-key",
-            master.to_str().expect("utf8"),
-            "--listen",
-            &ks,
-        ]),
-        &dir.join("keyservice.log"),
-    );
+    let KeyService {
+        addr: ks, media, ..
+    } = start_key_service(dir, &mut procs, &["sipp", "bob"], 2 * calls + 16);
+    let [caller, callee]: [Charged; 2] = media.try_into().ok().expect("two media");
     let (uac, uac_direct, uas) = (free_port_pair(), free_port_pair(), free_port_pair());
     let edge_a: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
         .parse()
@@ -1581,21 +1596,8 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
         ("edge-a", edge_a, uac, &caller.path),
         ("edge-b", edge_b, uas, &callee.path),
     ] {
-        spawn(
-            &mut procs,
-            name,
-            Command::new(BIN)
-                .args(["call", "edge", "--medium", medium.to_str().expect("utf8")])
-                .args([
-                    "--listen",
-                    &edge.to_string(),
-                    "--ua",
-                    &format!("127.0.0.1:{ua}"),
-                ])
-                .args(["--keyservice", &ks, "--domain", DOMAIN, "--mode", "sm4"])
-                .env("QKDNET_MEDIA_PIN", PIN)
-                .env("QKDNET_LOG", "warn"),
-            &dir.join(format!("{name}.log")),
+        spawn_edge(
+            &mut procs, dir, name, edge, ua, &ks, medium, "sm4", None, true,
         );
     }
     spawn(
@@ -1612,16 +1614,7 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
         ]),
         &dir.join("sipp-uas.log"),
     );
-    for name in ["edge-a", "edge-b"] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(dir.join(format!("{name}.log")))
-            .unwrap_or_default()
-            .contains("call edge: SIP on")
-        {
-            assert!(Instant::now() < deadline, "{name} did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    wait_for_edges(dir, &["edge-a", "edge-b"]);
     let uas_addr: SocketAddr = format!("127.0.0.1:{uas}").parse().expect("addr");
     let (direct, direct_s) = sipp_uac(&dir.join("direct"), uas_addr, None, uac_direct, calls, rate);
     let (edged, edged_s) = sipp_uac(&dir.join("edged"), edge_b, Some(edge_a), uac, calls, rate);

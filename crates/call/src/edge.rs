@@ -27,7 +27,7 @@
 //! softphone on loopback and sends it SM4-GCM-protected to the far edge, and
 //! the reverse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -182,14 +182,11 @@ enum Ask {
     Join([u8; SESSION_ID_LEN]),
 }
 
-enum Pending {
-    /// The key step of this INVITE is running; retransmissions are absorbed.
-    Keying,
-}
-
 struct State {
     calls: HashMap<String, Call>,
-    pending: HashMap<String, Pending>,
+    /// Requests whose key step is running (Call-ID, or Call-ID|CSeq for a
+    /// MESSAGE): their retransmissions are absorbed.
+    pending: HashSet<String>,
     /// Requests this edge sent on, by the branch of its Via: where their
     /// responses go (the hop the request came from). A response for a branch
     /// not here is dropped, so no one can make the edge send a "response"
@@ -275,7 +272,7 @@ impl Edge {
             medium: tokio::sync::Mutex::new(medium),
             state: Mutex::new(State {
                 calls: HashMap::new(),
-                pending: HashMap::new(),
+                pending: HashSet::new(),
                 sent: HashMap::new(),
             }),
             reports: Mutex::new(Vec::new()),
@@ -358,7 +355,7 @@ impl Edge {
     async fn handle(self: Arc<Self>, mut msg: Message, src: SocketAddr) {
         match msg.start.clone() {
             StartLine::Response { .. } => self.response(msg).await,
-            StartLine::Request { method, uri } => {
+            StartLine::Request { method, .. } => {
                 // Mark where the request came from (RFC 3581) for the way back.
                 if let Some(mut via) = msg.top_via() {
                     via.set_param("received", Some(src.ip().to_string()));
@@ -389,10 +386,9 @@ impl Edge {
                         let Ok(mut st) = self.state.lock() else {
                             return;
                         };
-                        let busy =
-                            st.pending.contains_key(&call_id) || st.calls.contains_key(&call_id);
+                        let busy = st.pending.contains(&call_id) || st.calls.contains_key(&call_id);
                         if !busy {
-                            st.pending.insert(call_id.clone(), Pending::Keying);
+                            st.pending.insert(call_id.clone());
                         }
                         busy
                     };
@@ -405,7 +401,7 @@ impl Edge {
                     let r = if from_ua {
                         self.outgoing_invite(msg.clone(), src).await
                     } else {
-                        self.incoming_invite(msg.clone(), src, &uri).await
+                        self.incoming_invite(msg.clone(), src).await
                     };
                     if let Ok(mut st) = self.state.lock() {
                         st.pending.remove(&call_id);
@@ -431,10 +427,10 @@ impl Edge {
                         let Ok(mut st) = self.state.lock() else {
                             return;
                         };
-                        if st.pending.contains_key(&id) {
+                        if st.pending.contains(&id) {
                             return; // a retransmission; the first copy is on its way
                         }
-                        st.pending.insert(id.clone(), Pending::Keying);
+                        st.pending.insert(id.clone());
                     }
                     let r = if src == self.cfg.ua {
                         self.outgoing_message(msg.clone(), src).await
@@ -769,7 +765,6 @@ impl Edge {
         self: &Arc<Self>,
         mut msg: Message,
         src: SocketAddr,
-        _uri: &str,
     ) -> Result<(), (u16, &'static str, String)> {
         let call_id = msg
             .call_id()
