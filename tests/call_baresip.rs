@@ -25,6 +25,9 @@ use qkdnet_kms::store::MasterKey;
 use qkdnet_media::proto::Identity;
 use qkdnet_media::{ChargeRecord, FileMedium, Key256, Medium, MediumSpec};
 
+#[path = "apps_common/mod.rs"]
+mod apps_common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_qkdnet");
 const PIN: &str = "482916";
 const DOMAIN: &str = "qkd.test";
@@ -445,6 +448,7 @@ fn spawn_edge(
     mode: &str,
     registrar: Option<SocketAddr>,
     quiet: bool,
+    extra: &[String],
 ) {
     let mut cmd = Command::new(BIN);
     cmd.args(["call", "edge", "--medium"])
@@ -462,7 +466,12 @@ fn spawn_edge(
     }
     if quiet {
         cmd.env("QKDNET_LOG", "warn");
+    } else if mode == "otp" {
+        // The sending pad's enc_keys request IDs are logged at debug: the
+        // test asks the KME for the same keys again with them.
+        cmd.env("QKDNET_LOG", "debug");
     }
+    cmd.args(extra);
     spawn(procs, name, &mut cmd, &dir.join(format!("{name}.log")));
 }
 
@@ -667,6 +676,15 @@ fn two_baresip_phones_talk_through_srtp_edges_keyed_by_the_key_service() {
     call_in_mode("srtp");
 }
 
+/// `otp`: the edges are SAEs of a two-KME network; each direction's media
+/// are one-time-padded with QKD keys its edge took from its KME; the
+/// capture opens with those keys (asked again from the KME with the edge's
+/// request IDs) and with no others.
+#[test]
+fn two_baresip_phones_talk_through_otp_edges_padded_from_the_kmes() {
+    call_in_mode("otp");
+}
+
 #[test]
 fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
     call_in_mode("sm4");
@@ -690,6 +708,15 @@ struct Rig {
     tone: Vec<i16>,
     ca: Ctrl,
     cb: Ctrl,
+    /// `otp`: the two KMEs the edges' SAEs (alice, bob) belong to, served
+    /// in this process (declared last: dropped after the edges).
+    kmes: Option<Kmes>,
+}
+
+/// Two KMEs with seeded test keys, run by their own runtime.
+struct Kmes {
+    net: apps_common::Net,
+    rt: tokio::runtime::Runtime,
 }
 
 fn rig(mode: &str) -> Rig {
@@ -699,6 +726,11 @@ fn rig(mode: &str) -> Rig {
 /// With `registrar`, a kamailio (deploy/kamailio.cfg) the phones register
 /// with through their edges, so callers dial sip:bob@DOMAIN.
 fn rig_with(mode: &str, registrar: bool) -> Rig {
+    rig_opts(mode, registrar, 64)
+}
+
+/// `otp`: `kme_blocks` seeded blocks of 8 KiB per KME (half each way).
+fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64) -> Rig {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
@@ -734,6 +766,18 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
         media,
     } = start_key_service(dir, &mut procs, &["alice", "bob"], 16);
     let [alice_medium, bob_medium]: [Charged; 2] = media.try_into().ok().expect("two media");
+
+    // otp: the edges are SAEs alice and bob of a two-KME network (seeded test
+    // keys: 8 KiB blocks).
+    let kmes = (mode == "otp").then(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let net = rt.block_on(apps_common::Net::start_with(kme_blocks, 8192));
+        Kmes { net, rt }
+    });
 
     // Sounds: A speaks the test signal; B sends a long tone (so its own file
     // never ends the call first).
@@ -778,12 +822,21 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
         format!("\"Bob\" <sip:bob@{edge_b}>\n"),
     )
     .expect("contacts");
-    for (name, edge, phone, medium) in [
-        ("edge-a", edge_a, &a, &alice_medium.path),
-        ("edge-b", edge_b, &b, &bob_medium.path),
+    for (name, sae, edge, phone, medium) in [
+        ("edge-a", "alice", edge_a, &a, &alice_medium.path),
+        ("edge-b", "bob", edge_b, &b, &bob_medium.path),
     ] {
+        let extra: Vec<String> = match &kmes {
+            Some(k) => vec![
+                "--connect".into(),
+                k.net.path("connect.json").to_string_lossy().into_owned(),
+                "--as".into(),
+                sae.into(),
+            ],
+            None => Vec::new(),
+        };
         spawn_edge(
-            &mut procs, dir, name, edge, phone.sip, &ks, medium, mode, kamailio, false,
+            &mut procs, dir, name, edge, phone.sip, &ks, medium, mode, kamailio, false, &extra,
         );
     }
     for (name, phone) in [("alice", &a), ("bob", &b)] {
@@ -818,6 +871,7 @@ fn rig_with(mode: &str, registrar: bool) -> Rig {
         tone,
         ca,
         cb,
+        kmes,
     }
 }
 
@@ -841,6 +895,7 @@ fn call_in_mode(mode: &str) {
         tone,
         mut ca,
         mut cb,
+        kmes,
     } = rig(mode);
     let dir = tmp.path();
 
@@ -892,6 +947,7 @@ fn call_in_mode(mode: &str) {
         &alice_medium,
         &bob_medium,
         &speech,
+        kmes.as_ref().map(|k| (k, dir.join("edge-a.log"))).as_ref(),
     );
 
     // B heard A.
@@ -922,8 +978,9 @@ fn call_in_mode(mode: &str) {
     );
     assert!(
         corr >= 0.9,
-        "B's recording does not match A's speech: correlation {corr:.3} at lag {lag} ({} samples heard)",
-        heard.len()
+        "B's recording does not match A's speech: correlation {corr:.3} at lag {lag} ({} samples heard)\n{}",
+        heard.len(),
+        dump(dir)
     );
 
     // And A heard B's tone (the other direction, other key).
@@ -968,6 +1025,17 @@ fn call_in_mode(mode: &str) {
         assert!(r["sent"].as_u64().unwrap_or(0) > 100, "{r}");
         assert!(r["received"].as_u64().unwrap_or(0) > 100, "{r}");
         assert_eq!(r["dropped_auth"], 0, "{r}");
+        if mode == "otp" {
+            // Both directions' pad went through this edge's KME: keys of
+            // 8192 bits, at least the pad the packets used.
+            let keys = r["pad_keys"].as_u64().unwrap_or(0);
+            assert!(keys >= 32, "{r}");
+            assert_eq!(r["pad_bytes"].as_u64(), Some(keys * 1024), "{r}");
+            assert!(r["pad_used_bytes"].as_u64().unwrap_or(0) > 100 * 176, "{r}");
+            assert!(r["talk_seconds_left"].as_f64().is_some(), "{r}");
+        } else {
+            assert_eq!(r["pad_keys"], 0, "{r}");
+        }
     }
 }
 
@@ -984,6 +1052,7 @@ fn check_capture(
     alice: &Charged,
     bob: &Charged,
     speech: &[i16],
+    otp: Option<&(&Kmes, PathBuf)>,
 ) {
     use qkdnet_call::edge::srtp_master_key;
     use qkdnet_call::media::{Direction, Unprotect};
@@ -1054,16 +1123,64 @@ fn check_capture(
         media.len()
     );
     let other = Key256::new([0x5a; 32]);
+    // otp: the pad of A's sending direction, asked from A's KME again under
+    // the request IDs A's edge logged (the KME replays an answered request
+    // once), and the same pad with one bit changed.
+    let (mut otp_rx, mut otp_wrong) = (
+        qkdnet_call::otp::OtpRecv::new(),
+        qkdnet_call::otp::OtpRecv::new(),
+    );
+    if let Some((k, log)) = otp {
+        let log = std::fs::read_to_string(log).expect("edge-a log");
+        let client = k.net.client("alice");
+        let mut segments = 0;
+        for line in log
+            .lines()
+            .filter(|l| l.contains("otp: sending pad segment"))
+        {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| panic!("{name} in {line}"))
+            };
+            let start: u64 = field("start").parse().expect("start");
+            let n: u64 = field("keys").parse().expect("keys");
+            let req: uuid::Uuid = field("request").parse().expect("request ID");
+            let keys =
+                k.rt.block_on(client.enc_keys_idempotent("bob", n, Some(8192), req, 1))
+                    .expect("the KME replays the edge's request");
+            let mut pad = zeroize::Zeroizing::new(Vec::new());
+            for key in &keys {
+                pad.extend_from_slice(&key.material);
+            }
+            let mut wrong = pad.clone();
+            wrong[0] ^= 1; // H of the first segment, else a mask byte
+            otp_rx.install(start, pad);
+            otp_wrong.install(start, wrong);
+            segments += 1;
+        }
+        assert!(segments >= 1, "no pad segment logged:\n{log}");
+    }
     let mut voice = Vec::new();
     let (mut ok, mut bad) = (0, 0);
     let mut srtp_rx = srtp::Context::new(&tx);
     let mut srtp_wrong = srtp::Context::new(&srtp_master_key(&other, Direction::CallerToCallee));
     let mut sm4_rx = Unprotect::new(&key, Direction::CallerToCallee);
     let mut sm4_wrong = Unprotect::new(&other, Direction::CallerToCallee);
+    let mut announcements = 0;
     for p in media {
+        if mode == "otp" && qkdnet_call::otp::is_announce(&p.payload) {
+            announcements += 1;
+            continue;
+        }
         let mut plain = p.payload.clone();
         let mut wrong = p.payload.clone();
         let (opened, wrong_opened) = match mode {
+            "otp" => (
+                otp_rx.open(&mut plain).is_ok(),
+                otp_wrong.open(&mut wrong).is_ok(),
+            ),
             "srtp" => (
                 srtp_rx.unprotect_rtp(&mut plain).is_ok(),
                 srtp_wrong.unprotect_rtp(&mut wrong).is_ok(),
@@ -1091,6 +1208,9 @@ fn check_capture(
         "captured packets that do not open with the issued key"
     );
     assert!(ok > 100);
+    if mode == "otp" {
+        assert!(announcements >= 1, "no pad announcement on the media path");
+    }
     let (_, corr) = best_correlation(speech, &voice, RATE as usize);
     assert!(
         corr >= 0.9,
@@ -1122,6 +1242,7 @@ fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
         tone: _,
         mut ca,
         mut cb,
+        ..
     } = rig("srtp");
     let dir = tmp.path();
 
@@ -1315,6 +1436,59 @@ fn calls_fail_closed_and_bad_media_is_dropped_and_counted() {
     assert!(
         cb.wait_for(1, |v| event(v, "CALL_INCOMING")).is_none(),
         "B rang without a key"
+    );
+}
+
+/// `otp` with too little QKD key for a pad segment: the callee's edge
+/// refuses the call with 503 and a reason before B's phone rings.
+#[test]
+fn an_otp_call_without_pad_is_refused() {
+    // One 8 KiB block per KME: 4 KiB of key each way, a segment is 16 KiB.
+    let Rig {
+        tmp,
+        procs: _procs,
+        edge_b,
+        mut ca,
+        mut cb,
+        kmes: _kmes,
+        ..
+    } = rig_opts("otp", false, 1);
+    let dir = tmp.path();
+    ca.command("dial", &format!("sip:bob@{edge_b}"));
+    let closed = ca
+        .wait_for(20, |v| {
+            event(v, "CALL_CLOSED") || event(v, "CALL_ESTABLISHED")
+        })
+        .unwrap_or_else(|| {
+            let logs: String = [
+                "edge-a.log",
+                "edge-b.log",
+                "baresip-alice.log",
+                "baresip-bob.log",
+            ]
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}\n",
+                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+                )
+            })
+            .collect();
+            panic!("no outcome:\n{logs}")
+        });
+    assert!(
+        event(&closed, "CALL_CLOSED"),
+        "an otp call without pad: {closed}"
+    );
+    assert!(
+        closed["param"].as_str().unwrap_or("").contains("503"),
+        "{closed}"
+    );
+    let log = std::fs::read_to_string(dir.join("edge-b.log")).unwrap_or_default();
+    assert!(log.contains("no one-time pad for this call"), "{log}");
+    assert!(
+        cb.wait_for(1, |v| event(v, "CALL_INCOMING")).is_none(),
+        "B rang without a pad"
     );
 }
 
@@ -1597,7 +1771,17 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
         ("edge-b", edge_b, uas, &callee.path),
     ] {
         spawn_edge(
-            &mut procs, dir, name, edge, ua, &ks, medium, "sm4", None, true,
+            &mut procs,
+            dir,
+            name,
+            edge,
+            ua,
+            &ks,
+            medium,
+            "sm4",
+            None,
+            true,
+            &[],
         );
     }
     spawn(

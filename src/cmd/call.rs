@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Subcommand;
-use qkdnet_call::edge::{Edge, EdgeConfig, Mode};
+use qkdnet_call::edge::{Edge, EdgeConfig, KmeLink, Mode};
 
 use crate::cmd::media::{MediumArgs, PinArgs};
 
@@ -43,6 +43,19 @@ pub enum CallCommand {
         /// Media protection of the calls this edge places.
         #[arg(long, value_enum, default_value = "srtp")]
         mode: ModeArg,
+        /// `otp` pad: connect.json of the QKD network this edge's SAE belongs
+        /// to (needed to place or receive otp calls).
+        #[arg(long, value_name = "FILE", requires = "sae")]
+        connect: Option<std::path::PathBuf>,
+        /// `otp` pad: this edge's SAE ID in that network.
+        #[arg(long = "as", value_name = "SAE", requires = "connect")]
+        sae: Option<String>,
+        /// `otp` pad: keys per enc_keys request (one pad segment).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=64))]
+        otp_keys: u64,
+        /// `otp` pad: bits per key (a multiple of 8, at most 8192).
+        #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(128..=8192))]
+        otp_key_bits: u64,
     },
 }
 
@@ -54,6 +67,9 @@ pub enum ModeArg {
     Srtp,
     /// SM4-GCM between the edges; the softphone sends plain RTP to its edge on loopback.
     Sm4,
+    /// One-time pad of QKD keys from the edges' KMEs (both edges SAEs:
+    /// --connect, --as) with a Wegman–Carter MAC; plain RTP on loopback.
+    Otp,
 }
 
 /// Runs a call subcommand.
@@ -68,8 +84,35 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
             domain,
             registrar,
             mode,
+            connect,
+            sae,
+            otp_keys,
+            otp_key_bits,
         } => {
             crate::cmd::node::init_logging();
+            if otp_key_bits % 8 != 0 {
+                anyhow::bail!("--otp-key-bits must be a multiple of 8");
+            }
+            let kme = match (connect, sae) {
+                (Some(c), Some(sae)) => {
+                    let file = qkdnet_etsi::connect::ConnectFile::load(&c)?;
+                    let client = file
+                        .client(&sae, std::time::Duration::from_secs(10))
+                        .with_context(|| format!("SAE {sae} of {}", c.display()))?;
+                    Some(KmeLink {
+                        client: std::sync::Arc::new(client),
+                        sae,
+                        keys_per_fetch: otp_keys,
+                        key_bits: otp_key_bits,
+                    })
+                }
+                _ => None,
+            };
+            if mode == ModeArg::Otp && kme.is_none() {
+                anyhow::bail!(
+                    "--mode otp takes its pad from the QKD network: give --connect STATE/connect.json --as SAE"
+                );
+            }
             let m = medium.open(&pin.read()?)?;
             let cfg = EdgeConfig {
                 listen,
@@ -79,10 +122,12 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
                 mode: match mode {
                     ModeArg::Srtp => Mode::Srtp,
                     ModeArg::Sm4 => Mode::Sm4,
+                    ModeArg::Otp => Mode::Otp,
                 },
                 media_ip: listen.ip(),
                 local_ip: ua.ip(),
                 registrar,
+                kme,
             };
             crate::cmd::msg::runtime()?.block_on(async move {
                 let edge = Edge::bind(

@@ -33,7 +33,14 @@ impl Drop for Net {
     }
 }
 
-fn kme_toml(id: &str, port: u16, peer: &str, peer_port: u16) -> String {
+fn kme_toml(
+    id: &str,
+    port: u16,
+    peer: &str,
+    peer_port: u16,
+    blocks: u64,
+    block_bytes: usize,
+) -> String {
     format!(
         r#"kme_id = "{id}"
 listen = "127.0.0.1:{port}"
@@ -64,14 +71,19 @@ kme = "kme-b"
 seeded = 11
 peer = "{peer}"
 link = "a-b"
-blocks = {BLOCKS}
-block_bytes = 2048
+blocks = {blocks}
+block_bytes = {block_bytes}
 "#
     )
 }
 
 impl Net {
     pub async fn start() -> Net {
+        Self::start_with(BLOCKS, 2048).await
+    }
+
+    /// With `blocks` seeded blocks of `block_bytes` each per KME.
+    pub async fn start_with(blocks: u64, block_bytes: usize) -> Net {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("qkdnet-apps-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -99,7 +111,11 @@ impl Net {
             ("kme-b", pb, "kme-a", pa, lb),
         ] {
             let path = dir.join(format!("{id}.toml"));
-            std::fs::write(&path, kme_toml(id, port, peer, peer_port)).expect("config");
+            std::fs::write(
+                &path,
+                kme_toml(id, port, peer, peer_port, blocks, block_bytes),
+            )
+            .expect("config");
             let cfg = KmeConfig::from_file(&path).expect("valid config");
             running.push(launch(&cfg, Some(l)).await.expect("launch"));
         }

@@ -26,20 +26,35 @@
 //! The relay (mode `sm4`, [`crate::media`]) takes plain RTP/RTCP from the
 //! softphone on loopback and sends it SM4-GCM-protected to the far edge, and
 //! the reverse.
+//!
+//! In mode `otp` ([`crate::otp`]) both edges are also SAEs of the QKD network
+//! ([`KmeLink`]). The caller's INVITE names its SAE (`X-QKD-SAE`); the callee's
+//! edge takes the first pad segment of its sending direction from its KME
+//! before the phone rings (else `503`) and names its own SAE in its answers;
+//! the caller's edge takes its first segment when the first answer arrives
+//! (else the softphone gets `503`). From then on each edge refills its
+//! sending pad from its KME and announces the key IDs on the media path; the
+//! far edge fetches them by ID. The key-service session is still opened (it
+//! checks who is calling whom and names the call); its key only authenticates
+//! the pad announcements — the media are under the pad alone.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use qkdnet_etsi::client::EtsiClient;
 use qkdnet_media::Medium;
 use qkdnet_media::proto::{Identity, KeySource, SESSION_ID_LEN};
 use qkdnet_terminal::client::{Connection, Terminal};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use crate::media::{Counters, Direction, Drop as Discard, Protect, Unprotect, is_rtcp};
 use crate::message;
+use crate::otp::{self, AnnounceKey, OtpRecv, OtpSend};
 use crate::sdp;
 use crate::sip::{self, Message, StartLine, Uri, Via};
 use crate::srtp;
@@ -50,6 +65,8 @@ pub const SESSION_HEADER: &str = "X-QKD-Session";
 pub const CONTENT_TYPE_HEADER: &str = "X-QKD-Content-Type";
 /// Header carrying the media mode between edges.
 pub const MODE_HEADER: &str = "X-QKD-Mode";
+/// Header carrying an edge's SAE ID between edges (`otp` mode).
+pub const SAE_HEADER: &str = "X-QKD-SAE";
 
 /// How the media of a call is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +77,9 @@ pub enum Mode {
     Srtp,
     /// SM4-GCM between the edges (national algorithms); plain RTP on loopback.
     Sm4,
+    /// One-time pad of QKD keys from the edges' KMEs with a Wegman–Carter MAC
+    /// between the edges; plain RTP on loopback.
+    Otp,
 }
 
 impl Mode {
@@ -68,6 +88,7 @@ impl Mode {
         match self {
             Self::Srtp => "srtp",
             Self::Sm4 => "sm4",
+            Self::Otp => "otp",
         }
     }
 
@@ -75,6 +96,7 @@ impl Mode {
         match s.trim() {
             "srtp" => Some(Self::Srtp),
             "sm4" => Some(Self::Sm4),
+            "otp" => Some(Self::Otp),
             _ => None,
         }
     }
@@ -102,6 +124,21 @@ pub struct EdgeConfig {
     /// naming this edge, RFC 3327, so calls to the subscriber come through
     /// it), and calls and messages to `sip:user@DOMAIN`.
     pub registrar: Option<SocketAddr>,
+    /// This edge as an SAE of the QKD network (`otp` mode needs it).
+    pub kme: Option<KmeLink>,
+}
+
+/// An edge's KME, for `otp` pad.
+#[derive(Debug, Clone)]
+pub struct KmeLink {
+    /// ETSI GS QKD 014 client of this edge's SAE.
+    pub client: Arc<EtsiClient>,
+    /// This edge's SAE ID.
+    pub sae: String,
+    /// Keys per `enc_keys` request (one pad segment).
+    pub keys_per_fetch: u64,
+    /// Size of each key, bits (a multiple of 8, at most 8192).
+    pub key_bits: u64,
 }
 
 /// One finished call, as the edge reports it (one JSON line on stdout).
@@ -136,6 +173,19 @@ pub struct CallReport {
     /// Milliseconds the key step took at this edge (connect to the key
     /// service, challenge, request, grant; the INVITE waits that long here).
     pub key_ms: f64,
+    /// `otp`: QKD keys this edge took from its KME (its sending pad and the
+    /// far edge's, fetched by ID).
+    pub pad_keys: u64,
+    /// `otp`: bytes of those keys.
+    pub pad_bytes: u64,
+    /// `otp`: bytes of this edge's sending pad spent (hash key, tag masks,
+    /// payloads, segment ends skipped).
+    pub pad_used_bytes: u64,
+    /// `otp`: packets dropped for want of pad (sending or receiving).
+    pub dropped_no_pad: u64,
+    /// `otp`: talk time the KME's stock for this pair of SAEs still gives, at
+    /// G.711's 8,800 bytes of pad a second each way (from its last status).
+    pub talk_seconds_left: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +216,82 @@ struct Call {
     stats: Arc<Mutex<RelayStats>>,
     started: Instant,
     key_ms: f64,
+    /// `otp`: the far edge's SAE and the pad's way into the relay.
+    otp: Option<OtpHandle>,
+}
+
+struct OtpHandle {
+    peer_sae: watch::Sender<Option<String>>,
+    pad: mpsc::UnboundedSender<PadEvent>,
+    /// The caller's first segment is taken (at the first answer).
+    started: bool,
+}
+
+/// Keys from the KME, concatenated: a pad segment.
+struct Fetched {
+    pad: Zeroizing<Vec<u8>>,
+    ids: Vec<Uuid>,
+    key_bytes: u16,
+    request: Uuid,
+    /// The KME's stock for the pair, bits, if its status answered.
+    stock_bits: Option<u64>,
+}
+
+enum PadEvent {
+    Out(Result<Fetched, String>),
+    /// Segment start, number of keys, the keys.
+    In(u64, u64, Result<Zeroizing<Vec<u8>>, String>),
+}
+
+/// Takes one sending segment for the SAE `peer` from the KME (idempotent
+/// request, retried), and the KME's remaining stock for the pair.
+async fn fetch_out(kme: &KmeLink, peer: &str) -> Result<Fetched, String> {
+    let request = Uuid::new_v4();
+    let keys = kme
+        .client
+        .enc_keys_idempotent(peer, kme.keys_per_fetch, Some(kme.key_bits), request, 3)
+        .await
+        .map_err(|e| format!("KME {}: {e}", kme.client.kme_url()))?;
+    let key_bytes = u16::try_from(kme.key_bits / 8)
+        .ok()
+        .filter(|b| usize::from(*b) <= otp::MAX_KEY_BYTES)
+        .ok_or("key size above 8192 bits")?;
+    let mut pad = Zeroizing::new(Vec::with_capacity(keys.len() * usize::from(key_bytes)));
+    let mut ids = Vec::with_capacity(keys.len());
+    for k in &keys {
+        if k.material.len() != usize::from(key_bytes) {
+            return Err(format!("KME gave a key of {} bytes", k.material.len()));
+        }
+        pad.extend_from_slice(&k.material);
+        ids.push(k.id);
+    }
+    let stock_bits = kme
+        .client
+        .status(peer)
+        .await
+        .ok()
+        .map(|s| s.stored_key_count * u64::from(s.key_size));
+    Ok(Fetched {
+        pad,
+        ids,
+        key_bytes,
+        request,
+        stock_bits,
+    })
+}
+
+/// Takes the keys of an announced segment of the far edge's pad by ID.
+async fn fetch_in(kme: &KmeLink, peer: &str, ids: &[Uuid]) -> Result<Zeroizing<Vec<u8>>, String> {
+    let keys = kme
+        .client
+        .dec_keys(peer, ids)
+        .await
+        .map_err(|e| format!("KME {}: {e}", kme.client.kme_url()))?;
+    let mut pad = Zeroizing::new(Vec::new());
+    for k in &keys {
+        pad.extend_from_slice(&k.material);
+    }
+    Ok(pad)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -175,6 +301,11 @@ struct RelayStats {
     auth: u64,
     replay: u64,
     other: u64,
+    no_pad: u64,
+    pad_keys: u64,
+    pad_bytes: u64,
+    pad_used: u64,
+    stock_bits: Option<u64>,
 }
 
 enum Ask {
@@ -670,6 +801,25 @@ impl Edge {
         let call_id = msg.call_id().unwrap_or_default().to_owned();
         let code = msg.code().unwrap_or(0);
         let is_invite = msg.cseq().is_some_and(|(_, m)| m == "INVITE");
+        if is_invite && (101..300).contains(&code) {
+            if let Err(why) = self.otp_answer(&mut msg, &call_id, next).await {
+                // The caller's pad cannot be supplied: no call.
+                tracing::warn!(code = 503, "refused: {why}");
+                msg.start = StartLine::Response {
+                    code: 503,
+                    reason: "Service Unavailable".into(),
+                };
+                msg.body.clear();
+                msg.remove("Content-Type");
+                msg.headers.push((
+                    "Warning".into(),
+                    format!("399 qkdnet-edge \"{}\"", why.replace('"', "'")),
+                ));
+                self.end_call(&call_id);
+                self.send(&msg, next).await;
+                return;
+            }
+        }
         if is_invite && (180..300).contains(&code) && !msg.body.is_empty() {
             let from_ua = next != self.cfg.ua;
             if let Err(e) = self.relay_sdp(&mut msg, &call_id, from_ua) {
@@ -681,6 +831,74 @@ impl Edge {
             self.end_call(&call_id);
         }
         self.send(&msg, next).await;
+    }
+
+    /// `otp`: on the callee's side, names this edge's SAE in answers going to
+    /// the far edge; on the caller's side, takes the far edge's SAE from the
+    /// first answer and the first sending segment from the KME (an error:
+    /// the call cannot have its pad).
+    async fn otp_answer(
+        &self,
+        msg: &mut Message,
+        call_id: &str,
+        next: SocketAddr,
+    ) -> Result<(), String> {
+        let to_ua = next == self.cfg.ua;
+        let (role, tx, first) = {
+            let Ok(mut st) = self.state.lock() else {
+                return Ok(());
+            };
+            let Some(call) = st.calls.get_mut(call_id) else {
+                // An answer for an otp call this edge ended (no pad): not
+                // passed on as a call.
+                if to_ua && msg.header(SAE_HEADER).is_some() && msg.code().is_some_and(|c| c < 300)
+                {
+                    return Err("the call's pad could not be supplied".into());
+                }
+                return Ok(());
+            };
+            let Some(h) = call.otp.as_mut() else {
+                return Ok(());
+            };
+            let first = to_ua && !h.started;
+            if first {
+                h.started = true;
+            }
+            (call.role, h.pad.clone(), first)
+        };
+        let Some(kme) = self.cfg.kme.as_ref() else {
+            return Err("this edge has no KME".into());
+        };
+        if !to_ua {
+            if role == Role::Callee {
+                msg.set(SAE_HEADER, &kme.sae);
+            }
+            return Ok(());
+        }
+        let peer = msg
+            .header(SAE_HEADER)
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned();
+        msg.remove(SAE_HEADER);
+        if !first {
+            return Ok(());
+        }
+        if qkdnet_etsi::ids::SaeId::new(&peer).is_err() {
+            return Err(format!("otp: the far edge named no valid SAE ({peer:?})"));
+        }
+        // The far edge's pad can be fetched from now on (its announcements
+        // may already be here).
+        if let Ok(st) = self.state.lock() {
+            if let Some(h) = st.calls.get(call_id).and_then(|c| c.otp.as_ref()) {
+                let _ = h.peer_sae.send(Some(peer.clone()));
+            }
+        }
+        let seg = fetch_out(kme, &peer)
+            .await
+            .map_err(|e| format!("no one-time pad for this call: {e}"))?;
+        let _ = tx.send(PadEvent::Out(Ok(seg)));
+        Ok(())
     }
 
     /// The caller's side of the key step and the INVITE toward the far edge.
@@ -696,6 +914,13 @@ impl Edge {
         let audio = sdp::audio(&msg.body)
             .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
         let mode = self.cfg.mode;
+        if mode == Mode::Otp && self.cfg.kme.is_none() {
+            return Err((
+                488,
+                "Not Acceptable Here",
+                "otp mode needs this edge to be an SAE of the QKD network (--connect, --as)".into(),
+            ));
+        }
         let ua_crypto = srtp::crypto_of(&msg.body);
         if mode == Mode::Srtp && ua_crypto.is_none() {
             return Err((
@@ -740,6 +965,7 @@ impl Edge {
                 None,
                 ua_key,
                 tag,
+                (mode == Mode::Otp).then_some((None, None)),
             )
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
@@ -753,6 +979,9 @@ impl Edge {
             .map_err(|e| (488, "Not Acceptable Here", e.to_string()))?;
         msg.set(SESSION_HEADER, &hex(&sid));
         msg.set(MODE_HEADER, mode.name());
+        if let (Mode::Otp, Some(kme)) = (mode, self.cfg.kme.as_ref()) {
+            msg.set(SAE_HEADER, &kme.sae);
+        }
         msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
         self.add_via(&mut msg);
         tracing::info!(peer, "calling with a quantum session key");
@@ -787,9 +1016,35 @@ impl Edge {
             .ok_or_else(|| not_quantum("no supported media mode"))?;
         let audio = sdp::audio(&msg.body)
             .map_err(|e| (488, "Not Acceptable Here", format!("the offer: {e}")))?;
+        let otp_peer = if mode == Mode::Otp {
+            if self.cfg.kme.is_none() {
+                return Err((
+                    488,
+                    "Not Acceptable Here",
+                    "otp: the callee's edge is not an SAE of the QKD network".into(),
+                ));
+            }
+            let peer = msg.header(SAE_HEADER).map(str::trim).unwrap_or_default();
+            qkdnet_etsi::ids::SaeId::new(peer)
+                .map_err(|_| not_quantum("otp without the caller's SAE"))?;
+            Some(peer.to_owned())
+        } else {
+            None
+        };
         let t0 = Instant::now();
         let key = self.join_from(&msg, sid, "call").await?;
         let key_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // otp: this direction's first pad segment before the phone rings.
+        let first = match (&otp_peer, self.cfg.kme.as_ref()) {
+            (Some(peer), Some(kme)) => Some(fetch_out(kme, peer).await.map_err(|e| {
+                (
+                    503,
+                    "Service Unavailable",
+                    format!("no one-time pad for this call: {e}"),
+                )
+            })?),
+            _ => None,
+        };
         let call = self
             .start_call(
                 &call_id,
@@ -800,6 +1055,7 @@ impl Edge {
                 Some(audio.rtp),
                 None,
                 1,
+                otp_peer.map(|p| (Some(p), first)),
             )
             .await
             .map_err(|e| (500, "Server Internal Error", e))?;
@@ -823,6 +1079,7 @@ impl Edge {
         };
         msg.remove(SESSION_HEADER);
         msg.remove(MODE_HEADER);
+        msg.remove(SAE_HEADER);
         msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
         self.add_via(&mut msg);
         tracing::info!(
@@ -896,6 +1153,7 @@ impl Edge {
         far_rtp: Option<SocketAddr>,
         ua_key: Option<srtp::MasterKey>,
         crypto_tag: u32,
+        otp: Option<(Option<String>, Option<Fetched>)>,
     ) -> Result<Call, String> {
         let (ua_a, ua_b) = bind_pair(self.cfg.local_ip)
             .await
@@ -911,6 +1169,7 @@ impl Edge {
         };
         let (key_tx, key_rx) = watch::channel(ua_key);
         let (out, inn, ua_rx_key) = match mode {
+            Mode::Otp => (Out::Otp(OtpSend::new()), In::Otp(OtpRecv::new()), None),
             Mode::Sm4 => (
                 Out::Sm4(Protect::new(&key.key, out_dir)),
                 In::Sm4(Unprotect::new(&key.key, in_dir)),
@@ -939,6 +1198,36 @@ impl Edge {
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let edge = Arc::downgrade(self);
         let id = call_id.to_owned();
+        let (ctl, handle) = match (otp, self.cfg.kme.clone()) {
+            (Some((peer, first)), Some(kme)) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                if let Some(f) = first {
+                    let _ = tx.send(PadEvent::Out(Ok(f)));
+                }
+                let (peer_tx, peer_rx) = watch::channel(peer);
+                let ctl = OtpCtl {
+                    kme,
+                    peer: peer_rx,
+                    tx: tx.clone(),
+                    rx,
+                    ann_out: AnnounceKey::derive(&key.key, out_dir),
+                    ann_in: AnnounceKey::derive(&key.key, in_dir),
+                    fetching: false,
+                    retry_at: Instant::now(),
+                    repeats: Vec::new(),
+                    parked: Vec::new(),
+                    held: std::collections::VecDeque::new(),
+                };
+                let handle = OtpHandle {
+                    peer_sae: peer_tx,
+                    pad: tx,
+                    started: role == Role::Callee,
+                };
+                (Some(ctl), Some(handle))
+            }
+            (Some(_), None) => return Err("otp mode without a KME".into()),
+            _ => (None, None),
+        };
         let media = relay(
             [ua_a, ua_b, w_a, w_b],
             out,
@@ -946,6 +1235,7 @@ impl Edge {
             ua_rx,
             far_rx,
             stats.clone(),
+            ctl,
         );
         let relay = tokio::spawn(async move {
             media.await;
@@ -976,6 +1266,7 @@ impl Edge {
             stats,
             started: Instant::now(),
             key_ms: 0.0,
+            otp: handle,
         })
     }
 
@@ -1008,6 +1299,13 @@ impl Edge {
             dropped_other: s.other,
             medium_keys: 2,
             key_ms: call.key_ms,
+            pad_keys: s.pad_keys,
+            pad_bytes: s.pad_bytes,
+            pad_used_bytes: s.pad_used,
+            dropped_no_pad: s.no_pad,
+            talk_seconds_left: s
+                .stock_bits
+                .map(|b| (b / 8) as f64 / (2 * otp::G711_PAD_PER_SECOND) as f64),
         };
         (self.on_report)(&report);
         if let Ok(mut r) = self.reports.lock() {
@@ -1019,7 +1317,7 @@ impl Edge {
 fn wire_proto(mode: Mode) -> &'static str {
     match mode {
         Mode::Srtp => "RTP/SAVP",
-        Mode::Sm4 => "RTP/AVP",
+        Mode::Sm4 | Mode::Otp => "RTP/AVP",
     }
 }
 
@@ -1039,13 +1337,9 @@ fn ua_sdp(
             k.to_inline()
         )),
         (Mode::Srtp, None) => return Err("srtp mode without a key".into()),
-        (Mode::Sm4, _) => None,
+        (Mode::Sm4 | Mode::Otp, _) => None,
     };
-    let proto = match mode {
-        Mode::Srtp => "RTP/SAVP",
-        Mode::Sm4 => "RTP/AVP",
-    };
-    sdp::rewrite_with(body, leg, proto, crypto.as_deref()).map_err(|e| e.to_string())
+    sdp::rewrite_with(body, leg, wire_proto(mode), crypto.as_deref()).map_err(|e| e.to_string())
 }
 
 /// The SRTP master key of direction `dir` of a call keyed by `session`: what
@@ -1067,6 +1361,7 @@ pub fn srtp_master_key(session: &qkdnet_media::Key256, dir: Direction) -> srtp::
 
 /// What the relay does to packets from the softphone.
 enum Out {
+    Otp(OtpSend),
     Sm4(Protect),
     Srtp {
         q: srtp::Context,
@@ -1078,6 +1373,7 @@ enum Out {
 impl Out {
     fn apply(&mut self, p: &mut Vec<u8>, rtcp: bool) -> Result<(), Discard> {
         match self {
+            Self::Otp(s) => s.protect(p),
             Self::Sm4(protect) => {
                 if rtcp || is_rtcp(p) {
                     protect.rtcp(p)
@@ -1106,6 +1402,7 @@ impl Out {
 
 /// What the relay does to packets from the far edge.
 enum In {
+    Otp(OtpRecv),
     Sm4(Unprotect),
     /// Checked with the quantum-derived key and passed on as they came (the
     /// softphone decrypts them).
@@ -1119,6 +1416,7 @@ enum In {
 impl In {
     fn apply(&mut self, p: &mut Vec<u8>, rtcp: bool) -> Result<(), Discard> {
         match self {
+            Self::Otp(r) => r.open(p),
             Self::Sm4(u) => u.open(p),
             Self::Srtp { q, dropped, passed } => {
                 let mut copy = p.clone();
@@ -1138,11 +1436,103 @@ impl In {
 
     fn stats(&self) -> (u64, Counters) {
         match self {
+            Self::Otp(r) => (r.passed, r.dropped),
             Self::Sm4(u) => (u.passed, u.dropped),
             Self::Srtp {
                 dropped, passed, ..
             } => (*passed, *dropped),
         }
+    }
+}
+
+/// `otp`: what the relay needs besides the packets: the KME, the far SAE,
+/// the pad arriving from fetches, announcements to repeat.
+struct OtpCtl {
+    kme: KmeLink,
+    peer: watch::Receiver<Option<String>>,
+    tx: mpsc::UnboundedSender<PadEvent>,
+    rx: mpsc::UnboundedReceiver<PadEvent>,
+    ann_out: AnnounceKey,
+    ann_in: AnnounceKey,
+    /// A sending segment is being fetched.
+    fetching: bool,
+    /// After a failed fetch, not before this.
+    retry_at: Instant,
+    /// Announcements to send again (bytes, times left).
+    repeats: Vec<(Vec<u8>, u32)>,
+    /// Announcements that came before the far edge's SAE was known (the
+    /// caller's edge learns it from the answer), handled once it is.
+    parked: Vec<Vec<u8>>,
+    /// Packets from the far edge whose pad is being fetched (arrival, RTCP
+    /// socket?, bytes), opened when it comes (or dropped after
+    /// [`otp::HOLD`]).
+    held: std::collections::VecDeque<(Instant, bool, Vec<u8>)>,
+}
+
+/// Times an announcement is repeated after its first sending (every
+/// [`ANNOUNCE_EVERY`] packets).
+const ANNOUNCE_REPEATS: u32 = 5;
+/// Announcements kept while the far SAE is unknown.
+const MAX_PARKED: usize = 4;
+const ANNOUNCE_EVERY: u64 = 10;
+
+impl OtpCtl {
+    /// Starts a fetch of the next sending segment when less than a segment
+    /// is left (about 1.9 s of G.711 with the default 16 keys of 8192 bits:
+    /// the time the far edge has to fetch it by ID before it is needed).
+    fn refill(&mut self, send: &OtpSend) {
+        let segment = self.kme.keys_per_fetch * (self.kme.key_bits / 8);
+        if self.fetching || send.remaining() >= segment || Instant::now() < self.retry_at {
+            return;
+        }
+        let Some(peer) = self.peer.borrow().clone() else {
+            return;
+        };
+        self.fetching = true;
+        let (kme, tx) = (self.kme.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let r = fetch_out(&kme, &peer).await;
+            let _ = tx.send(PadEvent::Out(r));
+        });
+    }
+
+    /// An announcement from the far edge: fetch its keys if new.
+    fn announced(&mut self, p: &[u8], recv: &mut OtpRecv) {
+        let a = match self.ann_in.decode(p) {
+            Ok(a) => a,
+            Err(e) => {
+                recv.dropped.count(match e {
+                    otp::AnnounceError::Auth => Discard::Auth,
+                    otp::AnnounceError::Malformed => Discard::Malformed,
+                });
+                return;
+            }
+        };
+        let Some(peer) = self.peer.borrow().clone() else {
+            if self.parked.len() < MAX_PARKED {
+                self.parked.push(p.to_vec());
+            }
+            return;
+        };
+        if !recv.wants(&a) {
+            return;
+        }
+        let (kme, tx) = (self.kme.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let r = fetch_in(&kme, &peer, &a.ids).await;
+            let r = r.and_then(|pad| {
+                if pad.len() as u64 == a.len() {
+                    Ok(pad)
+                } else {
+                    Err(format!(
+                        "{} bytes of keys for a {}-byte segment",
+                        pad.len(),
+                        a.len()
+                    ))
+                }
+            });
+            let _ = tx.send(PadEvent::In(a.start, a.ids.len() as u64, r));
+        });
     }
 }
 
@@ -1154,13 +1544,35 @@ async fn relay(
     ua: watch::Receiver<Option<SocketAddr>>,
     far: watch::Receiver<Option<SocketAddr>>,
     stats: Arc<Mutex<RelayStats>>,
+    mut otp: Option<OtpCtl>,
 ) {
     let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
     let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
+    let mut sent_packets = 0u64;
     loop {
         let idle = tokio::time::sleep(MEDIA_IDLE);
+        let pad_event = async {
+            match otp.as_mut() {
+                Some(c) => c.rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let (which, p) = tokio::select! {
             () = idle => return,
+            Some(ev) = pad_event => {
+                pad(
+                    ev,
+                    &mut otp,
+                    &mut out,
+                    &mut inn,
+                    [&ua_rtp, &ua_rtcp, &wire_rtp],
+                    &ua,
+                    &far,
+                    &stats,
+                )
+                .await;
+                continue;
+            }
             r = ua_rtp.recv_from(&mut b0) => (0, r.map(|(n, _)| b0[..n].to_vec())),
             r = ua_rtcp.recv_from(&mut b1) => (1, r.map(|(n, _)| b1[..n].to_vec())),
             r = wire_rtp.recv_from(&mut b2) => (2, r.map(|(n, _)| b2[..n].to_vec())),
@@ -1170,7 +1582,24 @@ async fn relay(
         match which {
             0 | 1 => {
                 let Some(far) = *far.borrow() else { continue };
+                if let (Some(c), Out::Otp(send)) = (otp.as_mut(), &out) {
+                    c.refill(send);
+                    // Before the 1st, 11th, 21st… packet: the far edge may not
+                    // have been able to use the first sending (the caller's
+                    // edge learns the callee's SAE only from the answer).
+                    if sent_packets % ANNOUNCE_EVERY == 0 {
+                        for (a, left) in &mut c.repeats {
+                            let _ = wire_rtp.send_to(a, far).await;
+                            *left -= 1;
+                        }
+                        c.repeats.retain(|(_, left)| *left > 0);
+                    }
+                }
                 let r = out.apply(&mut p, which == 1);
+                if let (Out::Otp(send), Ok(mut s)) = (&out, stats.lock()) {
+                    s.pad_used = send.used_bytes;
+                    s.no_pad = send.no_pad + inn.stats().1.no_pad;
+                }
                 if r.is_ok() {
                     let to = if which == 0 { far } else { plus_one(far) };
                     let sock = if which == 0 { &wire_rtp } else { &wire_rtcp };
@@ -1179,9 +1608,25 @@ async fn relay(
                             s.sent += 1;
                         }
                     }
+                    sent_packets += 1;
                 }
             }
             _ => {
+                if let (Some(c), In::Otp(recv)) = (otp.as_mut(), &mut inn) {
+                    if !c.parked.is_empty() && c.peer.borrow().is_some() {
+                        for a in std::mem::take(&mut c.parked) {
+                            c.announced(&a, recv);
+                        }
+                    }
+                    if otp::is_announce(&p) {
+                        c.announced(&p, recv);
+                        continue;
+                    }
+                    if !recv.pad_here(&p) && c.held.len() < otp::MAX_HELD {
+                        c.held.push_back((Instant::now(), which == 3, p));
+                        continue;
+                    }
+                }
                 let r = inn.apply(&mut p, which == 3);
                 let (passed, dropped) = inn.stats();
                 if let Ok(mut s) = stats.lock() {
@@ -1189,6 +1634,9 @@ async fn relay(
                     s.auth = dropped.auth;
                     s.replay = dropped.replay;
                     s.other = dropped.malformed + dropped.ssrcs;
+                    if let Out::Otp(send) = &out {
+                        s.no_pad = send.no_pad + dropped.no_pad;
+                    }
                 }
                 if r.is_err() {
                     continue;
@@ -1201,6 +1649,100 @@ async fn relay(
                 };
                 let _ = sock.send_to(&p, to).await;
             }
+        }
+    }
+}
+
+/// `otp`: pad arriving in the relay from a fetch.
+#[allow(clippy::too_many_arguments)]
+async fn pad(
+    ev: PadEvent,
+    otp: &mut Option<OtpCtl>,
+    out: &mut Out,
+    inn: &mut In,
+    [ua_rtp, ua_rtcp, wire_rtp]: [&UdpSocket; 3],
+    ua: &watch::Receiver<Option<SocketAddr>>,
+    far: &watch::Receiver<Option<SocketAddr>>,
+    stats: &Arc<Mutex<RelayStats>>,
+) {
+    let (Some(c), Out::Otp(send), In::Otp(recv)) = (otp.as_mut(), out, inn) else {
+        return;
+    };
+    match ev {
+        PadEvent::Out(Ok(f)) => {
+            c.fetching = false;
+            let keys = f.ids.len() as u64;
+            let start = send.install(f.pad);
+            tracing::debug!(
+                start,
+                keys,
+                request = %f.request,
+                "otp: sending pad segment from the KME (enc_keys request ID)"
+            );
+            let a = c.ann_out.encode(&otp::Announce {
+                start,
+                key_bytes: f.key_bytes,
+                ids: f.ids,
+            });
+            let far = *far.borrow();
+            if let Some(far) = far {
+                let _ = wire_rtp.send_to(&a, far).await;
+            }
+            c.repeats.push((a, ANNOUNCE_REPEATS));
+            if let Ok(mut s) = stats.lock() {
+                s.pad_keys += keys;
+                s.pad_bytes = send.pad_bytes + recv.pad_bytes;
+                if f.stock_bits.is_some() {
+                    s.stock_bits = f.stock_bits;
+                }
+            }
+        }
+        PadEvent::Out(Err(e)) => {
+            c.fetching = false;
+            c.retry_at = Instant::now() + Duration::from_secs(1);
+            tracing::warn!(
+                "otp: no sending pad from the KME (packets are dropped until it comes): {e}"
+            );
+        }
+        PadEvent::In(start, keys, Ok(p)) => {
+            recv.install(start, p);
+            if let Ok(mut s) = stats.lock() {
+                s.pad_keys += keys;
+                s.pad_bytes = send.pad_bytes + recv.pad_bytes;
+            }
+            // Packets that waited for this pad (or for too long) now.
+            let now = Instant::now();
+            let mut keep = std::collections::VecDeque::new();
+            while let Some((t, rtcp, mut p)) = c.held.pop_front() {
+                if !recv.pad_here(&p) && now.duration_since(t) < otp::HOLD {
+                    keep.push_back((t, rtcp, p));
+                    continue;
+                }
+                let ua_addr = *ua.borrow();
+                if recv.open(&mut p).is_ok() {
+                    if let Some(ua) = ua_addr {
+                        let (to, sock) = if rtcp {
+                            (plus_one(ua), ua_rtcp)
+                        } else {
+                            (ua, ua_rtp)
+                        };
+                        let _ = sock.send_to(&p, to).await;
+                    }
+                }
+            }
+            c.held = keep;
+            if let Ok(mut s) = stats.lock() {
+                s.received = recv.passed;
+                s.auth = recv.dropped.auth;
+                s.replay = recv.dropped.replay;
+            }
+        }
+        PadEvent::In(start, _, Err(e)) => {
+            recv.unwant(start);
+            tracing::warn!(
+                start,
+                "otp: the far edge's pad segment could not be fetched: {e}"
+            );
         }
     }
 }

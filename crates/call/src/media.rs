@@ -44,7 +44,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn label(self) -> &'static [u8] {
+    pub(crate) fn label(self) -> &'static [u8] {
         match self {
             Self::CallerToCallee => b"caller->callee",
             Self::CalleeToCaller => b"callee->caller",
@@ -68,6 +68,9 @@ pub enum Drop {
     /// More SSRCs than [`MAX_SSRCS`].
     #[error("too many SSRCs")]
     TooManySsrcs,
+    /// `otp` mode: no pad for it (not yet fetched, or run out).
+    #[error("no one-time pad for it")]
+    NoPad,
 }
 
 /// Packets dropped, by reason.
@@ -81,6 +84,8 @@ pub struct Counters {
     pub replay: u64,
     /// Beyond the SSRC limit.
     pub ssrcs: u64,
+    /// `otp` mode: no pad for it.
+    pub no_pad: u64,
 }
 
 impl Counters {
@@ -91,6 +96,7 @@ impl Counters {
             Drop::Auth => self.auth += 1,
             Drop::Replay => self.replay += 1,
             Drop::TooManySsrcs => self.ssrcs += 1,
+            Drop::NoPad => self.no_pad += 1,
         }
     }
 }

@@ -208,7 +208,21 @@ impl EtsiClient {
         size_bits: Option<u64>,
         attempts: u32,
     ) -> Result<Vec<Key>, ClientError> {
-        let id = Uuid::new_v4();
+        self.enc_keys_idempotent(slave_sae, number, size_bits, Uuid::new_v4(), attempts)
+            .await
+    }
+
+    /// [`EtsiClient::enc_keys_retrying`] under an idempotency key the caller
+    /// chose (and may keep, to ask for the same answer again within the KME's
+    /// replay window; only this SAE can, over its own mutual TLS).
+    pub async fn enc_keys_idempotent(
+        &self,
+        slave_sae: &str,
+        number: u64,
+        size_bits: Option<u64>,
+        id: Uuid,
+        attempts: u32,
+    ) -> Result<Vec<Key>, ClientError> {
         let mut delay = Duration::from_millis(200);
         let mut left = attempts.max(1);
         loop {
