@@ -53,18 +53,22 @@ impl Drop for Procs {
     }
 }
 
-/// A port `p` with `p` and `p + 1` free for UDP and TCP on loopback.
+/// A port `p` with `p` and `p + 1` free for UDP and TCP on loopback, below
+/// the kernel's ephemeral range (32768 and up by default), so that no
+/// socket bound to port 0 meanwhile — a relay leg, a TLS client, another
+/// test's softphone — can take it before the process it is meant for binds
+/// it.
 fn free_port_pair() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
     loop {
-        let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let p = u.local_addr().expect("addr").port();
-        if p % 2 != 0 || p > 60_000 {
-            continue;
-        }
-        let ok = UdpSocket::bind(("127.0.0.1", p + 1)).is_ok()
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = 20_000 + 2 * ((seed.wrapping_add(n.wrapping_mul(7_919))) % 6_000) as u16;
+        let ok = UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", p + 1)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok();
-        drop(u);
         if ok {
             return p;
         }
@@ -269,7 +273,7 @@ fn baresip_config(
     mode: &str,
 ) -> Phone {
     let sip = free_port_pair();
-    let ctrl = free_tcp_port();
+    let ctrl = free_port_pair();
     let rtp = free_port_pair();
     let rec = dir.join(format!("rec-{name}"));
     let conf = dir.join(format!("baresip-{name}"));
@@ -412,7 +416,7 @@ fn start_key_service(dir: &Path, procs: &mut Procs, users: &[&str], keys: u64) -
             .map(|u| charged_medium(&mut store, dir, &format!("sip:{u}@{DOMAIN}"), keys))
             .collect()
     };
-    let port = free_tcp_port();
+    let port = free_port_pair();
     let addr = format!("127.0.0.1:{port}");
     spawn(
         procs,
@@ -627,10 +631,16 @@ fn read_pcap(path: &Path) -> Vec<Packet> {
     out
 }
 
-/// The session key the key service issued, recovered from the captured key
-/// service traffic with a subscriber's own medium keys (the grant is wrapped
-/// under the key at its `wrap_index`).
+/// The session key the key service issued first (by its terminal's port),
+/// recovered from the captured key service traffic with a subscriber's own
+/// medium keys (the grant is wrapped under the key at its `wrap_index`).
 fn issued_key(cap: &[Packet], ks: SocketAddr, who: &Charged) -> Option<Key256> {
+    issued_keys(cap, ks, who).into_iter().next()
+}
+
+/// Every session key the key service issued to `who` in the capture.
+fn issued_keys(cap: &[Packet], ks: SocketAddr, who: &Charged) -> Vec<Key256> {
+    let mut keys = Vec::new();
     use qkdnet_media::proto::{GrantExpect, Message, frame_len, open_grant};
     let mut flows: std::collections::BTreeMap<SocketAddr, Vec<u8>> = Default::default();
     for p in cap.iter().filter(|p| p.tcp && p.src == ks) {
@@ -655,13 +665,13 @@ fn issued_key(cap: &[Packet], ks: SocketAddr, who: &Charged) -> Option<Key256> {
                     session_id: g.session_id,
                 };
                 if let Ok(sk) = open_grant(&g, &expect, g.wrap_index, k) {
-                    return Some(sk.key);
+                    keys.push(sk.key);
                 }
             }
             at += n;
         }
     }
-    None
+    keys
 }
 
 /// μ-law (G.711 PCMU) to linear.
@@ -688,6 +698,14 @@ fn two_baresip_phones_talk_through_otp_edges_padded_from_the_kmes() {
 #[test]
 fn two_baresip_phones_talk_through_sm4_edges_keyed_by_the_key_service() {
     call_in_mode("sm4");
+}
+
+/// `sm4` with the caller's edge moving the call to a new session key every
+/// second: B still hears A whole, both edges count the rekeys, and the
+/// capture opens only with the keys the service issued — more than one.
+#[test]
+fn an_sm4_call_rekeyed_every_second_loses_nothing() {
+    call_in_mode_with("sm4", &["--rekey-seconds", "1"]);
 }
 
 /// Everything a call needs, running: the key service, two edges, two phones.
@@ -726,11 +744,12 @@ fn rig(mode: &str) -> Rig {
 /// With `registrar`, a kamailio (deploy/kamailio.cfg) the phones register
 /// with through their edges, so callers dial sip:bob@DOMAIN.
 fn rig_with(mode: &str, registrar: bool) -> Rig {
-    rig_opts(mode, registrar, 64)
+    rig_opts(mode, registrar, 64, &[])
 }
 
-/// `otp`: `kme_blocks` seeded blocks of 8 KiB per KME (half each way).
-fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64) -> Rig {
+/// `otp`: `kme_blocks` seeded blocks of 8 KiB per KME (half each way);
+/// `edge_args`: more arguments for both edges.
+fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64, edge_args: &[&str]) -> Rig {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
@@ -826,7 +845,7 @@ fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64) -> Rig {
         ("edge-a", "alice", edge_a, &a, &alice_medium.path),
         ("edge-b", "bob", edge_b, &b, &bob_medium.path),
     ] {
-        let extra: Vec<String> = match &kmes {
+        let mut extra: Vec<String> = match &kmes {
             Some(k) => vec![
                 "--connect".into(),
                 k.net.path("connect.json").to_string_lossy().into_owned(),
@@ -835,6 +854,7 @@ fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64) -> Rig {
             ],
             None => Vec::new(),
         };
+        extra.extend(edge_args.iter().map(|a| (*a).to_owned()));
         spawn_edge(
             &mut procs, dir, name, edge, phone.sip, &ks, medium, mode, kamailio, false, &extra,
         );
@@ -878,6 +898,11 @@ fn rig_opts(mode: &str, registrar: bool, kme_blocks: u64) -> Rig {
 /// A calls B through the edges in `mode`; B hears A; both edges report one
 /// keyed session.
 fn call_in_mode(mode: &str) {
+    call_in_mode_with(mode, &[]);
+}
+
+fn call_in_mode_with(mode: &str, edge_args: &[&str]) {
+    let rekeying = !edge_args.is_empty();
     let Rig {
         tmp,
         procs: _procs,
@@ -896,7 +921,7 @@ fn call_in_mode(mode: &str) {
         mut ca,
         mut cb,
         kmes,
-    } = rig(mode);
+    } = rig_opts(mode, false, 64, edge_args);
     let dir = tmp.path();
 
     // Capture everything on loopback for the length of the call.
@@ -1036,7 +1061,15 @@ fn call_in_mode(mode: &str) {
         } else {
             assert_eq!(r["pad_keys"], 0, "{r}");
         }
+        let rekeys = r["rekeys"].as_u64().unwrap_or(0);
+        if rekeying {
+            assert!(rekeys >= 2, "a 4 s call rekeyed every second: {r}");
+        } else {
+            assert_eq!(rekeys, 0, "{r}");
+        }
+        assert_eq!(r["medium_keys"].as_u64(), Some(2 + 2 * rekeys), "{r}");
     }
+    assert_eq!(ra["rekeys"], rb["rekeys"], "both edges moved together");
 }
 
 /// What the capture between the two edges must show: SIP without key
@@ -1058,14 +1091,18 @@ fn check_capture(
     use qkdnet_call::media::{Direction, Unprotect};
     use qkdnet_call::srtp;
 
-    // The issued key, recovered independently by each party's medium keys.
-    let key = issued_key(cap, ks, alice).expect("alice's grant in the capture");
-    let key_b = issued_key(cap, ks, bob).expect("bob's grant in the capture");
-    assert_eq!(
-        key.expose_secret(),
-        key_b.expose_secret(),
-        "one session key"
-    );
+    // The issued keys (one, or one per epoch of a rekeyed call), recovered
+    // independently by each party's medium keys.
+    let keys = issued_keys(cap, ks, alice);
+    let keys_b = issued_keys(cap, ks, bob);
+    assert!(!keys.is_empty(), "alice's grant in the capture");
+    let sorted = |k: &[Key256]| {
+        let mut v: Vec<[u8; 32]> = k.iter().map(|k| *k.expose_secret()).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(&keys), sorted(&keys_b), "the same session keys");
+    let key = issued_key(cap, ks, alice).expect("alice's first grant");
 
     // SIP between the edges: the session ID, never a key.
     let between =
@@ -1093,10 +1130,12 @@ fn check_capture(
                 "a media key between the edges"
             );
         }
-        assert!(
-            !p.payload.windows(32).any(|w| w == key.expose_secret()),
-            "the session key between the edges"
-        );
+        for k in &keys {
+            assert!(
+                !p.payload.windows(32).any(|w| w == k.expose_secret()),
+                "a session key between the edges"
+            );
+        }
         let msg = qkdnet_call::sip::parse(&p.payload).expect("SIP between the edges parses");
         if msg.method() == Some("INVITE") && msg.code().is_none() {
             assert!(msg.header("X-QKD-Session").is_some());
@@ -1166,12 +1205,21 @@ fn check_capture(
     let (mut ok, mut bad) = (0, 0);
     let mut srtp_rx = srtp::Context::new(&tx);
     let mut srtp_wrong = srtp::Context::new(&srtp_master_key(&other, Direction::CallerToCallee));
-    let mut sm4_rx = Unprotect::new(&key, Direction::CallerToCallee);
+    let mut sm4_rx: Vec<Unprotect> = keys
+        .iter()
+        .map(|k| Unprotect::new(k, Direction::CallerToCallee))
+        .collect();
     let mut sm4_wrong = Unprotect::new(&other, Direction::CallerToCallee);
     let mut announcements = 0;
+    let mut rekey_messages = 0;
+    let mut used = std::collections::BTreeSet::new();
     for p in media {
         if mode == "otp" && qkdnet_call::otp::is_announce(&p.payload) {
             announcements += 1;
+            continue;
+        }
+        if mode == "sm4" && qkdnet_call::rekey::is_control(&p.payload) {
+            rekey_messages += 1;
             continue;
         }
         let mut plain = p.payload.clone();
@@ -1185,10 +1233,20 @@ fn check_capture(
                 srtp_rx.unprotect_rtp(&mut plain).is_ok(),
                 srtp_wrong.unprotect_rtp(&mut wrong).is_ok(),
             ),
-            _ => (
-                sm4_rx.open(&mut plain).is_ok(),
-                sm4_wrong.open(&mut wrong).is_ok(),
-            ),
+            _ => {
+                let i = sm4_rx.iter_mut().position(|rx| {
+                    let mut c = plain.clone();
+                    let ok = rx.open(&mut c).is_ok();
+                    if ok {
+                        plain = c;
+                    }
+                    ok
+                });
+                if let Some(i) = i {
+                    used.insert(i);
+                }
+                (i.is_some(), sm4_wrong.open(&mut wrong).is_ok())
+            }
         };
         assert!(!wrong_opened, "a packet opened under another key");
         if opened {
@@ -1210,6 +1268,14 @@ fn check_capture(
     assert!(ok > 100);
     if mode == "otp" {
         assert!(announcements >= 1, "no pad announcement on the media path");
+    }
+    if mode == "sm4" && keys.len() > 1 {
+        assert!(rekey_messages >= 1, "no rekey offer on the media path");
+        assert!(
+            used.len() >= 2,
+            "a rekeyed call's packets used {used:?} of {} keys",
+            keys.len()
+        );
     }
     let (_, corr) = best_correlation(speech, &voice, RATE as usize);
     assert!(
@@ -1452,7 +1518,7 @@ fn an_otp_call_without_pad_is_refused() {
         mut cb,
         kmes: _kmes,
         ..
-    } = rig_opts("otp", false, 1);
+    } = rig_opts("otp", false, 1, &[]);
     let dir = tmp.path();
     ca.command("dial", &format!("sip:bob@{edge_b}"));
     let closed = ca

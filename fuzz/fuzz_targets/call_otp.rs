@@ -1,7 +1,8 @@
-//! The `otp` media relay (`qkdnet_call::otp`): datagrams and pad
-//! announcements from the far edge's network path, which nobody vouches for.
+//! The `otp` media relay (`qkdnet_call::otp`) and the `sm4` rekey messages
+//! (`qkdnet_call::rekey`): datagrams, pad announcements and rekey offers from
+//! the far edge's network path, which nobody vouches for.
 //! Under a pad the fuzzer does not know, every packet is dropped and counted,
-//! never a panic, and no announcement verifies; the same bytes protected by
+//! never a panic, and no announcement or rekey message verifies; the same bytes protected by
 //! the sending side under a pad both sides hold open back to themselves,
 //! once.
 #![no_main]
@@ -12,7 +13,11 @@ use qkdnet_media::Key256;
 use zeroize::Zeroizing;
 
 fn pad(seed: u8) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new((0..4096u32).map(|i| (i as u8).wrapping_mul(29) ^ seed).collect())
+    Zeroizing::new(
+        (0..4096u32)
+            .map(|i| (i as u8).wrapping_mul(29) ^ seed)
+            .collect(),
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -24,6 +29,9 @@ fuzz_target!(|data: &[u8]| {
 
     let k = AnnounceKey::derive(&Key256::new([7; 32]), Direction::CalleeToCaller);
     assert!(k.decode(data).is_err(), "a forged announcement verified");
+    let r =
+        qkdnet_call::rekey::ControlKey::derive(&Key256::new([7; 32]), Direction::CallerToCallee);
+    assert!(r.decode(data).is_err(), "a forged rekey message verified");
 
     let mut tx = OtpSend::new();
     tx.install(pad(2));
@@ -32,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
     let mut sealed = data.to_vec();
     if tx.protect(&mut sealed).is_ok() {
         let mut opened = sealed.clone();
-        assert!(rx.open(&mut opened).is_ok(), "a protected packet did not open");
+        assert!(
+            rx.open(&mut opened).is_ok(),
+            "a protected packet did not open"
+        );
         assert_eq!(opened, data);
         assert!(rx.open(&mut sealed).is_err(), "a replay opened");
     } else {

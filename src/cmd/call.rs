@@ -53,6 +53,10 @@ pub enum CallCommand {
         /// `otp` pad: keys per enc_keys request (one pad segment).
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=64))]
         otp_keys: u64,
+        /// `sm4`: move the calls this edge places to a new session key from
+        /// the key service this often, seconds (0: never).
+        #[arg(long, default_value_t = 600)]
+        rekey_seconds: u64,
         /// `otp` pad: bits per key (a multiple of 8, at most 8192).
         #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(128..=8192))]
         otp_key_bits: u64,
@@ -88,6 +92,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
             sae,
             otp_keys,
             otp_key_bits,
+            rekey_seconds,
         } => {
             crate::cmd::node::init_logging();
             if otp_key_bits % 8 != 0 {
@@ -128,6 +133,7 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
                 local_ip: ua.ip(),
                 registrar,
                 kme,
+                rekey: (rekey_seconds > 0).then(|| std::time::Duration::from_secs(rekey_seconds)),
             };
             crate::cmd::msg::runtime()?.block_on(async move {
                 let edge = Edge::bind(

@@ -55,6 +55,7 @@ use zeroize::Zeroizing;
 use crate::media::{Counters, Direction, Drop as Discard, Protect, Unprotect, is_rtcp};
 use crate::message;
 use crate::otp::{self, AnnounceKey, OtpRecv, OtpSend};
+use crate::rekey::{self, Control, ControlKey, Kind};
 use crate::sdp;
 use crate::sip::{self, Message, StartLine, Uri, Via};
 use crate::srtp;
@@ -126,6 +127,9 @@ pub struct EdgeConfig {
     pub registrar: Option<SocketAddr>,
     /// This edge as an SAE of the QKD network (`otp` mode needs it).
     pub kme: Option<KmeLink>,
+    /// `sm4`: the calls this edge places move to a new session key this
+    /// often (`None`: never).
+    pub rekey: Option<Duration>,
 }
 
 /// An edge's KME, for `otp` pad.
@@ -186,6 +190,8 @@ pub struct CallReport {
     /// `otp`: talk time the KME's stock for this pair of SAEs still gives, at
     /// G.711's 8,800 bytes of pad a second each way (from its last status).
     pub talk_seconds_left: Option<f64>,
+    /// `sm4`: times the call moved to a new session key.
+    pub rekeys: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +312,7 @@ struct RelayStats {
     pad_bytes: u64,
     pad_used: u64,
     stock_bits: Option<u64>,
+    rekeys: u64,
 }
 
 enum Ask {
@@ -1172,7 +1179,11 @@ impl Edge {
             Mode::Otp => (Out::Otp(OtpSend::new()), In::Otp(OtpRecv::new()), None),
             Mode::Sm4 => (
                 Out::Sm4(Protect::new(&key.key, out_dir)),
-                In::Sm4(Unprotect::new(&key.key, in_dir)),
+                In::Sm4 {
+                    rx: vec![Unprotect::new(&key.key, in_dir)],
+                    dropped: Counters::default(),
+                    passed: 0,
+                },
                 None,
             ),
             Mode::Srtp => {
@@ -1228,6 +1239,28 @@ impl Edge {
             (Some(_), None) => return Err("otp mode without a KME".into()),
             _ => (None, None),
         };
+        let rekeying = match (mode, self.cfg.rekey) {
+            (Mode::Sm4, every) => {
+                // Only the caller's edge starts a rekey.
+                let every = every.filter(|_| role == Role::Caller);
+                let (tx, rx) = mpsc::unbounded_channel();
+                Some(Rekeying {
+                    edge: Arc::downgrade(self),
+                    role,
+                    peer: key.peer.clone(),
+                    every,
+                    next_at: every.map(|e| Instant::now() + e),
+                    epoch: 0,
+                    keys: vec![(0, key.key.clone())],
+                    pending: None,
+                    busy: false,
+                    dirs: (out_dir, in_dir),
+                    tx,
+                    rx,
+                })
+            }
+            _ => None,
+        };
         let media = relay(
             [ua_a, ua_b, w_a, w_b],
             out,
@@ -1236,6 +1269,7 @@ impl Edge {
             far_rx,
             stats.clone(),
             ctl,
+            rekeying,
         );
         let relay = tokio::spawn(async move {
             media.await;
@@ -1297,7 +1331,7 @@ impl Edge {
             dropped_auth: s.auth,
             dropped_replay: s.replay,
             dropped_other: s.other,
-            medium_keys: 2,
+            medium_keys: 2 + 2 * s.rekeys,
             key_ms: call.key_ms,
             pad_keys: s.pad_keys,
             pad_bytes: s.pad_bytes,
@@ -1306,6 +1340,7 @@ impl Edge {
             talk_seconds_left: s
                 .stock_bits
                 .map(|b| (b / 8) as f64 / (2 * otp::G711_PAD_PER_SECOND) as f64),
+            rekeys: s.rekeys,
         };
         (self.on_report)(&report);
         if let Ok(mut r) = self.reports.lock() {
@@ -1403,7 +1438,13 @@ impl Out {
 /// What the relay does to packets from the far edge.
 enum In {
     Otp(OtpRecv),
-    Sm4(Unprotect),
+    /// The receivers of the current epoch and, around a rekey, of the one
+    /// before (newest last), and what they dropped and passed together.
+    Sm4 {
+        rx: Vec<Unprotect>,
+        dropped: Counters,
+        passed: u64,
+    },
     /// Checked with the quantum-derived key and passed on as they came (the
     /// softphone decrypts them).
     Srtp {
@@ -1417,7 +1458,24 @@ impl In {
     fn apply(&mut self, p: &mut Vec<u8>, rtcp: bool) -> Result<(), Discard> {
         match self {
             Self::Otp(r) => r.open(p),
-            Self::Sm4(u) => u.open(p),
+            Self::Sm4 {
+                rx,
+                dropped,
+                passed,
+            } => {
+                let mut r = Err(Discard::Malformed);
+                for u in rx.iter_mut().rev() {
+                    r = u.try_open(p);
+                    if !matches!(r, Err(Discard::Auth)) {
+                        break;
+                    }
+                }
+                match r {
+                    Ok(()) => *passed += 1,
+                    Err(d) => dropped.count(d),
+                }
+                r
+            }
             Self::Srtp { q, dropped, passed } => {
                 let mut copy = p.clone();
                 let r = if rtcp {
@@ -1437,7 +1495,9 @@ impl In {
     fn stats(&self) -> (u64, Counters) {
         match self {
             Self::Otp(r) => (r.passed, r.dropped),
-            Self::Sm4(u) => (u.passed, u.dropped),
+            Self::Sm4 {
+                dropped, passed, ..
+            } => (*passed, *dropped),
             Self::Srtp {
                 dropped, passed, ..
             } => (*passed, *dropped),
@@ -1536,6 +1596,208 @@ impl OtpCtl {
     }
 }
 
+/// `sm4` rekeying of one call ([`crate::rekey`]): the caller's edge opens a
+/// new session every `every` and offers it; the callee's edge joins and acks.
+struct Rekeying {
+    edge: std::sync::Weak<Edge>,
+    role: Role,
+    peer: Identity,
+    every: Option<Duration>,
+    next_at: Option<Instant>,
+    /// The epoch this edge sends under.
+    epoch: u32,
+    /// Keys by epoch, the last two.
+    keys: Vec<(u32, qkdnet_media::Key256)>,
+    /// Caller: opened, offered, not acknowledged yet.
+    pending: Option<(u32, [u8; SESSION_ID_LEN], qkdnet_media::Key256)>,
+    /// A key step is running.
+    busy: bool,
+    /// (sending, receiving) directions.
+    dirs: (Direction, Direction),
+    tx: mpsc::UnboundedSender<RekeyEvent>,
+    rx: mpsc::UnboundedReceiver<RekeyEvent>,
+}
+
+enum RekeyEvent {
+    /// A key step for `epoch` finished (caller: opened; callee: joined).
+    Key(
+        u32,
+        [u8; SESSION_ID_LEN],
+        Result<qkdnet_media::proto::SessionKey, String>,
+    ),
+}
+
+impl Rekeying {
+    fn key(&self, epoch: u32) -> Option<&qkdnet_media::Key256> {
+        self.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
+    }
+
+    fn due(&self) -> Option<Instant> {
+        if self.busy || self.pending.is_some() {
+            return None;
+        }
+        self.next_at
+    }
+
+    /// Caller: open the next epoch's session.
+    fn start(&mut self) {
+        let Some(edge) = self.edge.upgrade() else {
+            return;
+        };
+        let mut sid = [0u8; SESSION_ID_LEN];
+        if getrandom::fill(&mut sid).is_err() {
+            return;
+        }
+        self.busy = true;
+        let (epoch, peer, tx) = (self.epoch + 1, self.peer.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let r = edge.key_step(Ask::Open(peer, sid)).await;
+            let _ = tx.send(RekeyEvent::Key(epoch, sid, r.map_err(|e| e.2)));
+        });
+    }
+
+    /// Caller: the offer to (re)send before this packet, if one is pending.
+    fn offer(&self, sent: u64) -> Option<Vec<u8>> {
+        let (epoch, sid, _) = self.pending.as_ref()?;
+        if sent % ANNOUNCE_EVERY != 0 {
+            return None;
+        }
+        let k = self.key(epoch - 1)?;
+        Some(ControlKey::derive(k, self.dirs.0).encode(&Control {
+            kind: Kind::Offer,
+            epoch: *epoch,
+            session: *sid,
+        }))
+    }
+
+    /// A key step finished: what to send the far edge now, if anything.
+    fn event(
+        &mut self,
+        ev: RekeyEvent,
+        out: &mut Out,
+        inn: &mut In,
+        stats: &Arc<Mutex<RelayStats>>,
+    ) -> Option<Vec<u8>> {
+        let RekeyEvent::Key(epoch, sid, r) = ev;
+        self.busy = false;
+        let key = match r {
+            Ok(k) if k.peer == self.peer => k.key,
+            Ok(k) => {
+                tracing::warn!(
+                    peer = k.peer.as_str(),
+                    "rekey: the new session names another party; ignored"
+                );
+                self.next_at = self.every.map(|e| Instant::now() + e);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!("rekey: no new key ({e}); the call keeps its key and retries");
+                self.next_at = self
+                    .every
+                    .map(|e| Instant::now() + e.min(Duration::from_secs(30)));
+                return None;
+            }
+        };
+        if let In::Sm4 { rx, .. } = inn {
+            rx.push(Unprotect::new(&key, self.dirs.1));
+            if rx.len() > 2 {
+                rx.remove(0);
+            }
+        }
+        match self.role {
+            Role::Caller => {
+                let prev = self.key(epoch - 1)?;
+                let m = ControlKey::derive(prev, self.dirs.0).encode(&Control {
+                    kind: Kind::Offer,
+                    epoch,
+                    session: sid,
+                });
+                self.pending = Some((epoch, sid, key));
+                Some(m)
+            }
+            Role::Callee => {
+                *out = Out::Sm4(Protect::new(&key, self.dirs.0));
+                let m = ControlKey::derive(&key, self.dirs.0).encode(&Control {
+                    kind: Kind::Ack,
+                    epoch,
+                    session: sid,
+                });
+                self.switched(epoch, key, stats);
+                Some(m)
+            }
+        }
+    }
+
+    fn switched(&mut self, epoch: u32, key: qkdnet_media::Key256, stats: &Arc<Mutex<RelayStats>>) {
+        self.epoch = epoch;
+        self.keys.push((epoch, key));
+        if self.keys.len() > 2 {
+            self.keys.remove(0);
+        }
+        self.next_at = self.every.map(|e| Instant::now() + e);
+        if let Ok(mut s) = stats.lock() {
+            s.rekeys += 1;
+        }
+        tracing::info!(epoch, "call rekeyed with a new quantum session key");
+    }
+
+    /// A rekey message from the far edge: what to answer, if anything.
+    fn control(
+        &mut self,
+        p: &[u8],
+        out: &mut Out,
+        stats: &Arc<Mutex<RelayStats>>,
+    ) -> Option<Vec<u8>> {
+        match self.role {
+            Role::Callee => {
+                // An offer for the next epoch (under the current key), or a
+                // repeat of the one just joined (its ack was lost).
+                for epoch in [self.epoch + 1, self.epoch] {
+                    let Some(k) = self.key(epoch.wrapping_sub(1)) else {
+                        continue;
+                    };
+                    let Ok(c) = ControlKey::derive(k, self.dirs.1).decode(p) else {
+                        continue;
+                    };
+                    if c.kind != Kind::Offer || c.epoch != epoch {
+                        return None;
+                    }
+                    if epoch == self.epoch {
+                        let cur = self.key(epoch)?;
+                        return Some(ControlKey::derive(cur, self.dirs.0).encode(&Control {
+                            kind: Kind::Ack,
+                            ..c
+                        }));
+                    }
+                    if self.busy {
+                        return None;
+                    }
+                    let edge = self.edge.upgrade()?;
+                    self.busy = true;
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let r = edge.key_step(Ask::Join(c.session)).await;
+                        let _ = tx.send(RekeyEvent::Key(epoch, c.session, r.map_err(|e| e.2)));
+                    });
+                    return None;
+                }
+                None
+            }
+            Role::Caller => {
+                let (epoch, sid, key) = self.pending.as_ref()?;
+                let c = ControlKey::derive(key, self.dirs.1).decode(p).ok()?;
+                if c.kind != Kind::Ack || c.epoch != *epoch || c.session != *sid {
+                    return None;
+                }
+                let (epoch, _, key) = self.pending.take()?;
+                *out = Out::Sm4(Protect::new(&key, self.dirs.0));
+                self.switched(epoch, key, stats);
+                None
+            }
+        }
+    }
+}
+
 /// The media relay of one call: `[ua_rtp, ua_rtcp, wire_rtp, wire_rtcp]`.
 async fn relay(
     socks: [UdpSocket; 4],
@@ -1545,6 +1807,7 @@ async fn relay(
     far: watch::Receiver<Option<SocketAddr>>,
     stats: Arc<Mutex<RelayStats>>,
     mut otp: Option<OtpCtl>,
+    mut rk: Option<Rekeying>,
 ) {
     let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
     let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
@@ -1557,8 +1820,38 @@ async fn relay(
                 None => std::future::pending().await,
             }
         };
+        let rekey_due = rk.as_ref().and_then(|r| r.due());
+        let rekey_timer = async {
+            match rekey_due {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let rekey_event = async {
+            match rk.as_mut() {
+                Some(r) => r.rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let (which, p) = tokio::select! {
             () = idle => return,
+            () = rekey_timer => {
+                if let Some(r) = rk.as_mut() {
+                    r.start();
+                }
+                continue;
+            }
+            Some(ev) = rekey_event => {
+                if let Some(r) = rk.as_mut() {
+                    let far = *far.borrow();
+                    if let Some(m) = r.event(ev, &mut out, &mut inn, &stats) {
+                        if let Some(far) = far {
+                            let _ = wire_rtp.send_to(&m, far).await;
+                        }
+                    }
+                }
+                continue;
+            }
             Some(ev) = pad_event => {
                 pad(
                     ev,
@@ -1582,6 +1875,9 @@ async fn relay(
         match which {
             0 | 1 => {
                 let Some(far) = *far.borrow() else { continue };
+                if let Some(offer) = rk.as_ref().and_then(|r| r.offer(sent_packets)) {
+                    let _ = wire_rtp.send_to(&offer, far).await;
+                }
                 if let (Some(c), Out::Otp(send)) = (otp.as_mut(), &out) {
                     c.refill(send);
                     // Before the 1st, 11th, 21st… packet: the far edge may not
@@ -1612,6 +1908,17 @@ async fn relay(
                 }
             }
             _ => {
+                if let Some(r) = rk.as_mut() {
+                    if rekey::is_control(&p) {
+                        if let Some(m) = r.control(&p, &mut out, &stats) {
+                            let far = *far.borrow();
+                            if let Some(far) = far {
+                                let _ = wire_rtp.send_to(&m, far).await;
+                            }
+                        }
+                        continue;
+                    }
+                }
                 if let (Some(c), In::Otp(recv)) = (otp.as_mut(), &mut inn) {
                     if !c.parked.is_empty() && c.peer.borrow().is_some() {
                         for a in std::mem::take(&mut c.parked) {

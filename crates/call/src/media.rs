@@ -350,16 +350,22 @@ impl Unprotect {
     /// Opens a protected RTP or RTCP packet in place; on error the packet is
     /// to be dropped (and was counted).
     pub fn open(&mut self, p: &mut Vec<u8>) -> Result<(), Drop> {
-        let r = if is_rtcp(p) {
-            self.open_rtcp(p)
-        } else {
-            self.open_rtp(p)
-        };
+        let r = self.try_open(p);
         match r {
             Ok(()) => self.passed += 1,
             Err(d) => self.dropped.count(d),
         }
         r
+    }
+
+    /// [`Unprotect::open`] without counting (for a receiver that tries the
+    /// keys of two epochs around a rekey and counts once).
+    pub fn try_open(&mut self, p: &mut Vec<u8>) -> Result<(), Drop> {
+        if is_rtcp(p) {
+            self.open_rtcp(p)
+        } else {
+            self.open_rtp(p)
+        }
     }
 
     fn open_rtp(&mut self, p: &mut Vec<u8>) -> Result<(), Drop> {
@@ -423,5 +429,30 @@ impl Unprotect {
             .or_default()
             .accept(u64::from(index));
         Ok(())
+    }
+}
+
+/// An HMAC-SM3 key for the edges' in-band control messages (pad
+/// announcements, rekey offers), derived per call key, purpose and
+/// direction; tags compared in constant time.
+pub(crate) struct ControlMac(zeroize::Zeroizing<[u8; 32]>);
+
+impl ControlMac {
+    pub(crate) fn derive(key: &Key256, label: &[u8], dir: Direction) -> Self {
+        let okm = hkdf_sm3(label, key.expose_secret(), &[dir.label()], 32)
+            .expect("invariant: 32 bytes is a valid HKDF-SM3 length");
+        let mut k = zeroize::Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(okm.expose_secret());
+        Self(k)
+    }
+
+    pub(crate) fn tag(&self, body: &[u8]) -> [u8; 32] {
+        let mut h = qkdnet_crypto::sm3::HmacSm3::new(&self.0[..]);
+        h.update(body);
+        h.finalize()
+    }
+
+    pub(crate) fn verify(&self, body: &[u8], tag: &[u8]) -> bool {
+        bool::from(subtle::ConstantTimeEq::ct_eq(&self.tag(body)[..], tag))
     }
 }

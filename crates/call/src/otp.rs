@@ -59,15 +59,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use qkdnet_crypto::kdf::hkdf_sm3;
 use qkdnet_crypto::otp::{WC_TAG_LEN, wegman_carter_tag};
-use qkdnet_crypto::sm3::HmacSm3;
 use qkdnet_media::Key256;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::media::{Counters, Direction, Drop, Window, is_rtcp, rtp_header_len};
+use crate::media::{ControlMac, Counters, Direction, Drop, Window, is_rtcp, rtp_header_len};
 
 /// Bytes the pad gives each packet besides its payload (the tag mask).
 pub const MASK_LEN: usize = WC_TAG_LEN;
@@ -135,7 +133,7 @@ pub enum AnnounceError {
 }
 
 /// The announcement key of direction `dir` of the call keyed by `session`.
-pub struct AnnounceKey(Zeroizing<[u8; 32]>);
+pub struct AnnounceKey(ControlMac);
 
 impl std::fmt::Debug for AnnounceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,22 +144,11 @@ impl std::fmt::Debug for AnnounceKey {
 impl AnnounceKey {
     /// Derives it (HKDF-SM3).
     pub fn derive(session: &Key256, dir: Direction) -> Self {
-        let okm = hkdf_sm3(
+        Self(ControlMac::derive(
+            session,
             b"qkdnet call otp announce v1",
-            session.expose_secret(),
-            &[dir.label()],
-            32,
-        )
-        .expect("invariant: 32 bytes is a valid HKDF-SM3 length");
-        let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(okm.expose_secret());
-        Self(k)
-    }
-
-    fn tag(&self, body: &[u8]) -> [u8; ANN_TAG] {
-        let mut h = HmacSm3::new(&self.0[..]);
-        h.update(body);
-        h.finalize()
+            dir,
+        ))
     }
 
     /// Encodes `a` (at most [`MAX_ANNOUNCE_KEYS`] keys of at most
@@ -177,7 +164,7 @@ impl AnnounceKey {
         for id in &a.ids[..n] {
             out.extend_from_slice(id.as_bytes());
         }
-        let t = self.tag(&out);
+        let t = self.0.tag(&out);
         out.extend_from_slice(&t);
         out
     }
@@ -192,7 +179,7 @@ impl AnnounceKey {
             return Err(AnnounceError::Malformed);
         }
         let (body, tag) = p.split_at(p.len() - ANN_TAG);
-        if !bool::from(self.tag(body).ct_eq(tag)) {
+        if !self.0.verify(body, tag) {
             return Err(AnnounceError::Auth);
         }
         let mut start = [0u8; 8];
