@@ -1821,35 +1821,13 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
-    let KeyService {
-        addr: ks, media, ..
-    } = start_key_service(dir, &mut procs, &["sipp", "bob"], 2 * calls + 16);
-    let [caller, callee]: [Charged; 2] = media.try_into().ok().expect("two media");
-    let (uac, uac_direct, uas) = (free_port_pair(), free_port_pair(), free_port_pair());
-    let edge_a: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
-        .parse()
-        .expect("addr");
-    let edge_b: SocketAddr = format!("127.0.0.1:{}", free_port_pair())
-        .parse()
-        .expect("addr");
-    for (name, edge, ua, medium) in [
-        ("edge-a", edge_a, uac, &caller.path),
-        ("edge-b", edge_b, uas, &callee.path),
-    ] {
-        spawn_edge(
-            &mut procs,
-            dir,
-            name,
-            edge,
-            ua,
-            &ks,
-            medium,
-            "sm4",
-            None,
-            true,
-            &[],
-        );
-    }
+    let SippEdges {
+        edge_a,
+        edge_b,
+        uac,
+        uas,
+    } = sipp_edges(dir, &mut procs, 2 * calls + 16, true);
+    let uac_direct = free_port_pair();
     spawn(
         &mut procs,
         "sipp-uas",
@@ -1899,4 +1877,210 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
             "direct_seconds": direct_s, "edges_seconds": edged_s,
         })
     );
+}
+
+/// Two edges in `sm4` mode for SIPp parties: the caller (`sipp`) at port
+/// `uac`, the callee (`bob`) at port `uas`, media with `keys` keys each.
+struct SippEdges {
+    edge_a: SocketAddr,
+    edge_b: SocketAddr,
+    uac: u16,
+    uas: u16,
+}
+
+fn sipp_edges(dir: &Path, procs: &mut Procs, keys: u64, quiet: bool) -> SippEdges {
+    let KeyService {
+        addr: ks, media, ..
+    } = start_key_service(dir, procs, &["sipp", "bob"], keys);
+    let [caller, callee]: [Charged; 2] = media.try_into().ok().expect("two media");
+    let (uac, uas) = (free_port_pair(), free_port_pair());
+    let edge = || -> SocketAddr {
+        format!("127.0.0.1:{}", free_port_pair())
+            .parse()
+            .expect("addr")
+    };
+    let (edge_a, edge_b) = (edge(), edge());
+    for (name, edge, ua, medium) in [
+        ("edge-a", edge_a, uac, &caller.path),
+        ("edge-b", edge_b, uas, &callee.path),
+    ] {
+        spawn_edge(
+            procs,
+            dir,
+            name,
+            edge,
+            ua,
+            &ks,
+            medium,
+            "sm4",
+            None,
+            quiet,
+            &[],
+        );
+    }
+    SippEdges {
+        edge_a,
+        edge_b,
+        uac,
+        uas,
+    }
+}
+
+/// The SIP messages a SIPp process received, from its `-trace_msg` log.
+fn sipp_received(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        if e.file_name().to_string_lossy().ends_with("_messages.log") {
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for chunk in log.split("-----------------------------------------------") {
+                if let Some((_, msg)) = chunk.split_once("message received") {
+                    out.push(msg.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The audio port of the SDP in a traced message.
+fn traced_audio_port(msg: &str) -> Option<u16> {
+    msg.lines()
+        .find_map(|l| l.trim().strip_prefix("m=audio "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// A re-INVITE in the middle of a call (the caller moves its media to
+/// another port) passes both edges as a SIP proxy would pass it, with the
+/// SDP on each side pointed at the edge's relay, the key-service session
+/// unchanged and no key or quantum header reaching either party; then the
+/// BYE ends the call at both edges. SIPp plays both parties
+/// (tests/sipp/*.xml; baresip 1.0 cannot re-INVITE on command).
+#[test]
+fn a_re_invite_passes_both_edges_and_keeps_the_media_on_the_relays() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let mut procs = Procs(Vec::new());
+    let SippEdges {
+        edge_a,
+        edge_b,
+        uac,
+        uas,
+    } = sipp_edges(dir, &mut procs, 16, false);
+    let (mp_a, mp_b) = (free_port_pair(), free_port_pair());
+    let scenarios = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp");
+    let (dir_a, dir_b) = (dir.join("uac"), dir.join("uas"));
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    spawn(
+        &mut procs,
+        "sipp-uas",
+        Command::new("sipp").current_dir(&dir_b).args([
+            "-sf",
+            &format!("{scenarios}/uas_reinvite.xml"),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas.to_string(),
+            "-mp",
+            &mp_b.to_string(),
+            "-m",
+            "1",
+            "-nostdin",
+            "-trace_msg",
+        ]),
+        &dir.join("sipp-uas.log"),
+    );
+    wait_for_edges(dir, &["edge-a", "edge-b"]);
+    let out = Command::new("sipp")
+        .current_dir(&dir_a)
+        .arg(edge_b.to_string())
+        .args(["-sf", &format!("{scenarios}/uac_reinvite.xml")])
+        .args(["-s", "bob", "-i", "127.0.0.1", "-nostdin", "-m", "1"])
+        .args(["-p", &uac.to_string(), "-mp", &mp_a.to_string()])
+        .args(["-rsa", &edge_a.to_string()])
+        .args([
+            "-timeout",
+            "30s",
+            "-timeout_error",
+            "-trace_msg",
+            "-trace_err",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("sipp (Debian package sip-tester)");
+    let logs = || {
+        ["edge-a.log", "edge-b.log", "sipp-uas.log"]
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}\n",
+                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    assert!(
+        out.status.success(),
+        "the SIPp caller's re-INVITE scenario failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+
+    // What the callee received: both INVITEs pointed at B's edge's relay
+    // (the same leg), not at the caller's ports; nothing quantum in them.
+    let at_b = sipp_received(&dir_b);
+    let invites: Vec<&String> = at_b
+        .iter()
+        .filter(|m| m.contains("CSeq: 1 INVITE") || m.contains("CSeq: 2 INVITE"))
+        .filter(|m| m.contains("INVITE sip:"))
+        .collect();
+    assert_eq!(
+        invites.len(),
+        2,
+        "the INVITE and the re-INVITE reached B: {at_b:?}"
+    );
+    let ports: Vec<u16> = invites
+        .iter()
+        .map(|m| traced_audio_port(m).expect("SDP in the INVITE"))
+        .collect();
+    assert_eq!(
+        ports[0], ports[1],
+        "the re-INVITE keeps B's media on the relay"
+    );
+    assert!(
+        ports[0] != mp_a && ports[0] != mp_a + 2,
+        "B sees the caller's own media port: {ports:?}"
+    );
+    for m in &invites {
+        assert!(!m.contains("a=crypto") && !m.contains("X-QKD-"), "{m}");
+    }
+    // What the caller received: both answers pointed at A's edge's relay.
+    let at_a = sipp_received(&dir_a);
+    let answers: Vec<u16> = at_a
+        .iter()
+        .filter(|m| m.contains("SIP/2.0 200") && m.contains(" INVITE"))
+        .filter_map(|m| traced_audio_port(m))
+        .collect();
+    assert_eq!(answers.len(), 2, "two answers with SDP: {at_a:?}");
+    assert_eq!(answers[0], answers[1]);
+    assert_ne!(answers[0], mp_b, "A sees the callee's own media port");
+
+    // The BYE ended the call at both edges: one session, one report each.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ra, rb) = (
+            reports(&dir.join("edge-a.log")),
+            reports(&dir.join("edge-b.log")),
+        );
+        if ra.len() == 1 && rb.len() == 1 {
+            assert_eq!(ra[0]["session"], rb[0]["session"]);
+            assert_eq!(ra[0]["mode"], "sm4");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no call reports:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
