@@ -2084,3 +2084,140 @@ fn a_re_invite_passes_both_edges_and_keeps_the_media_on_the_relays() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+fn percentile_us(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(v, p)
+}
+
+/// RTP through two edges in `sm4` mode, from a socket of the test playing
+/// A's softphone to one playing B's: every packet arrives as it was sent
+/// (SM4-GCM between the edges, opened at B's edge), and the one-way time
+/// through both edges is printed next to the same packets sent straight
+/// from A to B (the per-packet latency the edges add; BENCHMARKS.md).
+/// Bounded here (150 packets at 50/s); as a benchmark:
+/// `QKDNET_CALL_MEDIA_PACKETS=1000 cargo test --release --test call_baresip media_through -- --nocapture`
+/// (the call is held for 4 s, so at most 190 packets are sent through it).
+#[test]
+fn media_through_two_sm4_edges_arrives_intact_and_is_timed() {
+    let packets: usize = std::env::var("QKDNET_CALL_MEDIA_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150)
+        .min(190);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let mut procs = Procs(Vec::new());
+    let SippEdges {
+        edge_a,
+        edge_b,
+        uac,
+        uas,
+    } = sipp_edges(dir, &mut procs, 16, false);
+    let (pa, pb) = (free_port_pair(), free_port_pair());
+    let a = UdpSocket::bind(("127.0.0.1", pa)).expect("A's RTP socket");
+    let b = UdpSocket::bind(("127.0.0.1", pb)).expect("B's RTP socket");
+    b.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let scenarios = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp");
+    let (dir_a, dir_b) = (dir.join("uac"), dir.join("uas"));
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    spawn(
+        &mut procs,
+        "sipp-uas",
+        Command::new("sipp").current_dir(&dir_b).args([
+            "-sf",
+            &format!("{scenarios}/uas_media.xml"),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas.to_string(),
+            "-key",
+            "rtp_b",
+            &pb.to_string(),
+            "-m",
+            "1",
+            "-nostdin",
+        ]),
+        &dir.join("sipp-uas.log"),
+    );
+    wait_for_edges(dir, &["edge-a", "edge-b"]);
+    let mut caller = Command::new("sipp")
+        .current_dir(&dir_a)
+        .arg(edge_b.to_string())
+        .args(["-sf", &format!("{scenarios}/uac_media.xml")])
+        .args(["-s", "bob", "-i", "127.0.0.1", "-nostdin", "-m", "1"])
+        .args(["-p", &uac.to_string(), "-key", "rtp_a", &pa.to_string()])
+        .args(["-rsa", &edge_a.to_string()])
+        .args(["-timeout", "30s", "-timeout_error", "-trace_msg"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sipp (Debian package sip-tester)");
+    // Where A's edge takes A's RTP: the answer's SDP as A received it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let leg = loop {
+        if let Some(p) = sipp_received(&dir_a)
+            .iter()
+            .filter(|m| m.contains("SIP/2.0 200") && m.contains(" INVITE"))
+            .find_map(|m| traced_audio_port(m))
+        {
+            break SocketAddr::from(([127, 0, 0, 1], p));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call was not answered:\n{}",
+            std::fs::read_to_string(dir.join("edge-a.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let direct = SocketAddr::from(([127, 0, 0, 1], pb));
+    let mut through = Vec::new();
+    let mut straight = Vec::new();
+    for (to, times) in [(leg, &mut through), (direct, &mut straight)] {
+        let mut lost = 0;
+        for i in 0..packets {
+            let mut p = vec![0x80, 0x00];
+            p.extend_from_slice(&(i as u16).to_be_bytes());
+            p.extend_from_slice(&(i as u32 * 160).to_be_bytes());
+            p.extend_from_slice(&0x5151_0001u32.to_be_bytes());
+            p.extend((0..160).map(|j| (i * 7 + j) as u8));
+            let t = Instant::now();
+            a.send_to(&p, to).expect("send");
+            let mut buf = [0u8; 2048];
+            match b.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    times.push(t.elapsed().as_secs_f64() * 1e6);
+                    assert_eq!(&buf[..n], &p[..], "packet {i} arrived changed");
+                }
+                Err(_) => lost += 1,
+            }
+            std::thread::sleep(Duration::from_millis(20).saturating_sub(t.elapsed()));
+        }
+        assert!(
+            lost <= packets / 50,
+            "{lost} of {packets} packets lost on the way to {to}"
+        );
+    }
+    let status = caller.wait().expect("sipp");
+    assert!(status.success(), "the SIPp caller failed: {status:?}");
+    let (e50, e99) = (
+        percentile_us(&mut through, 0.5),
+        percentile_us(&mut through, 0.99),
+    );
+    let (d50, d99) = (
+        percentile_us(&mut straight, 0.5),
+        percentile_us(&mut straight, 0.99),
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "call_media_path", "mode": "sm4", "packets": packets,
+            "through_edges_us_p50": e50, "through_edges_us_p99": e99,
+            "direct_us_p50": d50, "direct_us_p99": d99,
+            "added_us_p50": e50 - d50, "added_us_p99": e99 - d99,
+        })
+    );
+}
