@@ -1926,6 +1926,51 @@ fn sipp_edges(dir: &Path, procs: &mut Procs, keys: u64, quiet: bool) -> SippEdge
     }
 }
 
+impl SippEdges {
+    /// SIPp as the callee with `tests/sipp/SCENARIO` (one call; its files in
+    /// `DIR/uas`), then waits for the edges.
+    fn callee(&self, procs: &mut Procs, dir: &Path, scenario: &str, extra: &[&str]) {
+        let d = dir.join("uas");
+        std::fs::create_dir_all(&d).expect("dir");
+        spawn(
+            procs,
+            "sipp-uas",
+            Command::new("sipp")
+                .current_dir(&d)
+                .arg("-sf")
+                .arg(Path::new(SIPP_SCENARIOS).join(scenario))
+                .args(["-i", "127.0.0.1", "-m", "1", "-nostdin", "-p"])
+                .arg(self.uas.to_string())
+                .args(extra),
+            &dir.join("sipp-uas.log"),
+        );
+        wait_for_edges(dir, &["edge-a", "edge-b"]);
+    }
+
+    /// SIPp as the caller of `bob` with `tests/sipp/SCENARIO` through the
+    /// edges (one call, messages traced; its files in `DIR/uac`).
+    fn caller(&self, dir: &Path, scenario: &str) -> Command {
+        let d = dir.join("uac");
+        std::fs::create_dir_all(&d).expect("dir");
+        let mut c = Command::new("sipp");
+        c.current_dir(&d)
+            .arg(self.edge_b.to_string())
+            .arg("-sf")
+            .arg(Path::new(SIPP_SCENARIOS).join(scenario))
+            .args(["-s", "bob", "-i", "127.0.0.1", "-nostdin", "-m", "1"])
+            .args([
+                "-p",
+                &self.uac.to_string(),
+                "-rsa",
+                &self.edge_a.to_string(),
+            ])
+            .args(["-timeout", "30s", "-timeout_error", "-trace_msg"]);
+        c
+    }
+}
+
+const SIPP_SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp");
+
 /// The SIP messages a SIPp process received, from its `-trace_msg` log.
 fn sipp_received(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -1961,52 +2006,18 @@ fn a_re_invite_passes_both_edges_and_keeps_the_media_on_the_relays() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
-    let SippEdges {
-        edge_a,
-        edge_b,
-        uac,
-        uas,
-    } = sipp_edges(dir, &mut procs, 16, false);
+    let edges = sipp_edges(dir, &mut procs, 16, false);
     let (mp_a, mp_b) = (free_port_pair(), free_port_pair());
-    let scenarios = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp");
-    let (dir_a, dir_b) = (dir.join("uac"), dir.join("uas"));
-    for d in [&dir_a, &dir_b] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    spawn(
+    edges.callee(
         &mut procs,
-        "sipp-uas",
-        Command::new("sipp").current_dir(&dir_b).args([
-            "-sf",
-            &format!("{scenarios}/uas_reinvite.xml"),
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &uas.to_string(),
-            "-mp",
-            &mp_b.to_string(),
-            "-m",
-            "1",
-            "-nostdin",
-            "-trace_msg",
-        ]),
-        &dir.join("sipp-uas.log"),
+        dir,
+        "uas_reinvite.xml",
+        &["-mp", &mp_b.to_string(), "-trace_msg"],
     );
-    wait_for_edges(dir, &["edge-a", "edge-b"]);
-    let out = Command::new("sipp")
-        .current_dir(&dir_a)
-        .arg(edge_b.to_string())
-        .args(["-sf", &format!("{scenarios}/uac_reinvite.xml")])
-        .args(["-s", "bob", "-i", "127.0.0.1", "-nostdin", "-m", "1"])
-        .args(["-p", &uac.to_string(), "-mp", &mp_a.to_string()])
-        .args(["-rsa", &edge_a.to_string()])
-        .args([
-            "-timeout",
-            "30s",
-            "-timeout_error",
-            "-trace_msg",
-            "-trace_err",
-        ])
+    let (dir_a, dir_b) = (dir.join("uac"), dir.join("uas"));
+    let out = edges
+        .caller(dir, "uac_reinvite.xml")
+        .args(["-mp", &mp_a.to_string(), "-trace_err"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
@@ -2108,50 +2119,22 @@ fn media_through_two_sm4_edges_arrives_intact_and_is_timed() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
-    let SippEdges {
-        edge_a,
-        edge_b,
-        uac,
-        uas,
-    } = sipp_edges(dir, &mut procs, 16, false);
+    let edges = sipp_edges(dir, &mut procs, 16, false);
     let (pa, pb) = (free_port_pair(), free_port_pair());
     let a = UdpSocket::bind(("127.0.0.1", pa)).expect("A's RTP socket");
     let b = UdpSocket::bind(("127.0.0.1", pb)).expect("B's RTP socket");
     b.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
-    let scenarios = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sipp");
-    let (dir_a, dir_b) = (dir.join("uac"), dir.join("uas"));
-    for d in [&dir_a, &dir_b] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    spawn(
+    edges.callee(
         &mut procs,
-        "sipp-uas",
-        Command::new("sipp").current_dir(&dir_b).args([
-            "-sf",
-            &format!("{scenarios}/uas_media.xml"),
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &uas.to_string(),
-            "-key",
-            "rtp_b",
-            &pb.to_string(),
-            "-m",
-            "1",
-            "-nostdin",
-        ]),
-        &dir.join("sipp-uas.log"),
+        dir,
+        "uas_media.xml",
+        &["-key", "rtp_b", &pb.to_string()],
     );
-    wait_for_edges(dir, &["edge-a", "edge-b"]);
-    let mut caller = Command::new("sipp")
-        .current_dir(&dir_a)
-        .arg(edge_b.to_string())
-        .args(["-sf", &format!("{scenarios}/uac_media.xml")])
-        .args(["-s", "bob", "-i", "127.0.0.1", "-nostdin", "-m", "1"])
-        .args(["-p", &uac.to_string(), "-key", "rtp_a", &pa.to_string()])
-        .args(["-rsa", &edge_a.to_string()])
-        .args(["-timeout", "30s", "-timeout_error", "-trace_msg"])
+    let dir_a = dir.join("uac");
+    let mut caller = edges
+        .caller(dir, "uac_media.xml")
+        .args(["-key", "rtp_a", &pa.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
