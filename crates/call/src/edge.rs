@@ -218,7 +218,8 @@ struct Call {
     /// Where the softphone and the far edge receive RTP (RTCP: +1).
     ua_rtp: watch::Sender<Option<SocketAddr>>,
     far_rtp: watch::Sender<Option<SocketAddr>>,
-    relay: tokio::task::JoinHandle<()>,
+    /// Stops the relay thread (dropped: stopped too).
+    relay: watch::Sender<bool>,
     stats: Arc<Mutex<RelayStats>>,
     started: Instant,
     key_ms: f64,
@@ -1228,6 +1229,7 @@ impl Edge {
                     repeats: Vec::new(),
                     parked: Vec::new(),
                     held: std::collections::VecDeque::new(),
+                    rt: tokio::runtime::Handle::current(),
                 };
                 let handle = OtpHandle {
                     peer_sae: peer_tx,
@@ -1257,32 +1259,75 @@ impl Edge {
                     dirs: (out_dir, in_dir),
                     tx,
                     rx,
+                    rt: tokio::runtime::Handle::current(),
                 })
             }
             _ => None,
         };
-        let media = relay(
-            [ua_a, ua_b, w_a, w_b],
-            out,
-            inn,
-            ua_rx,
-            far_rx,
-            stats.clone(),
-            ctl,
-            rekeying,
-        );
-        let relay = tokio::spawn(async move {
-            media.await;
-            // Idle for MEDIA_IDLE: the call is over whether or not a BYE came.
-            if let Some(edge) = edge.upgrade() {
-                tracing::warn!(
-                    call = id,
-                    "no media for {} s: call ended",
-                    MEDIA_IDLE.as_secs()
-                );
-                edge.end_call(&id);
-            }
-        });
+        // The relay runs on a thread of its own (a current-thread runtime):
+        // a packet then wakes only that thread, not a worker of the shared
+        // runtime (BENCHMARKS.md: per-packet latency through the edges).
+        let socks = [ua_a, ua_b, w_a, w_b]
+            .map(|s| s.into_std())
+            .into_iter()
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stats_relay = stats.clone();
+        std::thread::Builder::new()
+            .name("qkdnet-relay".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(call = id, "no runtime for the media relay: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut tokio_socks = Vec::with_capacity(4);
+                    for s in socks {
+                        match UdpSocket::from_std(s) {
+                            Ok(s) => tokio_socks.push(s),
+                            Err(e) => {
+                                tracing::error!(call = id, "media relay socket: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    let Ok(socks) = <[UdpSocket; 4]>::try_from(tokio_socks) else {
+                        return;
+                    };
+                    let idle = relay(
+                        socks,
+                        out,
+                        inn,
+                        ua_rx,
+                        far_rx,
+                        stats_relay,
+                        ctl,
+                        rekeying,
+                        stop_rx,
+                    )
+                    .await;
+                    // Idle for MEDIA_IDLE: the call is over whether or not a BYE came.
+                    if idle {
+                        if let Some(edge) = edge.upgrade() {
+                            tracing::warn!(
+                                call = id,
+                                "no media for {} s: call ended",
+                                MEDIA_IDLE.as_secs()
+                            );
+                            edge.end_call(&id);
+                        }
+                    }
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        let relay = stop_tx;
         Ok(Call {
             role,
             mode,
@@ -1310,7 +1355,7 @@ impl Edge {
             Err(_) => None,
         };
         let Some(call) = call else { return };
-        call.relay.abort();
+        let _ = call.relay.send(true);
         let s = call.stats.lock().map(|s| *s).unwrap_or_default();
         let report = CallReport {
             call_id: call_id.to_owned(),
@@ -1527,6 +1572,9 @@ struct OtpCtl {
     /// socket?, bytes), opened when it comes (or dropped after
     /// [`otp::HOLD`]).
     held: std::collections::VecDeque<(Instant, bool, Vec<u8>)>,
+    /// The edge's runtime, where KME requests run (its connections outlive
+    /// the call's relay thread).
+    rt: tokio::runtime::Handle,
 }
 
 /// Times an announcement is repeated after its first sending (every
@@ -1550,7 +1598,7 @@ impl OtpCtl {
         };
         self.fetching = true;
         let (kme, tx) = (self.kme.clone(), self.tx.clone());
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let r = fetch_out(&kme, &peer).await;
             let _ = tx.send(PadEvent::Out(r));
         });
@@ -1578,7 +1626,7 @@ impl OtpCtl {
             return;
         }
         let (kme, tx) = (self.kme.clone(), self.tx.clone());
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let r = fetch_in(&kme, &peer, &a.ids).await;
             let r = r.and_then(|pad| {
                 if pad.len() as u64 == a.len() {
@@ -1616,6 +1664,8 @@ struct Rekeying {
     dirs: (Direction, Direction),
     tx: mpsc::UnboundedSender<RekeyEvent>,
     rx: mpsc::UnboundedReceiver<RekeyEvent>,
+    /// The edge's runtime, where key steps run.
+    rt: tokio::runtime::Handle,
 }
 
 enum RekeyEvent {
@@ -1650,7 +1700,7 @@ impl Rekeying {
         }
         self.busy = true;
         let (epoch, peer, tx) = (self.epoch + 1, self.peer.clone(), self.tx.clone());
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let r = edge.key_step(Ask::Open(peer, sid)).await;
             let _ = tx.send(RekeyEvent::Key(epoch, sid, r.map_err(|e| e.2)));
         });
@@ -1775,7 +1825,7 @@ impl Rekeying {
                     let edge = self.edge.upgrade()?;
                     self.busy = true;
                     let tx = self.tx.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let r = edge.key_step(Ask::Join(c.session)).await;
                         let _ = tx.send(RekeyEvent::Key(epoch, c.session, r.map_err(|e| e.2)));
                     });
@@ -1808,7 +1858,8 @@ async fn relay(
     stats: Arc<Mutex<RelayStats>>,
     mut otp: Option<OtpCtl>,
     mut rk: Option<Rekeying>,
-) {
+    mut stop: watch::Receiver<bool>,
+) -> bool {
     let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
     let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
     let mut sent_packets = 0u64;
@@ -1834,7 +1885,8 @@ async fn relay(
             }
         };
         let (which, p) = tokio::select! {
-            () = idle => return,
+            () = idle => return true,
+            _ = stop.changed() => return false,
             () = rekey_timer => {
                 if let Some(r) = rk.as_mut() {
                     r.start();
