@@ -1731,32 +1731,36 @@ fn sipp_uac(
     port: u16,
     calls: u64,
     rate: u64,
+    party: Option<(&str, &str)>,
 ) -> (Vec<f64>, f64) {
     std::fs::create_dir_all(dir).expect("dir");
     let mut cmd = Command::new("sipp");
-    cmd.current_dir(dir)
-        .arg(target.to_string())
-        .args([
-            "-sn",
-            "uac",
-            "-s",
-            "bob",
-            "-i",
-            "127.0.0.1",
-            "-nostdin",
-            "-trace_rtt",
-            "-rtt_freq",
-            "1",
-        ])
-        .args([
-            "-p",
-            &port.to_string(),
-            "-m",
-            &calls.to_string(),
-            "-r",
-            &rate.to_string(),
-        ])
-        .args(["-timeout", "120s", "-timeout_error", "-trace_err"]);
+    cmd.current_dir(dir).arg(target.to_string());
+    match party {
+        // (caller, callee): our load scenario, From the caller's name.
+        Some((caller, callee)) => cmd
+            .arg("-sf")
+            .arg(Path::new(SIPP_SCENARIOS).join("uac_load.xml"))
+            .args(["-key", "caller", caller, "-s", callee]),
+        None => cmd.args(["-sn", "uac", "-s", "bob"]),
+    };
+    cmd.args([
+        "-i",
+        "127.0.0.1",
+        "-nostdin",
+        "-trace_rtt",
+        "-rtt_freq",
+        "1",
+    ])
+    .args([
+        "-p",
+        &port.to_string(),
+        "-m",
+        &calls.to_string(),
+        "-r",
+        &rate.to_string(),
+    ])
+    .args(["-timeout", "120s", "-timeout_error", "-trace_err"]);
     if let Some(v) = via {
         cmd.args(["-rsa", &v.to_string()]);
     }
@@ -1807,7 +1811,8 @@ fn sipp_uac(
 /// caller to callee, so the setup delay the edges and the key step add is
 /// measured in one run. Bounded here (40 calls at 20/s); as a benchmark:
 /// `QKDNET_CALL_LOAD_CALLS=2000 QKDNET_CALL_LOAD_RATE=200 cargo test --release --test call_baresip sipp -- --nocapture`
-/// prints one JSON line.
+/// prints one JSON line; `QKDNET_CALL_LOAD_PAIRS=P` runs P subscriber pairs
+/// (own media, edges and SIPp parties) at once, each at the rate.
 #[test]
 fn sipp_calls_through_the_edges_and_the_key_service() {
     let calls: u64 = std::env::var("QKDNET_CALL_LOAD_CALLS")
@@ -1821,56 +1826,100 @@ fn sipp_calls_through_the_edges_and_the_key_service() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let mut procs = Procs(Vec::new());
-    let SippEdges {
-        edge_a,
-        edge_b,
-        uac,
-        uas,
-    } = sipp_edges(dir, &mut procs, 2 * calls + 16, true);
+    let pairs: usize = std::env::var("QKDNET_CALL_LOAD_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    let all = sipp_edge_pairs(dir, &mut procs, 2 * calls + 16, true, pairs);
     let uac_direct = free_port_pair();
-    spawn(
-        &mut procs,
-        "sipp-uas",
-        Command::new("sipp").current_dir(dir).args([
-            "-sn",
-            "uas",
-            "-i",
-            "127.0.0.1",
-            "-nostdin",
-            "-p",
-            &uas.to_string(),
-        ]),
-        &dir.join("sipp-uas.log"),
+    for (i, e) in all.iter().enumerate() {
+        spawn(
+            &mut procs,
+            &format!("sipp-uas{i}"),
+            Command::new("sipp")
+                .current_dir(dir)
+                .arg("-sf")
+                .arg(Path::new(SIPP_SCENARIOS).join("uas_load.xml"))
+                .args(["-i", "127.0.0.1", "-nostdin", "-p", &e.uas.to_string()]),
+            &dir.join(format!("sipp-uas{i}.log")),
+        );
+    }
+    let names: Vec<&str> = all
+        .iter()
+        .flat_map(|e| e.names.iter().map(String::as_str))
+        .collect();
+    wait_for_edges(dir, &names);
+    let uas_addr: SocketAddr = format!("127.0.0.1:{}", all[0].uas).parse().expect("addr");
+    let (direct, direct_s) = sipp_uac(
+        &dir.join("direct"),
+        uas_addr,
+        None,
+        uac_direct,
+        calls,
+        rate,
+        None,
     );
-    wait_for_edges(dir, &["edge-a", "edge-b"]);
-    let uas_addr: SocketAddr = format!("127.0.0.1:{uas}").parse().expect("addr");
-    let (direct, direct_s) = sipp_uac(&dir.join("direct"), uas_addr, None, uac_direct, calls, rate);
-    let (edged, edged_s) = sipp_uac(&dir.join("edged"), edge_b, Some(edge_a), uac, calls, rate);
+    // Every pair's caller at once, each at `rate`.
+    let t = Instant::now();
+    let runs: Vec<(Vec<f64>, f64)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = all
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let d = dir.join(format!("edged{i}"));
+                sc.spawn(move || {
+                    sipp_uac(
+                        &d,
+                        e.edge_b,
+                        Some(e.edge_a),
+                        e.uac,
+                        calls,
+                        rate,
+                        Some((&e.caller, &e.callee)),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sipp thread"))
+            .collect()
+    });
+    let edged_s = t.elapsed().as_secs_f64();
+    let mut edged: Vec<f64> = runs.into_iter().flat_map(|(r, _)| r).collect();
+    edged.sort_by(f64::total_cmp);
+    let total = calls * pairs as u64;
     assert_eq!(
         edged.len() as u64,
-        calls,
+        total,
         "every call through the edges was set up"
     );
+    let callers: Vec<PathBuf> = all
+        .iter()
+        .map(|e| dir.join(format!("{}.log", e.names[0])))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while (reports(&dir.join("edge-a.log")).len() as u64) < calls {
+    while callers.iter().map(|l| reports(l).len() as u64).sum::<u64>() < total {
         assert!(
             Instant::now() < deadline,
-            "the caller's edge reported {} of {calls} calls",
-            reports(&dir.join("edge-a.log")).len()
+            "the callers' edges reported {} of {total} calls",
+            callers.iter().map(|l| reports(l).len()).sum::<usize>()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut key_ms: Vec<f64> = reports(&dir.join("edge-a.log"))
+    let mut key_ms: Vec<f64> = all
         .iter()
-        .chain(reports(&dir.join("edge-b.log")).iter())
+        .flat_map(|e| e.names.iter())
+        .flat_map(|n| reports(&dir.join(format!("{n}.log"))))
         .filter_map(|r| r["key_ms"].as_f64())
         .collect();
     key_ms.sort_by(f64::total_cmp);
     println!(
         "{}",
         serde_json::json!({
-            "bench": "call_load", "calls": calls, "rate_offered": rate, "mode": "sm4",
-            "calls_per_second_through_edges": calls as f64 / edged_s,
+            "bench": "call_load", "calls": total, "pairs": pairs, "rate_offered": rate * pairs as u64, "mode": "sm4",
+            "calls_per_second_through_edges": total as f64 / edged_s,
             "setup_ms_direct_p50": percentile(&direct, 0.5), "setup_ms_direct_p99": percentile(&direct, 0.99),
             "setup_ms_edges_p50": percentile(&edged, 0.5), "setup_ms_edges_p99": percentile(&edged, 0.99),
             "key_step_ms_p50": percentile(&key_ms, 0.5), "key_step_ms_p99": percentile(&key_ms, 0.99),
@@ -1886,44 +1935,80 @@ struct SippEdges {
     edge_b: SocketAddr,
     uac: u16,
     uas: u16,
+    /// The subscribers: caller and callee (user parts).
+    caller: String,
+    callee: String,
+    /// The edges' names (their logs: `DIR/NAME.log`).
+    names: [String; 2],
 }
 
 fn sipp_edges(dir: &Path, procs: &mut Procs, keys: u64, quiet: bool) -> SippEdges {
+    sipp_edge_pairs(dir, procs, keys, quiet, 1)
+        .pop()
+        .expect("one pair")
+}
+
+/// `pairs` caller/callee subscribers (`sipp`/`bob`, then `sipp1`/`bob1`, …),
+/// each with its own media and edges, at one key service.
+fn sipp_edge_pairs(
+    dir: &Path,
+    procs: &mut Procs,
+    keys: u64,
+    quiet: bool,
+    pairs: usize,
+) -> Vec<SippEdges> {
+    let suffix = |i: usize| if i == 0 { String::new() } else { i.to_string() };
+    let users: Vec<String> = (0..pairs)
+        .flat_map(|i| [format!("sipp{}", suffix(i)), format!("bob{}", suffix(i))])
+        .collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
     let KeyService {
         addr: ks, media, ..
-    } = start_key_service(dir, procs, &["sipp", "bob"], keys);
-    let [caller, callee]: [Charged; 2] = media.try_into().ok().expect("two media");
-    let (uac, uas) = (free_port_pair(), free_port_pair());
+    } = start_key_service(dir, procs, &names, keys);
     let edge = || -> SocketAddr {
         format!("127.0.0.1:{}", free_port_pair())
             .parse()
             .expect("addr")
     };
-    let (edge_a, edge_b) = (edge(), edge());
-    for (name, edge, ua, medium) in [
-        ("edge-a", edge_a, uac, &caller.path),
-        ("edge-b", edge_b, uas, &callee.path),
-    ] {
-        spawn_edge(
-            procs,
-            dir,
-            name,
-            edge,
-            ua,
-            &ks,
-            medium,
-            "sm4",
-            None,
-            quiet,
-            &[],
-        );
-    }
-    SippEdges {
-        edge_a,
-        edge_b,
-        uac,
-        uas,
-    }
+    media
+        .chunks(2)
+        .enumerate()
+        .map(|(i, m)| {
+            let (uac, uas) = (free_port_pair(), free_port_pair());
+            let (edge_a, edge_b) = (edge(), edge());
+            let names = [
+                format!("edge-a{}", suffix(i)),
+                format!("edge-b{}", suffix(i)),
+            ];
+            for (name, edge, ua, medium) in [
+                (&names[0], edge_a, uac, &m[0].path),
+                (&names[1], edge_b, uas, &m[1].path),
+            ] {
+                spawn_edge(
+                    procs,
+                    dir,
+                    name,
+                    edge,
+                    ua,
+                    &ks,
+                    medium,
+                    "sm4",
+                    None,
+                    quiet,
+                    &[],
+                );
+            }
+            SippEdges {
+                edge_a,
+                edge_b,
+                uac,
+                uas,
+                caller: format!("sipp{}", suffix(i)),
+                callee: format!("bob{}", suffix(i)),
+                names,
+            }
+        })
+        .collect()
 }
 
 impl SippEdges {
