@@ -98,6 +98,13 @@ pub fn run(c: CallCommand) -> anyhow::Result<()> {
             if otp_key_bits % 8 != 0 {
                 anyhow::bail!("--otp-key-bits must be a multiple of 8");
             }
+            if otp_keys * otp_key_bits / 8 < 4096 {
+                anyhow::bail!(
+                    "--otp-keys × --otp-key-bits must make a pad segment of at least 4096 bytes \
+                     (a few dozen packets), not {} bytes",
+                    otp_keys * otp_key_bits / 8
+                );
+            }
             let kme = match (connect, sae) {
                 (Some(c), Some(sae)) => {
                     let file = qkdnet_etsi::connect::ConnectFile::load(&c)?;

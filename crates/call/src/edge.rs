@@ -232,6 +232,28 @@ struct OtpHandle {
     pad: mpsc::UnboundedSender<PadEvent>,
     /// The caller's first segment is taken (at the first answer).
     started: bool,
+    /// The call's session key: binds the SAE IDs the edges exchange in SIP.
+    key: qkdnet_media::Key256,
+}
+
+/// `X-QKD-SAE` value: the SAE ID and a MAC under the call's session key (the
+/// direction of the message), so no one on the SIP path can name another
+/// SAE — which would make the KME hand *them* this call's pad.
+fn sae_header(key: &qkdnet_media::Key256, dir: Direction, sae: &str) -> String {
+    let tag =
+        crate::media::ControlMac::derive(key, b"qkdnet call otp sae v1", dir).tag(sae.as_bytes());
+    format!("{sae};mac={}", hex(&tag))
+}
+
+/// The SAE ID of an `X-QKD-SAE` value whose MAC verifies under `key`.
+fn checked_sae(key: &qkdnet_media::Key256, dir: Direction, value: &str) -> Option<String> {
+    let (sae, mac) = value.trim().split_once(";mac=")?;
+    let tag: Vec<u8> = (0..mac.len() / 2)
+        .map(|i| u8::from_str_radix(mac.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let ok = crate::media::ControlMac::derive(key, b"qkdnet call otp sae v1", dir)
+        .verify(sae.as_bytes(), &tag);
+    (ok && qkdnet_etsi::ids::SaeId::new(sae).is_ok()).then(|| sae.to_owned())
 }
 
 /// Keys from the KME, concatenated: a pad segment.
@@ -852,7 +874,7 @@ impl Edge {
         next: SocketAddr,
     ) -> Result<(), String> {
         let to_ua = next == self.cfg.ua;
-        let (role, tx, first) = {
+        let (role, tx, first, key) = {
             let Ok(mut st) = self.state.lock() else {
                 return Ok(());
             };
@@ -872,29 +894,28 @@ impl Edge {
             if first {
                 h.started = true;
             }
-            (call.role, h.pad.clone(), first)
+            (call.role, h.pad.clone(), first, h.key.clone())
         };
         let Some(kme) = self.cfg.kme.as_ref() else {
             return Err("this edge has no KME".into());
         };
         if !to_ua {
             if role == Role::Callee {
-                msg.set(SAE_HEADER, &kme.sae);
+                msg.set(
+                    SAE_HEADER,
+                    &sae_header(&key, Direction::CalleeToCaller, &kme.sae),
+                );
             }
             return Ok(());
         }
-        let peer = msg
-            .header(SAE_HEADER)
-            .map(str::trim)
-            .unwrap_or_default()
-            .to_owned();
+        let raw = msg.header(SAE_HEADER).unwrap_or_default().to_owned();
         msg.remove(SAE_HEADER);
         if !first {
             return Ok(());
         }
-        if qkdnet_etsi::ids::SaeId::new(&peer).is_err() {
-            return Err(format!("otp: the far edge named no valid SAE ({peer:?})"));
-        }
+        let peer = checked_sae(&key, Direction::CalleeToCaller, &raw).ok_or_else(|| {
+            format!("otp: the answer names no SAE bound to this call's session ({raw:?})")
+        })?;
         // The far edge's pad can be fetched from now on (its announcements
         // may already be here).
         if let Ok(st) = self.state.lock() {
@@ -988,7 +1009,10 @@ impl Edge {
         msg.set(SESSION_HEADER, &hex(&sid));
         msg.set(MODE_HEADER, mode.name());
         if let (Mode::Otp, Some(kme)) = (mode, self.cfg.kme.as_ref()) {
-            msg.set(SAE_HEADER, &kme.sae);
+            msg.set(
+                SAE_HEADER,
+                &sae_header(&key.key, Direction::CallerToCallee, &kme.sae),
+            );
         }
         msg.push_front("Record-Route", &format!("<{};lr>", self.my_uri()));
         self.add_via(&mut msg);
@@ -1032,16 +1056,28 @@ impl Edge {
                     "otp: the callee's edge is not an SAE of the QKD network".into(),
                 ));
             }
-            let peer = msg.header(SAE_HEADER).map(str::trim).unwrap_or_default();
-            qkdnet_etsi::ids::SaeId::new(peer)
-                .map_err(|_| not_quantum("otp without the caller's SAE"))?;
-            Some(peer.to_owned())
+            let raw = msg.header(SAE_HEADER).unwrap_or_default();
+            if raw.is_empty() {
+                return Err(not_quantum("otp without the caller's SAE"));
+            }
+            Some(raw.to_owned())
         } else {
             None
         };
         let t0 = Instant::now();
         let key = self.join_from(&msg, sid, "call").await?;
         let key_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // otp: the caller's SAE must be bound to the session just joined.
+        let otp_peer = match otp_peer {
+            Some(raw) => Some(
+                checked_sae(&key.key, Direction::CallerToCallee, &raw).ok_or((
+                    403,
+                    "Forbidden",
+                    "otp: the INVITE names an SAE not bound to the call's session".to_string(),
+                ))?,
+            ),
+            None => None,
+        };
         // otp: this direction's first pad segment before the phone rings.
         let first = match (&otp_peer, self.cfg.kme.as_ref()) {
             (Some(peer), Some(kme)) => Some(fetch_out(kme, peer).await.map_err(|e| {
@@ -1235,6 +1271,7 @@ impl Edge {
                     peer_sae: peer_tx,
                     pad: tx,
                     started: role == Role::Callee,
+                    key: key.key.clone(),
                 };
                 (Some(ctl), Some(handle))
             }
@@ -1255,6 +1292,8 @@ impl Edge {
                     epoch: 0,
                     keys: vec![(0, key.key.clone())],
                     pending: None,
+                    pending_since: None,
+                    failed: Vec::new(),
                     busy: false,
                     dirs: (out_dir, in_dir),
                     tx,
@@ -1580,6 +1619,8 @@ struct OtpCtl {
 /// Times an announcement is repeated after its first sending (every
 /// [`ANNOUNCE_EVERY`] packets).
 const ANNOUNCE_REPEATS: u32 = 5;
+/// A rekey offer not acknowledged in this time is given up.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Announcements kept while the far SAE is unknown.
 const MAX_PARKED: usize = 4;
 const ANNOUNCE_EVERY: u64 = 10;
@@ -1656,8 +1697,12 @@ struct Rekeying {
     epoch: u32,
     /// Keys by epoch, the last two.
     keys: Vec<(u32, qkdnet_media::Key256)>,
-    /// Caller: opened, offered, not acknowledged yet.
+    /// Caller: opened, offered, not acknowledged yet (since when).
     pending: Option<(u32, [u8; SESSION_ID_LEN], qkdnet_media::Key256)>,
+    pending_since: Option<Instant>,
+    /// Callee: sessions it could not join (never asked again: each try
+    /// spends medium keys).
+    failed: Vec<[u8; SESSION_ID_LEN]>,
     /// A key step is running.
     busy: bool,
     /// (sending, receiving) directions.
@@ -1683,14 +1728,26 @@ impl Rekeying {
     }
 
     fn due(&self) -> Option<Instant> {
-        if self.busy || self.pending.is_some() {
+        if self.busy {
             return None;
+        }
+        if self.pending.is_some() {
+            return self.pending_since.map(|t| t + OFFER_TIMEOUT);
         }
         self.next_at
     }
 
-    /// Caller: open the next epoch's session.
+    /// Caller: open the next epoch's session (or give up an offer that was
+    /// not acknowledged in time).
     fn start(&mut self) {
+        let retry = Instant::now() + Duration::from_secs(30);
+        if self.pending.take().is_some() {
+            self.pending_since = None;
+            tracing::warn!("rekey: the far edge did not take the new key; the call keeps its key");
+            self.next_at = self.every.map(|e| (Instant::now() + e).min(retry));
+            return;
+        }
+        self.next_at = Some(retry);
         let Some(edge) = self.edge.upgrade() else {
             return;
         };
@@ -1741,6 +1798,9 @@ impl Rekeying {
                 return None;
             }
             Err(e) => {
+                if self.role == Role::Callee && self.failed.len() < 16 {
+                    self.failed.push(sid);
+                }
                 tracing::warn!("rekey: no new key ({e}); the call keeps its key and retries");
                 self.next_at = self
                     .every
@@ -1763,6 +1823,7 @@ impl Rekeying {
                     session: sid,
                 });
                 self.pending = Some((epoch, sid, key));
+                self.pending_since = Some(Instant::now());
                 Some(m)
             }
             Role::Callee => {
@@ -1819,7 +1880,7 @@ impl Rekeying {
                             ..c
                         }));
                     }
-                    if self.busy {
+                    if self.busy || self.failed.contains(&c.session) {
                         return None;
                     }
                     let edge = self.edge.upgrade()?;
@@ -1840,6 +1901,7 @@ impl Rekeying {
                     return None;
                 }
                 let (epoch, _, key) = self.pending.take()?;
+                self.pending_since = None;
                 *out = Out::Sm4(Protect::new(&key, self.dirs.0));
                 self.switched(epoch, key, stats);
                 None
@@ -2101,6 +2163,39 @@ async fn pad(
             tracing::warn!(
                 start,
                 "otp: the far edge's pad segment could not be fetched: {e}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sae_header_verifies_only_under_its_session_and_direction() {
+        let k = qkdnet_media::Key256::new([4; 32]);
+        let h = sae_header(&k, Direction::CallerToCallee, "sae-alice");
+        assert_eq!(
+            checked_sae(&k, Direction::CallerToCallee, &h).as_deref(),
+            Some("sae-alice")
+        );
+        assert_eq!(checked_sae(&k, Direction::CalleeToCaller, &h), None);
+        let other = qkdnet_media::Key256::new([5; 32]);
+        assert_eq!(checked_sae(&other, Direction::CallerToCallee, &h), None);
+        let swapped = h.replace("sae-alice", "sae-mallory");
+        assert_eq!(checked_sae(&k, Direction::CallerToCallee, &swapped), None);
+        for bad in [
+            "",
+            "sae-alice",
+            "sae-alice;mac=",
+            "sae-alice;mac=zz",
+            ";mac=00",
+        ] {
+            assert_eq!(
+                checked_sae(&k, Direction::CallerToCallee, bad),
+                None,
+                "{bad}"
             );
         }
     }

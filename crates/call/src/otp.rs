@@ -318,6 +318,12 @@ impl OtpSend {
             self.no_pad += 1;
             return Err(Drop::NoPad);
         };
+        // A packet larger than a whole segment never fits: dropped, and no
+        // pad is thrown away for it.
+        if self.segs.front().is_some_and(|s| need > s.pad.len() as u64) {
+            self.no_pad += 1;
+            return Err(Drop::NoPad);
+        }
         // The segment holding [cursor, cursor + need), skipping ends too short.
         loop {
             let Some(seg) = self.segs.front() else {
@@ -610,6 +616,18 @@ mod tests {
         r.install(0, pad(1024, 6));
         assert!(r.pad_here(&p));
         r.open(&mut p).expect("opens once its pad is here");
+    }
+
+    #[test]
+    fn a_packet_larger_than_a_segment_wastes_no_pad() {
+        let mut s = OtpSend::new();
+        s.install(pad(256, 8));
+        let before = s.remaining();
+        let mut big = rtp(1, &[0; 400]);
+        assert_eq!(s.protect(&mut big), Err(Drop::NoPad));
+        assert_eq!(s.remaining(), before);
+        let mut small = rtp(2, &[0; 100]);
+        s.protect(&mut small).expect("a small packet still fits");
     }
 
     #[test]
