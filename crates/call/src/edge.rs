@@ -1263,6 +1263,7 @@ impl Edge {
                     fetching: false,
                     retry_at: Instant::now(),
                     repeats: Vec::new(),
+                    latest: None,
                     parked: Vec::new(),
                     held: std::collections::VecDeque::new(),
                     rt: tokio::runtime::Handle::current(),
@@ -1604,6 +1605,9 @@ struct OtpCtl {
     retry_at: Instant,
     /// Announcements to send again (bytes, times left).
     repeats: Vec<(Vec<u8>, u32)>,
+    /// The newest announcement (sent again every [`ANNOUNCE_KEEP_EVERY`]
+    /// packets for the whole call).
+    latest: Option<Vec<u8>>,
     /// Announcements that came before the far edge's SAE was known (the
     /// caller's edge learns it from the answer), handled once it is.
     parked: Vec<Vec<u8>>,
@@ -1624,6 +1628,7 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Announcements kept while the far SAE is unknown.
 const MAX_PARKED: usize = 4;
 const ANNOUNCE_EVERY: u64 = 10;
+const ANNOUNCE_KEEP_EVERY: u64 = 50;
 
 impl OtpCtl {
     /// Starts a fetch of the next sending segment when less than a segment
@@ -1925,8 +1930,11 @@ async fn relay(
     let [ua_rtp, ua_rtcp, wire_rtp, wire_rtcp] = socks;
     let (mut b0, mut b1, mut b2, mut b3) = ([0u8; 2048], [0u8; 2048], [0u8; 2048], [0u8; 2048]);
     let mut sent_packets = 0u64;
+    // Only the softphone's packets and far-edge packets that verify keep the
+    // call alive (not any datagram sent to the wire port).
+    let mut last_heard = Instant::now();
     loop {
-        let idle = tokio::time::sleep(MEDIA_IDLE);
+        let idle = tokio::time::sleep_until((last_heard + MEDIA_IDLE).into());
         let pad_event = async {
             match otp.as_mut() {
                 Some(c) => c.rx.recv().await,
@@ -1988,6 +1996,7 @@ async fn relay(
         let Ok(mut p) = p else { continue };
         match which {
             0 | 1 => {
+                last_heard = Instant::now();
                 let Some(far) = *far.borrow() else { continue };
                 if let Some(offer) = rk.as_ref().and_then(|r| r.offer(sent_packets)) {
                     let _ = wire_rtp.send_to(&offer, far).await;
@@ -2003,6 +2012,13 @@ async fn relay(
                             *left -= 1;
                         }
                         c.repeats.retain(|(_, left)| *left > 0);
+                    }
+                    // The newest announcement keeps coming now and then, so a
+                    // far edge that lost every repeat still gets its pad.
+                    if sent_packets % ANNOUNCE_KEEP_EVERY == ANNOUNCE_EVERY / 2 {
+                        if let Some(a) = c.latest.as_ref() {
+                            let _ = wire_rtp.send_to(a, far).await;
+                        }
                     }
                 }
                 let r = out.apply(&mut p, which == 1);
@@ -2062,6 +2078,7 @@ async fn relay(
                 if r.is_err() {
                     continue;
                 }
+                last_heard = Instant::now();
                 let Some(ua) = *ua.borrow() else { continue };
                 let (to, sock) = if which == 2 {
                     (ua, &ua_rtp)
@@ -2109,6 +2126,7 @@ async fn pad(
             if let Some(far) = far {
                 let _ = wire_rtp.send_to(&a, far).await;
             }
+            c.latest = Some(a.clone());
             c.repeats.push((a, ANNOUNCE_REPEATS));
             if let Ok(mut s) = stats.lock() {
                 s.pad_keys += keys;
