@@ -276,11 +276,13 @@ enum PadEvent {
 /// request, retried), and the KME's remaining stock for the pair.
 async fn fetch_out(kme: &KmeLink, peer: &str) -> Result<Fetched, String> {
     let request = Uuid::new_v4();
-    let keys = kme
-        .client
-        .enc_keys_idempotent(peer, kme.keys_per_fetch, Some(kme.key_bits), request, 3)
-        .await
-        .map_err(|e| format!("KME {}: {e}", kme.client.kme_url()))?;
+    // The stock (for the report's talk time left) is asked at the same time.
+    let (keys, status) = tokio::join!(
+        kme.client
+            .enc_keys_idempotent(peer, kme.keys_per_fetch, Some(kme.key_bits), request, 3),
+        kme.client.status(peer)
+    );
+    let keys = keys.map_err(|e| format!("KME {}: {e}", kme.client.kme_url()))?;
     let key_bytes = u16::try_from(kme.key_bits / 8)
         .ok()
         .filter(|b| usize::from(*b) <= otp::MAX_KEY_BYTES)
@@ -294,10 +296,7 @@ async fn fetch_out(kme: &KmeLink, peer: &str) -> Result<Fetched, String> {
         pad.extend_from_slice(&k.material);
         ids.push(k.id);
     }
-    let stock_bits = kme
-        .client
-        .status(peer)
-        .await
+    let stock_bits = status
         .ok()
         .map(|s| s.stored_key_count * u64::from(s.key_size));
     Ok(Fetched {

@@ -489,6 +489,10 @@ impl OtpRecv {
         let mut tag = [0u8; 16];
         tag.copy_from_slice(&t[16..]);
         self.window.check(counter)?;
+        if offset < MASK_LEN as u64 {
+            // The hash key's bytes are never a packet's pad.
+            return Err(Drop::Auth);
+        }
         let Some(h) = self.hash_key.as_ref() else {
             return Err(Drop::NoPad);
         };
