@@ -499,6 +499,19 @@ fn wait_for_edges(dir: &Path, names: &[&str]) {
     }
 }
 
+/// The files `names` in `dir`, one after the other, for a failure message.
+fn logs(dir: &Path, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|f| {
+            format!(
+                "--- {f}\n{}\n",
+                std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 fn reports(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -932,20 +945,16 @@ fn call_in_mode_with(mode: &str, edge_args: &[&str]) {
         event(v, "CALL_ESTABLISHED") || event(v, "CALL_CLOSED")
     });
     let dump = |dir: &Path| {
-        let mut s = String::new();
-        for f in [
-            "edge-a.log",
-            "edge-b.log",
-            "keyservice.log",
-            "baresip-alice.log",
-            "baresip-bob.log",
-        ] {
-            s += &format!(
-                "--- {f}\n{}\n",
-                std::fs::read_to_string(dir.join(f)).unwrap_or_default()
-            );
-        }
-        s
+        logs(
+            dir,
+            &[
+                "edge-a.log",
+                "edge-b.log",
+                "keyservice.log",
+                "baresip-alice.log",
+                "baresip-bob.log",
+            ],
+        )
     };
     assert!(
         established
@@ -1526,21 +1535,13 @@ fn an_otp_call_without_pad_is_refused() {
             event(v, "CALL_CLOSED") || event(v, "CALL_ESTABLISHED")
         })
         .unwrap_or_else(|| {
-            let logs: String = [
+            let files = [
                 "edge-a.log",
                 "edge-b.log",
                 "baresip-alice.log",
                 "baresip-bob.log",
-            ]
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}\n",
-                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
-                )
-            })
-            .collect();
-            panic!("no outcome:\n{logs}")
+            ];
+            panic!("no outcome:\n{}", logs(dir, &files))
         });
     assert!(
         event(&closed, "CALL_CLOSED"),
@@ -2107,17 +2108,7 @@ fn a_re_invite_passes_both_edges_and_keeps_the_media_on_the_relays() {
         .stderr(Stdio::piped())
         .output()
         .expect("sipp (Debian package sip-tester)");
-    let logs = || {
-        ["edge-a.log", "edge-b.log", "sipp-uas.log"]
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}\n",
-                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
-                )
-            })
-            .collect::<String>()
-    };
+    let logs = || logs(dir, &["edge-a.log", "edge-b.log", "sipp-uas.log"]);
     assert!(
         out.status.success(),
         "the SIPp caller's re-INVITE scenario failed: {}\n{}",

@@ -59,6 +59,7 @@ use crate::rekey::{self, Control, ControlKey, Kind};
 use crate::sdp;
 use crate::sip::{self, Message, StartLine, Uri, Via};
 use crate::srtp;
+use hex::encode as hex;
 
 /// Header carrying the session ID between edges.
 pub const SESSION_HEADER: &str = "X-QKD-Session";
@@ -248,9 +249,7 @@ fn sae_header(key: &qkdnet_media::Key256, dir: Direction, sae: &str) -> String {
 /// The SAE ID of an `X-QKD-SAE` value whose MAC verifies under `key`.
 fn checked_sae(key: &qkdnet_media::Key256, dir: Direction, value: &str) -> Option<String> {
     let (sae, mac) = value.trim().split_once(";mac=")?;
-    let tag: Vec<u8> = (0..mac.len() / 2)
-        .map(|i| u8::from_str_radix(mac.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
+    let tag = hex::decode(mac).ok()?;
     let ok = crate::media::ControlMac::derive(key, b"qkdnet call otp sae v1", dir)
         .verify(sae.as_bytes(), &tag);
     (ok && qkdnet_etsi::ids::SaeId::new(sae).is_ok()).then(|| sae.to_owned())
@@ -378,19 +377,9 @@ impl std::fmt::Debug for Edge {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Option<[u8; SESSION_ID_LEN]> {
-    let s = s.trim();
-    if s.len() != 2 * SESSION_ID_LEN {
-        return None;
-    }
     let mut out = [0u8; SESSION_ID_LEN];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(s.trim(), &mut out).ok()?;
     Some(out)
 }
 
@@ -1289,7 +1278,6 @@ impl Edge {
                     peer: key.peer.clone(),
                     every,
                     next_at: every.map(|e| Instant::now() + e),
-                    epoch: 0,
                     keys: vec![(0, key.key.clone())],
                     pending: None,
                     pending_since: None,
@@ -1697,9 +1685,8 @@ struct Rekeying {
     peer: Identity,
     every: Option<Duration>,
     next_at: Option<Instant>,
-    /// The epoch this edge sends under.
-    epoch: u32,
-    /// Keys by epoch, the last two.
+    /// Keys by epoch, the last two; the last is the one this edge sends
+    /// under.
     keys: Vec<(u32, qkdnet_media::Key256)>,
     /// Caller: opened, offered, not acknowledged yet (since when).
     pending: Option<(u32, [u8; SESSION_ID_LEN], qkdnet_media::Key256)>,
@@ -1727,6 +1714,11 @@ enum RekeyEvent {
 }
 
 impl Rekeying {
+    /// The epoch this edge sends under.
+    fn epoch(&self) -> u32 {
+        self.keys.last().map_or(0, |(e, _)| *e)
+    }
+
     fn key(&self, epoch: u32) -> Option<&qkdnet_media::Key256> {
         self.keys.iter().find(|(e, _)| *e == epoch).map(|(_, k)| k)
     }
@@ -1760,7 +1752,7 @@ impl Rekeying {
             return;
         }
         self.busy = true;
-        let (epoch, peer, tx) = (self.epoch + 1, self.peer.clone(), self.tx.clone());
+        let (epoch, peer, tx) = (self.epoch() + 1, self.peer.clone(), self.tx.clone());
         self.rt.spawn(async move {
             let r = edge.key_step(Ask::Open(peer, sid)).await;
             let _ = tx.send(RekeyEvent::Key(epoch, sid, r.map_err(|e| e.2)));
@@ -1844,7 +1836,6 @@ impl Rekeying {
     }
 
     fn switched(&mut self, epoch: u32, key: qkdnet_media::Key256, stats: &Arc<Mutex<RelayStats>>) {
-        self.epoch = epoch;
         self.keys.push((epoch, key));
         if self.keys.len() > 2 {
             self.keys.remove(0);
@@ -1867,7 +1858,8 @@ impl Rekeying {
             Role::Callee => {
                 // An offer for the next epoch (under the current key), or a
                 // repeat of the one just joined (its ack was lost).
-                for epoch in [self.epoch + 1, self.epoch] {
+                let current = self.epoch();
+                for epoch in [current + 1, current] {
                     let Some(k) = self.key(epoch.wrapping_sub(1)) else {
                         continue;
                     };
@@ -1877,7 +1869,7 @@ impl Rekeying {
                     if c.kind != Kind::Offer || c.epoch != epoch {
                         return None;
                     }
-                    if epoch == self.epoch {
+                    if epoch == current {
                         let cur = self.key(epoch)?;
                         return Some(ControlKey::derive(cur, self.dirs.0).encode(&Control {
                             kind: Kind::Ack,

@@ -221,6 +221,42 @@ fn header_len(p: &[u8]) -> Result<usize, Drop> {
     if is_rtcp(p) { Ok(8) } else { rtp_header_len(p) }
 }
 
+/// The parts of a received packet: header length, where the trailer starts,
+/// and the trailer's counter, offset and tag.
+struct Trailer {
+    hl: usize,
+    body_end: usize,
+    counter: u64,
+    offset: u64,
+    tag: [u8; WC_TAG_LEN],
+}
+
+impl Trailer {
+    fn parse(p: &[u8]) -> Result<Self, Drop> {
+        if p.len() < 8 + TRAILER_LEN {
+            return Err(Drop::Malformed);
+        }
+        let body_end = p.len() - TRAILER_LEN;
+        let hl = header_len(&p[..body_end])?;
+        let t = &p[body_end..];
+        let word = |at: usize| u64::from_be_bytes(t[at..at + 8].try_into().expect("8 bytes"));
+        let mut tag = [0u8; WC_TAG_LEN];
+        tag.copy_from_slice(&t[16..]);
+        Ok(Self {
+            hl,
+            body_end,
+            counter: word(0),
+            offset: word(8),
+            tag,
+        })
+    }
+
+    /// Pad the packet uses: the tag mask and its payload.
+    fn need(&self) -> u64 {
+        (MASK_LEN + self.body_end - self.hl) as u64
+    }
+}
+
 fn take_hash_key(seg: &mut Segment) -> Option<Zeroizing<[u8; 16]>> {
     if seg.start != 0 || seg.pad.len() < MASK_LEN {
         return None;
@@ -446,25 +482,24 @@ impl OtpRecv {
         self.segs.insert(start, seg);
     }
 
-    /// Whether the pad a packet names is here (false also for a packet too
-    /// short to name any: [`OtpRecv::open`] then counts it). A relay may hold
-    /// a packet whose pad is still being fetched instead of dropping it.
+    /// Whether the pad a packet names is here (true also for a packet that
+    /// does not parse: [`OtpRecv::open`] then counts it). A relay may hold a
+    /// packet whose pad is still being fetched instead of dropping it.
     pub fn pad_here(&self, p: &[u8]) -> bool {
-        if p.len() < 8 + TRAILER_LEN || self.hash_key.is_none() {
-            return self.hash_key.is_some() || p.len() < 8 + TRAILER_LEN;
-        }
-        let body_end = p.len() - TRAILER_LEN;
-        let Ok(hl) = header_len(&p[..body_end]) else {
+        let Ok(t) = Trailer::parse(p) else {
             return true;
         };
-        let t = &p[body_end..];
-        let offset = u64::from_be_bytes(t[8..16].try_into().expect("8 bytes"));
-        let need = (MASK_LEN + body_end - hl) as u64;
+        (self.hash_key.is_some() && self.segment_for(t.offset, t.need()).is_some())
+            || t.offset < self.current
+    }
+
+    /// The start of the installed segment holding `[offset, offset + need)`.
+    fn segment_for(&self, offset: u64, need: u64) -> Option<u64> {
         self.segs
             .range(..=offset)
             .next_back()
-            .is_some_and(|(_, s)| offset.checked_add(need).is_some_and(|e| e <= s.end()))
-            || offset < self.current
+            .filter(|(_, s)| offset.checked_add(need).is_some_and(|e| e <= s.end()))
+            .map(|(start, _)| *start)
     }
 
     /// Checks and decrypts a packet in place (the trailer removed).
@@ -478,16 +513,8 @@ impl OtpRecv {
     }
 
     fn open_inner(&mut self, p: &mut Vec<u8>) -> Result<(), Drop> {
-        if p.len() < 8 + TRAILER_LEN {
-            return Err(Drop::Malformed);
-        }
-        let body_end = p.len() - TRAILER_LEN;
-        let hl = header_len(&p[..body_end])?;
-        let t = &p[body_end..];
-        let counter = u64::from_be_bytes(t[..8].try_into().expect("8 bytes"));
-        let offset = u64::from_be_bytes(t[8..16].try_into().expect("8 bytes"));
-        let mut tag = [0u8; 16];
-        tag.copy_from_slice(&t[16..]);
+        let t = Trailer::parse(p)?;
+        let (hl, body_end, counter, offset) = (t.hl, t.body_end, t.counter, t.offset);
         self.window.check(counter)?;
         if offset < MASK_LEN as u64 {
             // The hash key's bytes are never a packet's pad.
@@ -496,13 +523,10 @@ impl OtpRecv {
         let Some(h) = self.hash_key.as_ref() else {
             return Err(Drop::NoPad);
         };
-        let need = (MASK_LEN + body_end - hl) as u64;
+        let need = t.need();
         let Some(seg) = self
-            .segs
-            .range_mut(..=offset)
-            .next_back()
-            .map(|(_, s)| s)
-            .filter(|s| offset.checked_add(need).is_some_and(|e| e <= s.end()))
+            .segment_for(offset, need)
+            .and_then(|start| self.segs.get_mut(&start))
         else {
             return Err(Drop::NoPad);
         };
@@ -512,7 +536,7 @@ impl OtpRecv {
         m.copy_from_slice(&used[..MASK_LEN]);
         let want = wegman_carter_tag(h, &m, &aad(&p[..hl], counter, offset), &p[hl..body_end]);
         m.zeroize();
-        if !bool::from(want.ct_eq(&tag)) {
+        if !bool::from(want.ct_eq(&t.tag)) {
             return Err(Drop::Auth);
         }
         for (b, k) in p[hl..body_end].iter_mut().zip(&used[MASK_LEN..]) {
