@@ -13,8 +13,12 @@ command -v baresip >/dev/null || need_apt+=(baresip-core)
 command -v tcpdump >/dev/null || need_apt+=(tcpdump)
 command -v kamailio >/dev/null || need_apt+=(kamailio)
 command -v sipp >/dev/null || need_apt+=(sip-tester)
+# The gateway tests: iperf3 traffic through the tunnel, ip (network namespaces)
+command -v iperf3 >/dev/null || need_apt+=(iperf3)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, SIPp, tcpdump for the call tests"
+  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, SIPp, tcpdump for the call tests; iperf3, iproute2, ping for the gateway tests"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; fi
 fi
 

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod call;
 pub mod crypto;
 pub mod demo;
+pub mod gateway;
 pub mod keyservice;
 pub mod kme;
 pub mod link;
@@ -72,6 +73,9 @@ enum Command {
     /// Quantum secret calls: the SIP edge beside a softphone.
     #[command(subcommand)]
     Call(call::CallCommand),
+    /// Quantum security gateway: an SM4-GCM site-to-site tunnel keyed from the QKD network.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCommand),
 }
 
 /// Runs the parsed command line.
@@ -90,5 +94,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Media(c) => media::run(c),
         Command::Keyservice(c) => keyservice::run(c),
         Command::Call(c) => call::run(c),
+        Command::Gateway(c) => gateway::run(c),
     }
 }

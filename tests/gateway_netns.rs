@@ -1,0 +1,612 @@
+//! The security gateway end to end, as real processes in network namespaces:
+//!
+//! ```text
+//! site-A (10.71.1.2) ─ gw-A [qkd0 10.71.254.1] ═ wan 10.71.0.0/24 ═ gw-B [qkd0 10.71.254.2] ─ site-B (10.71.2.2)
+//! ```
+//!
+//! Two `qkdnet gateway run` processes (SAEs alice at kme-a and bob at kme-b of an
+//! in-process two-KME network with seeded TEST keys) carry real IP traffic:
+//! iperf3 and ping between the sites. The wan is captured with tcpdump. Needs
+//! root (namespaces, TUN devices); `scripts/test.sh` installs iperf3 and tcpdump.
+//! Nothing leaves the namespaces these tests create.
+
+mod apps_common;
+mod netns_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use apps_common::Net;
+use netns_common::{KmeForward, Netns, in_ns, sh};
+
+/// One topology at a time: the tests share names of devices inside their
+/// namespaces and the two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+static N: AtomicU32 = AtomicU32::new(0);
+
+const WAN_A: &str = "10.71.0.1";
+const WAN_B: &str = "10.71.0.2";
+const SITE_A: &str = "10.71.1.2";
+const SITE_B: &str = "10.71.2.2";
+const PORT: u16 = 7771;
+
+struct Rig {
+    dir: PathBuf,
+    ns: Netns,
+    gws: Vec<Child>,
+    fwd_a: KmeForward,
+    fwd_b: KmeForward,
+    // Dropped last: the KMEs and the runtime they run on.
+    _net: Net,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    fn ns(&self, which: &str) -> &str {
+        let i = ["sa", "ga", "gb", "sb"]
+            .iter()
+            .position(|n| *n == which)
+            .expect("namespace name");
+        &self.ns.names[i]
+    }
+
+    fn metrics(&self, gw: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{gw}.prom"))).unwrap_or_default()
+    }
+
+    fn counter(&self, gw: &str, name: &str) -> u64 {
+        let m = self.metrics(gw);
+        let keys = [
+            format!("qkdnet_gateway_{name}_total{{"),
+            format!("qkdnet_gateway_{name}{{"),
+        ];
+        m.lines()
+            .find(|l| keys.iter().any(|k| l.starts_with(k.as_str())))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `f` holds, re-reading the metrics files.
+    fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Rig) -> bool) {
+        let t0 = Instant::now();
+        while !f(self) {
+            assert!(
+                t0.elapsed() < limit,
+                "timed out waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for gw in ["gw-a", "gw-b"] {
+            s += &format!(
+                "--- {gw} log ---\n{}\n--- {gw} metrics ---\n{}\n",
+                std::fs::read_to_string(self.dir.join(format!("{gw}.log"))).unwrap_or_default(),
+                self.metrics(gw)
+            );
+        }
+        s
+    }
+
+    fn ping(&self, count: u32, interval: &str, extra: &[&str]) -> (u32, u32) {
+        let c = count.to_string();
+        let mut args = vec!["ping", "-n", "-q", "-c", &c, "-i", interval, "-W", "1"];
+        args.extend_from_slice(extra);
+        args.push(SITE_B);
+        let (_, out) = in_ns(self.ns("sa"), &args);
+        parse_ping(&out).unwrap_or_else(|| panic!("ping output: {out}"))
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for g in &mut self.gws {
+            let _ = Command::new("kill")
+                .args(["-TERM", &g.id().to_string()])
+                .status();
+        }
+        let t0 = Instant::now();
+        for g in &mut self.gws {
+            while t0.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = g.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+    }
+}
+
+/// (transmitted, received) from ping's summary line.
+fn parse_ping(out: &str) -> Option<(u32, u32)> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut nums = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    Some((nums.next()?.parse().ok()?, nums.next()?.parse().ok()?))
+}
+
+fn require_root() {
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the gateway tests need root (network namespaces and TUN devices)"
+    );
+}
+
+fn gateway_toml(rig_dir: &Path, gw: &str, rekey: f64, lifetime: f64, pad_to: usize) -> String {
+    let (role, listen, peer, tun, sae, peer_sae) = match gw {
+        "gw-a" => ("initiator", WAN_A, WAN_B, "10.71.254.1", "alice", "bob"),
+        _ => ("responder", WAN_B, WAN_A, "10.71.254.2", "bob", "alice"),
+    };
+    format!(
+        r#"role = "{role}"
+listen = "{listen}:{PORT}"
+peer = "{peer}:{PORT}"
+pad_to = {pad_to}
+metrics_file = "{gw}.prom"
+
+[tun]
+name = "qkd0"
+address = "{tun}"
+netmask = "255.255.255.252"
+mtu = 1400
+
+[kme]
+connect = "{connect}"
+sae = "{sae}"
+peer_sae = "{peer_sae}"
+
+[rekey]
+seconds = {rekey}
+lifetime_seconds = {lifetime}
+"#,
+        connect = rig_dir.join("connect.json").display()
+    )
+}
+
+/// Builds the topology, starts the KMEs and both gateways, and waits until the
+/// tunnel carries traffic.
+fn rig(blocks: u64, rekey: f64, lifetime: f64, pad_to: usize) -> Rig {
+    require_root();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let net = rt.block_on(Net::start_with(blocks, 2048));
+    let prefix = format!(
+        "qg{}{}",
+        std::process::id() % 10_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let ns = Netns::create(&prefix, &["sa", "ga", "gb", "sb"]);
+    let [sa, ga, gb, sb] = [0, 1, 2, 3].map(|i| ns.names[i].clone());
+    ns.link(
+        &sa,
+        "eth0",
+        &format!("{SITE_A}/24"),
+        &ga,
+        "lan0",
+        "10.71.1.1/24",
+    );
+    ns.link(
+        &ga,
+        "wan0",
+        &format!("{WAN_A}/24"),
+        &gb,
+        "wan0",
+        &format!("{WAN_B}/24"),
+    );
+    ns.link(
+        &gb,
+        "lan0",
+        "10.71.2.1/24",
+        &sb,
+        "eth0",
+        &format!("{SITE_B}/24"),
+    );
+    sh(&[
+        "ip",
+        "-n",
+        &sa,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.71.1.1",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &sb,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.71.2.1",
+    ]);
+    for g in [&ga, &gb] {
+        let (ok, out) = in_ns(g, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        assert!(ok, "{out}");
+    }
+    let port = |r: &qkdnet_kms::config::RunningKme| r.server.local_addr().port();
+    let fwd_a = KmeForward::start(&ga, port(&net.a));
+    let fwd_b = KmeForward::start(&gb, port(&net.b));
+    let dir = net.dir.clone();
+    let mut gws = Vec::new();
+    for (gw, gns) in [("gw-b", &gb), ("gw-a", &ga)] {
+        let cfg = dir.join(format!("{gw}.toml"));
+        std::fs::write(&cfg, gateway_toml(&dir, gw, rekey, lifetime, pad_to)).expect("config");
+        let log = std::fs::File::create(dir.join(format!("{gw}.log"))).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", gns, env!("CARGO_BIN_EXE_qkdnet")])
+            .args(["gateway", "run", "--config"])
+            .arg(&cfg)
+            .env("QKDNET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway");
+        gws.push(child);
+    }
+    let rig = Rig {
+        dir,
+        ns,
+        gws,
+        fwd_a,
+        fwd_b,
+        _net: net,
+        _rt: rt,
+    };
+    // The TUN devices exist once the gateways run; then route the far site.
+    for (g, far) in [(&ga, "10.71.2.0/24"), (&gb, "10.71.1.0/24")] {
+        let t0 = Instant::now();
+        while !in_ns(g, &["ip", "link", "show", "qkd0"]).0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no TUN device\n{}",
+                rig.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sh(&["ip", "-n", g, "route", "add", far, "dev", "qkd0"]);
+    }
+    rig.wait_for("both gateways up", Duration::from_secs(20), |r| {
+        r.counter("gw-a", "up") == 1 && r.counter("gw-b", "up") == 1
+    });
+    rig
+}
+
+/// Starts tcpdump on gw-B's wan interface; returns the child and the pcap path.
+fn capture(rig: &Rig, name: &str) -> (Child, PathBuf) {
+    let pcap = rig.dir.join(name);
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            rig.ns("gb"),
+            "tcpdump",
+            "-i",
+            "wan0",
+            "-U",
+            "-n",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    // tcpdump needs a moment to attach.
+    std::thread::sleep(Duration::from_millis(700));
+    (child, pcap)
+}
+
+fn stop_capture(mut c: Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status();
+    let _ = c.wait();
+}
+
+/// One line per captured packet, as tcpdump prints it.
+fn capture_lines(pcap: &Path) -> Vec<String> {
+    let out = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(pcap)
+        .output()
+        .expect("tcpdump -r");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every captured packet is tunnel UDP between the two gateways (or ARP).
+fn assert_only_tunnel_packets(lines: &[String]) {
+    let a = format!("{WAN_A}.{PORT}");
+    let b = format!("{WAN_B}.{PORT}");
+    let tunnel = |l: &str| {
+        (l.contains(&format!("{a} > {b}: UDP")) || l.contains(&format!("{b} > {a}: UDP")))
+            && !l.contains("ICMP")
+    };
+    for l in lines {
+        assert!(
+            tunnel(l) || l.contains("ARP"),
+            "a packet on the wan that is not tunnel traffic: {l}"
+        );
+    }
+}
+
+#[test]
+fn iperf3_and_ping_cross_the_tunnel_and_the_wan_sees_only_sealed_packets() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = rig(16, 30.0, 90.0, 0);
+    let (cap, pcap) = capture(&rig, "wan.pcap");
+    // A ping with a recognisable payload pattern…
+    let marker = "71646b6e65742d706c61696e"; // "qdknet-plain"
+    let (tx, rx) = rig.ping(5, "0.2", &["-p", marker]);
+    assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
+    // …and TCP bulk traffic with iperf3.
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            rig.ns("sb"),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            SITE_B,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = in_ns(
+        rig.ns("sa"),
+        &[
+            "iperf3",
+            "-c",
+            SITE_B,
+            "-t",
+            "2",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+    );
+    let _ = server.wait();
+    assert!(ok, "iperf3 failed: {out}\n{}", rig.logs());
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("received rate");
+    eprintln!(
+        "iperf3 site-A → site-B through the tunnel: {:.0} Mbit/s (debug build, under test load)",
+        bps / 1e6
+    );
+    assert!(bps > 0.0);
+    stop_capture(cap);
+    let lines = capture_lines(&pcap);
+    assert!(lines.len() > 100, "capture saw {} packets", lines.len());
+    assert_only_tunnel_packets(&lines);
+    // No byte of the plaintext pattern on the wire.
+    let raw = std::fs::read(&pcap).expect("pcap");
+    let pattern = hex::decode(marker).expect("hex");
+    assert!(
+        !raw.windows(pattern.len()).any(|w| w == pattern.as_slice()),
+        "the ping's plaintext payload appears on the wan"
+    );
+    assert_eq!(rig.counter("gw-a", "rx_forged"), 0);
+    assert_eq!(rig.counter("gw-b", "rx_forged"), 0);
+}
+
+#[test]
+fn ping_through_twenty_rekeys_and_kme_outages_loses_no_packet() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A key every 0.25 s; an SA lives 6 s without a successor.
+    let rig = rig(16, 0.25, 6.0, 0);
+    let before = rig.counter("gw-a", "rekeys");
+    let (tx, rx) = rig.ping(600, "0.01", &[]);
+    let rekeys = rig.counter("gw-a", "rekeys") - before;
+    assert_eq!(tx, 600);
+    assert_eq!(
+        rx,
+        tx,
+        "packets lost across {rekeys} rekeys\n{}",
+        rig.logs()
+    );
+    assert!(rekeys >= 20, "only {rekeys} rekeys in 6 s\n{}", rig.logs());
+
+    // The responder's KME unreachable for 2 s, then the initiator's: the
+    // current key carries the traffic, rekeying resumes by itself.
+    for fwd in [&rig.fwd_b, &rig.fwd_a] {
+        let pinger = {
+            let ns = rig.ns("sa").to_owned();
+            std::thread::spawn(move || {
+                in_ns(
+                    &ns,
+                    &[
+                        "ping", "-n", "-q", "-c", "400", "-i", "0.01", "-W", "1", SITE_B,
+                    ],
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        fwd.set_up(false);
+        std::thread::sleep(Duration::from_secs(2));
+        let during = rig.counter("gw-a", "rekeys");
+        fwd.set_up(true);
+        let (_, out) = pinger.join().expect("ping thread");
+        let (tx, rx) = parse_ping(&out).expect("ping summary");
+        assert_eq!(rx, tx, "packets lost across a KME outage\n{}", rig.logs());
+        rig.wait_for("rekeying to resume", Duration::from_secs(20), |r| {
+            r.counter("gw-a", "rekeys") > during + 2
+        });
+    }
+    assert!(rig.counter("gw-a", "key_failures") + rig.counter("gw-b", "key_failures") > 0);
+    assert_eq!(rig.counter("gw-a", "dropped_no_key"), 0, "{}", rig.logs());
+}
+
+#[test]
+fn no_key_means_no_traffic_and_the_tunnel_reopens_when_keys_return() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = rig(16, 0.5, 2.0, 0);
+    let (cap, pcap) = capture(&rig, "closed.pcap");
+    // Both KMEs unreachable: the current SA lives 2 s, then traffic stops.
+    rig.fwd_a.set_up(false);
+    rig.fwd_b.set_up(false);
+    rig.wait_for("the tunnel to close", Duration::from_secs(10), |r| {
+        r.counter("gw-a", "up") == 0
+    });
+    let dropped = rig.counter("gw-a", "dropped_no_key");
+    let (tx, rx) = rig.ping(10, "0.1", &["-p", "636c6f736564"]);
+    assert_eq!((tx, rx), (10, 0), "traffic passed with no live key");
+    rig.wait_for("drops to be counted", Duration::from_secs(5), |r| {
+        r.counter("gw-a", "dropped_no_key") >= dropped + 10
+    });
+    stop_capture(cap);
+    let lines = capture_lines(&pcap);
+    assert_only_tunnel_packets(&lines);
+    let raw = std::fs::read(&pcap).expect("pcap");
+    assert!(
+        !raw.windows(6).any(|w| w == b"closed"),
+        "plaintext on the wan while the tunnel was closed"
+    );
+    let log = std::fs::read_to_string(rig.dir.join("gw-a.log")).unwrap_or_default();
+    assert!(
+        log.contains("fail closed"),
+        "no log line says the tunnel closed:\n{log}"
+    );
+    // Keys return: the tunnel reopens by itself.
+    let back = Instant::now();
+    rig.fwd_a.set_up(true);
+    rig.fwd_b.set_up(true);
+    rig.wait_for("the tunnel to reopen", Duration::from_secs(20), |r| {
+        r.counter("gw-a", "up") == 1 && r.counter("gw-b", "up") == 1
+    });
+    eprintln!(
+        "KME reachable again → tunnel up: {:.2} s",
+        back.elapsed().as_secs_f64()
+    );
+    let (tx, rx) = rig.ping(5, "0.2", &[]);
+    assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
+}
+
+/// Sends raw UDP datagrams that claim to come from gw-B's wan address and port
+/// (an attacker on the wan can spoof them), from inside gw-B's namespace.
+fn inject(rig: &Rig, payloads: &[Vec<u8>]) {
+    let hexes: Vec<String> = payloads.iter().map(hex::encode).collect();
+    let script = format!(
+        r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for h in sys.argv[1:]:
+    p = bytes.fromhex(h)
+    udp = struct.pack('!HHHH', {PORT}, {PORT}, 8 + len(p), 0) + p
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     socket.inet_aton('{WAN_B}'), socket.inet_aton('{WAN_A}'))
+    s.sendto(ip + udp, ('{WAN_A}', 0))
+"#
+    );
+    let mut args = vec!["python3", "-c", &script];
+    args.extend(hexes.iter().map(String::as_str));
+    let (ok, out) = in_ns(rig.ns("gb"), &args);
+    assert!(ok, "injection failed: {out}");
+}
+
+/// The datagrams gw-B sent to gw-A in a capture (UDP payloads), via tcpdump's
+/// hex dump.
+fn captured_b_to_a(pcap: &Path) -> Vec<Vec<u8>> {
+    let out = Command::new("tcpdump")
+        .args(["-n", "-x", "-r"])
+        .arg(pcap)
+        .arg(format!("src host {WAN_B} and udp"))
+        .output()
+        .expect("tcpdump -x");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut packets = Vec::new();
+    let mut cur: Option<Vec<u8>> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix("0x") {
+            let hexpart = rest.split_once(':').map_or("", |(_, h)| h);
+            let bytes: String = hexpart.split_whitespace().collect();
+            if let (Some(c), Ok(b)) = (cur.as_mut(), hex::decode(bytes)) {
+                c.extend(b);
+            }
+        } else {
+            if let Some(c) = cur.take() {
+                packets.push(c);
+            }
+            cur = Some(Vec::new());
+        }
+    }
+    packets.extend(cur);
+    // IPv4 header (IHL words) + 8 bytes of UDP header.
+    packets
+        .into_iter()
+        .filter(|p| p.len() > 28)
+        .map(|p| p[usize::from(p[0] & 0x0f) * 4 + 8..].to_vec())
+        .collect()
+}
+
+#[test]
+fn malformed_replayed_truncated_and_forged_packets_are_dropped_and_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = rig(16, 30.0, 90.0, 0);
+    let (cap, pcap) = capture(&rig, "replay.pcap");
+    let (tx, rx) = rig.ping(3, "0.2", &[]);
+    assert_eq!((tx, rx), (3, 3));
+    stop_capture(cap);
+    let real: Vec<Vec<u8>> = captured_b_to_a(&pcap)
+        .into_iter()
+        .filter(|p| p.len() > 40 && p[..4] != [0, 0, 0, 0])
+        .collect();
+    assert!(!real.is_empty(), "no data packet from gw-B captured");
+    let one = real[0].clone();
+    // Fresh sequence numbers (the window has not seen them), old tags: forged.
+    let mut forged = one.clone();
+    forged[10] = forged[10].wrapping_add(1);
+    let mut forged_body = one.clone();
+    forged_body[10] = forged_body[10].wrapping_add(2);
+    let mid = forged_body.len() / 2;
+    forged_body[mid] ^= 0x40;
+    let garbage = vec![
+        vec![],
+        vec![1, 2, 3],
+        vec![0, 0, 0, 0, 9, 1],        // control, unknown version
+        vec![0, 0, 0, 0, 1, 77, 1, 2], // control, unknown type
+        one[..20].to_vec(),            // truncated data
+    ];
+    let before: Vec<u64> = ["rx_replayed", "rx_forged", "rx_malformed", "rx_unknown_spi"]
+        .iter()
+        .map(|c| rig.counter("gw-a", c))
+        .collect();
+    let mut unknown = one.clone();
+    unknown[..4].copy_from_slice(&0xdead_beef_u32.to_be_bytes());
+    let mut all = vec![one.clone(), one, forged, forged_body, unknown];
+    all.extend(garbage);
+    inject(&rig, &all);
+    rig.wait_for("the drops to be counted", Duration::from_secs(10), |r| {
+        r.counter("gw-a", "rx_replayed") >= before[0] + 2
+            && r.counter("gw-a", "rx_forged") >= before[1] + 2
+            && r.counter("gw-a", "rx_malformed") >= before[2] + 5
+            && r.counter("gw-a", "rx_unknown_spi") > before[3]
+    });
+    // The gateway is still alive and forwarding.
+    let (tx, rx) = rig.ping(3, "0.2", &[]);
+    assert_eq!((tx, rx), (3, 3), "{}", rig.logs());
+}
