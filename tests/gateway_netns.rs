@@ -610,3 +610,134 @@ fn malformed_replayed_truncated_and_forged_packets_are_dropped_and_counted() {
     let (tx, rx) = rig.ping(3, "0.2", &[]);
     assert_eq!((tx, rx), (3, 3), "{}", rig.logs());
 }
+
+/// Summary of ping's per-packet RTTs (ms): p50, p99.
+fn ping_rtts(rig: &Rig, count: u32) -> (f64, f64) {
+    let c = count.to_string();
+    let (_, out) = in_ns(
+        rig.ns("sa"),
+        &["ping", "-n", "-c", &c, "-i", "0.01", "-W", "1", SITE_B],
+    );
+    let mut rtts: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(!rtts.is_empty(), "no replies: {out}");
+    rtts.sort_by(f64::total_cmp);
+    let q = |p: f64| rtts[((rtts.len() - 1) as f64 * p).round() as usize];
+    (q(0.5), q(0.99))
+}
+
+/// iperf3 site-A → site-B for `secs` seconds: received Mbit/s.
+fn iperf(rig: &Rig, secs: u32) -> f64 {
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            rig.ns("sb"),
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            SITE_B,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    let t = secs.to_string();
+    let (ok, out) = in_ns(
+        rig.ns("sa"),
+        &[
+            "iperf3",
+            "-c",
+            SITE_B,
+            "-t",
+            &t,
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+    );
+    let _ = server.wait();
+    assert!(ok, "iperf3 failed: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("received rate")
+        / 1e6
+}
+
+/// Throughput and latency through the tunnel against plain routing over the
+/// same wan, in one run. A short bounded run in the suite; as a benchmark:
+/// `QKDNET_GW_BENCH_SECONDS=10 QKDNET_GW_BENCH_PINGS=1000 cargo test --release
+/// --test gateway_netns tunnel_against_plain_routing -- --nocapture`
+/// (prints one JSON line).
+#[test]
+fn tunnel_against_plain_routing_throughput_and_latency() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let secs: u32 = std::env::var("QKDNET_GW_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 60);
+    let pings: u32 = std::env::var("QKDNET_GW_BENCH_PINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+        .clamp(10, 10_000);
+    let rig = rig(16, 30.0, 90.0, 0);
+    let tunnel_mbps = iperf(&rig, secs);
+    let (tunnel_p50, tunnel_p99) = ping_rtts(&rig, pings);
+    // The same path with the tunnel taken out: the gateways route the sites
+    // over the wan directly.
+    let (ga, gb) = (rig.ns("ga").to_owned(), rig.ns("gb").to_owned());
+    sh(&[
+        "ip",
+        "-n",
+        &ga,
+        "route",
+        "replace",
+        "10.71.2.0/24",
+        "via",
+        WAN_B,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &gb,
+        "route",
+        "replace",
+        "10.71.1.0/24",
+        "via",
+        WAN_A,
+    ]);
+    let plain_mbps = iperf(&rig, secs);
+    let (plain_p50, plain_p99) = ping_rtts(&rig, pings);
+    assert!(tunnel_mbps > 0.0 && plain_mbps > 0.0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "gateway",
+            "seconds": secs,
+            "pings": pings,
+            "sm4_kernel": logged_kernel(&rig),
+            "tunnel_mbit_s": tunnel_mbps,
+            "plain_mbit_s": plain_mbps,
+            "tunnel_rtt_ms": {"p50": tunnel_p50, "p99": tunnel_p99},
+            "plain_rtt_ms": {"p50": plain_p50, "p99": plain_p99},
+            "added_rtt_ms": {"p50": tunnel_p50 - plain_p50, "p99": tunnel_p99 - plain_p99},
+        })
+    );
+}
+
+/// The SM4 kernel gw-A logged at start.
+fn logged_kernel(rig: &Rig) -> String {
+    std::fs::read_to_string(rig.dir.join("gw-a.log"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.split("SM4 kernel ").nth(1).map(str::to_owned))
+        .unwrap_or_default()
+}

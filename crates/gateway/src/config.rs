@@ -198,6 +198,11 @@ impl GatewayConfig {
             rekey_after,
             rekey_bytes: f.rekey.bytes,
             lifetime,
+            // An offer the responder does not take is given up early enough to
+            // try another key before the current one expires.
+            offer_timeout: Policy::default()
+                .offer_timeout
+                .min((lifetime - rekey_after) / 2),
             // The old epoch stays for in-flight packets, but never past a
             // rekey interval (so at most two epochs are open at once).
             grace: Policy::default().grace.min(rekey_after),

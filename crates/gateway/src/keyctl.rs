@@ -113,6 +113,15 @@ pub enum Action {
     Event(Event),
 }
 
+/// A key the KME did not deliver.
+#[derive(Debug, Clone)]
+pub struct FetchFailure {
+    /// What went wrong.
+    pub error: String,
+    /// The KME answered that it will not give this key (asking again is useless).
+    pub permanent: bool,
+}
+
 /// Things worth a log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -178,6 +187,8 @@ pub struct KeyCtl {
     last_request: Option<Instant>,
     /// Responder: recent epochs, to answer a retransmitted offer again.
     recent: VecDeque<Arc<EpochKeys>>,
+    /// Responder: offers whose key the KME will never give (not fetched again).
+    refused: VecDeque<u32>,
     expired_reported: bool,
     rekeys: u64,
 }
@@ -201,6 +212,7 @@ impl KeyCtl {
             force: false,
             last_request: None,
             recent: VecDeque::new(),
+            refused: VecDeque::new(),
             expired_reported: false,
             rekeys: 0,
         }
@@ -333,24 +345,40 @@ impl KeyCtl {
     }
 
     /// Responder: the result of [`Action::FetchById`].
+    ///
+    /// A *permanent* failure (the KME answered that it does not have the key:
+    /// another SAE's, already delivered — say its answer to an earlier attempt
+    /// was lost — or never made) will not heal by asking again: the offer is
+    /// refused for good and the initiator asked for another key. A transient one
+    /// (KME unreachable) is retried at the next retransmission of the offer.
     pub fn on_offered_key(
         &mut self,
         now: Instant,
         spi: u32,
         key_id: [u8; 16],
         mac: [u8; 32],
-        result: Result<&[u8], String>,
+        result: Result<&[u8], FetchFailure>,
     ) -> Vec<Action> {
         if self.fetching == Some(spi) {
             self.fetching = None;
         }
         let material = match result {
             Ok(m) => m,
-            Err(error) => {
-                return vec![Action::Event(Event::FetchFailed {
+            Err(FetchFailure { error, permanent }) => {
+                let mut out = vec![Action::Event(Event::FetchFailed {
                     error,
                     retry_in: self.policy.retransmit,
                 })];
+                if permanent {
+                    self.refused.push_back(spi);
+                    if self.refused.len() > 8 {
+                        self.refused.pop_front();
+                    }
+                    if self.request_allowed(now) {
+                        out.push(Action::Send(Control::Request { spi }));
+                    }
+                }
+                return out;
             }
         };
         let keys = self.epoch(material, spi, key_id);
@@ -419,7 +447,7 @@ impl KeyCtl {
                     }
                     return Vec::new();
                 }
-                if self.fetching.is_some() {
+                if self.fetching.is_some() || self.refused.contains(spi) {
                     return Vec::new();
                 }
                 self.fetching = Some(*spi);
@@ -429,7 +457,7 @@ impl KeyCtl {
                     mac: *mac,
                 }]
             }
-            (Role::Initiator, Control::Request { .. }) => self.requested(now),
+            (Role::Initiator, Control::Request { spi }) => self.requested(now, *spi),
             _ => Vec::new(),
         }
     }
@@ -447,13 +475,21 @@ impl KeyCtl {
         out
     }
 
-    fn requested(&mut self, now: Instant) -> Vec<Action> {
+    /// The peer asked for a new key (it cannot open `spi`: it has no key for
+    /// it, or could not fetch the key offered under it, which is then given up).
+    fn requested(&mut self, now: Instant, spi: u32) -> Vec<Action> {
         if !self.request_allowed(now) {
             return Vec::new();
         }
+        let mut out = Vec::new();
+        if self.pending.as_ref().is_some_and(|p| p.keys.spi == spi) {
+            self.pending = None;
+            out.push(Action::Retire { spi, at: now });
+        }
         self.force = true;
         self.retry_at = None;
-        vec![Action::Event(Event::Requested)]
+        out.push(Action::Event(Event::Requested));
+        out
     }
 
     /// The I/O layer authenticated a packet under `spi` (reported once per SPI).
@@ -470,7 +506,7 @@ impl KeyCtl {
     /// The I/O layer got data under an SPI it has no SA for.
     pub fn on_unknown_spi(&mut self, now: Instant, spi: u32) -> Vec<Action> {
         match self.role {
-            Role::Initiator => self.requested(now),
+            Role::Initiator => self.requested(now, spi),
             Role::Responder => {
                 if self.request_allowed(now) {
                     vec![Action::Send(Control::Request { spi })]
@@ -562,9 +598,16 @@ mod tests {
                             Some(m) if self.kme_up => {
                                 self.r.on_offered_key(now, spi, key_id, mac, Ok(&m[..]))
                             }
-                            _ => self
-                                .r
-                                .on_offered_key(now, spi, key_id, mac, Err("no".into())),
+                            _ => self.r.on_offered_key(
+                                now,
+                                spi,
+                                key_id,
+                                mac,
+                                Err(FetchFailure {
+                                    error: "unreachable".into(),
+                                    permanent: false,
+                                }),
+                            ),
                         };
                         self.run(now, acts, false);
                     }
@@ -695,6 +738,57 @@ mod tests {
         assert_ne!(p.i_out, Some(first));
         assert!(p.i.is_up(t0 + Duration::from_secs(40)));
         assert_eq!(p.i_out, p.r_out);
+    }
+
+    #[test]
+    fn a_key_the_responder_can_never_fetch_is_given_up_at_once() {
+        let t0 = Instant::now();
+        let mut p = Pair::new();
+        p.tick(t0);
+        let first = p.i_out.expect("up");
+        // The next offer's key: the KME answers "not found" (its answer to an
+        // earlier attempt was lost, say).
+        let a = p.i.poll(t0 + Duration::from_secs(11), 0);
+        assert!(matches!(a[..], [Action::FetchNew]));
+        let a =
+            p.i.on_new_key(t0 + Duration::from_secs(11), Ok(([42; 16], &[1; 32])), 77);
+        let offer_spi = match &a[1] {
+            Action::Send(Control::Offer { spi, .. }) => *spi,
+            other => panic!("{other:?}"),
+        };
+        let t = t0 + Duration::from_secs(11);
+        let r = p.r.on_offered_key(
+            t,
+            offer_spi,
+            [42; 16],
+            [0; 32],
+            Err(FetchFailure {
+                error: "KME answered 400".into(),
+                permanent: true,
+            }),
+        );
+        let Some(Action::Send(req @ Control::Request { .. })) = r.last() else {
+            panic!("no request: {r:?}");
+        };
+        // The retransmitted offer is not fetched again…
+        assert!(
+            p.r.on_control(
+                t,
+                &offer(&EpochKeys::derive(
+                    &[1; 32], offer_spi, [42; 16], "gw-a", "gw-b"
+                ))
+            )
+            .is_empty()
+        );
+        // …and the initiator drops it and takes another key at once.
+        let a = p.i.on_control(t, req);
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Retire { spi, .. } if *spi == offer_spi))
+        );
+        let a = p.i.poll(t, 0);
+        assert!(matches!(a[..], [Action::FetchNew]), "{a:?}");
+        assert_eq!(p.i_out, Some(first));
     }
 
     #[test]

@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use qkdnet_etsi::client::EtsiClient;
+use qkdnet_etsi::client::{ClientError, EtsiClient};
 use tokio::sync::mpsc as amp;
 use uuid::Uuid;
 
 use crate::config::GatewayConfig;
-use crate::keyctl::{Action, Event, KeyCtl};
+use crate::keyctl::{Action, Event, FetchFailure, KeyCtl};
 use crate::sa::{EpochKeys, Inbound, OpenError, Outbound};
 use crate::wire::{self, Control, Datagram};
 
@@ -216,7 +216,7 @@ enum Fetched {
         spi: u32,
         key_id: [u8; 16],
         mac: [u8; 32],
-        result: Result<zeroize::Zeroizing<Vec<u8>>, String>,
+        result: Result<zeroize::Zeroizing<Vec<u8>>, FetchFailure>,
     },
 }
 
@@ -528,12 +528,24 @@ async fn manage(
                 Action::FetchById { spi, key_id, mac } => {
                     let (c, peer, tx) = (client.clone(), cfg.peer_sae.clone(), fetch_tx.clone());
                     tokio::spawn(async move {
-                        let result = c
-                            .dec_keys(&peer, &[Uuid::from_bytes(key_id)])
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut keys| keys.pop().ok_or_else(|| "KME sent no key".into()))
-                            .map(|k| k.material.clone());
+                        let result = match c.dec_keys(&peer, &[Uuid::from_bytes(key_id)]).await {
+                            Ok(mut keys) => {
+                                keys.pop().map(|k| k.material.clone()).ok_or(FetchFailure {
+                                    error: "KME sent no key".into(),
+                                    permanent: true,
+                                })
+                            }
+                            Err(e) => Err(FetchFailure {
+                                permanent: matches!(
+                                    e,
+                                    ClientError::Api {
+                                        status: 400..=499,
+                                        ..
+                                    } | ClientError::Malformed(_)
+                                ),
+                                error: e.to_string(),
+                            }),
+                        };
                         let _ = tx.send(Fetched::ById {
                             spi,
                             key_id,
