@@ -359,46 +359,9 @@ fn iperf3_and_ping_cross_the_tunnel_and_the_wan_sees_only_sealed_packets() {
     let (tx, rx) = rig.ping(5, "0.2", &["-p", marker]);
     assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
     // …and TCP bulk traffic with iperf3.
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            rig.ns("sb"),
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            SITE_B,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, out) = in_ns(
-        rig.ns("sa"),
-        &[
-            "iperf3",
-            "-c",
-            SITE_B,
-            "-t",
-            "2",
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-    );
-    let _ = server.wait();
-    assert!(ok, "iperf3 failed: {out}\n{}", rig.logs());
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("received rate");
-    eprintln!(
-        "iperf3 site-A → site-B through the tunnel: {:.0} Mbit/s (debug build, under test load)",
-        bps / 1e6
-    );
-    assert!(bps > 0.0);
+    let mbps = iperf(&rig, 2);
+    eprintln!("iperf3 site-A → site-B through the tunnel: {mbps:.0} Mbit/s");
+    assert!(mbps > 0.0);
     stop_capture(cap);
     let lines = capture_lines(&pcap);
     assert!(lines.len() > 100, "capture saw {} packets", lines.len());
