@@ -17,8 +17,10 @@ command -v sipp >/dev/null || need_apt+=(sip-tester)
 command -v iperf3 >/dev/null || need_apt+=(iperf3)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
+command -v wireguard-go >/dev/null || need_apt+=(wireguard-go)
+command -v wg >/dev/null || need_apt+=(wireguard-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, SIPp, tcpdump for the call tests; iperf3, iproute2, ping for the gateway tests"
+  echo "installing ${need_apt[*]} (Debian packages): OpenSSL cross-checks; baresip, kamailio, SIPp, tcpdump for the call tests; iperf3, iproute2, ping, wireguard-go and wireguard-tools for the gateway tests"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; fi
 fi
 

@@ -35,6 +35,7 @@ const PORT: u16 = 7771;
 
 struct Rig {
     dir: PathBuf,
+    prefix: String,
     ns: Netns,
     gws: Vec<Child>,
     fwd_a: KmeForward,
@@ -45,6 +46,20 @@ struct Rig {
 }
 
 impl Rig {
+    /// Runs `qkdnet ARGS` inside namespace `ns`, logging to `{name}.log`.
+    fn spawn(&mut self, name: &str, ns: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_qkdnet")])
+            .args(args)
+            .env("QKDNET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn qkdnet");
+        self.gws.push(child);
+    }
+
     fn ns(&self, which: &str) -> &str {
         let i = ["sa", "ga", "gb", "sb"]
             .iter()
@@ -85,11 +100,19 @@ impl Rig {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for gw in ["gw-a", "gw-b"] {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".log").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
             s += &format!(
-                "--- {gw} log ---\n{}\n--- {gw} metrics ---\n{}\n",
-                std::fs::read_to_string(self.dir.join(format!("{gw}.log"))).unwrap_or_default(),
-                self.metrics(gw)
+                "--- {name} log ---\n{}\n--- {name} metrics ---\n{}\n",
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default(),
+                self.metrics(&name)
             );
         }
         s
@@ -178,6 +201,39 @@ lifetime_seconds = {lifetime}
 /// Builds the topology, starts the KMEs and both gateways, and waits until the
 /// tunnel carries traffic.
 fn rig(blocks: u64, rekey: f64, lifetime: f64, pad_to: usize) -> Rig {
+    let mut rig = topology(blocks);
+    let [ga, gb] = [rig.ns("ga").to_owned(), rig.ns("gb").to_owned()];
+    let dir = rig.dir.clone();
+    for (gw, gns) in [("gw-b", &gb), ("gw-a", &ga)] {
+        let cfg = dir.join(format!("{gw}.toml"));
+        std::fs::write(&cfg, gateway_toml(&dir, gw, rekey, lifetime, pad_to)).expect("config");
+        rig.spawn(
+            gw,
+            gns,
+            &["gateway", "run", "--config", &cfg.to_string_lossy()],
+        );
+    }
+    // The TUN devices exist once the gateways run; then route the far site.
+    for (g, far) in [(&ga, "10.71.2.0/24"), (&gb, "10.71.1.0/24")] {
+        let t0 = Instant::now();
+        while !in_ns(g, &["ip", "link", "show", "qkd0"]).0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no TUN device\n{}",
+                rig.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sh(&["ip", "-n", g, "route", "add", far, "dev", "qkd0"]);
+    }
+    rig.wait_for("both gateways up", Duration::from_secs(20), |r| {
+        r.counter("gw-a", "up") == 1 && r.counter("gw-b", "up") == 1
+    });
+    rig
+}
+
+/// The namespaces, veths, routes of the sites, KMEs and forwarders: no gateway.
+fn topology(blocks: u64) -> Rig {
     require_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -243,49 +299,16 @@ fn rig(blocks: u64, rekey: f64, lifetime: f64, pad_to: usize) -> Rig {
     let port = |r: &qkdnet_kms::config::RunningKme| r.server.local_addr().port();
     let fwd_a = KmeForward::start(&ga, port(&net.a));
     let fwd_b = KmeForward::start(&gb, port(&net.b));
-    let dir = net.dir.clone();
-    let mut gws = Vec::new();
-    for (gw, gns) in [("gw-b", &gb), ("gw-a", &ga)] {
-        let cfg = dir.join(format!("{gw}.toml"));
-        std::fs::write(&cfg, gateway_toml(&dir, gw, rekey, lifetime, pad_to)).expect("config");
-        let log = std::fs::File::create(dir.join(format!("{gw}.log"))).expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", gns, env!("CARGO_BIN_EXE_qkdnet")])
-            .args(["gateway", "run", "--config"])
-            .arg(&cfg)
-            .env("QKDNET_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn gateway");
-        gws.push(child);
-    }
-    let rig = Rig {
-        dir,
+    Rig {
+        dir: net.dir.clone(),
+        prefix,
         ns,
-        gws,
+        gws: Vec::new(),
         fwd_a,
         fwd_b,
         _net: net,
         _rt: rt,
-    };
-    // The TUN devices exist once the gateways run; then route the far site.
-    for (g, far) in [(&ga, "10.71.2.0/24"), (&gb, "10.71.1.0/24")] {
-        let t0 = Instant::now();
-        while !in_ns(g, &["ip", "link", "show", "qkd0"]).0 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no TUN device\n{}",
-                rig.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        sh(&["ip", "-n", g, "route", "add", far, "dev", "qkd0"]);
     }
-    rig.wait_for("both gateways up", Duration::from_secs(20), |r| {
-        r.counter("gw-a", "up") == 1 && r.counter("gw-b", "up") == 1
-    });
-    rig
 }
 
 /// Starts tcpdump on gw-B's wan interface; returns the child and the pcap path.
@@ -703,4 +726,218 @@ fn logged_kernel(rig: &Rig) -> String {
         .lines()
         .find_map(|l| l.split("SM4 kernel ").nth(1).map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// `wg OUTPUT` inside a namespace (wireguard-tools reads wireguard-go's UAPI).
+fn wg(rig: &Rig, ns: &str, args: &[&str]) -> String {
+    let mut a = vec!["wg"];
+    a.extend_from_slice(args);
+    let (ok, out) = in_ns(rig.ns(ns), &a);
+    assert!(ok, "wg {args:?}: {out}");
+    out
+}
+
+/// A WireGuard keypair made by `wg genkey | wg pubkey`: (private, public).
+fn wg_keypair() -> (String, String) {
+    let private = Command::new("wg")
+        .arg("genkey")
+        .output()
+        .expect("wg genkey");
+    let private = String::from_utf8_lossy(&private.stdout).trim().to_owned();
+    let mut p = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("wg pubkey");
+    use std::io::Write as _;
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(private.as_bytes())
+        .expect("write");
+    let out = p.wait_with_output().expect("wg pubkey");
+    (
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// The preshared key `wg show IFACE preshared-keys` lists (one peer), if any.
+fn psk_of(rig: &Rig, ns: &str, iface: &str) -> Option<String> {
+    let out = wg(rig, ns, &["show", iface, "preshared-keys"]);
+    let psk = out.lines().next()?.split_whitespace().nth(1)?.to_owned();
+    (psk != "(none)").then_some(psk)
+}
+
+/// wireguard-go between the gateways, its peer's preshared key kept by two
+/// `qkdnet gateway wg-agent`s: the peer appears only with a QKD preshared key,
+/// handshakes and pings go through, the key rotates at both ends in step, and
+/// with no key past its lifetime the agents remove the peer (traffic stops).
+#[test]
+fn wireguard_go_peers_take_qkd_preshared_keys_before_any_handshake() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = topology(16);
+    let (ga, gb) = (rig.ns("ga").to_owned(), rig.ns("gb").to_owned());
+    let ifaces = [format!("{}a", rig.prefix), format!("{}b", rig.prefix)];
+    let keys = [wg_keypair(), wg_keypair()];
+    for (i, (ns, tun, far)) in [
+        (&ga, "10.71.253.1/30", "10.71.2.0/24"),
+        (&gb, "10.71.253.2/30", "10.71.1.0/24"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let iface = &ifaces[i];
+        let log =
+            std::fs::File::create(rig.dir.join(format!("wireguard-go-{i}.log"))).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", iface])
+            .env("LOG_LEVEL", "verbose")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("wireguard-go");
+        rig.gws.push(child);
+        let t0 = Instant::now();
+        while !Path::new(&format!("/var/run/wireguard/{iface}.sock")).exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "wireguard-go did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let keyfile = rig.dir.join(format!("wg-{i}.key"));
+        std::fs::write(&keyfile, &keys[i].0).expect("key file");
+        let (ok, out) = in_ns(
+            ns,
+            &[
+                "wg",
+                "set",
+                iface,
+                "private-key",
+                &keyfile.to_string_lossy(),
+                "listen-port",
+                "51820",
+            ],
+        );
+        assert!(ok, "{out}");
+        sh(&["ip", "-n", ns, "addr", "add", tun, "dev", iface]);
+        sh(&["ip", "-n", ns, "link", "set", iface, "up"]);
+        sh(&["ip", "-n", ns, "route", "add", far, "dev", iface]);
+    }
+    // No peer yet: nothing can handshake.
+    for (ns, iface) in [("ga", &ifaces[0]), ("gb", &ifaces[1])] {
+        assert_eq!(wg(&rig, ns, &["show", iface, "peers"]).trim(), "");
+    }
+    let connect = rig.dir.join("connect.json");
+    for (i, (name, ns, role, listen, peer, sae, peer_sae, far)) in [
+        (
+            "wg-a",
+            &ga,
+            "initiator",
+            WAN_A,
+            WAN_B,
+            "alice",
+            "bob",
+            "10.71.2.0/24",
+        ),
+        (
+            "wg-b",
+            &gb,
+            "responder",
+            WAN_B,
+            WAN_A,
+            "bob",
+            "alice",
+            "10.71.1.0/24",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = rig.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"role = "{role}"
+listen = "{listen}:7772"
+peer = "{peer}:7772"
+[wireguard]
+interface = "{iface}"
+peer_public_key = "{pk}"
+endpoint = "{peer}:51820"
+allowed_ips = ["{far}", "10.71.253.0/30"]
+[kme]
+connect = "{connect}"
+sae = "{sae}"
+peer_sae = "{peer_sae}"
+[rekey]
+seconds = 1
+lifetime_seconds = 3
+"#,
+                iface = ifaces[i],
+                pk = keys[1 - i].1,
+                connect = connect.display()
+            ),
+        )
+        .expect("config");
+        rig.spawn(
+            name,
+            ns,
+            &["gateway", "wg-agent", "--config", &cfg.to_string_lossy()],
+        );
+    }
+    // Both ends get the same QKD preshared key (the peer appears with it).
+    rig.wait_for(
+        "a preshared key at both ends",
+        Duration::from_secs(20),
+        |r| {
+            let (a, b) = (psk_of(r, "ga", &ifaces[0]), psk_of(r, "gb", &ifaces[1]));
+            a.is_some() && a == b
+        },
+    );
+    let first = psk_of(&rig, "ga", &ifaces[0]);
+    let (tx, rx) = rig.ping(5, "0.2", &[]);
+    assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
+    let hs = wg(&rig, "ga", &["show", &ifaces[0], "latest-handshakes"]);
+    let when: u64 = hs
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(when > 0, "no handshake: {hs}");
+    // Rotation: a new key every second, the same at both ends.
+    rig.wait_for(
+        "the preshared key to rotate",
+        Duration::from_secs(20),
+        |r| {
+            let (a, b) = (psk_of(r, "ga", &ifaces[0]), psk_of(r, "gb", &ifaces[1]));
+            a.is_some() && a != first && a == b
+        },
+    );
+    let (tx, rx) = rig.ping(5, "0.2", &[]);
+    assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
+    // No key past the lifetime: the peer goes (fail closed), traffic stops.
+    rig.fwd_a.set_up(false);
+    rig.fwd_b.set_up(false);
+    rig.wait_for("the peers to be removed", Duration::from_secs(20), |r| {
+        wg(r, "ga", &["show", &ifaces[0], "peers"])
+            .trim()
+            .is_empty()
+            && wg(r, "gb", &["show", &ifaces[1], "peers"])
+                .trim()
+                .is_empty()
+    });
+    let (tx, rx) = rig.ping(3, "0.2", &[]);
+    assert_eq!((tx, rx), (3, 0), "traffic without a key");
+    // Keys return: the peer comes back with a fresh preshared key.
+    rig.fwd_a.set_up(true);
+    rig.fwd_b.set_up(true);
+    rig.wait_for("the peers to return", Duration::from_secs(20), |r| {
+        let (a, b) = (psk_of(r, "ga", &ifaces[0]), psk_of(r, "gb", &ifaces[1]));
+        a.is_some() && a == b
+    });
+    let (tx, rx) = rig.ping(5, "0.2", &[]);
+    assert_eq!((tx, rx), (5, 5), "{}", rig.logs());
 }

@@ -22,6 +22,17 @@ pub enum GatewayCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Keep a WireGuard peer's preshared key fed with QKD keys (wireguard-go,
+    /// through its UAPI socket). The agent adds the peer itself, with its
+    /// first preshared key, so no handshake completes without one; it rotates
+    /// the key on schedule and removes the peer if keys stop (fail closed).
+    ///
+    /// Example: qkdnet gateway wg-agent --config wg-a.toml
+    WgAgent {
+        /// The agent's TOML configuration (see the README).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// Runs a gateway subcommand.
@@ -37,6 +48,15 @@ pub fn run(c: GatewayCommand) -> anyhow::Result<()> {
             .with_context(|| format!("gateway {name}"))?;
             eprintln!("{}", stats.render(&name));
             Ok(())
+        }
+        GatewayCommand::WgAgent { config } => {
+            crate::cmd::node::init_logging();
+            let cfg = qkdnet_gateway::config::WgAgentConfig::from_file(&config)?;
+            let name = cfg.sae.clone();
+            qkdnet_gateway::wg::run(cfg, async {
+                crate::cmd::node::shutdown_signal().await;
+            })
+            .with_context(|| format!("WireGuard agent {name}"))
         }
     }
 }

@@ -147,67 +147,19 @@ pub struct ConfigError(String);
 impl GatewayConfig {
     /// Reads and checks a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+        read(path, Self::parse)
     }
 
     /// Parses configuration text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let f: File = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        let role = match f.role.as_str() {
-            "initiator" => Role::Initiator,
-            "responder" => Role::Responder,
-            other => {
-                return Err(ConfigError(format!(
-                    "role must be \"initiator\" or \"responder\", not {other:?}"
-                )));
-            }
-        };
-        let secs = |what: &str, v: f64| {
-            if v.is_finite() && v > 0.0 && v < 1e9 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(ConfigError(format!(
-                    "{what} must be a positive number of seconds"
-                )))
-            }
-        };
-        let rekey_after = secs("rekey.seconds", f.rekey.seconds)?;
-        let lifetime = secs("rekey.lifetime_seconds", f.rekey.lifetime_seconds)?;
-        if lifetime <= rekey_after {
-            return Err(ConfigError(
-                "rekey.lifetime_seconds must exceed rekey.seconds (room to get the next key)"
-                    .into(),
-            ));
-        }
-        if f.rekey.bytes == 0 {
-            return Err(ConfigError("rekey.bytes must be positive".into()));
-        }
+        let (role, policy) = common(&f.role, &f.rekey, &f.kme)?;
         if !(576..=9000).contains(&f.tun.mtu) {
             return Err(ConfigError("tun.mtu must be between 576 and 9000".into()));
         }
         if f.pad_to > 1500 {
             return Err(ConfigError("pad_to must be at most 1500".into()));
         }
-        if f.kme.sae == f.kme.peer_sae {
-            return Err(ConfigError("kme.sae and kme.peer_sae must differ".into()));
-        }
-        let policy = Policy {
-            rekey_after,
-            rekey_bytes: f.rekey.bytes,
-            lifetime,
-            // An offer the responder does not take is given up early enough to
-            // try another key before the current one expires.
-            offer_timeout: Policy::default()
-                .offer_timeout
-                .min((lifetime - rekey_after) / 2),
-            // The old epoch stays for in-flight packets, but never past a
-            // rekey interval (so at most two epochs are open at once).
-            grace: Policy::default().grace.min(rekey_after),
-            ..Policy::default()
-        };
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(Self {
             role,
@@ -232,6 +184,209 @@ impl GatewayConfig {
             Role::Initiator => (&self.sae, &self.peer_sae),
             Role::Responder => (&self.peer_sae, &self.sae),
         }
+    }
+}
+
+/// Reads `path` and parses it with relative paths taken from its directory;
+/// errors name the file.
+fn read<T>(
+    path: &Path,
+    parse: fn(&str, &Path) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+}
+
+/// What gateways and agents share: role, rekeying, SAEs.
+fn common(r: &str, rekey: &Rekey, kme: &Kme) -> Result<(Role, Policy), ConfigError> {
+    let role = role(r)?;
+    let policy = policy(rekey)?;
+    check_kme(kme)?;
+    Ok((role, policy))
+}
+
+fn role(s: &str) -> Result<Role, ConfigError> {
+    match s {
+        "initiator" => Ok(Role::Initiator),
+        "responder" => Ok(Role::Responder),
+        other => Err(ConfigError(format!(
+            "role must be \"initiator\" or \"responder\", not {other:?}"
+        ))),
+    }
+}
+
+fn check_kme(k: &Kme) -> Result<(), ConfigError> {
+    if k.sae == k.peer_sae {
+        return Err(ConfigError("kme.sae and kme.peer_sae must differ".into()));
+    }
+    Ok(())
+}
+
+fn policy(r: &Rekey) -> Result<Policy, ConfigError> {
+    let secs = |what: &str, v: f64| {
+        if v.is_finite() && v > 0.0 && v < 1e9 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(ConfigError(format!(
+                "{what} must be a positive number of seconds"
+            )))
+        }
+    };
+    let rekey_after = secs("rekey.seconds", r.seconds)?;
+    let lifetime = secs("rekey.lifetime_seconds", r.lifetime_seconds)?;
+    if lifetime <= rekey_after {
+        return Err(ConfigError(
+            "rekey.lifetime_seconds must exceed rekey.seconds (room to get the next key)".into(),
+        ));
+    }
+    if r.bytes == 0 {
+        return Err(ConfigError("rekey.bytes must be positive".into()));
+    }
+    Ok(Policy {
+        rekey_after,
+        rekey_bytes: r.bytes,
+        lifetime,
+        // An offer the responder does not take is given up early enough to
+        // try another key before the current one expires.
+        offer_timeout: Policy::default()
+            .offer_timeout
+            .min((lifetime - rekey_after) / 2),
+        // The old epoch stays for in-flight packets, but never past a rekey
+        // interval (so at most two epochs are open at once).
+        grace: Policy::default().grace.min(rekey_after),
+        ..Policy::default()
+    })
+}
+
+/// The WireGuard agent's configuration file (TOML): the same `role`, control
+/// channel (`listen`, `peer`), `[kme]` and `[rekey]` as a gateway's, and the
+/// WireGuard peer whose preshared key it keeps:
+///
+/// ```toml
+/// role = "initiator"
+/// listen = "192.0.2.1:7772"        # the agents' control channel (UDP)
+/// peer = "192.0.2.2:7772"
+/// [wireguard]
+/// interface = "wg0"                # wireguard-go's UAPI socket /var/run/wireguard/wg0.sock
+/// peer_public_key = "base64…"      # the other end's WireGuard public key
+/// endpoint = "192.0.2.2:51820"     # where that peer listens
+/// allowed_ips = ["10.2.0.0/24"]
+/// [kme]
+/// connect = "state/connect.json"
+/// sae = "sae-gw-a"
+/// peer_sae = "sae-gw-b"
+/// [rekey]
+/// seconds = 120
+/// lifetime_seconds = 600
+/// ```
+#[derive(Debug, Clone)]
+pub struct WgAgentConfig {
+    /// This end's role.
+    pub role: Role,
+    /// Control channel address.
+    pub listen: SocketAddr,
+    /// The other agent.
+    pub peer: SocketAddr,
+    /// WireGuard interface name.
+    pub interface: String,
+    /// The WireGuard peer's public key (32 bytes).
+    pub peer_public_key: [u8; 32],
+    /// Its endpoint.
+    pub endpoint: SocketAddr,
+    /// Its allowed IPs.
+    pub allowed_ips: Vec<String>,
+    /// connect.json of the QKD network.
+    pub connect: PathBuf,
+    /// This agent's SAE ID.
+    pub sae: String,
+    /// The other agent's SAE ID.
+    pub peer_sae: String,
+    /// Rekeying.
+    pub policy: Policy,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WgFile {
+    role: String,
+    listen: SocketAddr,
+    peer: SocketAddr,
+    wireguard: Wg,
+    kme: Kme,
+    #[serde(default)]
+    rekey: Rekey,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wg {
+    interface: String,
+    peer_public_key: String,
+    endpoint: SocketAddr,
+    allowed_ips: Vec<String>,
+}
+
+impl WgAgentConfig {
+    /// Reads and checks a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        read(path, Self::parse)
+    }
+
+    /// Parses configuration text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        use base64::Engine as _;
+        let f: WgFile = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let (role, policy) = common(&f.role, &f.rekey, &f.kme)?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(f.wireguard.peer_public_key.trim())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| {
+                ConfigError(
+                    "wireguard.peer_public_key must be a base64 WireGuard key (32 bytes)".into(),
+                )
+            })?;
+        let iface = &f.wireguard.interface;
+        if iface.is_empty()
+            || iface.len() > 15
+            || !iface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(ConfigError(format!(
+                "wireguard.interface {iface:?} is not an interface name"
+            )));
+        }
+        for ip in &f.wireguard.allowed_ips {
+            let (addr, len) = ip.split_once('/').unwrap_or((ip, ""));
+            let ok = match addr.parse::<std::net::IpAddr>() {
+                Ok(a) => len
+                    .parse::<u8>()
+                    .is_ok_and(|l| l <= if a.is_ipv4() { 32 } else { 128 }),
+                Err(_) => false,
+            };
+            if !ok {
+                return Err(ConfigError(format!(
+                    "wireguard.allowed_ips: {ip:?} is not ADDRESS/PREFIX"
+                )));
+            }
+        }
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(Self {
+            role,
+            listen: f.listen,
+            peer: f.peer,
+            interface: f.wireguard.interface,
+            peer_public_key: key,
+            endpoint: f.wireguard.endpoint,
+            allowed_ips: f.wireguard.allowed_ips,
+            connect: abs(f.kme.connect),
+            sae: f.kme.sae,
+            peer_sae: f.kme.peer_sae,
+            policy,
+        })
     }
 }
 
@@ -263,6 +418,40 @@ lifetime_seconds = 5
         assert_eq!(c.policy.rekey_after, Duration::from_millis(500));
         assert_eq!(c.policy.grace, Duration::from_millis(500));
         assert_eq!(c.sae_pair(), ("alice", "bob"));
+    }
+
+    const WG: &str = r#"
+role = "responder"
+listen = "127.0.0.1:7772"
+peer = "127.0.0.1:7773"
+[wireguard]
+interface = "wg0"
+peer_public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+endpoint = "127.0.0.1:51820"
+allowed_ips = ["10.2.0.0/24", "fd00::/64"]
+[kme]
+connect = "/s/connect.json"
+sae = "bob"
+peer_sae = "alice"
+"#;
+
+    #[test]
+    fn wireguard_agent_config_parses_and_refuses_bad_keys_and_names() {
+        let c = WgAgentConfig::parse(WG, Path::new(".")).expect("valid");
+        assert_eq!(c.role, Role::Responder);
+        assert_eq!(c.allowed_ips.len(), 2);
+        assert_eq!(c.policy.rekey_after, Duration::from_secs(60));
+        for (bad, want) in [
+            (
+                WG.replace("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "short"),
+                "base64 WireGuard key",
+            ),
+            (WG.replace("\"wg0\"", "\"../etc\""), "not an interface name"),
+            (WG.replace("10.2.0.0/24", "10.2.0.0/33"), "ADDRESS/PREFIX"),
+        ] {
+            let e = WgAgentConfig::parse(&bad, Path::new(".")).expect_err(&bad);
+            assert!(e.to_string().contains(want), "{e} should say {want}");
+        }
     }
 
     #[test]

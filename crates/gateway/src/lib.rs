@@ -14,8 +14,10 @@
 //! | [`wire`] | data and control datagrams on the wan (sans-IO, fuzzed) |
 //! | [`sa`] | epoch keys from a QKD key; sealing and opening packets (sans-IO) |
 //! | [`keyctl`] | rekeying, fail-closed lifetime, restart recovery (sans-IO) |
+//! | [`keymgr`] | the key manager: keyctl with a clock, the KME and an installer |
 //! | [`config`] | the TOML configuration |
 //! | [`run`] | the running gateway: TUN, UDP, KME, metrics |
+//! | [`wg`] | the WireGuard agent: QKD preshared keys for a wireguard-go peer |
 //!
 //! What is real and what is not: the tunnel, its cryptography, the KME protocol
 //! and the traffic are real; the QKD keys come from whatever network the KMEs
@@ -26,6 +28,8 @@
 
 pub mod config;
 pub mod keyctl;
+pub mod keymgr;
 pub mod run;
 pub mod sa;
+pub mod wg;
 pub mod wire;

@@ -19,17 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use qkdnet_etsi::client::{ClientError, EtsiClient};
 use tokio::sync::mpsc as amp;
-use uuid::Uuid;
 
 use crate::config::GatewayConfig;
-use crate::keyctl::{Action, Event, FetchFailure, KeyCtl};
+use crate::keyctl::Event;
+use crate::keymgr::{Installer, KeyManager, ToManager};
 use crate::sa::{EpochKeys, Inbound, OpenError, Outbound};
-use crate::wire::{self, Control, Datagram};
+use crate::wire::{self, Datagram};
 
-/// Bytes of a QKD key asked of the KME.
-const KEY_BITS: u64 = 256;
 /// How long a blocked read waits before the thread looks at its channel again.
 const POLL: Duration = Duration::from_millis(100);
 /// Largest datagram handled.
@@ -204,22 +201,6 @@ enum RxUpdate {
     Retire { spi: u32, at: Instant },
 }
 
-enum ToManager {
-    Control(Control),
-    UnknownSpi(u32),
-    Authentic(u32),
-}
-
-enum Fetched {
-    New(Result<([u8; 16], zeroize::Zeroizing<Vec<u8>>), String>),
-    ById {
-        spi: u32,
-        key_id: [u8; 16],
-        mac: [u8; 32],
-        result: Result<zeroize::Zeroizing<Vec<u8>>, FetchFailure>,
-    },
-}
-
 /// Runs the gateway until `stop` resolves.
 pub fn run(
     cfg: GatewayConfig,
@@ -293,9 +274,29 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(GatewayError::Runtime)?;
+    let mut installer = TunnelInstaller {
+        role: cfg.role,
+        tx_up,
+        rx_up,
+        stats: &stats,
+        metrics: cfg.metrics_file.as_deref().map(|p| (p, cfg.sae.as_str())),
+        last_metrics: Instant::now(),
+        kernel_logged: false,
+    };
+    let keys = KeyManager {
+        role: cfg.role,
+        policy: cfg.policy.clone(),
+        sae: cfg.sae.clone(),
+        peer_sae: cfg.peer_sae.clone(),
+    };
+    let send = |bytes: &[u8]| {
+        if let Err(e) = sock.send_to(bytes, cfg.peer) {
+            tracing::debug!("control send: {e}");
+        }
+    };
     rt.block_on(async {
         tokio::select! {
-            () = manage(&cfg, client, &sock, tx_up, rx_up, from_threads, &stats) => {}
+            () = keys.run(client, send, from_threads, &mut installer) => {}
             () = stop => {}
         }
     });
@@ -454,189 +455,68 @@ fn recv_loop(
     }
 }
 
-async fn manage(
-    cfg: &GatewayConfig,
-    client: EtsiClient,
-    sock: &UdpSocket,
+/// The tunnel's side of the key manager: SAs go to the packet threads.
+struct TunnelInstaller<'a> {
+    role: crate::sa::Role,
     tx_up: mpsc::Sender<TxUpdate>,
     rx_up: mpsc::Sender<RxUpdate>,
-    mut from_threads: amp::UnboundedReceiver<ToManager>,
-    stats: &Stats,
-) {
-    let client = Arc::new(client);
-    let (initiator, responder) = cfg.sae_pair();
-    let mut ctl = KeyCtl::new(cfg.role, cfg.policy.clone(), initiator, responder);
-    let (fetch_tx, mut fetched) = amp::unbounded_channel::<Fetched>();
-    let mut installed: Vec<Arc<EpochKeys>> = Vec::new();
-    let mut bytes_at_switch = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let mut last_metrics = Instant::now();
-    let mut kernel_logged = false;
-    loop {
-        let actions = tokio::select! {
-            _ = tick.tick() => {
-                let now = Instant::now();
-                let total = stats.tx_bytes.load(Ordering::Relaxed) + stats.rx_bytes.load(Ordering::Relaxed);
-                stats.up.store(u64::from(ctl.is_up(now)), Ordering::Relaxed);
-                if let Some(path) = &cfg.metrics_file {
-                    if now.duration_since(last_metrics) >= Duration::from_secs(1) {
-                        last_metrics = now;
-                        write_metrics(path, &stats.render(&cfg.sae));
-                    }
-                }
-                ctl.poll(now, total - bytes_at_switch)
-            }
-            Some(m) = from_threads.recv() => {
-                let now = Instant::now();
-                match m {
-                    ToManager::Control(c) => ctl.on_control(now, &c),
-                    ToManager::UnknownSpi(spi) => ctl.on_unknown_spi(now, spi),
-                    ToManager::Authentic(spi) => ctl.on_authentic(now, spi),
-                }
-            }
-            Some(f) = fetched.recv() => {
-                let now = Instant::now();
-                match f {
-                    Fetched::New(r) => {
-                        let spi = random_spi();
-                        match &r {
-                            Ok((id, m)) => ctl.on_new_key(now, Ok((*id, &m[..])), spi),
-                            Err(e) => ctl.on_new_key(now, Err(e.clone()), spi),
-                        }
-                    }
-                    Fetched::ById { spi, key_id, mac, result } => match &result {
-                        Ok(m) => ctl.on_offered_key(now, spi, key_id, mac, Ok(&m[..])),
-                        Err(e) => ctl.on_offered_key(now, spi, key_id, mac, Err(e.clone())),
-                    },
-                }
-            }
-        };
-        for a in actions {
-            match a {
-                Action::FetchNew => {
-                    let (c, peer, tx) = (client.clone(), cfg.peer_sae.clone(), fetch_tx.clone());
-                    tokio::spawn(async move {
-                        let r = c
-                            .enc_keys_retrying(&peer, 1, Some(KEY_BITS), 2)
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut keys| keys.pop().ok_or_else(|| "KME sent no key".into()))
-                            .map(|k| (*k.id.as_bytes(), k.material.clone()));
-                        let _ = tx.send(Fetched::New(r));
-                    });
-                }
-                Action::FetchById { spi, key_id, mac } => {
-                    let (c, peer, tx) = (client.clone(), cfg.peer_sae.clone(), fetch_tx.clone());
-                    tokio::spawn(async move {
-                        let result = match c.dec_keys(&peer, &[Uuid::from_bytes(key_id)]).await {
-                            Ok(mut keys) => {
-                                keys.pop().map(|k| k.material.clone()).ok_or(FetchFailure {
-                                    error: "KME sent no key".into(),
-                                    permanent: true,
-                                })
-                            }
-                            Err(e) => Err(FetchFailure {
-                                permanent: matches!(
-                                    e,
-                                    ClientError::Api {
-                                        status: 400..=499,
-                                        ..
-                                    } | ClientError::Malformed(_)
-                                ),
-                                error: e.to_string(),
-                            }),
-                        };
-                        let _ = tx.send(Fetched::ById {
-                            spi,
-                            key_id,
-                            mac,
-                            result,
-                        });
-                    });
-                }
-                Action::Send(c) => {
-                    if let Err(e) = sock.send_to(&c.encode(), cfg.peer) {
-                        tracing::debug!("control send: {e}");
-                    }
-                }
-                Action::Install {
-                    keys,
-                    switch,
-                    expires,
-                } => {
-                    if !kernel_logged {
-                        kernel_logged = true;
-                        tracing::info!("SM4-GCM on kernel {}", keys.kernel().name());
-                    }
-                    let _ = rx_up.send(RxUpdate::Install(Inbound::new(&keys, cfg.role, expires)));
-                    if switch {
-                        let _ = tx_up.send(TxUpdate::Send(Outbound::new(&keys, cfg.role, expires)));
-                    }
-                    installed.push(keys);
-                    if installed.len() > 4 {
-                        installed.remove(0);
-                    }
-                }
-                Action::Switch { spi, expires } => {
-                    if let Some(k) = installed.iter().find(|k| k.spi == spi) {
-                        let _ = tx_up.send(TxUpdate::Send(Outbound::new(k, cfg.role, expires)));
-                    }
-                }
-                Action::Retire { spi, at } => {
-                    let _ = rx_up.send(RxUpdate::Retire { spi, at });
-                }
-                Action::Event(e) => {
-                    log_event(&e);
-                    match e {
-                        Event::Rekeyed { .. } => {
-                            stats.rekeys.fetch_add(1, Ordering::Relaxed);
-                            bytes_at_switch = stats.tx_bytes.load(Ordering::Relaxed)
-                                + stats.rx_bytes.load(Ordering::Relaxed);
-                            stats.up.store(1, Ordering::Relaxed);
-                        }
-                        Event::FetchFailed { .. } => {
-                            stats.key_failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Event::Expired { .. } => stats.up.store(0, Ordering::Relaxed),
-                        _ => {}
-                    }
-                }
-            }
-        }
-    }
+    stats: &'a Stats,
+    metrics: Option<(&'a std::path::Path, &'a str)>,
+    last_metrics: Instant,
+    kernel_logged: bool,
 }
 
-fn log_event(e: &Event) {
-    match e {
-        Event::Rekeyed { spi, n } => tracing::info!("key {n} in use (SPI {spi:#010x})"),
-        Event::FetchFailed { error, retry_in } => {
-            tracing::warn!(
-                "no new key: {error}; retrying in {:.1} s",
-                retry_in.as_secs_f64()
-            )
+impl Installer for TunnelInstaller<'_> {
+    fn install(&mut self, keys: &Arc<EpochKeys>, switch: bool, expires: Instant) {
+        if !self.kernel_logged {
+            self.kernel_logged = true;
+            tracing::info!("SM4-GCM on kernel {}", keys.kernel().name());
         }
-        Event::OfferTimedOut { spi } => {
-            tracing::warn!("peer did not take key offer SPI {spi:#010x}; taking another key")
+        let _ = self
+            .rx_up
+            .send(RxUpdate::Install(Inbound::new(keys, self.role, expires)));
+        if switch {
+            self.switch(keys, expires);
         }
-        Event::BadOffer { spi } => {
-            tracing::warn!(
-                "refused key offer SPI {spi:#010x}: MAC does not verify under the key it names"
-            )
-        }
-        Event::Expired { spi } => tracing::error!(
-            "key SPI {spi:#010x} reached its lifetime with no successor: tunnel closed, traffic dropped (fail closed) until a new key arrives"
-        ),
-        Event::Requested => tracing::info!("peer asked for a new key"),
     }
-}
 
-fn random_spi() -> u32 {
-    let mut b = [0u8; 4];
-    if getrandom::fill(&mut b).is_err() {
-        // The SPI only names an epoch; uniqueness, not secrecy, matters.
-        b = (Instant::now().elapsed().subsec_nanos() | 1).to_be_bytes();
+    fn switch(&mut self, keys: &Arc<EpochKeys>, expires: Instant) {
+        let _ = self
+            .tx_up
+            .send(TxUpdate::Send(Outbound::new(keys, self.role, expires)));
     }
-    u32::from_be_bytes(b).max(1)
+
+    fn retire(&mut self, spi: u32, at: Instant) {
+        let _ = self.rx_up.send(RxUpdate::Retire { spi, at });
+    }
+
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::Rekeyed { .. } => {
+                self.stats.rekeys.fetch_add(1, Ordering::Relaxed);
+                self.stats.up.store(1, Ordering::Relaxed);
+            }
+            Event::FetchFailed { .. } => {
+                self.stats.key_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Expired { .. } => self.stats.up.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    fn traffic(&self) -> u64 {
+        self.stats.tx_bytes.load(Ordering::Relaxed) + self.stats.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    fn tick(&mut self, now: Instant, up: bool) {
+        self.stats.up.store(u64::from(up), Ordering::Relaxed);
+        if let Some((path, name)) = self.metrics {
+            if now.duration_since(self.last_metrics) >= Duration::from_secs(1) {
+                self.last_metrics = now;
+                write_metrics(path, &self.stats.render(name));
+            }
+        }
+    }
 }
 
 fn write_metrics(path: &std::path::Path, text: &str) {

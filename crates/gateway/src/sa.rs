@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! okm = HKDF-SM3(salt = "qkdnet/gateway/v1", ikm = QKD key,
-//!                info = SPI ‖ key ID ‖ initiator SAE ‖ 0 ‖ responder SAE), 72 bytes
+//!                info = SPI ‖ key ID ‖ initiator SAE ‖ 0 ‖ responder SAE), 104 bytes
 //! i2r key (16) ‖ i2r salt (4) ‖ r2i key (16) ‖ r2i salt (4) ‖ control key (32)
+//!   ‖ WireGuard preshared key (32, used only by the WireGuard agent)
 //! ```
 //!
 //! so each direction has its own SM4-GCM key and nonce salt, and offers and acks
@@ -62,6 +63,7 @@ pub struct EpochKeys {
     i2r: DirKey,
     r2i: DirKey,
     control: Zeroizing<[u8; 32]>,
+    psk: Zeroizing<[u8; 32]>,
 }
 
 impl core::fmt::Debug for EpochKeys {
@@ -100,9 +102,9 @@ impl EpochKeys {
                 &[0],
                 responder_sae.as_bytes(),
             ],
-            72,
+            104,
         )
-        .expect("invariant: 72 bytes is a valid HKDF-SM3 length");
+        .expect("invariant: 104 bytes is a valid HKDF-SM3 length");
         let k = okm.expose_secret();
         let dir = |at: usize| DirKey {
             gcm: Sm4Gcm::new(&Sm4Key::new(k[at..at + 16].try_into().expect("16 bytes"))),
@@ -110,13 +112,21 @@ impl EpochKeys {
         };
         let mut control = Zeroizing::new([0u8; 32]);
         control.copy_from_slice(&k[40..72]);
+        let mut psk = Zeroizing::new([0u8; 32]);
+        psk.copy_from_slice(&k[72..104]);
         Self {
             spi,
             key_id,
             i2r: dir(0),
             r2i: dir(20),
             control,
+            psk,
         }
+    }
+
+    /// The epoch's WireGuard preshared key (the WireGuard agent's product).
+    pub fn wireguard_psk(&self) -> &[u8; 32] {
+        &self.psk
     }
 
     /// The SM4 kernel the ciphers run on (for the log).
