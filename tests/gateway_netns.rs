@@ -656,8 +656,9 @@ fn iperf(rig: &Rig, secs: u32) -> f64 {
         / 1e6
 }
 
-/// Throughput and latency through the tunnel against plain routing over the
-/// same wan, in one run. A short bounded run in the suite; as a benchmark:
+/// Throughput and latency through the tunnel against wireguard-go (with QKD
+/// preshared keys from the agent) and against plain routing over the same wan,
+/// in one run. A short bounded run in the suite; as a benchmark:
 /// `QKDNET_GW_BENCH_SECONDS=10 QKDNET_GW_BENCH_PINGS=1000 cargo test --release
 /// --test gateway_netns tunnel_against_plain_routing -- --nocapture`
 /// (prints one JSON line).
@@ -674,9 +675,37 @@ fn tunnel_against_plain_routing_throughput_and_latency() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50)
         .clamp(10, 10_000);
-    let rig = rig(16, 30.0, 90.0, 0);
+    let mut rig = rig(16, 30.0, 90.0, 0);
     let tunnel_mbps = iperf(&rig, secs);
     let (tunnel_p50, tunnel_p99) = ping_rtts(&rig, pings);
+    // wireguard-go over the same wan at the same MTU, with QKD preshared keys.
+    let ifaces = wireguard(&mut rig, 30.0, 90.0);
+    rig.wait_for("WireGuard peers", Duration::from_secs(20), |r| {
+        psk_of(r, "ga", &ifaces[0]).is_some() && psk_of(r, "gb", &ifaces[1]).is_some()
+    });
+    let (ga, gb) = (rig.ns("ga").to_owned(), rig.ns("gb").to_owned());
+    sh(&[
+        "ip",
+        "-n",
+        &ga,
+        "route",
+        "replace",
+        "10.71.2.0/24",
+        "dev",
+        &ifaces[0],
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &gb,
+        "route",
+        "replace",
+        "10.71.1.0/24",
+        "dev",
+        &ifaces[1],
+    ]);
+    let wg_mbps = iperf(&rig, secs);
+    let (wg_p50, wg_p99) = ping_rtts(&rig, pings);
     // The same path with the tunnel taken out: the gateways route the sites
     // over the wan directly.
     let (ga, gb) = (rig.ns("ga").to_owned(), rig.ns("gb").to_owned());
@@ -702,7 +731,7 @@ fn tunnel_against_plain_routing_throughput_and_latency() {
     ]);
     let plain_mbps = iperf(&rig, secs);
     let (plain_p50, plain_p99) = ping_rtts(&rig, pings);
-    assert!(tunnel_mbps > 0.0 && plain_mbps > 0.0);
+    assert!(tunnel_mbps > 0.0 && plain_mbps > 0.0 && wg_mbps > 0.0);
     println!(
         "{}",
         serde_json::json!({
@@ -711,6 +740,9 @@ fn tunnel_against_plain_routing_throughput_and_latency() {
             "pings": pings,
             "sm4_kernel": logged_kernel(&rig),
             "tunnel_mbit_s": tunnel_mbps,
+            "wireguard_go_mbit_s": wg_mbps,
+            "wireguard_go_rtt_ms": {"p50": wg_p50, "p99": wg_p99},
+            "tunnel_over_wireguard_go": tunnel_mbps / wg_mbps,
             "plain_mbit_s": plain_mbps,
             "tunnel_rtt_ms": {"p50": tunnel_p50, "p99": tunnel_p99},
             "plain_rtt_ms": {"p50": plain_p50, "p99": plain_p99},
@@ -770,14 +802,10 @@ fn psk_of(rig: &Rig, ns: &str, iface: &str) -> Option<String> {
     (psk != "(none)").then_some(psk)
 }
 
-/// wireguard-go between the gateways, its peer's preshared key kept by two
-/// `qkdnet gateway wg-agent`s: the peer appears only with a QKD preshared key,
-/// handshakes and pings go through, the key rotates at both ends in step, and
-/// with no key past its lifetime the agents remove the peer (traffic stops).
-#[test]
-fn wireguard_go_peers_take_qkd_preshared_keys_before_any_handshake() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rig = topology(16);
+/// Two wireguard-go interfaces (MTU 1400, as the gateway's TUN) between the
+/// gateways with no peer, routed to the far site, and the two agents that add
+/// the peers with QKD preshared keys. Returns the interface names.
+fn wireguard(rig: &mut Rig, rekey: f64, lifetime: f64) -> [String; 2] {
     let (ga, gb) = (rig.ns("ga").to_owned(), rig.ns("gb").to_owned());
     let ifaces = [format!("{}a", rig.prefix), format!("{}b", rig.prefix)];
     let keys = [wg_keypair(), wg_keypair()];
@@ -823,12 +851,12 @@ fn wireguard_go_peers_take_qkd_preshared_keys_before_any_handshake() {
         );
         assert!(ok, "{out}");
         sh(&["ip", "-n", ns, "addr", "add", tun, "dev", iface]);
-        sh(&["ip", "-n", ns, "link", "set", iface, "up"]);
-        sh(&["ip", "-n", ns, "route", "add", far, "dev", iface]);
+        sh(&["ip", "-n", ns, "link", "set", iface, "mtu", "1400", "up"]);
+        sh(&["ip", "-n", ns, "route", "replace", far, "dev", iface]);
     }
     // No peer yet: nothing can handshake.
     for (ns, iface) in [("ga", &ifaces[0]), ("gb", &ifaces[1])] {
-        assert_eq!(wg(&rig, ns, &["show", iface, "peers"]).trim(), "");
+        assert_eq!(wg(rig, ns, &["show", iface, "peers"]).trim(), "");
     }
     let connect = rig.dir.join("connect.json");
     for (i, (name, ns, role, listen, peer, sae, peer_sae, far)) in [
@@ -873,8 +901,8 @@ connect = "{connect}"
 sae = "{sae}"
 peer_sae = "{peer_sae}"
 [rekey]
-seconds = 1
-lifetime_seconds = 3
+seconds = {rekey}
+lifetime_seconds = {lifetime}
 "#,
                 iface = ifaces[i],
                 pk = keys[1 - i].1,
@@ -888,6 +916,18 @@ lifetime_seconds = 3
             &["gateway", "wg-agent", "--config", &cfg.to_string_lossy()],
         );
     }
+    ifaces
+}
+
+/// wireguard-go between the gateways, its peer's preshared key kept by two
+/// `qkdnet gateway wg-agent`s: the peer appears only with a QKD preshared key,
+/// handshakes and pings go through, the key rotates at both ends in step, and
+/// with no key past its lifetime the agents remove the peer (traffic stops).
+#[test]
+fn wireguard_go_peers_take_qkd_preshared_keys_before_any_handshake() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = topology(16);
+    let ifaces = wireguard(&mut rig, 1.0, 3.0);
     // Both ends get the same QKD preshared key (the peer appears with it).
     rig.wait_for(
         "a preshared key at both ends",

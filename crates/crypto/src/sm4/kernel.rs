@@ -17,7 +17,7 @@
 //!   `GF2P8AFFINEQB` (an 8×8 bit matrix and a constant) and `GF2P8AFFINEINVQB`
 //!   (inversion in AES's field, then a matrix). SM4's field is mapped into AES's
 //!   by the field isomorphism that sends `x` to the root `0x23` of SM4's
-//!   polynomial, folded into the two matrices ([`GFNI_PRE`], [`GFNI_POST`]; a unit
+//!   polynomial, folded into the two matrices (`GFNI_PRE`, `GFNI_POST` in `consts`; a unit
 //!   test rebuilds the S-box from them bit by bit).
 //! * **`soft`** (every target): the same sixteen blocks with the S-box bitsliced:
 //!   the 64 bytes of a round are turned into eight 64-bit bit planes, the affine
@@ -25,22 +25,16 @@
 //!   multiplications. Slower (a few tens of MiB/s) but portable and constant-time.
 //!
 //! Blocks go through in groups of sixteen, up to four groups interleaved per pass
-//! ([`BATCH`]); fewer than sixteen blocks cost the same as sixteen, so callers
+//! (`BATCH`); fewer than sixteen blocks cost the same as sixteen, so callers
 //! batch (CTR and GCM generate keystream a pass at a time). Only encryption exists: every
 //! mode qkdnet uses (CTR, GCM, the key-ID permutation) needs only the forward
 //! function. Round keys are zeroized on drop.
 
 use zeroize::Zeroize;
 
-/// Blocks in one group of a kernel (one 32-bit word of each in a 512-bit register).
-pub(crate) const LANES: usize = 16;
-/// Blocks per full pass: four groups, interleaved (measured: four groups run
-/// long messages 25 % faster than two; a short tail runs fewer, see
-/// `encrypt_blocks`).
-pub(crate) const BATCH: usize = 4 * LANES;
-
-/// One SM4 block.
-pub(crate) type Block = [u8; 16];
+pub(crate) use super::consts::{BATCH, Block, LANES};
+#[cfg(test)]
+use super::consts::{GFNI_POST, GFNI_POST_C, GFNI_PRE, GFNI_PRE_C, SM4_AFFINE, SM4_AFFINE_C};
 
 /// The system parameter FK (GB/T 32907 § 7.3).
 const FK: [u32; 4] = [0xa3b1_bac6, 0x56aa_3350, 0x677d_9197, 0xb270_22dc];
@@ -59,21 +53,6 @@ const CK: [u32; 32] = {
     }
     ck
 };
-
-/// Rows of SM4's affine matrix `A`: output bit `i` is the parity of `x & A[i]`.
-pub(crate) const SM4_AFFINE: [u8; 8] = [0xa7, 0x4f, 0x9e, 0x3d, 0x7a, 0xf4, 0xe9, 0xd3];
-/// SM4's affine constant `C`.
-pub(crate) const SM4_AFFINE_C: u8 = 0xd3;
-
-/// `GF2P8AFFINEQB` matrix applied before inversion: `φ·A`, with `φ` the isomorphism
-/// from SM4's field into AES's. Byte `7 - i` of the qword is row `i`.
-pub(crate) const GFNI_PRE: u64 = 0x4c28_7db9_1a22_505d;
-/// Constant of the pre-inversion map: `φ(C)`.
-pub(crate) const GFNI_PRE_C: u8 = 0x3e;
-/// `GF2P8AFFINEINVQB` matrix applied after AES-field inversion: `A·φ^-1`.
-pub(crate) const GFNI_POST: u64 = 0xf3ab_34a9_74a6_b589;
-/// Constant of the post-inversion map: `C`.
-pub(crate) const GFNI_POST_C: u8 = SM4_AFFINE_C;
 
 /// Which implementation runs the block function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,14 +18,15 @@ use zeroize::Zeroize;
 use crate::error::{CryptoError, Result};
 use crate::secret::Sm4Key;
 
+mod consts;
 mod kernel;
 mod soft;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use consts::{BATCH, Block};
 pub(crate) use kernel::RoundKeys;
 pub use kernel::Sm4Kernel;
-use kernel::{BATCH, Block};
 
 /// SM4 block length in bytes.
 pub const SM4_BLOCK_LEN: usize = 16;

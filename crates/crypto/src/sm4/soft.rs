@@ -9,7 +9,7 @@
 
 use zeroize::Zeroize;
 
-use super::kernel::{Block, LANES, SM4_AFFINE, SM4_AFFINE_C};
+use super::consts::{Block, LANES, SM4_AFFINE, SM4_AFFINE_C};
 
 type Planes = [u64; 8];
 

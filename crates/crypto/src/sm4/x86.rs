@@ -17,7 +17,7 @@ use core::arch::x86_64::{
     _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _mm512_xor_si512,
 };
 
-use super::kernel::{BATCH, Block, GFNI_POST, GFNI_POST_C, GFNI_PRE, GFNI_PRE_C, LANES};
+use super::consts::{BATCH, Block, GFNI_POST, GFNI_POST_C, GFNI_PRE, GFNI_PRE_C, LANES};
 
 /// Byte order swap within each 32-bit word (the standard's words are big-endian).
 #[inline]
