@@ -72,8 +72,13 @@ impl Rig {
         std::fs::read_to_string(self.dir.join(format!("{gw}.prom"))).unwrap_or_default()
     }
 
+    /// A counter of `gw`'s metrics file; 0 before the file exists, a panic if
+    /// the file lacks it (so a renamed metric cannot pass a test as zero).
     fn counter(&self, gw: &str, name: &str) -> u64 {
         let m = self.metrics(gw);
+        if m.is_empty() {
+            return 0;
+        }
         let keys = [
             format!("qkdnet_gateway_{name}_total{{"),
             format!("qkdnet_gateway_{name}{{"),
@@ -82,7 +87,7 @@ impl Rig {
             .find(|l| keys.iter().any(|k| l.starts_with(k.as_str())))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("{gw} has no metric {name}:\n{m}"))
     }
 
     /// Waits (bounded) until `f` holds, re-reading the metrics files.

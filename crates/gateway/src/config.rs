@@ -244,18 +244,20 @@ fn policy(r: &Rekey) -> Result<Policy, ConfigError> {
     if r.bytes == 0 {
         return Err(ConfigError("rekey.bytes must be positive".into()));
     }
+    let offer_timeout = Policy::default()
+        .offer_timeout
+        .min((lifetime - rekey_after) / 2);
     Ok(Policy {
         rekey_after,
         rekey_bytes: r.bytes,
         lifetime,
         // An offer the responder does not take is given up early enough to
         // try another key before the current one expires.
-        offer_timeout: Policy::default()
-            .offer_timeout
-            .min((lifetime - rekey_after) / 2),
-        // The old epoch stays for in-flight packets, but never past a rekey
-        // interval (so at most two epochs are open at once).
-        grace: Policy::default().grace.min(rekey_after),
+        offer_timeout,
+        // The old epoch stays as long as the initiator may still send under it
+        // (acks lost: it switches at the ack, the first packet under the new
+        // epoch, or when it gives the offer up) plus two retransmissions.
+        grace: offer_timeout + 2 * Policy::default().retransmit,
         ..Policy::default()
     })
 }
@@ -361,10 +363,14 @@ impl WgAgentConfig {
         }
         for ip in &f.wireguard.allowed_ips {
             let (addr, len) = ip.split_once('/').unwrap_or((ip, ""));
+            let digits = !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit());
             let ok = match addr.parse::<std::net::IpAddr>() {
-                Ok(a) => len
-                    .parse::<u8>()
-                    .is_ok_and(|l| l <= if a.is_ipv4() { 32 } else { 128 }),
+                Ok(a) => {
+                    digits
+                        && len
+                            .parse::<u8>()
+                            .is_ok_and(|l| l <= if a.is_ipv4() { 32 } else { 128 })
+                }
                 Err(_) => false,
             };
             if !ok {
@@ -416,7 +422,8 @@ lifetime_seconds = 5
         assert_eq!(c.connect, Path::new("/etc/qkd/state/connect.json"));
         assert_eq!(c.mtu, 1400);
         assert_eq!(c.policy.rekey_after, Duration::from_millis(500));
-        assert_eq!(c.policy.grace, Duration::from_millis(500));
+        assert_eq!(c.policy.offer_timeout, Duration::from_millis(2250));
+        assert_eq!(c.policy.grace, Duration::from_millis(2750));
         assert_eq!(c.sae_pair(), ("alice", "bob"));
     }
 

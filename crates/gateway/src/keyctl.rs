@@ -249,7 +249,12 @@ impl KeyCtl {
             if now.duration_since(p.first_sent) >= self.policy.offer_timeout {
                 let spi = p.keys.spi;
                 self.pending = None;
-                out.push(Action::Retire { spi, at: now });
+                // The responder may have switched to it after all: keep
+                // receiving under it for the grace period.
+                out.push(Action::Retire {
+                    spi,
+                    at: now + self.policy.grace,
+                });
                 out.push(Action::Event(Event::OfferTimedOut { spi }));
                 self.retry_at = Some(now);
             } else if now.duration_since(p.last_sent) >= self.policy.retransmit {
@@ -483,11 +488,17 @@ impl KeyCtl {
         }
         let mut out = Vec::new();
         if self.pending.as_ref().is_some_and(|p| p.keys.spi == spi) {
+            // A request is not authenticated: if it was forged and the
+            // responder did switch, its packets under the epoch must still open
+            // for the grace period.
             self.pending = None;
-            out.push(Action::Retire { spi, at: now });
+            out.push(Action::Retire {
+                spi,
+                at: now + self.policy.grace,
+            });
         }
         self.force = true;
-        self.retry_at = None;
+        // A request does not cut short a backoff (the KME may be the problem).
         out.push(Action::Event(Event::Requested));
         out
     }

@@ -324,7 +324,14 @@ fn send_loop(
     while !quit.load(Ordering::Relaxed) {
         let n = match reader.recv_timeout(&mut buf, POLL) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                // Idle: take SA changes anyway, so retired keys do not wait
+                // in the channel.
+                while let Ok(TxUpdate::Send(o)) = updates.try_recv() {
+                    sa = Some(o);
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("TUN read: {e}");
                 std::thread::sleep(POLL);

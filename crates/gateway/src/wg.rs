@@ -22,7 +22,9 @@
 //!
 //! **Fail closed.** When the key's lifetime ends with no successor the agent
 //! removes the peer: WireGuard then drops the peer's traffic. The next key adds
-//! it back. Not done: the kernel module's netlink interface (`wg`'s other
+//! it back. A peer found at start (left by an earlier run) is removed until
+//! the first key arrives, and stopping the agent removes the peer too. UAPI
+//! failures are retried every tick. Not done: the kernel module's netlink interface (`wg`'s other
 //! back end); this agent speaks UAPI only.
 
 use std::io::{Read, Write};
@@ -74,17 +76,25 @@ fn uapi_set(interface: &str, body: &str) -> std::io::Result<()> {
 
 struct WgInstaller<'a> {
     cfg: &'a WgAgentConfig,
+    /// The peer exists in the interface (as far as the agent knows).
     peer_present: bool,
+    /// The epoch whose preshared key should be in place, and whether it is.
+    want: Option<Arc<EpochKeys>>,
+    installed: Option<u32>,
+    /// The peer must go (fail closed); retried every tick until it has.
+    want_removed: bool,
     rotations: u64,
 }
 
 impl WgInstaller<'_> {
-    fn set_psk(&mut self, keys: &EpochKeys) {
-        let mut body = Zeroizing::new(format!(
-            "public_key={}\npreshared_key={}\n",
-            hex::encode(self.cfg.peer_public_key),
-            hex::encode(keys.wireguard_psk())
-        ));
+    fn set_psk(&mut self, keys: &EpochKeys) -> bool {
+        let mut body = Zeroizing::new(String::with_capacity(512));
+        body.push_str("public_key=");
+        body.push_str(&hex::encode(self.cfg.peer_public_key));
+        body.push_str("\npreshared_key=");
+        let psk_hex = Zeroizing::new(hex::encode(keys.wireguard_psk()));
+        body.push_str(&psk_hex);
+        body.push('\n');
         if !self.peer_present {
             body.push_str(&format!(
                 "endpoint={}\nreplace_allowed_ips=true\n",
@@ -105,44 +115,68 @@ impl WgInstaller<'_> {
                     );
                 }
                 self.peer_present = true;
+                self.installed = Some(keys.spi);
+                true
             }
-            Err(e) => tracing::error!("setting the preshared key on {}: {e}", self.cfg.interface),
+            Err(e) => {
+                tracing::error!(
+                    "setting the preshared key on {}: {e} (retrying)",
+                    self.cfg.interface
+                );
+                false
+            }
         }
     }
 
-    fn remove_peer(&mut self) {
+    fn remove_peer(&mut self) -> bool {
         let body = format!(
             "public_key={}\nremove=true\n",
             hex::encode(self.cfg.peer_public_key)
         );
         match uapi_set(&self.cfg.interface, &body) {
             Ok(()) => {
+                if self.peer_present {
+                    tracing::error!(
+                        "WireGuard peer removed from {} (fail closed) until a new key arrives",
+                        self.cfg.interface
+                    );
+                }
                 self.peer_present = false;
-                tracing::error!(
-                    "WireGuard peer removed from {} (fail closed) until a new key arrives",
-                    self.cfg.interface
-                );
+                self.installed = None;
+                self.want_removed = false;
+                true
             }
-            Err(e) => tracing::error!("removing the WireGuard peer: {e}"),
+            Err(e) => {
+                tracing::error!("removing the WireGuard peer: {e} (retrying)");
+                false
+            }
         }
+    }
+
+    fn want(&mut self, keys: &Arc<EpochKeys>) {
+        self.want = Some(keys.clone());
+        self.want_removed = false;
+        self.set_psk(keys);
     }
 }
 
 impl Installer for WgInstaller<'_> {
     fn install(&mut self, keys: &Arc<EpochKeys>, switch: bool, _expires: Instant) {
         if switch {
-            self.set_psk(keys);
+            self.want(keys);
         }
     }
 
     fn switch(&mut self, keys: &Arc<EpochKeys>, _expires: Instant) {
-        self.set_psk(keys);
+        self.want(keys);
     }
 
     fn retire(&mut self, _spi: u32, _at: Instant) {}
 
     fn event(&mut self, e: &Event) {
         if matches!(e, Event::Expired { .. }) {
+            self.want = None;
+            self.want_removed = true;
             self.remove_peer();
         }
     }
@@ -150,6 +184,16 @@ impl Installer for WgInstaller<'_> {
     fn traffic(&self) -> u64 {
         // Rekeying by time only: WireGuard's own handshakes bound a key's use.
         0
+    }
+
+    fn tick(&mut self, _now: Instant, _up: bool) {
+        if self.want_removed {
+            self.remove_peer();
+        } else if let Some(k) = self.want.clone() {
+            if self.installed != Some(k.spi) {
+                self.set_psk(&k);
+            }
+        }
     }
 }
 
@@ -206,8 +250,14 @@ pub fn run(
         let mut installer = WgInstaller {
             cfg: &cfg,
             peer_present: false,
+            want: None,
+            installed: None,
+            want_removed: false,
             rotations: 0,
         };
+        // A peer left by an earlier run has a preshared key nobody vouches for
+        // any more: it goes until the first key of this run arrives.
+        installer.want_removed = !installer.remove_peer();
         let keys = KeyManager {
             role: cfg.role,
             policy: cfg.policy.clone(),

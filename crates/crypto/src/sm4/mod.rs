@@ -73,7 +73,7 @@ impl Sm4Block {
         self.0.encrypt_blocks(core::slice::from_mut(block));
     }
 
-    /// Encrypts many blocks in place (sixteen per kernel pass: batch for speed).
+    /// Encrypts many blocks in place (up to sixty-four per kernel pass: batch for speed).
     pub fn encrypt_blocks(&self, blocks: &mut [[u8; SM4_BLOCK_LEN]]) {
         self.0.encrypt_blocks(blocks);
     }
@@ -127,7 +127,7 @@ impl Keystream {
         }
     }
 
-    /// Refills `buf` with `n` (1..=32) keystream blocks.
+    /// Refills `buf` with `n` (1..=BATCH) keystream blocks.
     fn refill(&mut self, n: usize) {
         let c = self.counter;
         match self.inc {

@@ -68,7 +68,7 @@ fn round(x0: __m512i, x1: __m512i, x2: __m512i, x3: __m512i, rk: u32) -> __m512i
     _mm512_xor_si512(x0, v)
 }
 
-/// Whether the CPU has what [`encrypt16`] and [`encrypt32`] use (a cached load).
+/// Whether the CPU has what [`encrypt`] uses (a cached load).
 fn has_avx512_gfni() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
