@@ -190,7 +190,15 @@ address = "{tun}"
 netmask = "255.255.255.252"
 mtu = 1400
 
-[kme]
+{keying}"#,
+        keying = keying_toml(rig_dir, sae, peer_sae, rekey, lifetime)
+    )
+}
+
+/// The `[kme]` and `[rekey]` sections gateways and WireGuard agents share.
+fn keying_toml(rig_dir: &Path, sae: &str, peer_sae: &str, rekey: f64, lifetime: f64) -> String {
+    format!(
+        r#"[kme]
 connect = "{connect}"
 sae = "{sae}"
 peer_sae = "{peer_sae}"
@@ -863,7 +871,6 @@ fn wireguard(rig: &mut Rig, rekey: f64, lifetime: f64) -> [String; 2] {
     for (ns, iface) in [("ga", &ifaces[0]), ("gb", &ifaces[1])] {
         assert_eq!(wg(rig, ns, &["show", iface, "peers"]).trim(), "");
     }
-    let connect = rig.dir.join("connect.json");
     for (i, (name, ns, role, listen, peer, sae, peer_sae, far)) in [
         (
             "wg-a",
@@ -901,17 +908,10 @@ interface = "{iface}"
 peer_public_key = "{pk}"
 endpoint = "{peer}:51820"
 allowed_ips = ["{far}", "10.71.253.0/30"]
-[kme]
-connect = "{connect}"
-sae = "{sae}"
-peer_sae = "{peer_sae}"
-[rekey]
-seconds = {rekey}
-lifetime_seconds = {lifetime}
-"#,
+{keying}"#,
                 iface = ifaces[i],
                 pk = keys[1 - i].1,
-                connect = connect.display()
+                keying = keying_toml(&rig.dir, sae, peer_sae, rekey, lifetime)
             ),
         )
         .expect("config");

@@ -235,7 +235,10 @@ fn random_spi() -> u32 {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {
         // The SPI only names an epoch; uniqueness, not secrecy, matters.
-        b = Instant::now().elapsed().subsec_nanos().to_be_bytes();
+        b = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos())
+            .to_be_bytes();
     }
     u32::from_be_bytes(b).max(1)
 }
